@@ -1,0 +1,62 @@
+"""PyTorch adapter: `torch.nn.Module` -> `interop.Graph` through torch.onnx's export path.
+
+Importing this package does not import torch; the importer does, on first use.
+
+Unsupported aten ops can be given an ONNX translation (an onnxscript function), which
+`interop.trace` passes to torch.onnx as a custom translation:
+
+>>> from interop.adapters.torch import register_op           # doctest: +SKIP
+>>> @register_op(torch.ops.aten.cummax.default)                # doctest: +SKIP
+... def cummax(x, dim): ...
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from interop.registry import Registry
+
+# aten op name ("aten::cummax") -> (op overload, onnxscript function)
+IMPORTERS: Registry[tuple[Any, Any]] = Registry("import", adapter="torch")
+
+
+def register_op(op_overload: Any, function: Any = None, *, replace: bool = False) -> Any:
+    """Register an onnxscript function as the ONNX translation of a torch op overload."""
+
+    def decorator(fn: Any) -> Any:
+        IMPORTERS.register(str(op_overload.name()), (op_overload, fn), replace=replace)
+        return fn
+
+    return decorator(function) if function is not None else decorator
+
+
+def _is_torch_module(model: Any) -> bool:
+    return any(
+        cls.__module__ == "torch.nn.modules.module" and cls.__name__ == "Module"
+        for cls in type(model).__mro__
+    )
+
+
+class TorchAdapter:
+    name = "torch"
+    description = "torch.nn.Module (PyTorch, Hugging Face transformers, Keras on the torch backend excluded)"
+
+    def accepts(self, model: Any) -> bool:
+        return _is_torch_module(model) and not _is_keras(model)
+
+    def trace(self, model: Any, example_inputs: Any, **options: Any) -> Any:
+        from .importer import trace_module
+
+        return trace_module(model, example_inputs, **options)
+
+    def run_source(self, model: Any, example_inputs: Any) -> list[tuple[str, Any]]:
+        from .importer import run_module
+
+        return run_module(model, example_inputs)
+
+
+def _is_keras(model: Any) -> bool:
+    return any(cls.__module__.startswith("keras.") for cls in type(model).__mro__)
+
+
+ADAPTER = TorchAdapter()

@@ -1,0 +1,499 @@
+"""torch.nn.Module -> interop.Graph, through torch.export and torch.onnx.
+
+torch.export captures the module (non-strict mode, dynamic batch by default);
+torch.onnx translates the exported program with ``optimize=False`` so that
+BatchNormalization stays unfused and every node keeps the module path and class
+that produced it. This module then rewrites that provenance into interop's own key
+scheme, names parameters, outputs and symbolic dims after the source, and turns
+the Identity that eval-mode dropout becomes back into an ONNX Dropout node.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import inspect
+import io
+import logging
+import re
+import traceback
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from interop import provenance
+from interop.errors import InteropError, TraceError, UnsupportedOpError
+from interop.graph import Graph
+from interop.structure import flatten_outputs
+
+from . import IMPORTERS
+
+_TORCH_DIR = torch.__file__.rsplit("/", 1)[0]
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+_FAILED_TARGET = re.compile(r"target=torch\.ops\.([\w.]+?)\.(\w+)\]?\(|OpOverload\(op='([\w.]+)'")
+_TORCH_KEYS = ("pkg.torch.onnx.", "namespace")
+
+
+# ---------------------------------------------------------------------------- inputs
+def _to_tensor(value: Any) -> Any:
+    if isinstance(value, np.ndarray | np.generic):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if hasattr(value, "__array__") and not isinstance(value, torch.Tensor | int | float | bool | str):
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(value)))  # jax arrays and the like
+    return value
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A tensor, a tuple/list of them, or a dict of named ones -> (args, kwargs)."""
+    if isinstance(example_inputs, Mapping):
+        return (), {str(k): _to_tensor(v) for k, v in example_inputs.items()}
+    if isinstance(example_inputs, tuple | list):
+        return tuple(_to_tensor(v) for v in example_inputs), {}
+    return (_to_tensor(example_inputs),), {}
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def _expand_cache(obj: Any) -> Any:
+    """Hugging Face KV caches -> ``{layer: {"key", "value"}}`` so they flatten to named outputs."""
+    if "Cache" not in type(obj).__name__:
+        return obj
+    layers = getattr(obj, "layers", None)
+    if layers is not None and all(hasattr(la, "keys") and hasattr(la, "values") for la in layers):
+        return {str(i): {"key": la.keys, "value": la.values} for i, la in enumerate(layers)}
+    if hasattr(obj, "key_cache") and hasattr(obj, "value_cache"):
+        return {str(i): {"key": k, "value": v} for i, (k, v) in enumerate(zip(obj.key_cache, obj.value_cache))}
+    return obj
+
+
+def flatten_module_outputs(outputs: Any) -> list[tuple[str, Any]]:
+    return flatten_outputs(outputs, _is_tensor, _expand_cache)
+
+
+def run_module(module: torch.nn.Module, example_inputs: Any) -> list[tuple[str, np.ndarray]]:
+    """Run the module eagerly in eval mode; outputs flattened and named as in the graph."""
+    args, kwargs = normalize_inputs(example_inputs)
+    with _eval_mode(module), torch.no_grad():
+        outputs = module(*args, **kwargs)
+    return [(name, t.detach().cpu().numpy()) for name, t in flatten_module_outputs(outputs)]
+
+
+# ---------------------------------------------------------------------------- trace
+def trace_module(
+    module: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    dynamic_batch: bool = True,
+    dynamic_dims: Mapping[str, Mapping[int, str]] | None = None,
+    verbose: bool = False,
+) -> Graph:
+    """Trace `module` on `example_inputs` into a Graph (see `interop.trace`)."""
+    args, kwargs = normalize_inputs(example_inputs)
+    signature = inspect.signature(module.forward)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as err:
+        raise TraceError(
+            f"The example inputs do not fit {type(module).__name__}.forward{signature}: {err}",
+            "one value per forward() argument, as a tuple or a dict of named values",
+        ) from None
+    dims = _dynamic_axes(bound, signature, dynamic_batch, dynamic_dims or {})
+    args, kwargs = _widen_unit_dims(bound, dims)
+    dynamic_shapes = _dynamic_shapes(bound, signature, dims)
+    output_names: list[str] = []
+    with _eval_mode(module), _flat_forward(module, output_names), _quiet(verbose):
+        exported = _export(module, args, kwargs, dynamic_shapes)
+        program = _to_onnx(exported)
+    model = program.model
+    _record_provenance(model, module)
+    _rename_dims(model, dims)
+    _name_outputs(model, output_names)
+    _restore_dropout(model, module)
+    model.graph.name = type(module).__name__
+    return Graph(model)
+
+
+def _tensor_leaves(bound: inspect.BoundArguments, signature: inspect.Signature) -> Iterator[tuple[str, Any]]:
+    """(input name, value) in the order torch.onnx names graph inputs."""
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            yield from ((f"{name}_{i}", v) for i, v in enumerate(value))
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            yield from value.items()
+        else:
+            yield name, value
+
+
+def _dynamic_axes(bound, signature, dynamic_batch, dynamic_dims) -> dict[str, dict[int, str]]:
+    known = {name for name, v in _tensor_leaves(bound, signature) if _is_tensor(v)}
+    unknown = sorted(set(dynamic_dims) - known)
+    if unknown:
+        raise TraceError(
+            f"dynamic_dims names inputs that are not tensor arguments: {', '.join(unknown)}",
+            "names of forward() arguments given as tensors: " + ", ".join(sorted(known)),
+        )
+    axes: dict[str, dict[int, str]] = {}
+    for name, value in _tensor_leaves(bound, signature):
+        if not _is_tensor(value):
+            continue
+        chosen = {0: "batch"} if dynamic_batch and value.dim() > 0 else {}
+        for axis, dim_name in dynamic_dims.get(name, {}).items():
+            axis = int(axis) % max(value.dim(), 1)
+            chosen[axis] = re.sub(r"\W", "_", str(dim_name))
+        if chosen:
+            axes[name] = chosen
+    return axes
+
+
+def _widen_unit_dims(bound, dims) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """torch.export specialises dims of size 1; trace such examples with size 2 instead."""
+
+    def widen(name: str, value: Any) -> Any:
+        for axis in dims.get(name, {}):
+            if _is_tensor(value) and value.shape[axis] == 1:
+                value = torch.cat([value, value], dim=axis)
+        return value
+
+    for name in list(bound.arguments):
+        value = bound.arguments[name]
+        if isinstance(value, dict):
+            bound.arguments[name] = {k: widen(k, v) for k, v in value.items()}
+        elif isinstance(value, tuple) and name not in dims:
+            bound.arguments[name] = tuple(widen(f"{name}_{i}", v) for i, v in enumerate(value))
+        else:
+            bound.arguments[name] = widen(name, value)
+    return bound.args, bound.kwargs
+
+
+def _dynamic_shapes(bound, signature, dims) -> dict[str, Any] | None:
+    if not dims:
+        return None
+    shared: dict[str, Any] = {}
+
+    def spec(name: str, value: Any) -> Any:
+        if not _is_tensor(value) or name not in dims:
+            return None
+        return {axis: shared.setdefault(d, torch.export.Dim(d)) for axis, d in dims[name].items()}
+
+    shapes: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes[name] = tuple(spec(f"{name}_{i}", v) for i, v in enumerate(value))
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            shapes[name] = {k: spec(k, v) for k, v in value.items()}
+        else:
+            shapes[name] = spec(name, value)
+    return shapes
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
+def _flat_forward(module: torch.nn.Module, names: list[str]) -> Iterator[None]:
+    """Make forward return a flat tuple of tensors, recording their structured names."""
+    original = module.forward
+    own = "forward" in module.__dict__
+
+    def forward(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        flat = flatten_module_outputs(original(*args, **kwargs))
+        names[:] = [name for name, _ in flat]
+        return tuple(t for _, t in flat)
+
+    forward.__signature__ = inspect.signature(original)  # type: ignore[attr-defined]
+    module.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if own:
+            module.forward = original  # type: ignore[method-assign]
+        else:
+            del module.forward
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    if verbose:
+        yield
+        return
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _interop_cause(err: BaseException) -> InteropError | None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, InteropError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return None
+
+
+def _user_location(err: BaseException) -> str | None:
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    frames = [f for f in frames if "/interop/" not in f.filename and "/adapters/torch/" not in f.filename]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
+
+
+def _first_lines(err: BaseException, count: int = 3) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines[:count])[:600]
+
+
+def _export(module, args, kwargs, dynamic_shapes) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as err:  # torch raises many types; each becomes a TraceError with a fix
+        ours = _interop_cause(err)
+        if ours is not None:
+            raise ours from None
+        message = str(err)
+        where = _user_location(err)
+        at = f" at {where}" if where else ""
+        if "Constraints violated" in message or "specialized" in message:
+            fix = (
+                "the model fixes the size of a dimension that interop made dynamic; pass "
+                "dynamic_batch=False or drop that axis from dynamic_dims"
+            )
+        elif "data-dependent" in message or "DataDependent" in type(err).__name__:
+            fix = (
+                "forward branches or loops on tensor values; use torch.where / torch.cond, "
+                "or torch._check to state what holds"
+            )
+        else:
+            fix = "make forward exportable by torch.export (no Python-side effects on tensors, "
+            fix += "no unsupported Python types); see the torch.export documentation"
+        error = TraceError(f"torch.export could not trace {type(module).__name__}{at}: {_first_lines(err)}", None, fix)
+        error.original = err  # type: ignore[attr-defined]
+        raise error from None
+
+
+def _to_onnx(exported: torch.export.ExportedProgram) -> Any:
+    table = {overload: fn for _, (overload, fn) in IMPORTERS.items()} or None
+    try:
+        return torch.onnx.export(exported, dynamo=True, optimize=False, verbose=False, custom_translation_table=table)
+    except Exception as err:
+        chain, cause = [], err
+        while cause is not None and len(chain) < 16:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        text = "\n".join(str(c) for c in chain)
+        match = _FAILED_TARGET.search(text)
+        if match:
+            op = match.group(3) or f"{match.group(1)}.{match.group(2)}"
+            layer, location = _fx_provenance(exported, op)
+            base = op.rsplit(".", 1)[0] if op.count(".") > 1 else op
+            error: InteropError = UnsupportedOpError(
+                base.replace(".", "::", 1),
+                direction="import",
+                adapter="torch",
+                layer=layer,
+                location=location,
+                detail=_first_lines(chain[-1], 1),
+                fix=(
+                    f"rewrite that call with supported ops, or register an ONNX translation: "
+                    f"@interop.adapters.torch.register_op(torch.ops.{op if op.count('.') > 1 else op + '.default'}) "
+                    "on an onnxscript function"
+                ),
+            )
+        else:
+            error = TraceError(f"torch.onnx could not translate the exported program: {_first_lines(err)}")
+        error.original = err  # type: ignore[attr-defined]
+        raise error from None
+
+
+def _fx_provenance(exported: torch.export.ExportedProgram, op: str) -> tuple[str | None, str | None]:
+    """Module path and user file:line of the first fx node calling `op`."""
+    for node in exported.graph.nodes:
+        if node.op == "call_function" and str(node.target).startswith(op.split(".default")[0]):
+            stack = node.meta.get("nn_module_stack") or {}
+            path = list(stack.values())[-1][0] if stack else ""
+            return _clean_path(path), _location(node.meta.get("stack_trace"))
+    return None, None
+
+
+def _clean_path(path: str) -> str:
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    return re.sub(r"\[(\d+)\]", r".\1", path).replace("._modules['", ".").replace("']", "")
+
+
+def _location(stack_trace: str | None) -> str | None:
+    if not stack_trace:
+        return None
+    frames = [(f, line) for f, line in _FRAME.findall(stack_trace) if not f.startswith(_TORCH_DIR)]
+    return f"{frames[-1][0]}:{frames[-1][1]}" if frames else None
+
+
+# ---------------------------------------------------------------------------- provenance
+def _qualname(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _layer_records(module: torch.nn.Module) -> list[provenance.LayerRecord]:
+    records = [provenance.LayerRecord("", _qualname(module), None)]
+    stack: list[int] = []
+
+    def visit(parent: torch.nn.Module, path: str) -> None:
+        stack.append(id(parent))
+        for name, child in parent._modules.items():
+            if child is None or id(child) in stack:
+                continue
+            child_path = f"{path}.{name}" if path else name
+            records.append(provenance.LayerRecord(child_path, _qualname(child), path))
+            visit(child, child_path)
+        stack.pop()
+
+    visit(module, "")
+    return records
+
+
+def _parse_list(raw: str | None) -> list[str]:
+    if not raw:
+        return []
+    try:
+        value = ast.literal_eval(raw)  # a repr of a list of strings; literal_eval runs no code
+    except (ValueError, SyntaxError):
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def _record_provenance(model: ir.Model, module: torch.nn.Module) -> None:
+    records = _layer_records(module)
+    known = {r.path for r in records}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        props = node.metadata_props
+        scopes = _parse_list(props.get("pkg.torch.onnx.name_scopes"))
+        classes = _parse_list(props.get("pkg.torch.onnx.class_hierarchy"))
+        location = _location(props.get("pkg.torch.onnx.stack_trace"))
+        for key in [k for k in props if k.startswith(_TORCH_KEYS)]:
+            del props[key]
+        modules = scopes[:-1]  # the last entry names the aten op itself
+        path = modules[-1] if modules else ""
+        props[provenance.SCOPE] = path
+        if location:
+            props[provenance.LOCATION] = location
+        for depth, scope in enumerate(modules):
+            if scope not in known and depth < len(classes):  # e.g. a second call "blocks.0@1"
+                known.add(scope)
+                parent = modules[depth - 1] if depth else None
+                records.append(provenance.LayerRecord(scope, classes[depth], parent))
+    provenance.write_layers(model, records)
+
+    kinds: dict[str, str] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        kinds[name] = provenance.TRAINABLE if param.requires_grad else provenance.FROZEN
+    for name, _ in module.named_buffers(remove_duplicate=False):
+        kinds[name] = provenance.BUFFER
+    present = model.graph.initializers
+    provenance.write_parameters(model, {n: k for n, k in kinds.items() if n in present})
+    provenance.write_source(
+        model,
+        {
+            "framework": "torch",
+            "version": torch.__version__,
+            "class": _qualname(module),
+            "parameters": sum(p.numel() for p in module.parameters()),
+            "buffers": sum(b.numel() for b in module.buffers()),
+        },
+    )
+
+
+def _rename_dims(model: ir.Model, dims: dict[str, dict[int, str]]) -> None:
+    """Give symbolic dims the names asked for ("batch") instead of torch's ("s77")."""
+    mapping: dict[str, str] = {}
+    for value in model.graph.inputs:
+        for axis, name in dims.get(value.name or "", {}).items():
+            dim = value.shape[axis] if value.shape is not None else None
+            if isinstance(dim, ir.SymbolicDim) and dim.value:
+                mapping[dim.value] = name
+    if not mapping:
+        return
+    pattern = re.compile(r"\b(" + "|".join(re.escape(k) for k in mapping) + r")\b")
+
+    def rename(value: ir.Value) -> None:
+        if value.shape is None:
+            return
+        new_dims = [
+            ir.SymbolicDim(pattern.sub(lambda m: mapping[m.group(1)], d.value))
+            if isinstance(d, ir.SymbolicDim) and d.value
+            else d
+            for d in value.shape
+        ]
+        value.shape = ir.Shape(new_dims)
+
+    for value in model.graph.inputs:
+        rename(value)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for value in node.outputs:
+            rename(value)
+
+
+def _name_outputs(model: ir.Model, names: list[str]) -> None:
+    outputs = list(model.graph.outputs)
+    if len(names) != len(outputs):
+        return
+    taken = {v.name: v for v in model.graph.inputs}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for v in node.outputs:
+            taken[v.name or ""] = v
+    for value, name in zip(outputs, names):
+        if value.name == name or value.is_graph_input():
+            continue
+        other = taken.get(name)
+        if other is not None and other is not value:
+            other.name = f"{name}__{len(taken)}"
+            taken[other.name] = other
+        taken.pop(value.name or "", None)
+        value.name = name
+        taken[name] = value
+
+
+def _restore_dropout(model: ir.Model, module: torch.nn.Module) -> None:
+    """Eval-mode dropout exports as Identity; make it an ONNX Dropout (identity at inference)."""
+    dropouts = {
+        path: m for path, m in module.named_modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)
+    }
+    if not dropouts:
+        return
+    graph = model.graph
+    for node in list(graph):
+        path = node.metadata_props.get(provenance.SCOPE, "")
+        if node.op_type != "Identity" or path not in dropouts:
+            continue
+        ratio = ir.Value(name=f"{path}.ratio", const_value=ir.tensor(np.array(dropouts[path].p, np.float32)))
+        if ratio.name in graph.initializers:
+            ratio = graph.initializers[ratio.name]
+        else:
+            graph.register_initializer(ratio)
+        replacement = ir.Node("", "Dropout", inputs=[node.inputs[0], ratio], num_outputs=1, name=node.name)
+        replacement.metadata_props.update(node.metadata_props)
+        old, new = node.outputs[0], replacement.outputs[0]
+        new.shape, new.dtype = old.shape, old.dtype
+        name = old.name
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [replacement], [old], [new])
+        new.name = name

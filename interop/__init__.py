@@ -1,0 +1,49 @@
+"""interop: trace PyTorch, Keras and Flax models into one graph IR; inspect, run, convert.
+
+>>> import interop, torch
+>>> g = interop.trace(torch.nn.Linear(4, 2), (torch.randn(3, 4),))
+>>> g.summary()                       # doctest: +SKIP
+>>> y = g.run(torch.randn(5, 4))
+
+`import interop` needs only numpy, onnx, onnx-ir and onnxruntime: the frameworks are
+imported by their adapters, when a model of theirs is traced.
+"""
+
+from __future__ import annotations
+
+from . import errors
+from .errors import (
+    DeviceError,
+    InteropError,
+    ModelLoadError,
+    ShapeError,
+    TraceError,
+    UnsupportedModelError,
+    UnsupportedOpError,
+)
+from .graph import Graph, TensorSpec
+from .hierarchy import Layer
+from .serialization import load
+from .tracing import register_adapter, trace
+from .verify import VerifyReport, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Graph",
+    "Layer",
+    "TensorSpec",
+    "VerifyReport",
+    "trace",
+    "load",
+    "verify",
+    "register_adapter",
+    "errors",
+    "InteropError",
+    "UnsupportedOpError",
+    "UnsupportedModelError",
+    "TraceError",
+    "ModelLoadError",
+    "ShapeError",
+    "DeviceError",
+]

@@ -1,0 +1,353 @@
+"""`interop.Graph`: an `onnx_ir.Model` plus the layer tree, signature and user API.
+
+A Graph is treated as immutable once built: methods that change structure
+(`submodel`, `clone`) return new graphs, so cached views (layer tree, runtime
+sessions) stay valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from . import provenance
+from .errors import LayerNotFoundError, ModelLoadError, ShapeError
+from .hierarchy import Layer, LayerTree, format_shape
+
+Dim = int | str | None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape (ints for static dims, names for symbolic ones) and dtype of a tensor."""
+
+    name: str
+    shape: tuple[Dim, ...] | None
+    dtype: np.dtype | None
+
+    @classmethod
+    def of(cls, value: ir.Value) -> TensorSpec:
+        shape = None
+        if value.shape is not None:
+            shape = tuple(
+                d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None)
+                for d in value.shape
+            )
+        dtype = value.dtype.numpy() if value.dtype is not None else None
+        return cls(value.name or "", shape, dtype)
+
+    def __str__(self) -> str:
+        dims = "?" if self.shape is None else ", ".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name}: {self.dtype}[{dims}]"
+
+
+class Graph:
+    """A model of any framework as an ONNX graph with its source's layer hierarchy.
+
+    Build one with `interop.trace(model, example_inputs)` or `interop.load(path)`.
+
+    >>> import interop, torch
+    >>> g = interop.trace(torch.nn.Linear(4, 2), (torch.randn(3, 4),))
+    >>> g.inputs[0].shape
+    ('batch', 4)
+    >>> g.run(np.ones((5, 4), np.float32)).shape
+    (5, 2)
+    """
+
+    def __init__(self, model: ir.Model, *, base_dir: str | Path | None = None):
+        self.model = model
+        self._base_dir = str(base_dir) if base_dir else None
+        self._tree: LayerTree | None = None
+        self._sessions: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- signature
+    @property
+    def name(self) -> str:
+        return self.model.graph.name or "graph"
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        """The named inputs, with symbolic dims as names (e.g. ``'batch'``)."""
+        return [TensorSpec.of(v) for v in self.model.graph.inputs]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [TensorSpec.of(v) for v in self.model.graph.outputs]
+
+    @property
+    def signature(self) -> dict[str, list[TensorSpec]]:
+        return {"inputs": self.inputs, "outputs": self.outputs}
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """Where the graph came from: framework, version, model class."""
+        return provenance.read_source(self.model)
+
+    # ----------------------------------------------------------------- hierarchy
+    @property
+    def tree(self) -> LayerTree:
+        if self._tree is None:
+            with self._lock:
+                if self._tree is None:
+                    self._tree = LayerTree(self.model)
+        return self._tree
+
+    @property
+    def root(self) -> Layer:
+        """The model itself as a layer; its children are the top-level layers."""
+        return self.tree.root
+
+    @property
+    def layers(self) -> list[Layer]:
+        """Every layer below the root, depth first in definition order."""
+        return [layer for layer in self.root.walk() if layer is not self.root]
+
+    def layer(self, path: str) -> Layer:
+        """One layer by its source path, e.g. ``"blocks.0.conv"``."""
+        layer = self.tree.by_path.get(path)
+        if layer is None:
+            import difflib
+
+            close = difflib.get_close_matches(path, list(self.tree.by_path), n=3)
+            raise LayerNotFoundError(
+                f"No layer '{path}' in graph '{self.name}'",
+                "a layer path such as " + (", ".join(repr(c) for c in close) or "those in graph.layers"),
+                "list the paths with [layer.path for layer in graph.layers]",
+            )
+        return layer
+
+    # ----------------------------------------------------------------- weights
+    @property
+    def parameter_kinds(self) -> dict[str, str]:
+        """Initializer name -> "trainable" | "frozen" | "buffer" for the weights of the source."""
+        return self.root.all_parameter_kinds()
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """Parameters and buffers by source name, as numpy arrays (copies)."""
+        inits = self.model.graph.initializers
+        return {name: np.array(inits[name].const_value.numpy()) for name in self.parameter_kinds}
+
+    def count_params(self) -> int:
+        """Trainable plus frozen parameters (buffers excluded)."""
+        return self.root.param_count
+
+    # ----------------------------------------------------------------- inspection
+    def summary(
+        self, depth: int | None = None, print_fn: Callable[[str], Any] | None = print, **kwargs: Any
+    ) -> str | None:
+        """A Keras-style table of layers, shapes, parameters and connections.
+
+        `depth` collapses the layer tree below that depth (1 = top-level layers).
+        With ``print_fn=None`` the text is returned instead of printed.
+        """
+        from .inspection import summarize
+
+        text = summarize(self, depth=depth, **kwargs)
+        if print_fn is None:
+            return text
+        print_fn(text)
+        return None
+
+    def plot(self, path: str | Path | None = None, depth: int | None = None, **kwargs: Any) -> Any:
+        """Draw the graph with layer clusters and shape-labelled edges through graphviz.
+
+        The format follows the suffix of `path` (.svg, .png, .pdf, .dot). Returns the
+        path written, or the `graphviz.Digraph` when `path` is None.
+        """
+        from .plotting import plot
+
+        return plot(self, path, depth=depth, **kwargs)
+
+    def _repr_html_(self) -> str:
+        from .inspection import summarize_html
+
+        return summarize_html(self)
+
+    def _repr_svg_(self) -> str | None:
+        from .plotting import render_svg
+
+        return render_svg(self, depth=1)
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{s.name}{format_shape(v)}" for s, v in zip(self.inputs, self.model.graph.inputs))
+        outs = ", ".join(f"{s.name}{format_shape(v)}" for s, v in zip(self.outputs, self.model.graph.outputs))
+        src = self.source.get("framework", "onnx")
+        return (
+            f"<interop.Graph '{self.name}' from {src}: {len(self.layers)} layers, "
+            f"{len(self.model.graph)} nodes, {self.count_params():,} params; ({ins}) -> ({outs})>"
+        )
+
+    # ----------------------------------------------------------------- serialization
+    def to_proto(self) -> onnx.ModelProto:
+        return ir.serde.serialize_model(self.model)
+
+    def to_bytes(self) -> bytes:
+        return self.to_proto().SerializeToString()
+
+    def save(self, path: str | Path, *, external_data: bool | None = None) -> Path:
+        """Write an .onnx file atomically; weights go to ``<name>.data`` when large."""
+        from .serialization import save
+
+        return save(self, path, external_data=external_data)
+
+    def clone(self) -> Graph:
+        """A deep copy: same structure, metadata and weights, sharing nothing."""
+        from .serialization import deserialize
+
+        return deserialize(self.to_proto(), base_dir=self._base_dir)
+
+    def get_config(self) -> dict[str, Any]:
+        """A JSON-serialisable description of the graph without its weights.
+
+        Rebuild it with ``Graph.from_config(config, graph.get_weights())``.
+        """
+        from google.protobuf import json_format
+
+        proto = self.to_proto()
+        kinds = self.parameter_kinds
+        for tensor in proto.graph.initializer:
+            if tensor.name in kinds:
+                _strip_tensor_data(tensor)
+        return {
+            "format": "interop.graph",
+            "version": 1,
+            "name": self.name,
+            "inputs": [_spec_config(s) for s in self.inputs],
+            "outputs": [_spec_config(s) for s in self.outputs],
+            "layers": [
+                {"path": la.path, "class": la.qualified_class, "params": la.param_count}
+                for la in self.layers
+            ],
+            "onnx": json_format.MessageToDict(proto),
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], weights: Mapping[str, Any] | None = None) -> Graph:
+        """Rebuild a graph from `get_config()` output and its weights (name -> array)."""
+        from google.protobuf import json_format
+
+        from .serialization import deserialize
+
+        if not isinstance(config, Mapping) or config.get("format") != "interop.graph":
+            raise ModelLoadError(
+                "The config is not an interop graph config",
+                "the dict returned by Graph.get_config() (format 'interop.graph')",
+                "pass the value of graph.get_config(), unchanged",
+            )
+        proto = onnx.ModelProto()
+        try:
+            json_format.ParseDict(copy.deepcopy(dict(config["onnx"])), proto)
+        except (json_format.ParseError, KeyError, TypeError) as err:
+            raise ModelLoadError(f"The config's 'onnx' entry is malformed: {err}") from err
+        weights = dict(weights or {})
+        kinds = _parameter_kinds(proto)
+        missing = [name for name in kinds if name not in weights]
+        if missing:
+            raise ModelLoadError(
+                f"from_config is missing {len(missing)} weight(s): {', '.join(missing[:5])}",
+                "a mapping with every parameter and buffer name of the graph",
+                "pass graph.get_weights() of the graph that produced the config",
+            )
+        unknown = sorted(set(weights) - set(kinds))
+        if unknown:
+            raise ModelLoadError(
+                f"from_config got weights the graph does not have: {', '.join(unknown[:5])}",
+                "only names listed in the graph's parameters",
+                "check that the weights belong to this config",
+            )
+        for tensor in proto.graph.initializer:
+            if tensor.name in kinds:
+                _fill_tensor(tensor, weights[tensor.name])
+        return deserialize(proto)
+
+    # ----------------------------------------------------------------- sub-graphs
+    def submodel(self, outputs: Sequence[str] | str, inputs: Sequence[str] | None = None) -> Graph:
+        """A new graph computing the given layers' outputs (or named values).
+
+        Each entry of `outputs` is a layer path (all outputs of that layer, named
+        ``path`` or ``path:i``) or a value name. Nodes that do not feed them are
+        dropped, and so are graph inputs they do not need.
+
+        >>> feats = g.submodel(outputs=["blocks.0"])   # doctest: +SKIP
+        """
+        from .subgraph import extract
+
+        return extract(self, [outputs] if isinstance(outputs, str) else list(outputs), inputs)
+
+    # ----------------------------------------------------------------- execution
+    def run(
+        self,
+        *args: Any,
+        device: str = "cpu",
+        output_names: Sequence[str] | None = None,
+        as_dict: bool = False,
+        **named: Any,
+    ) -> Any:
+        """Run on ONNX Runtime. Inputs: numpy arrays, torch tensors, or anything array-like.
+
+        Returns one array for a single output, a tuple otherwise (or a dict with
+        ``as_dict=True``). `device` is "cpu", "cuda" or "auto" (CUDA when present).
+        """
+        from .runtime import run
+
+        return run(self, args, named, device=device, output_names=output_names, as_dict=as_dict)
+
+
+def _spec_config(spec: TensorSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "shape": None if spec.shape is None else list(spec.shape),
+        "dtype": None if spec.dtype is None else str(spec.dtype),
+    }
+
+
+_DATA_FIELDS = (
+    "raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
+    "uint64_data", "external_data",
+)  # fmt: skip
+
+
+def _strip_tensor_data(tensor: onnx.TensorProto) -> None:
+    for name in _DATA_FIELDS:
+        tensor.ClearField(name)
+    tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def _fill_tensor(tensor: onnx.TensorProto, array: Any) -> None:
+    array = np.asarray(_to_numpy(array))
+    expected_dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    if tuple(array.shape) != tuple(tensor.dims):
+        raise ShapeError(
+            f"Weight '{tensor.name}' has shape {tuple(array.shape)}",
+            f"shape {tuple(tensor.dims)}",
+            "pass the weights of the graph that produced the config",
+        )
+    filled = onnx.numpy_helper.from_array(array.astype(expected_dtype, copy=False), tensor.name)
+    tensor.CopyFrom(filled)
+
+
+def _parameter_kinds(proto: onnx.ModelProto) -> dict[str, str]:
+    for entry in proto.metadata_props:
+        if entry.key == provenance.PARAMETERS:
+            try:
+                table = json.loads(entry.value)
+            except json.JSONDecodeError as err:
+                raise ModelLoadError(f"Metadata '{entry.key}' is not valid JSON: {err}") from err
+            return {str(k): str(v) for k, v in table.items()} if isinstance(table, dict) else {}
+    return {}
+
+
+def _to_numpy(array: Any) -> np.ndarray:
+    if hasattr(array, "detach") and hasattr(array, "cpu"):  # torch.Tensor, without importing torch
+        return array.detach().cpu().numpy()
+    return np.asarray(array)

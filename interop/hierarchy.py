@@ -1,0 +1,246 @@
+"""The layer tree of a graph: source layers as scopes over the ONNX nodes.
+
+Built once per `Graph` from the provenance metadata (see `interop.provenance`) in
+O(nodes x depth): every node belongs to its innermost layer and to each ancestor.
+A layer's inputs are the values its nodes read that are made outside it (weights
+excluded); its outputs are the values made inside it that are read outside it or are
+graph outputs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from . import provenance
+
+_CALL_SUFFIX = re.compile(r"@\d+$")  # torch marks the second call of a module "path@1"
+_SEPARATORS = re.compile(r"[./]")
+
+
+def plumbing_nodes(graph: ir.Graph) -> set[int]:
+    """ids of nodes that only compute from constants (Constant, shape arithmetic on them).
+
+    Views hide them: they are folded away by any runtime and carry no data flow.
+    """
+    hidden: set[int] = set()
+    for node in graph:
+        if node.op_type == "Constant" or all(
+            value is None
+            or value.is_initializer()
+            or (value.producer() is not None and id(value.producer()) in hidden)
+            for value in node.inputs
+        ):
+            if node.op_type == "Constant" or node.inputs:
+                hidden.add(id(node))
+    return hidden
+
+
+def short_class(qualified: str) -> str:
+    return qualified.rsplit(".", 1)[-1] if qualified else ""
+
+
+def format_shape(value: ir.Value | None) -> str:
+    if value is None or value.shape is None:
+        return "?"
+    dims = [str(d) if not isinstance(d, ir.SymbolicDim) else str(d.value or "?") for d in value.shape]
+    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def tensor_size(value: ir.Value) -> int:
+    """Number of elements of a value with a static shape (0 when unknown)."""
+    if value.shape is None or not value.shape.is_static():
+        if value.const_value is not None:
+            return int(np.prod(value.const_value.shape.numpy(), dtype=np.int64))
+        return 0
+    return int(np.prod(value.shape.numpy(), dtype=np.int64))
+
+
+def tensor_bytes(value: ir.Value) -> int:
+    itemsize = value.dtype.itemsize if value.dtype is not None else 4
+    return int(tensor_size(value) * itemsize)
+
+
+@dataclass(eq=False)
+class Layer:
+    """One layer of the source model, as seen in the graph.
+
+    >>> layer = graph.layer("blocks.0")            # doctest: +SKIP
+    >>> layer.class_name, layer.param_count         # doctest: +SKIP
+    ('Block', 296)
+    """
+
+    path: str
+    qualified_class: str
+    parent: Layer | None = None
+    children: list[Layer] = field(default_factory=list)
+    nodes: list[ir.Node] = field(default_factory=list)  # own and descendants', graph order
+    direct_nodes: list[ir.Node] = field(default_factory=list)
+    parameters: dict[str, ir.Value] = field(default_factory=dict)  # owned directly
+    parameter_kinds: dict[str, str] = field(default_factory=dict)
+    inputs: list[ir.Value] = field(default_factory=list)
+    outputs: list[ir.Value] = field(default_factory=list)
+
+    @property
+    def class_name(self) -> str:
+        return short_class(self.qualified_class)
+
+    @property
+    def depth(self) -> int:
+        depth, layer = 0, self.parent
+        while layer is not None:
+            depth, layer = depth + 1, layer.parent
+        return depth
+
+    def walk(self) -> Iterable[Layer]:
+        """This layer and all below it, depth first in definition order."""
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+    def all_parameters(self) -> dict[str, ir.Value]:
+        """Parameters and buffers of this layer and its descendants."""
+        out: dict[str, ir.Value] = {}
+        for layer in self.walk():
+            out.update(layer.parameters)
+        return out
+
+    def all_parameter_kinds(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for layer in self.walk():
+            out.update(layer.parameter_kinds)
+        return out
+
+    def count(self, *kinds: str) -> int:
+        """Elements of this subtree's weights of the given kinds."""
+        kinds_of = self.all_parameter_kinds()
+        return sum(
+            tensor_size(v) for name, v in self.all_parameters().items() if kinds_of[name] in kinds
+        )
+
+    @property
+    def param_count(self) -> int:
+        """Trainable plus frozen parameters (buffers excluded), as torch/Keras count them."""
+        return self.count(provenance.TRAINABLE, provenance.FROZEN)
+
+    @property
+    def input_shapes(self) -> list[str]:
+        return [format_shape(v) for v in self.inputs]
+
+    @property
+    def output_shapes(self) -> list[str]:
+        return [format_shape(v) for v in self.outputs]
+
+    def __repr__(self) -> str:
+        return (
+            f"<Layer '{self.path or '<root>'}' ({self.class_name}): {len(self.children)} children, "
+            f"{len(self.nodes)} nodes, {self.param_count:,} params, "
+            f"in {', '.join(self.input_shapes) or '-'} -> out {', '.join(self.output_shapes) or '-'}>"
+        )
+
+
+class LayerTree:
+    """All layers of a graph, indexed by path."""
+
+    def __init__(self, model: ir.Model):
+        self.root, self.by_path = _build_layers(model)
+        _assign_nodes(model.graph, self)
+        _assign_parameters(model, self)
+        for layer in self.root.walk():
+            _compute_boundary(layer, model.graph)
+
+    def resolve(self, scope: str) -> Layer:
+        """The layer for a node scope, creating layers for scopes the table lacks."""
+        scope = _CALL_SUFFIX.sub("", scope)
+        layer = self.by_path.get(scope)
+        if layer is None:
+            parent = self.resolve(_parent_path(scope, self.by_path)) if scope else self.root
+            layer = Layer(scope, "", parent)
+            parent.children.append(layer)
+            self.by_path[scope] = layer
+        return layer
+
+    def owner_of(self, name: str) -> Layer | None:
+        """The deepest layer whose path prefixes `name` at a separator."""
+        cuts = [m.start() for m in _SEPARATORS.finditer(name)]
+        for cut in reversed(cuts):
+            layer = self.by_path.get(name[:cut])
+            if layer is not None:
+                return layer
+        return None
+
+
+def _parent_path(path: str, known: dict[str, Layer]) -> str:
+    cuts = [m.start() for m in _SEPARATORS.finditer(path)]
+    for cut in reversed(cuts):
+        if path[:cut] in known:
+            return path[:cut]
+    return ""
+
+
+def _build_layers(model: ir.Model) -> tuple[Layer, dict[str, Layer]]:
+    records = provenance.read_layers(model)
+    by_path: dict[str, Layer] = {}
+    for record in records:
+        by_path[record.path] = Layer(record.path, record.class_name)
+    root = by_path.get("")
+    if root is None:
+        root = by_path[""] = Layer("", model.graph.name or "Model")
+    for record in records:
+        layer = by_path[record.path]
+        if layer is root:
+            continue
+        parent_path = record.parent if record.parent in by_path else _parent_path(record.path, by_path)
+        layer.parent = by_path[parent_path]
+        layer.parent.children.append(layer)
+    return root, by_path
+
+
+def _assign_nodes(graph: ir.Graph, tree: LayerTree) -> None:
+    for node in graph:
+        layer: Layer | None = tree.resolve(provenance.node_scope(node))
+        assert layer is not None
+        layer.direct_nodes.append(node)
+        while layer is not None:
+            layer.nodes.append(node)
+            layer = layer.parent
+
+
+def _assign_parameters(model: ir.Model, tree: LayerTree) -> None:
+    kinds = provenance.read_parameters(model)
+    foreign = not kinds  # a file from another tool: every initializer counts as a weight
+    for name, value in model.graph.initializers.items():
+        kind = kinds.get(name) or (provenance.TRAINABLE if foreign else None)
+        if kind is None:
+            continue
+        owner = tree.owner_of(name)
+        if owner is None:
+            users = [use.node for use in value.uses()]
+            owner = tree.resolve(provenance.node_scope(users[0])) if users else tree.root
+        owner.parameters[name] = value
+        owner.parameter_kinds[name] = kind
+
+
+def _compute_boundary(layer: Layer, graph: ir.Graph) -> None:
+    inside = {id(n) for n in layer.nodes}
+    graph_outputs = {id(v) for v in graph.outputs}
+    seen: set[int] = set()
+    for node in layer.nodes:
+        for value in node.inputs:
+            if value is None or id(value) in seen or value.is_initializer():
+                continue
+            producer = value.producer()
+            if producer is not None and (id(producer) in inside or producer.op_type == "Constant"):
+                continue
+            seen.add(id(value))
+            layer.inputs.append(value)
+    for node in layer.nodes:
+        for value in node.outputs:
+            if id(value) in graph_outputs or any(
+                id(use.node) not in inside for use in value.uses()
+            ):
+                layer.outputs.append(value)

@@ -1,0 +1,139 @@
+"""`Graph.plot()`: a graphviz drawing with one cluster per layer and shapes on the edges.
+
+With ``depth=N`` every layer at depth N is drawn as one box (its inner ops hidden),
+which keeps large graphs readable; without it every op is drawn inside the clusters
+of the layers it belongs to.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import provenance
+from .errors import MissingDependencyError
+from .hierarchy import Layer, format_shape, plumbing_nodes
+
+if TYPE_CHECKING:
+    import graphviz
+
+    from .graph import Graph
+
+_FORMATS = {"svg", "png", "pdf", "dot", "gv", "jpg", "jpeg"}
+
+
+def build_digraph(graph: Graph, depth: int | None = None, rankdir: str = "TB") -> graphviz.Digraph:
+    try:
+        import graphviz
+    except ImportError as err:
+        raise MissingDependencyError("graphviz (Python package)", purpose="plot graphs") from err
+    tree = graph.tree
+
+    def collapsed(layer: Layer) -> Layer | None:
+        if depth is None:
+            return None
+        chain = []
+        while layer.parent is not None:
+            chain.append(layer)
+            layer = layer.parent
+        chain.reverse()  # top-level first
+        return chain[depth - 1] if 0 < depth <= len(chain) else None
+
+    hidden = plumbing_nodes(graph.model.graph)
+    unit_of: dict[int, str] = {}
+    units: dict[str, tuple[str, Layer | None]] = {}  # unit id -> (label, enclosing layer)
+    for index, node in enumerate(graph.model.graph):
+        if id(node) in hidden:
+            continue
+        layer = tree.resolve(provenance.node_scope(node))
+        box = collapsed(layer)
+        if box is not None:
+            unit = f"L{id(box)}"
+            units.setdefault(unit, (f"{box.path}\n{box.class_name}", box.parent))
+        else:
+            unit = f"N{index}"
+            units[unit] = (f"{node.op_type}\n{node.name}", layer)
+        unit_of[id(node)] = unit
+
+    dot = graphviz.Digraph(graph.name, graph_attr={"rankdir": rankdir, "fontname": "Helvetica"},
+                           node_attr={"shape": "box", "style": "rounded,filled", "fillcolor": "#eef3fb",
+                                      "fontname": "Helvetica", "fontsize": "10"},
+                           edge_attr={"fontname": "Helvetica", "fontsize": "8"})  # fmt: skip
+    members: dict[int, list[str]] = {}
+    for unit, (_, layer) in units.items():
+        members.setdefault(id(layer) if layer is not None else 0, []).append(unit)
+
+    def emit_cluster(parent: Any, layer: Layer) -> None:
+        for unit in members.get(id(layer), []):
+            parent.node(unit, units[unit][0])
+        for child in layer.children:
+            if not _has_units(child, members):
+                continue
+            with parent.subgraph(name=f"cluster_{id(child)}") as cluster:
+                cluster.attr(label=f"{child.path} ({child.class_name})", style="rounded",
+                             color="#7f8fa6", fontsize="9")  # fmt: skip
+                emit_cluster(cluster, child)
+
+    emit_cluster(dot, tree.root)
+    for value in graph.model.graph.inputs:
+        dot.node(f"in:{value.name}", f"{value.name}\n{format_shape(value)}", shape="ellipse", fillcolor="#e8f5e9")
+    for value in graph.model.graph.outputs:
+        dot.node(f"out:{value.name}", f"{value.name}\n{format_shape(value)}", shape="ellipse", fillcolor="#fff3e0")
+    graph_inputs = {id(v) for v in graph.model.graph.inputs}
+    edges: set[tuple[str, str, str]] = set()
+    for node in graph.model.graph:
+        target = unit_of.get(id(node))
+        if target is None:
+            continue
+        for value in node.inputs:
+            if value is None or value.is_initializer():
+                continue
+            producer = value.producer()
+            source = f"in:{value.name}" if id(value) in graph_inputs else unit_of.get(id(producer)) if producer else None
+            if source and source != target:
+                edges.add((source, target, format_shape(value)))
+    for value in graph.model.graph.outputs:
+        producer = value.producer()
+        source = unit_of.get(id(producer)) if producer else f"in:{value.name}"
+        if source:
+            edges.add((source, f"out:{value.name}", format_shape(value)))
+    for source, target, label in sorted(edges):
+        dot.edge(source, target, label=label)
+    return dot
+
+
+def _has_units(layer: Layer, members: dict[int, list[str]]) -> bool:
+    return any(id(sub) in members for sub in layer.walk())
+
+
+def _require_dot() -> None:
+    if shutil.which("dot") is None:
+        error = MissingDependencyError("graphviz's 'dot' program", purpose="render plots")
+        error.args = (
+            str(error).split("\nFix:")[0] + "\nFix: install Graphviz (apt-get install graphviz, "
+            "brew install graphviz or conda install graphviz), or plot to a .dot file.",
+        )
+        raise error
+
+
+def plot(graph: Graph, path: str | Path | None, depth: int | None = None, **kwargs: Any) -> Any:
+    dot = build_digraph(graph, depth=depth, **kwargs)
+    if path is None:
+        return dot
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "svg"
+    if fmt not in _FORMATS:
+        raise ValueError(f"Cannot plot to '{path}': use one of .{', .'.join(sorted(_FORMATS))}")
+    if fmt in ("dot", "gv"):
+        path.write_text(dot.source)
+        return path
+    _require_dot()
+    path.write_bytes(dot.pipe(format=fmt))
+    return path
+
+
+def render_svg(graph: Graph, depth: int | None = 1) -> str | None:
+    if shutil.which("dot") is None:
+        return None
+    return build_digraph(graph, depth=depth).pipe(format="svg").decode("utf-8")

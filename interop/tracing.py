@@ -1,0 +1,109 @@
+"""`interop.trace`: find the adapter that accepts a model and let it build the Graph.
+
+Adapters are discovered through the ``interop.adapters`` entry-point group; the
+built-in ones (torch, and later keras and flax) register the same way. An adapter's
+``accepts`` must not import its framework unless the model came from it, so that
+``import interop`` and tracing stay cheap.
+"""
+
+from __future__ import annotations
+
+import threading
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .errors import InteropError, UnsupportedModelError
+from .registry import Registry
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .graph import Graph
+
+ENTRY_POINT_GROUP = "interop.adapters"
+_BUILTIN = {"torch": "interop.adapters.torch:ADAPTER"}
+
+
+class Adapter(Protocol):
+    """What an adapter provides (see docs/design.md, "Writing an adapter")."""
+
+    name: str
+    description: str  # what it accepts, e.g. "torch.nn.Module"
+
+    def accepts(self, model: Any) -> bool: ...
+
+    def trace(self, model: Any, example_inputs: Any, **options: Any) -> Graph: ...
+
+    def run_source(self, model: Any, example_inputs: Any) -> list[tuple[str, np.ndarray]]: ...
+
+
+ADAPTERS: Registry[Adapter] = Registry("trace")
+_loaded = False
+_load_lock = threading.Lock()
+
+
+def register_adapter(adapter: Adapter, *, replace: bool = False) -> Adapter:
+    """Register an adapter object (entry points do this for installed packages)."""
+    return ADAPTERS.register(adapter.name, adapter, replace=replace)
+
+
+def load_adapters() -> Registry[Adapter]:
+    """Load every adapter of the entry-point group once (plus the built-ins)."""
+    global _loaded
+    if _loaded:
+        return ADAPTERS
+    with _load_lock:
+        if _loaded:
+            return ADAPTERS
+        targets = {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+        for name, target in _BUILTIN.items():  # running from a source tree without metadata
+            targets.setdefault(name, metadata.EntryPoint(name, target, ENTRY_POINT_GROUP))
+        for name, entry_point in targets.items():
+            if name in ADAPTERS:
+                continue
+            try:
+                adapter = entry_point.load()
+            except Exception as err:  # a broken third-party plug-in must not break the rest
+                import warnings
+
+                warnings.warn(f"interop: adapter '{name}' failed to load: {err}", stacklevel=2)
+                continue
+            ADAPTERS.register(name, adapter)
+        _loaded = True
+    return ADAPTERS
+
+
+def adapter_for(model: Any) -> Adapter:
+    adapters = load_adapters()
+    for _, adapter in adapters.items():
+        if adapter.accepts(model):
+            return adapter
+    raise UnsupportedModelError(model, [a.description for _, a in adapters.items()])
+
+
+def trace(model: Any, example_inputs: Any = None, **options: Any) -> Graph:
+    """Trace a model of any supported framework into an `interop.Graph`.
+
+    `example_inputs` is one tensor/array, a tuple of them, or a dict of named inputs.
+    The batch dimension is dynamic by default (``dynamic_batch=False`` turns it off);
+    ``dynamic_dims={"input_ids": {1: "seq"}}`` makes other dims dynamic.
+
+    >>> import interop, torch
+    >>> g = interop.trace(torch.nn.Linear(4, 2), (torch.randn(3, 4),))
+    >>> [layer.path for layer in g.layers]
+    []
+    >>> g.count_params()
+    10
+    """
+    from .graph import Graph
+
+    if isinstance(model, Graph):
+        return model
+    adapter = adapter_for(model)
+    if example_inputs is None:
+        raise InteropError(
+            f"interop.trace needs example inputs to trace a {adapter.description}",
+            "example_inputs: a tensor, a tuple of tensors or a dict of named tensors",
+            "call interop.trace(model, (x,)) with a small batch of real-shaped data",
+        )
+    return adapter.trace(model, example_inputs, **options)
