@@ -41,6 +41,14 @@ def build_digraph(graph: Graph, depth: int | None = None, rankdir: str = "TB") -
         return chain[depth - 1] if 0 < depth <= len(chain) else None
 
     hidden = plumbing_nodes(graph.model.graph)
+    # graphviz reads "a:b" as node a, port b, so ids are positions, never value names
+    io_ids = {("in", v.name): f"in{i}" for i, v in enumerate(graph.model.graph.inputs)}
+    io_ids.update({("out", v.name): f"out{i}" for i, v in enumerate(graph.model.graph.outputs)})
+
+    def _io_id(kind: str, name: str | None) -> str:
+        return io_ids[(kind, name)]
+
+    layer_ids = {id(layer): i for i, layer in enumerate(tree.root.walk())}  # stable across runs
     unit_of: dict[int, str] = {}
     units: dict[str, tuple[str, Layer | None]] = {}  # unit id -> (label, enclosing layer)
     for index, node in enumerate(graph.model.graph):
@@ -49,7 +57,7 @@ def build_digraph(graph: Graph, depth: int | None = None, rankdir: str = "TB") -
         layer = tree.resolve(provenance.node_scope(node))
         box = collapsed(layer)
         if box is not None:
-            unit = f"L{id(box)}"
+            unit = f"L{layer_ids[id(box)]}"
             units.setdefault(unit, (f"{box.path}\n{box.class_name}", box.parent))
         else:
             unit = f"N{index}"
@@ -70,16 +78,16 @@ def build_digraph(graph: Graph, depth: int | None = None, rankdir: str = "TB") -
         for child in layer.children:
             if not _has_units(child, members):
                 continue
-            with parent.subgraph(name=f"cluster_{id(child)}") as cluster:
+            with parent.subgraph(name=f"cluster_{layer_ids[id(child)]}") as cluster:
                 cluster.attr(label=f"{child.path} ({child.class_name})", style="rounded",
                              color="#7f8fa6", fontsize="9")  # fmt: skip
                 emit_cluster(cluster, child)
 
     emit_cluster(dot, tree.root)
     for value in graph.model.graph.inputs:
-        dot.node(f"in:{value.name}", f"{value.name}\n{format_shape(value)}", shape="ellipse", fillcolor="#e8f5e9")
+        dot.node(_io_id("in", value.name), f"{value.name}\n{format_shape(value)}", shape="ellipse", fillcolor="#e8f5e9")
     for value in graph.model.graph.outputs:
-        dot.node(f"out:{value.name}", f"{value.name}\n{format_shape(value)}", shape="ellipse", fillcolor="#fff3e0")
+        dot.node(_io_id("out", value.name), f"{value.name}\n{format_shape(value)}", shape="ellipse", fillcolor="#fff3e0")
     graph_inputs = {id(v) for v in graph.model.graph.inputs}
     edges: set[tuple[str, str, str]] = set()
     for node in graph.model.graph:
@@ -90,14 +98,14 @@ def build_digraph(graph: Graph, depth: int | None = None, rankdir: str = "TB") -
             if value is None or value.is_initializer():
                 continue
             producer = value.producer()
-            source = f"in:{value.name}" if id(value) in graph_inputs else unit_of.get(id(producer)) if producer else None
+            source = _io_id("in", value.name) if id(value) in graph_inputs else unit_of.get(id(producer)) if producer else None
             if source and source != target:
                 edges.add((source, target, format_shape(value)))
     for value in graph.model.graph.outputs:
         producer = value.producer()
-        source = unit_of.get(id(producer)) if producer else f"in:{value.name}"
+        source = unit_of.get(id(producer)) if producer else _io_id("in", value.name)
         if source:
-            edges.add((source, f"out:{value.name}", format_shape(value)))
+            edges.add((source, _io_id("out", value.name), format_shape(value)))
     for source, target, label in sorted(edges):
         dot.edge(source, target, label=label)
     return dot
@@ -109,12 +117,12 @@ def _has_units(layer: Layer, members: dict[int, list[str]]) -> bool:
 
 def _require_dot() -> None:
     if shutil.which("dot") is None:
-        error = MissingDependencyError("graphviz's 'dot' program", purpose="render plots")
-        error.args = (
-            str(error).split("\nFix:")[0] + "\nFix: install Graphviz (apt-get install graphviz, "
-            "brew install graphviz or conda install graphviz), or plot to a .dot file.",
+        raise MissingDependencyError(
+            "graphviz's 'dot' program",
+            purpose="render plots",
+            fix="install Graphviz (apt-get install graphviz, brew install graphviz or conda "
+            "install graphviz), or plot to a .dot file",
         )
-        raise error
 
 
 def plot(graph: Graph, path: str | Path | None, depth: int | None = None, **kwargs: Any) -> Any:
