@@ -21,7 +21,11 @@ if TYPE_CHECKING:
     from .graph import Graph
 
 ENTRY_POINT_GROUP = "interop.adapters"
-_BUILTIN = {"torch": "interop.adapters.torch:ADAPTER"}
+_BUILTIN = {
+    "torch": "interop.adapters.torch:ADAPTER",
+    "keras": "interop.adapters.keras:ADAPTER",
+    "flax": "interop.adapters.flax:ADAPTER",
+}
 
 
 class Adapter(Protocol):
@@ -63,6 +67,10 @@ def load_adapters() -> Registry[Adapter]:
                 continue
             try:
                 adapter = entry_point.load()
+            except ModuleNotFoundError as err:
+                if entry_point.value.startswith("interop.adapters.") and err.name and err.name.startswith("interop"):
+                    continue  # a built-in adapter this installation does not ship
+                raise
             except Exception as err:  # a broken third-party plug-in must not break the rest
                 import warnings
 
