@@ -22,21 +22,35 @@ _CALL_SUFFIX = re.compile(r"@\d+$")  # torch marks the second call of a module "
 _SEPARATORS = re.compile(r"[./]")
 
 
-def plumbing_nodes(graph: ir.Graph) -> set[int]:
-    """ids of nodes that only compute from constants (Constant, shape arithmetic on them).
+_METADATA_OPS = {"Constant", "Shape", "Size"}
 
-    Views hide them: they are folded away by any runtime and carry no data flow.
+
+def plumbing_nodes(graph: ir.Graph, weights: set[str] | None = None) -> set[int]:
+    """ids of nodes that compute only from constants and shapes, not from data.
+
+    Views hide them (Constant, Shape, and arithmetic on their results such as the
+    shape tuple of a Reshape): runtimes fold them away and they carry no data flow.
+    A node reading a weight (`weights`, or any float initializer when None) is data.
     """
+
+    def constant(value: ir.Value) -> bool:
+        if weights is not None:
+            return value.name not in weights
+        return value.dtype is None or not value.dtype.is_floating_point()
+
     hidden: set[int] = set()
     for node in graph:
-        if node.op_type == "Constant" or all(
-            value is None
-            or value.is_initializer()
-            or (value.producer() is not None and id(value.producer()) in hidden)
-            for value in node.inputs
+        inputs = node.inputs[:1] if node.op_type == "CastLike" else node.inputs  # 2nd: dtype only
+        if node.op_type in _METADATA_OPS or (
+            node.inputs
+            and all(
+                value is None
+                or (value.is_initializer() and constant(value))
+                or (value.producer() is not None and id(value.producer()) in hidden)
+                for value in inputs
+            )
         ):
-            if node.op_type == "Constant" or node.inputs:
-                hidden.add(id(node))
+            hidden.add(id(node))
     return hidden
 
 
@@ -150,8 +164,10 @@ class LayerTree:
         self.root, self.by_path = _build_layers(model)
         _assign_nodes(model.graph, self)
         _assign_parameters(model, self)
+        kinds = provenance.read_parameters(model)
+        self.plumbing = plumbing_nodes(model.graph, set(kinds) if kinds else None)
         for layer in self.root.walk():
-            _compute_boundary(layer, model.graph)
+            _compute_boundary(layer, model.graph, self.plumbing)
 
     def resolve(self, scope: str) -> Layer:
         """The layer for a node scope, creating layers for scopes the table lacks."""
@@ -225,7 +241,7 @@ def _assign_parameters(model: ir.Model, tree: LayerTree) -> None:
         owner.parameter_kinds[name] = kind
 
 
-def _compute_boundary(layer: Layer, graph: ir.Graph) -> None:
+def _compute_boundary(layer: Layer, graph: ir.Graph, plumbing: set[int]) -> None:
     inside = {id(n) for n in layer.nodes}
     graph_outputs = {id(v) for v in graph.outputs}
     seen: set[int] = set()
@@ -234,11 +250,13 @@ def _compute_boundary(layer: Layer, graph: ir.Graph) -> None:
             if value is None or id(value) in seen or value.is_initializer():
                 continue
             producer = value.producer()
-            if producer is not None and (id(producer) in inside or producer.op_type == "Constant"):
+            if producer is not None and (id(producer) in inside or id(producer) in plumbing):
                 continue
             seen.add(id(value))
             layer.inputs.append(value)
     for node in layer.nodes:
+        if id(node) in plumbing and not any(id(v) in graph_outputs for v in node.outputs):
+            continue
         for value in node.outputs:
             if id(value) in graph_outputs or any(
                 id(use.node) not in inside for use in value.uses()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import onnx_ir as ir
 
 from . import provenance
-from .hierarchy import Layer, format_shape, plumbing_nodes, tensor_bytes, tensor_size
+from .hierarchy import Layer, format_shape, tensor_bytes, tensor_size
 
 if TYPE_CHECKING:
     from .graph import Graph
@@ -36,7 +36,7 @@ def _rows(graph: Graph, depth: int | None) -> list[Row]:
     rows: list[Row] = []
     owner: dict[int, int] = {}  # id(node) -> index of the row that shows it
     position = {id(n): i for i, n in enumerate(graph.model.graph)}
-    hidden = plumbing_nodes(graph.model.graph)
+    hidden = graph.tree.plumbing
 
     def order(node: ir.Node | None) -> int:
         return position.get(id(node), 1 << 61) if node is not None else 1 << 62
@@ -77,6 +77,8 @@ def _rows(graph: Graph, depth: int | None) -> list[Row]:
             producer = value.producer()
             if producer is None:
                 label = graph_inputs.get(id(value))
+            elif id(producer) in hidden:
+                label = None
             else:
                 source = owner.get(id(producer))
                 label = rows[source].name if source is not None and source != index else None
@@ -123,7 +125,7 @@ def summarize(graph: Graph, depth: int | None = None, line_length: int = 120) ->
     widths = [len(h) for h in headers]
     for row in cells:
         widths = [max(w, len(c)) for w, c in zip(widths, row)]
-    widths[0] = min(widths[0], 60)
+    widths[0] = min(widths[0], 100)
     widths[1] = min(widths[1], 40)
 
     def fmt(row: tuple[str, ...]) -> str:

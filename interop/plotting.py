@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import provenance
 from .errors import MissingDependencyError
-from .hierarchy import Layer, format_shape, plumbing_nodes
+from .hierarchy import Layer, format_shape
 
 if TYPE_CHECKING:
     import graphviz
@@ -40,7 +40,7 @@ def build_digraph(graph: Graph, depth: int | None = None, rankdir: str = "TB") -
         chain.reverse()  # top-level first
         return chain[depth - 1] if 0 < depth <= len(chain) else None
 
-    hidden = plumbing_nodes(graph.model.graph)
+    hidden = tree.plumbing
     # graphviz reads "a:b" as node a, port b, so ids are positions, never value names
     io_ids = {("in", v.name): f"in{i}" for i, v in enumerate(graph.model.graph.inputs)}
     io_ids.update({("out", v.name): f"out{i}" for i, v in enumerate(graph.model.graph.outputs)})

@@ -60,6 +60,8 @@ def extract(graph: Graph, outputs: Sequence[str], inputs: Sequence[str] | None =
     for label, value in chosen:
         if value in ir_graph.outputs:
             continue
+        if label in taken and ":" not in label:  # e.g. a layer named like a graph input
+            label += ":0"
         if value.name != label and label not in taken and not value.is_graph_input():
             value.name = label
             taken.add(label)

@@ -175,12 +175,12 @@ def _widen_unit_dims(bound, dims) -> tuple[tuple[Any, ...], dict[str, Any]]:
 def _dynamic_shapes(bound, signature, dims) -> dict[str, Any] | None:
     if not dims:
         return None
-    shared: dict[str, Any] = {}
-
     def spec(name: str, value: Any) -> Any:
         if not _is_tensor(value) or name not in dims:
             return None
-        return {axis: shared.setdefault(d, torch.export.Dim(d)) for axis, d in dims[name].items()}
+        # Dim.DYNAMIC lets torch.export infer ranges (Bert's seq <= 512) and equalities
+        # (one batch symbol across inputs); we rename the symbols after export.
+        return {axis: torch.export.Dim.DYNAMIC for axis in dims[name]}
 
     shapes: dict[str, Any] = {}
     for name, value in bound.arguments.items():
@@ -259,8 +259,11 @@ def _user_location(err: BaseException) -> str | None:
     return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _first_lines(err: BaseException, count: int = 3) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = [line.strip() for line in _ANSI.sub("", str(err)).splitlines() if line.strip()]
     return " ".join(lines[:count])[:600]
 
 
@@ -321,7 +324,12 @@ def _to_onnx(exported: torch.export.ExportedProgram) -> Any:
                 ),
             )
         else:
-            error = TraceError(f"torch.onnx could not translate the exported program: {_first_lines(err)}")
+            error = TraceError(
+                f"torch.onnx could not translate the exported program of this model: {_first_lines(chain[-1])}",
+                None,
+                "simplify the construct named above, or report it with the model to the torch.onnx "
+                "issue tracker; interop.trace(..., verbose=True) shows the exporter's log",
+            )
         error.original = err  # type: ignore[attr-defined]
         raise error from None
 
@@ -392,7 +400,8 @@ def _record_provenance(model: ir.Model, module: torch.nn.Module) -> None:
         location = _location(props.get("pkg.torch.onnx.stack_trace"))
         for key in [k for k in props if k.startswith(_TORCH_KEYS)]:
             del props[key]
-        modules = scopes[:-1]  # the last entry names the aten op itself
+        # the last entry names the aten op itself; hook frames are not modules
+        modules = [m for m in scopes[:-1] if not m.startswith("_empty_nn_module_stack")]
         path = modules[-1] if modules else ""
         props[provenance.SCOPE] = path
         if location:

@@ -1,0 +1,43 @@
+"""ONNX op semantics, written once against a backend namespace ``xp``.
+
+Each op is a function ``(xp, *inputs, **attributes)`` registered under its ONNX op type
+in `SEMANTICS`; missing optional inputs arrive as ``None``, attributes keep their spec
+names, and an op with several outputs returns a tuple. The families live in their own
+modules (elementwise, linalg, nn, shape, reduce, control).
+
+>>> import numpy as np
+>>> from interop.backend import numpy_backend
+>>> SEMANTICS.lookup("Relu")(numpy_backend, np.array([-1.0, 2.0])).tolist()
+[0.0, 2.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from interop.registry import Registry
+
+SEMANTICS: Registry[Callable[..., Any]] = Registry("emit", adapter="semantics")
+
+
+def op(*op_types: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register one function as the semantics of one or more ONNX op types."""
+
+    def decorator(function: Callable[..., Any]) -> Callable[..., Any]:
+        for op_type in op_types:
+            SEMANTICS.register(op_type, function)
+        return function
+
+    return decorator
+
+
+def normalize_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def normalize_axes(axes: Any, rank: int) -> tuple[int, ...]:
+    return tuple(sorted(normalize_axis(int(a), rank) for a in axes))
+
+
+from . import control, elementwise, linalg, nn, reduce, shape  # noqa: E402,F401  (registers the ops)
