@@ -1,0 +1,299 @@
+"""What to trace for each kind of Flax / JAX model, and how its modules are marked.
+
+Each model kind becomes a `Capture`: a pure function ``fn(params, *inputs)`` whose
+`params` are the weights (so they become named ONNX initializers instead of anonymous
+constants), the name and kind of each weight, and the layer table. Module paths reach
+the jaxpr through ``jax.named_scope(MARK + path)`` opened around every module call:
+
+* nnx: the ``__call__`` of every module class in the model is wrapped for the duration
+  of the trace; the wrapper finds the path of ``self`` in a table built from the model
+  that `nnx.merge` rebuilt inside the traced function. nnx.Dropout is replaced by a
+  marker primitive (an ONNX Dropout, identity at inference).
+* linen: a method interceptor (`flax.linen.intercept_methods`) opens the scope, forces
+  ``use_running_average=True`` on BatchNorm and replaces Dropout by the marker.
+* plain JAX functions: no modules; closed-over arrays are named after the closure
+  variables or `functools.partial` arguments that hold them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+
+from interop import provenance
+
+from .lowering import MARK
+
+# ---------------------------------------------------------------------- dropout marker
+dropout_p = Primitive("interop_dropout")
+dropout_p.def_impl(lambda x, *, rate: x)
+dropout_p.def_abstract_eval(lambda x, *, rate: x)
+mlir.register_lowering(dropout_p, mlir.lower_fun(lambda x, *, rate: x, multiple_results=False))
+
+
+def mark_dropout(x: Any, rate: float) -> Any:
+    """Identity that records a dropout of `rate` in the jaxpr (inference semantics)."""
+    return dropout_p.bind(x, rate=float(rate)) if rate > 0 else x
+
+
+def qualname(obj: Any) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def join_path(parts: Any) -> str:
+    return ".".join(str(p) for p in parts)
+
+
+@dataclass
+class Capture:
+    fn: Callable[..., Any]  # fn(params, *args, **kwargs) -> outputs (any pytree)
+    params: Any  # pytree of arrays passed as the first argument
+    names: list[str]  # one per leaf of params, in tree_leaves order
+    kinds: dict[str, str]  # name -> trainable / buffer / frozen
+    layers: list[provenance.LayerRecord] = field(default_factory=list)
+    source: dict[str, Any] = field(default_factory=dict)
+    signature: inspect.Signature | None = None
+    finish_layers: Callable[[], list[provenance.LayerRecord]] | None = None
+
+
+def _leaf_names(tree: Any) -> list[str]:
+    names = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        parts = []
+        for key in path:
+            part = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+            parts.append(str(part))
+        if parts and parts[-1] in ("value", "raw_value"):  # nnx.Variable's own field
+            parts.pop()
+        names.append(".".join(parts))
+    return names
+
+
+def _signature(fn: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------- nnx
+def capture_nnx(model: Any) -> Capture:
+    from flax import nnx
+
+    graphdef, rng_state, state = nnx.split(model, nnx.RngState, ...)
+    names = _leaf_names(state)
+    kinds = {}
+    for name, (_, var) in zip(names, _flat_variables(state), strict=False):
+        kinds[name] = provenance.TRAINABLE if isinstance(var, nnx.Param) else provenance.BUFFER
+    layers = [provenance.LayerRecord("", qualname(model), None)]
+    for path, node in nnx.graph.iter_graph(model):
+        if isinstance(node, nnx.Module) and path:
+            layers.append(
+                provenance.LayerRecord(join_path(path), qualname(node), join_path(path[:-1]))
+            )
+    classes = {
+        type(node) for _, node in nnx.graph.iter_graph(model) if isinstance(node, nnx.Module)
+    }
+
+    def fn(params: Any, *args: Any, **kwargs: Any) -> Any:
+        copy = nnx.merge(graphdef, rng_state, params)
+        _set_inference(copy)
+        paths = {
+            id(node): join_path(path)
+            for path, node in nnx.graph.iter_graph(copy)
+            if isinstance(node, nnx.Module)
+        }
+        with _scoped_calls(classes, paths):
+            return copy(*args, **kwargs)
+
+    return Capture(
+        fn,
+        state,
+        names,
+        kinds,
+        layers,
+        {"framework": "flax", "api": "nnx", "class": qualname(model)},
+        _signature(model),
+    )
+
+
+def _flat_variables(state: Any) -> list[tuple[Any, Any]]:
+    """(path, Variable) per leaf of an nnx.State, in tree_leaves order."""
+    from flax import nnx
+
+    return jax.tree_util.tree_flatten_with_path(
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )[0]
+
+
+def _set_inference(module: Any) -> None:
+    """Eval mode on a copy: BatchNorm on running averages, Dropout deterministic."""
+    from flax import nnx
+
+    for _, node in nnx.graph.iter_graph(module):
+        if isinstance(node, nnx.Module):
+            for attr, value in (("use_running_average", True), ("deterministic", True)):
+                if hasattr(node, attr):
+                    object.__setattr__(node, attr, value)
+
+
+@contextlib.contextmanager
+def _scoped_calls(classes: set[type], paths: dict[int, str]) -> Iterator[None]:
+    """Wrap ``__call__`` of the classes defining it so that calls open a named scope."""
+    from flax import nnx
+
+    owners = {}
+    for cls in classes:
+        for klass in cls.__mro__:
+            if "__call__" in klass.__dict__:
+                owners.setdefault(klass, klass.__dict__["__call__"])
+                break
+    for klass, original in owners.items():
+
+        def wrapper(self: Any, *args: Any, __original: Any = original, **kwargs: Any) -> Any:
+            path = paths.get(id(self))
+            # The root, or a module rebuilt inside an nnx transform: no scope of its own.
+            scope = jax.named_scope(MARK + path) if path else contextlib.nullcontext()
+            with scope:
+                if isinstance(self, nnx.Dropout) and args:
+                    return mark_dropout(args[0], self.rate)
+                return __original(self, *args, **kwargs)
+
+        functools.update_wrapper(wrapper, original)
+        klass.__call__ = wrapper
+    try:
+        yield
+    finally:
+        for klass, original in owners.items():
+            klass.__call__ = original
+
+
+# ---------------------------------------------------------------------- linen
+def capture_linen(module: Any, variables: Any) -> Capture:
+    import flax.linen as nn
+
+    variables = dict(variables)
+    params: dict[str, Any] = {}
+    kinds: dict[str, str] = {}
+    names: list[str] = []
+    for collection, tree in sorted(variables.items(), key=lambda kv: kv[0] != "params"):
+        for name in _leaf_names(tree):
+            final = name if name not in kinds else f"{collection}.{name}"
+            kinds[final] = provenance.TRAINABLE if collection == "params" else provenance.BUFFER
+            names.append(final)
+        params[collection] = tree
+    # tree_leaves sorts dict keys: put the names in that order.
+    order = _leaf_names(params)
+    by_path = dict(
+        zip([f"{c}.{n}" for c in params for n in _leaf_names(params[c])], names, strict=False)
+    )
+    names = [by_path[p] for p in order]
+    seen: dict[str, provenance.LayerRecord] = {
+        "": provenance.LayerRecord("", qualname(module), None)
+    }
+
+    def interceptor(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
+        mod = context.module
+        if context.method_name == "setup" or context.method_name.startswith("_"):
+            return next_fun(*args, **kwargs)
+        parts = mod.scope.path if mod.scope is not None else ()
+        path = join_path(parts)
+        if path not in seen:
+            seen[path] = provenance.LayerRecord(path, qualname(mod), join_path(parts[:-1]))
+        if isinstance(mod, nn.BatchNorm):
+            kwargs = {**kwargs, "use_running_average": True}
+        with jax.named_scope(MARK + path) if path else contextlib.nullcontext():
+            if isinstance(mod, nn.Dropout) and args:
+                return mark_dropout(args[0], mod.rate)
+            return next_fun(*args, **kwargs)
+
+    def fn(tree: Any, *args: Any, **kwargs: Any) -> Any:
+        with nn.intercept_methods(interceptor):
+            return module.apply(tree, *args, **kwargs)
+
+    def finish_layers() -> list[provenance.LayerRecord]:
+        records = dict(seen)
+        for collection in params.values():  # modules with weights that were never called
+            for name in _leaf_names(collection):
+                parts = name.split(".")[:-1]
+                for i in range(1, len(parts) + 1):
+                    path = ".".join(parts[:i])
+                    records.setdefault(
+                        path, provenance.LayerRecord(path, "", ".".join(parts[: i - 1]))
+                    )
+        return list(records.values())
+
+    return Capture(
+        fn,
+        params,
+        names,
+        kinds,
+        [],
+        {"framework": "flax", "api": "linen", "class": qualname(module)},
+        _signature(module.__call__),
+        finish_layers,
+    )
+
+
+# ---------------------------------------------------------------------- plain JAX
+def capture_function(fn: Any) -> Capture:
+    return Capture(
+        lambda _params, *args, **kwargs: fn(*args, **kwargs),
+        {},
+        [],
+        {},
+        [
+            provenance.LayerRecord(
+                "", qualname(fn) if not inspect.isfunction(fn) else fn.__qualname__, None
+            )
+        ],
+        {"framework": "jax", "api": "jax", "class": getattr(fn, "__qualname__", qualname(fn))},
+        _signature(fn),
+    )
+
+
+def closure_names(fn: Any) -> dict[int, str]:
+    """id(array) -> a readable name, for arrays a function closes over."""
+    found: dict[int, str] = {}
+
+    def scan(prefix: str, tree: Any) -> None:
+        try:
+            leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        except Exception:  # not a pytree; nothing to name
+            return
+        for path, leaf in leaves:
+            if isinstance(leaf, jax.Array | np.ndarray):
+                suffix = ".".join(
+                    str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path
+                )
+                found.setdefault(id(leaf), f"{prefix}.{suffix}" if suffix else prefix)
+
+    target = fn
+    while isinstance(target, functools.partial):
+        for i, arg in enumerate(target.args):
+            scan(f"args.{i}", arg)
+        for key, arg in target.keywords.items():
+            scan(key, arg)
+        target = target.func
+    target = getattr(target, "__wrapped__", target)
+    code = getattr(target, "__code__", None)
+    if code is not None:
+        for name, cell in zip(code.co_freevars, target.__closure__ or (), strict=False):
+            with contextlib.suppress(ValueError):
+                scan(name, cell.cell_contents)
+        for name in code.co_names:
+            if name in getattr(target, "__globals__", {}):
+                value = target.__globals__[name]
+                if not callable(value) and not inspect.ismodule(value):
+                    scan(name, value)
+    return found

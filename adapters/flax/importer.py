@@ -1,0 +1,253 @@
+"""Flax / JAX model -> interop.Graph: trace a jaxpr with symbolic shapes, then walk it.
+
+1. `capture` turns the model into ``fn(params, *inputs)`` with named weights (capture.py).
+2. ``jax.make_jaxpr`` traces it on `jax.ShapeDtypeStruct`s whose batch axis (and any
+   axis named in ``dynamic_dims``) is a `jax.export` symbolic dim, so the graph is
+   dynamic by construction rather than re-specialised afterwards.
+3. The walk (lowering.py + ops_*.py) emits ONNX nodes with scope and source line.
+4. Provenance (layers, parameter kinds, source) is written with `interop.provenance`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import onnx_ir as ir
+
+from interop import provenance
+from interop.errors import InteropError, TraceError
+from interop.graph import Graph
+from interop.structure import flatten_outputs
+
+from . import is_linen_module, is_nnx_module, ops_basic, ops_control, ops_nn  # noqa: F401  (register the converters)
+from .capture import Capture, capture_function, capture_linen, capture_nnx, closure_names
+from .lowering import OPSET, walk
+
+
+def capture(model: Any) -> Capture:
+    if isinstance(model, tuple) and len(model) == 2 and is_linen_module(model[0]):
+        return capture_linen(model[0], model[1])
+    if is_nnx_module(model):
+        return capture_nnx(model)
+    if is_linen_module(model):
+        if getattr(model, "scope", None) is None:
+            raise TraceError(
+                f"The linen module {type(model).__name__} is not bound to variables",
+                "a (module, variables) tuple or a bound module",
+                "call interop.trace((module, variables), inputs)",
+            )
+        unbound, variables = model.unbind()
+        return capture_linen(unbound, variables)
+    return capture_function(model)
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, jax.Array | np.ndarray) or type(value).__name__ in (
+        "Tracer",
+        "DynamicJaxprTracer",
+    )
+
+
+def _is_leaf(value: Any) -> bool:
+    return isinstance(value, jax.Array | np.ndarray | jax.core.Tracer)
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(example_inputs, Mapping):
+        return (), {str(k): v for k, v in example_inputs.items()}
+    if isinstance(example_inputs, tuple | list):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def _input_names(cap: Capture, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """One name per positional then keyword input, after the model's signature."""
+    names: list[str] = []
+    params = list(cap.signature.parameters.values()) if cap.signature else []
+    params = [p for p in params if p.name != "self"]
+    for i in range(len(args)):
+        if i < len(params) and params[i].kind in (
+            params[i].POSITIONAL_ONLY,
+            params[i].POSITIONAL_OR_KEYWORD,
+        ):
+            names.append(params[i].name)
+        else:
+            var = next(
+                (p.name for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL), "input"
+            )
+            names.append(f"{var}_{i}")
+    names.extend(kwargs)
+    return [re.sub(r"\W", "_", n) for n in names]
+
+
+def _specs(arrays, names, dynamic_batch, dynamic_dims) -> list[Any]:
+    known = set(names)
+    unknown = sorted(set(dynamic_dims) - known)
+    if unknown:
+        raise TraceError(
+            f"dynamic_dims names unknown inputs: {', '.join(unknown)}",
+            "input names: " + ", ".join(names),
+        )
+    scope = jax.export.SymbolicScope()
+    specs = []
+    for name, array in zip(names, arrays, strict=False):
+        dims: list[str] = [str(d) for d in array.shape]
+        if dynamic_batch and array.ndim > 0:
+            dims[0] = "batch"
+        for axis, dim_name in dynamic_dims.get(name, {}).items():
+            dims[int(axis) % max(array.ndim, 1)] = re.sub(r"\W", "_", str(dim_name))
+        shape = jax.export.symbolic_shape(", ".join(dims), scope=scope) if dims else ()
+        specs.append(jax.ShapeDtypeStruct(shape, jax.dtypes.canonicalize_dtype(array.dtype)))
+    return specs
+
+
+def trace_model(
+    model: Any,
+    example_inputs: Any,
+    *,
+    dynamic_batch: bool = True,
+    dynamic_dims: Mapping[str, Mapping[int, str]] | None = None,
+    name: str | None = None,
+) -> Graph:
+    """Trace a Flax/JAX model on `example_inputs` into a Graph (see `interop.trace`).
+
+    >>> import interop, jax.numpy as jnp                    # doctest: +SKIP
+    >>> from flax import nnx
+    >>> g = interop.trace(nnx.Linear(4, 2, rngs=nnx.Rngs(0)), jnp.ones((3, 4)))
+    >>> g.inputs[0].shape, g.count_params()
+    (('batch', 4), 10)
+    """
+    cap = capture(model)
+    args, kwargs = normalize_inputs(example_inputs)
+    args = tuple(np.asarray(a) if not isinstance(a, jax.Array) else a for a in args)
+    kwargs = {k: np.asarray(v) if not isinstance(v, jax.Array) else v for k, v in kwargs.items()}
+    input_names = _input_names(cap, args, kwargs)
+    arrays = [*args, *kwargs.values()]
+    specs = _specs(arrays, input_names, dynamic_batch, dict(dynamic_dims or {}))
+    n_args = len(args)
+    output_names: list[str] = []
+
+    def flat_fn(params: Any, *flat_inputs: Any) -> tuple[Any, ...]:
+        outputs = cap.fn(
+            params, *flat_inputs[:n_args], **dict(zip(kwargs, flat_inputs[n_args:], strict=False))
+        )
+        flat = flatten_outputs(outputs, _is_leaf)
+        output_names[:] = [n for n, _ in flat]
+        return tuple(t for _, t in flat)
+
+    try:
+        closed = jax.make_jaxpr(flat_fn)(cap.params, *specs)
+    except InteropError:
+        raise
+    except Exception as err:
+        raise _trace_error(model, err, dynamic_batch) from err
+    graph = _build(closed, cap, specs, input_names, output_names, model)
+    graph.model.graph.name = name or cap.source["class"].rsplit(".", 1)[-1]
+    return graph
+
+
+def _trace_error(model: Any, err: Exception, dynamic_batch: bool) -> TraceError:
+    text = " ".join(str(err).split())[:600]
+    if "symbolic" in text.lower() or "InconclusiveDimensionOperation" in type(err).__name__:
+        fix = "the model fixes the size of a dimension that interop made dynamic; pass dynamic_batch=False"
+    else:
+        fix = "make the call traceable by jax.make_jaxpr (no Python control flow on array values)"
+    error = TraceError(
+        f"JAX could not trace {type(model).__name__}: {type(err).__name__}: {text}", None, fix
+    )
+    error.original = err  # type: ignore[attr-defined]
+    return error
+
+
+def _build(closed, cap: Capture, specs, input_names, output_names, model) -> Graph:
+    jaxpr = closed.jaxpr
+    n_params = len(cap.names)
+    inputs = []
+    dim_sources: dict[str, tuple[ir.Value, int]] = {}
+    for name, spec in zip(input_names, specs, strict=False):
+        value = ir.Value(name=name)
+        from .lowering import Lowering
+
+        Lowering.type_value(value, spec)
+        inputs.append(value)
+        for axis, d in enumerate(spec.shape):
+            if not isinstance(d, int):
+                for var in d._get_vars():
+                    dim_sources.setdefault(var, (value, axis))
+    initializers: list[ir.Value] = []
+    kinds = dict(cap.kinds)
+    for name, leaf in zip(cap.names, jax.tree_util.tree_leaves(cap.params), strict=False):
+        initializers.append(ir.Value(name=name, const_value=ir.tensor(np.asarray(leaf), name=name)))
+    # The jaxpr's own constants: arrays the function closed over (named after the
+    # closure variable when found) and large literals.
+    named = closure_names(model) if not cap.names else {}
+    const_values = []
+    for i, const in enumerate(closed.consts):
+        cname = named.get(id(const)) or f"const_{i}"
+        while any(v.name == cname for v in initializers):
+            cname += "_"
+        value = ir.Value(name=cname, const_value=ir.tensor(np.asarray(const), name=cname))
+        const_values.append(value)
+        if cname in named.values() and np.asarray(const).dtype.kind == "f":
+            kinds[cname] = provenance.TRAINABLE
+    for value in [*const_values, *initializers]:
+        value.dtype = value.const_value.dtype
+        value.shape = ir.Shape(value.const_value.shape)
+    low, outs = walk(closed, [*const_values, *initializers, *inputs], dim_sources)
+    nodes = low.nodes
+    outputs = _finalize_outputs(low, outs, inputs, closed.jaxpr.outvars, output_names)
+    assert len(jaxpr.invars) == n_params + len(inputs)
+    graph = ir.Graph(
+        inputs,
+        outputs,
+        nodes=nodes,
+        initializers=[*const_values, *initializers],
+        opset_imports={"": OPSET},
+    )
+    onnx_model = ir.Model(graph, ir_version=10, producer_name="interop")
+    layers = cap.finish_layers() if cap.finish_layers else cap.layers
+    provenance.write_layers(onnx_model, layers)
+    provenance.write_parameters(onnx_model, kinds)
+    import flax
+
+    source = dict(cap.source)
+    source["version"] = flax.__version__ if source["framework"] == "flax" else jax.__version__
+    source["parameters"] = int(
+        sum(
+            np.prod(np.shape(leaf))
+            for n, leaf in zip(cap.names, jax.tree_util.tree_leaves(cap.params), strict=False)
+            if kinds.get(n) == provenance.TRAINABLE
+        )
+    )
+    provenance.write_source(onnx_model, source)
+    return Graph(onnx_model)
+
+
+def _finalize_outputs(low, outs, inputs, outvars, names) -> list[ir.Value]:
+    """Name graph outputs after the model's output structure; one distinct node output each."""
+    final = []
+    seen: set[int] = set()
+    taken = {v.name for v in inputs}
+    for value, var, name in zip(outs, outvars, names, strict=False):
+        if value.producer() is None or id(value) in seen or value.is_initializer():
+            low.scope, low.location = "", None
+            value = low.op("Identity", [value])
+        seen.add(id(value))
+        low.type_value(value, var.aval)
+        value.name = name if name not in taken else f"{name}_out"
+        taken.add(value.name)
+        final.append(value)
+    return final
+
+
+def run_model(model: Any, example_inputs: Any) -> list[tuple[str, np.ndarray]]:
+    """Run the model in inference mode (jit-compiled); outputs flattened and named as in the graph."""
+    cap = capture(model)
+    args, kwargs = normalize_inputs(example_inputs)
+    outputs = jax.jit(cap.fn)(cap.params, *args, **kwargs)
+    return [(n, np.asarray(t)) for n, t in flatten_outputs(outputs, _is_leaf)]

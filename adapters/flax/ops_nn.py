@@ -1,0 +1,188 @@
+"""Converters for the weighted and windowed primitives: dot_general, convolution,
+pooling windows and gathers.
+
+Weights keep their Flax layout (an HWIO conv kernel stays HWIO under its state name);
+the layout change to ONNX's OIHW is a Transpose on the initializer, which ONNX Runtime
+folds once at session creation. This keeps every parameter named and shaped exactly
+as in the nnx state / linen variables.
+"""
+
+from __future__ import annotations
+
+import string
+
+import numpy as np
+
+from interop.errors import UnsupportedOpError
+
+from . import register_primitive as reg
+
+
+def _unsupported(low, what: str, fix: str) -> UnsupportedOpError:
+    return UnsupportedOpError(
+        low.primitive, adapter="flax", layer=low.scope, location=low.location, detail=what, fix=fix
+    )
+
+
+def _finish_dtype(low, eqn, y):
+    want = eqn.params.get("preferred_element_type") or eqn.outvars[0].aval.dtype
+    if want is not None and np.dtype(want) != np.dtype(eqn.invars[0].aval.dtype):
+        return low.cast(y, want)
+    return y
+
+
+@reg("dot_general")
+def convert_dot_general(low, eqn, a, b):
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    ra, rb_rank = len(eqn.invars[0].aval.shape), len(eqn.invars[1].aval.shape)
+    lc, rc, lb, rb = list(lc), list(rc), list(lb), list(rb)
+    k = len(lb)
+    # The MatMul patterns (dense layers, batched attention products) read better and run
+    # faster than Einsum; everything else is an Einsum, which is exact for any numbers.
+    leading = lb == rb == list(range(k))
+    if leading and lc == [ra - 1] and rb_rank == k + 2 and rc == [k] and ra >= k + 1:
+        if k == 0 or ra == k + 2:
+            return _finish_dtype(low, eqn, low.op("MatMul", [a, b]))
+    if leading and lc == [ra - 1] and rb_rank == k + 2 and rc == [k + 1] and ra == k + 2:
+        perm = list(range(k)) + [k + 1, k]
+        bt = low.op("Transpose", [b], {"perm": perm})
+        return _finish_dtype(low, eqn, low.op("MatMul", [a, bt]))
+    letters = iter(string.ascii_letters)
+    la = [next(letters) for _ in range(ra)]
+    lb_letters = [None] * rb_rank
+    for i, j in zip(lb, rb, strict=False):
+        lb_letters[j] = la[i]
+    for i, j in zip(lc, rc, strict=False):
+        lb_letters[j] = la[i]
+    lb_letters = [c or next(letters) for c in lb_letters]
+    free_a = [la[i] for i in range(ra) if i not in lb and i not in lc]
+    free_b = [lb_letters[j] for j in range(rb_rank) if j not in rb and j not in rc]
+    out = [la[i] for i in lb] + free_a + free_b
+    equation = f"{''.join(la)},{''.join(lb_letters)}->{''.join(out)}"
+    return _finish_dtype(low, eqn, low.op("Einsum", [a, b], {"equation": equation}))
+
+
+def _inverse(perm):
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
+
+
+@reg("conv_general_dilated")
+def convert_conv(low, eqn, x, w):
+    p = eqn.params
+    if any(d != 1 for d in p["lhs_dilation"]):
+        raise _unsupported(low, "input (lhs) dilation, i.e. a transposed convolution",
+                           "use a regular convolution, or register a converter for conv_general_dilated")  # fmt: skip
+    if p["batch_group_count"] != 1:
+        raise _unsupported(low, "batch_group_count > 1", "use feature groups instead")
+    dn = p["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    x = low.op("Transpose", [x], {"perm": list(lhs_spec)})
+    w = low.op("Transpose", [w], {"perm": list(rhs_spec)})
+    pads = [lo for lo, _ in p["padding"]] + [hi for _, hi in p["padding"]]
+    if any(v < 0 for v in pads):
+        raise _unsupported(low, "negative padding", "crop the input before the convolution")
+    attrs = {
+        "strides": list(p["window_strides"]),
+        "pads": pads,
+        "dilations": list(p["rhs_dilation"]),
+        "group": int(p["feature_group_count"]),
+    }
+    y = low.op("Conv", [x, w], attrs)
+    y = low.op("Transpose", [y], {"perm": _inverse(list(out_spec))})
+    return _finish_dtype(low, eqn, y)
+
+
+def _pool(kind: str):
+    def convert(low, eqn, x):
+        p = eqn.params
+        window, strides = list(p["window_dimensions"]), list(p["window_strides"])
+        padding = list(p["padding"])
+        if any(d != 1 for d in p["base_dilation"]):
+            raise _unsupported(low, "base dilation", "pool without base dilation")
+        rank = len(window)
+        trivial = [
+            i for i in range(rank) if window[i] == 1 and strides[i] == 1 and padding[i] == (0, 0)
+        ]
+        spatial = [i for i in range(rank) if i not in trivial]
+        if rank < 3 or 0 not in trivial or not spatial:
+            raise _unsupported(low, "a window over the batch axis or a rank < 3 input",
+                               "pool over spatial axes of an (N, ..., C) array")  # fmt: skip
+        channel = [i for i in trivial if i != 0]
+        if len(channel) != 1:
+            raise _unsupported(
+                low, "not exactly one non-pooled feature axis", "pool an (N, ..., C) array"
+            )
+        keep = [0, channel[0]]  # ONNX pools over axes 2..: batch and features go first
+        perm = keep + spatial
+        x = low.op("Transpose", [x], {"perm": perm})
+        attrs = {
+            "kernel_shape": [window[i] for i in spatial],
+            "strides": [strides[i] for i in spatial],
+            "pads": [padding[i][0] for i in spatial] + [padding[i][1] for i in spatial],
+        }
+        dilation = [p["window_dilation"][i] for i in spatial]
+        if kind == "max":
+            y = low.op("MaxPool", [x], {**attrs, "dilations": dilation})
+        else:
+            if any(d != 1 for d in dilation):
+                raise _unsupported(low, "dilated sum window", "use an undilated window")
+            y = low.op("AveragePool", [x], {**attrs, "count_include_pad": 1})
+            y = low.op(
+                "Mul",
+                [y, low.const(float(np.prod(attrs["kernel_shape"])), eqn.invars[0].aval.dtype)],
+            )
+        return low.op("Transpose", [y], {"perm": _inverse(perm)})
+
+    return convert
+
+
+reg("reduce_window_max", _pool("max"))
+reg("reduce_window_sum", _pool("sum"))
+
+
+@reg("gather")
+def convert_gather(low, eqn, operand, indices):
+    dn = eqn.params["dimension_numbers"]
+    slice_sizes = list(eqn.params["slice_sizes"])
+    op_shape = eqn.invars[0].aval.shape
+    idx_shape = eqn.invars[1].aval.shape
+    start_map, collapsed = list(dn.start_index_map), list(dn.collapsed_slice_dims)
+    batching = list(getattr(dn, "operand_batching_dims", ()))
+    offset_dims = list(dn.offset_dims)
+    rank = len(op_shape)
+    if batching or idx_shape[-1] != len(start_map) or start_map != collapsed:
+        raise _unsupported(
+            low, f"gather with {dn}", "index with jnp.take / x[idx] along leading axes"
+        )
+    full = [i for i in range(rank) if i not in start_map]
+    if any(slice_sizes[i] != op_shape[i] for i in full) or any(
+        slice_sizes[i] != 1 for i in start_map
+    ):
+        raise _unsupported(
+            low, "a gather of partial slices", "index whole rows (jnp.take along an axis)"
+        )
+    batch_rank = len(idx_shape) - 1
+    if offset_dims != list(range(batch_rank, batch_rank + len(full))):
+        raise _unsupported(low, "offset dims not trailing", "index with jnp.take along an axis")
+    if start_map != list(range(len(start_map))):
+        if len(start_map) != 1:
+            raise _unsupported(low, "a multi-axis gather not on leading axes", "index leading axes")
+        (axis,) = start_map
+        idx = low.op("Squeeze", [indices, low.ints([-1])])
+        idx = low.cast(idx, np.int64)
+        y = low.op("Gather", [operand, idx], {"axis": axis})
+        # ONNX Gather puts the index dims at `axis`; JAX puts them first.
+        if axis != 0 and batch_rank:
+            perm = (
+                list(range(axis, axis + batch_rank))
+                + list(range(axis))
+                + list(range(axis + batch_rank, rank - 1 + batch_rank))
+            )
+            y = low.op("Transpose", [y], {"perm": perm})
+        return y
+    # Leading-axes gather: clamp like JAX's "clip"/"fill" modes do for in-range indices.
+    idx = low.cast(indices, np.int64)
+    return low.op("GatherND", [operand, idx])
