@@ -1,0 +1,73 @@
+"""Keras 3 adapter: any `keras.Model` or `keras.layers.Layer` -> `interop.Graph`.
+
+The importer walks the Keras graph itself (Functional / Sequential graphs as they
+are; subclassed models and custom layers by calling their ``call`` on symbolic
+KerasTensors, which records the sub-layer calls and ``keras.ops`` operations they
+make) and lowers each layer with a converter registered here. Importing this
+package does not import Keras; the importer does, on first use.
+
+Add a converter for a layer class the adapter does not know (the function receives
+the `Builder`, the layer, then the call's arguments as `Tensor`s):
+
+>>> from interop.adapters.keras import register_layer         # doctest: +SKIP
+>>> @register_layer("MyScale")                                 # doctest: +SKIP
+... def import_my_scale(b, layer, x):
+...     return b.op("Mul", [x, b.variable(layer.scale)])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from interop.registry import Registry
+
+# Keras layer class name ("Conv2D") -> converter(builder, layer, *args, **kwargs)
+LAYERS: Registry[Any] = Registry("import", adapter="keras")
+# keras.ops operation class name ("Matmul") -> converter(builder, op, *args, **kwargs)
+OPS: Registry[Any] = Registry("import", adapter="keras")
+
+
+def register_layer(class_name: str | type, function: Any = None, *, replace: bool = False) -> Any:
+    """Register a converter for a Keras layer class (by class or class name).
+
+    The converter is called as ``fn(builder, layer, *args, **kwargs)`` with the
+    layer's call arguments as `interop.adapters.keras.builder.Tensor` values and
+    returns an ``onnx_ir.Value`` (or a Tensor, or a list of them for several outputs).
+    """
+    key = class_name if isinstance(class_name, str) else class_name.__name__
+    return LAYERS.register(key, function, replace=replace)
+
+
+def register_op(class_name: str | type, function: Any = None, *, replace: bool = False) -> Any:
+    """Register a converter for a ``keras.ops`` operation class (e.g. ``"Matmul"``)."""
+    key = class_name if isinstance(class_name, str) else class_name.__name__
+    return OPS.register(key, function, replace=replace)
+
+
+def _is_keras(model: Any) -> bool:
+    return any(
+        cls.__module__.startswith(("keras.", "keras_hub.", "keras_nlp."))
+        and cls.__name__ in ("Layer", "Operation")
+        for cls in type(model).__mro__
+    )
+
+
+class KerasAdapter:
+    name = "keras"
+    description = "keras.Model or keras.layers.Layer (Keras 3, any backend)"
+
+    def accepts(self, model: Any) -> bool:
+        return _is_keras(model)
+
+    def trace(self, model: Any, example_inputs: Any, **options: Any) -> Any:
+        from .importer import trace_model
+
+        return trace_model(model, example_inputs, **options)
+
+    def run_source(self, model: Any, example_inputs: Any) -> list[tuple[str, Any]]:
+        from .importer import run_model
+
+        return run_model(model, example_inputs)
+
+
+ADAPTER = KerasAdapter()
