@@ -96,7 +96,8 @@ class NumpyBackend:
         return _array(np.fmod(a, b))
 
     def pow(self, a, b):
-        return _array(np.power(a, b))
+        # ONNX Pow keeps the base's type whatever the exponent's
+        return _array(np.power(a, b)).astype(np.asarray(a).dtype)
 
     def maximum(self, a, b):
         return _array(np.maximum(a, b))

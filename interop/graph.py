@@ -189,6 +189,13 @@ class Graph:
 
     # ----------------------------------------------------------------- serialization
     def to_proto(self) -> onnx.ModelProto:
+        """The model as an `onnx.ModelProto`, weights inline (read from external files if needed)."""
+        from .serialization import PROTO_LIMIT, weight_bytes
+
+        external = any(isinstance(v.const_value, ir.ExternalTensor) for v in self.model.graph.initializers.values())
+        if external and weight_bytes(self.model) < PROTO_LIMIT:
+            # references relative to our folder would dangle in a bare proto: read them in
+            ir.external_data.load_to_model(self.model)
         return ir.serde.serialize_model(self.model)
 
     def to_bytes(self) -> bytes:

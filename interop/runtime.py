@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from .graph import Graph
 
 _PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-_PROTO_LIMIT = (1 << 31) - (1 << 20)  # stay clear of protobuf's 2 GiB cap
 
 
 def available_devices() -> list[str]:
@@ -67,10 +66,11 @@ def _create_session(graph: Graph, device: str) -> Any:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    proto = graph.to_proto()
+    from .serialization import PROTO_LIMIT, weight_bytes
+
     providers = _PROVIDERS[device]
-    if proto.ByteSize() < _PROTO_LIMIT:
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+    if weight_bytes(graph.model) < PROTO_LIMIT:
+        session = ort.InferenceSession(graph.to_bytes(), options, providers=providers)
     else:  # too large for one protobuf: hand ONNX Runtime a file with external data
         with tempfile.TemporaryDirectory(prefix="interop-run-") as tmp:
             path = os.path.join(tmp, "model.onnx")

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 # Above this many bytes of weights a save uses external data (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1 << 30
+PROTO_LIMIT = (1 << 31) - (1 << 24)
 MAX_SUBGRAPH_DEPTH = 64
 
 
@@ -33,7 +34,7 @@ def save(graph: Graph, path: str | Path, *, external_data: bool | None = None) -
     folder = path.parent if str(path.parent) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
     if external_data is None:
-        external_data = _weight_bytes(graph.model) > EXTERNAL_DATA_THRESHOLD
+        external_data = weight_bytes(graph.model) > EXTERNAL_DATA_THRESHOLD
     with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.") as tmp:
         staged = Path(tmp) / path.name
         data_name = path.name + ".data"
@@ -110,9 +111,9 @@ def deserialize(proto: onnx.ModelProto, *, base_dir: str | Path | None = None) -
             "a model with its weights inline, or a path to the .onnx file",
             "load it from its path with interop.load('model.onnx')",
         )
-    from .validation import check_inline_tensors, validate
+    from .validation import check_proto, validate
 
-    check_inline_tensors(proto)
+    check_proto(proto)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as err:  # onnx_ir raises many types on malformed protos
@@ -203,7 +204,7 @@ def _expected_bytes(tensor: onnx.TensorProto) -> int | None:
     return count * itemsize
 
 
-def _weight_bytes(model: ir.Model) -> int:
+def weight_bytes(model: ir.Model) -> int:
     total = 0
     for value in model.graph.initializers.values():
         if value.const_value is not None:

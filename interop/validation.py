@@ -14,6 +14,21 @@ from .errors import ModelLoadError
 _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 
 
+def check_proto(proto: onnx.ModelProto) -> None:
+    """Checks on the raw proto, before onnx_ir builds anything from it."""
+    producers: dict[str, str] = {}
+    for node in proto.graph.node:
+        for name in node.output:
+            if name and name in producers:
+                raise ModelLoadError(
+                    f"Value '{name}' is produced twice (by '{producers[name]}' and '{node.name}')",
+                    "every value name produced once (SSA form)",
+                    "the file is corrupt; re-export it",
+                )
+            producers[name] = node.name
+    check_inline_tensors(proto)
+
+
 def check_inline_tensors(proto: onnx.ModelProto) -> None:
     """Initializers must carry the bytes their dtype and shape declare."""
     for tensor in proto.graph.initializer:
@@ -45,22 +60,10 @@ def check_inline_tensors(proto: onnx.ModelProto) -> None:
 
 
 def validate(model: ir.Model) -> None:
-    """Dangling inputs, duplicate value names and cycles in the main graph."""
+    """Dangling inputs and cycles in the main graph."""
     graph = model.graph
     known = {id(v) for v in graph.inputs} | {id(v) for v in graph.initializers.values()}
-    position: dict[int, int] = {}
-    names: dict[str, ir.Node] = {}
-    for index, node in enumerate(graph):
-        position[id(node)] = index
-        for value in node.outputs:
-            if value.name and value.name in names:
-                raise ModelLoadError(
-                    f"Value '{value.name}' is produced twice (by '{names[value.name].name}' and '{node.name}')",
-                    "every value name produced once (SSA form)",
-                    "the file is corrupt; re-export it",
-                )
-            if value.name:
-                names[value.name] = node
+    position = {id(node): index for index, node in enumerate(graph)}
     needs_sort = False
     for node in graph:
         for value in node.inputs:

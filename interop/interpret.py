@@ -1,0 +1,378 @@
+"""The emit loop: walk a normalized ONNX graph and emit every node with a backend.
+
+`Interpreter` has the torch.fx Interpreter shape: `run` feeds the graph inputs,
+`run_graph` walks the nodes, `run_node` asks the emitter registry for a native layer
+and falls back to the generic op (`call_op`), and a failure is re-raised as
+`EmitError` "while emitting <node> (<op>)". Evaluated as is, it is the reference
+evaluator of any backend; an adapter's emitter subclasses it and overrides `input`,
+`constant`, `call_op` and `output` to build a host model instead of values.
+
+Normalization on entry: ONNX semantics at `TARGET_OPSET`. Models older than opset 13
+(where Softmax, Split, Squeeze, Reduce* changed meaning) go through onnx's version
+converter; newer ones already mean what the semantics implement, which accept both the
+attribute and the input forms. Default attributes come from the op schemas, and ops
+without semantics but with an ONNX function body (Attention, Gelu, SoftmaxCrossEntropyLoss,
+...) are expanded into that body.
+
+>>> import numpy as np, onnx
+>>> from onnx import helper, TensorProto
+>>> node = helper.make_node("Relu", ["x"], ["y"])
+>>> graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+...                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+>>> evaluate(helper.make_model(graph), np.array([-1.0, 1.0], np.float32))[0].tolist()
+[0.0, 1.0]
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from . import provenance
+from .backend import numpy_backend
+from .errors import InteropError, UnsupportedOpError
+from .ops import SEMANTICS
+
+TARGET_OPSET = onnx.defs.onnx_opset_version()
+# before opset 13 several ops changed meaning (Softmax axis coercion, attribute-to-input moves)
+CONVERT_BELOW_OPSET = 13
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+class EmitError(InteropError, RuntimeError):
+    """A node failed while being emitted or evaluated; the cause is chained."""
+
+
+def as_model(source: Any) -> ir.Model:
+    """An `onnx_ir.Model` from an interop.Graph, an onnx_ir.Model, a ModelProto or a path."""
+    if isinstance(source, ir.Model):
+        return source
+    if hasattr(source, "model") and isinstance(source.model, ir.Model):
+        return source.model
+    if isinstance(source, onnx.ModelProto):
+        return ir.serde.deserialize_model(source)
+    from .serialization import load
+
+    return load(source).model
+
+
+def normalize(model: ir.Model) -> ir.Model:
+    """The model with ONNX semantics at `TARGET_OPSET` (a converted copy when too old)."""
+    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", TARGET_OPSET))
+    if version >= CONVERT_BELOW_OPSET:
+        return model
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(ir.serde.serialize_model(model), TARGET_OPSET)
+    except Exception:  # the converter lacks adapters for some ops: keep the original meaning
+        return model
+    return ir.serde.deserialize_model(converted)
+
+
+def opset_of(graph_or_function: Any, domain: str = "") -> int:
+    imports = graph_or_function.opset_imports
+    return imports.get(domain, imports.get("ai.onnx" if domain == "" else domain, TARGET_OPSET))
+
+
+@functools.lru_cache(maxsize=4096)
+def schema_defaults(op_type: str, domain: str, version: int) -> dict[str, Any]:
+    try:
+        schema = onnx.defs.get_schema(op_type, version, domain)
+    except onnx.defs.SchemaError:
+        return {}
+    defaults = {}
+    for name, attribute in schema.attributes.items():
+        if attribute.default_value.type != onnx.AttributeProto.UNDEFINED:
+            defaults[name] = onnx.helper.get_attribute_value(attribute.default_value)
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in defaults.items()}
+
+
+def has_function_body(op_type: str, domain: str, version: int) -> bool:
+    try:
+        schema = onnx.defs.get_schema(op_type, version, domain)
+    except onnx.defs.SchemaError:
+        return False
+    return schema.has_function or schema.has_context_dependent_function
+
+
+def is_supported(node: ir.Node, version: int) -> bool:
+    return (node.domain in DEFAULT_DOMAINS and node.op_type in SEMANTICS) or has_function_body(
+        node.op_type, node.domain, version
+    )
+
+
+def check_supported(graph: ir.Graph, version: int, adapter: str, extra: Callable[[ir.Node], bool] | None = None) -> None:
+    """Raise `UnsupportedOpError` for the first node (subgraphs included) nothing can emit."""
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if not is_supported(node, version) and not (extra and extra(node)):
+            raise UnsupportedOpError(
+                f"{node.domain + '::' if node.domain else ''}{node.op_type}",
+                direction="emit",
+                adapter=adapter,
+                layer=provenance.node_scope(node),
+                location=provenance.node_location(node),
+                close_matches=SEMANTICS.close_matches(node.op_type),
+                detail=f"node '{node.name}'",
+            )
+
+
+def attribute_value(attribute: ir.Attr) -> Any:
+    value = attribute.value
+    kind = attribute.type
+    if kind == ir.AttributeType.TENSOR:
+        return value.numpy()
+    if kind == ir.AttributeType.TENSORS:
+        return [v.numpy() for v in value]
+    if kind in (ir.AttributeType.INTS, ir.AttributeType.FLOATS, ir.AttributeType.STRINGS):
+        return list(value)
+    return value
+
+
+def free_values(graph: ir.Graph) -> list[ir.Value]:
+    """Values a (sub)graph reads from enclosing scopes, in first-use order."""
+    produced: set[ir.Value] = set(graph.inputs) | set(graph.initializers.values())
+    found: dict[ir.Value, None] = {}
+    for node in graph:
+        for value in node.inputs:
+            if value is not None and value not in produced:
+                found.setdefault(value)
+        for attribute in node.attributes.values():
+            for sub in _subgraphs(attribute):
+                for value in free_values(sub):
+                    if value not in produced:
+                        found.setdefault(value)
+        produced.update(node.outputs)
+    for value in graph.outputs:  # an output may pass an outer value straight through
+        if value not in produced:
+            found.setdefault(value)
+    return list(found)
+
+
+def _subgraphs(attribute: ir.Attr) -> list[ir.Graph]:
+    if attribute.is_ref():
+        return []
+    if attribute.type == ir.AttributeType.GRAPH:
+        return [attribute.value]
+    if attribute.type == ir.AttributeType.GRAPHS:
+        return list(attribute.value)
+    return []
+
+
+def node_free_values(node: ir.Node) -> list[ir.Value]:
+    found: dict[ir.Value, None] = {}
+    for attribute in node.attributes.values():
+        for sub in _subgraphs(attribute):
+            for value in free_values(sub):
+                found.setdefault(value)
+    return list(found)
+
+
+class SubgraphFunction:
+    """A subgraph attribute as a callable over backend arrays, the outer scope bound."""
+
+    def __init__(self, graph: ir.Graph, backend: Any, outer: Mapping[ir.Value, Any], version: int):
+        self.graph, self.backend, self.outer, self.version = graph, backend, outer, version
+        self.num_outputs = len(graph.outputs)
+
+    def __call__(self, *inputs: Any) -> list[Any]:
+        env = dict(self.outer)
+        for value, given in zip(self.graph.inputs, inputs):
+            env[value] = given if not isinstance(given, np.ndarray) else self.backend.asarray(given)
+        return Interpreter(self.graph, self.backend, version=self.version).run_graph(self.graph, env)
+
+
+class Interpreter:
+    """Evaluate (or, in subclasses, emit) an ONNX graph node by node with a backend.
+
+    >>> from interop.backend import numpy_backend          # doctest: +SKIP
+    >>> Interpreter(graph, numpy_backend).run(x)            # doctest: +SKIP
+    """
+
+    adapter = "numpy"
+
+    def __init__(self, source: Any, backend: Any = numpy_backend, *, version: int | None = None,
+                 normalized: bool = False):
+        if isinstance(source, ir.Graph):
+            self.model, self.graph = None, source
+            self.version = version or opset_of(source)
+        else:
+            self.model = as_model(source) if normalized else normalize(as_model(source))
+            self.graph = self.model.graph
+            self.version = version or opset_of(self.model)
+        self.backend = backend
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, *args: Any, **named: Any) -> list[Any]:
+        env: dict[ir.Value, Any] = {}
+        provided = list(args)
+        for index, value in enumerate(self.graph.inputs):
+            if value.name in named:
+                env[value] = self.input(value, named[value.name])
+            elif index < len(provided):
+                env[value] = self.input(value, provided[index])
+            elif value.name in self.graph.initializers:
+                continue  # an input with a default (old-style initializer-as-input)
+            else:
+                raise InteropError(f"Missing graph input '{value.name}'", f"{len(self.graph.inputs)} inputs")
+        return self.output(self.run_graph(self.graph, env))
+
+    def run_graph(self, graph: Any, env: dict[ir.Value, Any], caller: Mapping[str, Any] | None = None) -> list[Any]:
+        """Run the nodes of a graph (or function body) over ``env``; return its outputs."""
+        for value in getattr(graph, "initializers", {}).values():
+            if value not in env:
+                env[value] = self.constant(value)
+        for node in graph:
+            args = [None if v is None or (caller is not None and v.name == "") else env[v] for v in node.inputs]
+            try:
+                results = self.run_node(node, args, env, caller)
+            except (UnsupportedOpError, EmitError):
+                raise
+            except Exception as err:
+                scope = provenance.node_scope(node)
+                raise EmitError(
+                    f"{type(err).__name__}: {err}\nwhile emitting node '{node.name}' ({node.op_type})"
+                    + (f" of layer '{scope}'" if scope else ""),
+                    fix="check the node's inputs and attributes against the ONNX spec",
+                ) from err
+            for value, result in zip(node.outputs, results):
+                env[value] = result
+        return [env[value] for value in graph.outputs]
+
+    def run_node(self, node: ir.Node, args: list[Any], env: Mapping[ir.Value, Any],
+                 caller: Mapping[str, Any] | None = None) -> Sequence[Any]:
+        captured = [env[v] for v in node_free_values(node)]
+        if caller is not None:  # inside a function body: attribute references resolve against the caller
+            return self.op_function(node, caller)(*args, *captured)
+        return self.call_op(node, args, captured)
+
+    # ------------------------------------------------------------------ overridable steps
+    def input(self, value: ir.Value, given: Any) -> Any:
+        if given is None or isinstance(given, (list, tuple)):  # empty optional, sequence
+            return given if given is None else [self.backend.asarray(g) for g in given]
+        return self.backend.asarray(given)
+
+    def constant(self, value: ir.Value) -> Any:
+        return self.backend.asarray(value.const_value.numpy())
+
+    def call_op(self, node: ir.Node, args: list[Any], captured: list[Any]) -> Sequence[Any]:
+        return self.op_function(node)(*args, *captured)
+
+    def output(self, results: list[Any]) -> list[Any]:
+        return results
+
+    # ------------------------------------------------------------------ node -> callable
+    def attributes(self, node: ir.Node, caller: Mapping[str, Any] | None = None) -> tuple[dict, dict]:
+        """(plain attribute values with schema defaults, subgraph attributes)."""
+        values = dict(schema_defaults(node.op_type, node.domain, self.version))
+        graphs = {}
+        for name, attribute in node.attributes.items():
+            if attribute.is_ref():  # inside a function body: the caller's attribute, if given
+                if caller is not None and attribute.ref_attr_name in caller:
+                    values[name] = caller[attribute.ref_attr_name]
+                continue
+            if attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+                graphs[name] = attribute.value
+            else:
+                values[name] = attribute_value(attribute)
+        return values, graphs
+
+    def op_function(self, node: ir.Node, caller: Mapping[str, Any] | None = None) -> Callable[..., tuple]:
+        """One callable ``(*inputs, *captured outer values) -> tuple of outputs`` for a node."""
+        values, graphs = self.attributes(node, caller)
+        semantics = SEMANTICS.get(node.op_type) if node.domain in DEFAULT_DOMAINS else None
+        if semantics is None:
+            if not has_function_body(node.op_type, node.domain, self.version):
+                check_supported_node(node, self.version, self.adapter)
+            return FunctionBody(node, values, self.backend, self.version)
+        if "_outputs" in inspect.signature(semantics).parameters:
+            values["_outputs"] = len(node.outputs)
+        backend, version = self.backend, self.version
+        outer = node_free_values(node)
+        input_count = len(node.inputs)
+
+        def call(*args: Any) -> tuple:
+            bound = dict(values)
+            if graphs:
+                scope = dict(zip(outer, args[input_count:]))
+                for name, graph in graphs.items():
+                    bound[name] = SubgraphFunction(graph, backend, scope, version)
+            result = semantics(backend, *args[:input_count], **bound)
+            return result if isinstance(result, tuple) else (result,)
+
+        call.__name__ = f"onnx_{node.op_type}"
+        call.__qualname__ = call.__name__
+        return call
+
+
+def check_supported_node(node: ir.Node, version: int, adapter: str) -> None:
+    if not is_supported(node, version):
+        raise UnsupportedOpError(
+            node.op_type, direction="emit", adapter=adapter, layer=provenance.node_scope(node),
+            location=provenance.node_location(node), close_matches=SEMANTICS.close_matches(node.op_type),
+            detail=f"node '{node.name}'",
+        )
+
+
+class FunctionBody:
+    """An op without direct semantics, run as its ONNX function body (cached per input types)."""
+
+    def __init__(self, node: ir.Node, attributes: dict[str, Any], backend: Any, version: int):
+        self.node, self.attributes, self.backend, self.version = node, attributes, backend, version
+        self.__name__ = f"onnx_{node.op_type}_function"
+        self._bodies: dict[tuple, tuple[ir.Function, list[int]]] = {}
+
+    def body(self, args: Sequence[Any]) -> tuple[ir.Function, list[int]]:
+        key = tuple(None if a is None else (str(self.backend.dtype(a)), len(self.backend.shape(a))) for a in args)
+        if key not in self._bodies:
+            schema = onnx.defs.get_schema(self.node.op_type, self.version, self.node.domain)
+            if schema.has_function:
+                proto = onnx.FunctionProto.FromString(schema.get_function_with_opset_version(schema.since_version))
+            else:
+                types = [
+                    onnx.TypeProto() if a is None else onnx.helper.make_tensor_type_proto(
+                        onnx.helper.np_dtype_to_tensor_dtype(self.backend.dtype(a)), list(self.backend.shape(a)))
+                    for a in args
+                ]
+                node_proto = ir.serde.serialize_node(self.node)
+                raw = schema.get_context_dependent_function_with_opset_version(
+                    schema.since_version, node_proto.SerializeToString(), [t.SerializeToString() for t in types]
+                )
+                proto = onnx.FunctionProto.FromString(raw)
+            # a context-dependent body may list optional outputs it never produces
+            produced = {name for node in proto.node for name in node.output} | set(proto.input)
+            kept = [i for i, name in enumerate(proto.output) if name in produced]
+            names = [proto.output[i] for i in kept]
+            del proto.output[:]
+            proto.output.extend(names)
+            self._bodies[key] = (ir.serde.deserialize_function(proto), kept)
+        return self._bodies[key]
+
+    def __call__(self, *args: Any) -> tuple:
+        args = args[: len(self.node.inputs)]
+        function, kept = self.body(args)
+        interpreter = Interpreter(function.graph if hasattr(function, "graph") else function, self.backend,
+                                  version=function.opset_imports.get("", self.version))
+        env = {value: given for value, given in zip(function.inputs, args) if given is not None}
+        produced = interpreter.run_graph(function, env, caller=self.attributes)
+        results: list[Any] = [None] * len(self.node.outputs)
+        for index, value in zip(kept, produced):
+            if index < len(results):
+                results[index] = value
+        return tuple(results)
+
+
+def evaluate(source: Any, *inputs: Any, backend: Any = numpy_backend, **named: Any) -> list[Any]:
+    """Evaluate a model (interop.Graph, ONNX model or path) on inputs with a backend.
+
+    The numpy backend makes this the reference evaluator:
+
+    >>> outputs = evaluate("net.onnx", x)   # doctest: +SKIP
+    """
+    return Interpreter(source, backend).run(*inputs, **named)
