@@ -112,9 +112,16 @@ class NumpyBackend:
         if name == "sigmoid":
             x = np.asarray(x)
             return _array((1.0 / (1.0 + np.exp(-x))).astype(x.dtype))
-        function = {"asin": np.arcsin, "acos": np.arccos, "atan": np.arctan, "asinh": np.arcsinh,
-                    "acosh": np.arccosh, "atanh": np.arctanh, "round": np.rint,
-                    "bitwise_invert": np.invert}.get(name) or getattr(np, name)
+        function = {
+            "asin": np.arcsin,
+            "acos": np.arccos,
+            "atan": np.arctan,
+            "asinh": np.arcsinh,
+            "acosh": np.arccosh,
+            "atanh": np.arctanh,
+            "round": np.rint,
+            "bitwise_invert": np.invert,
+        }.get(name) or getattr(np, name)
         return _array(function(x))
 
     def where(self, condition, a, b):
@@ -122,7 +129,9 @@ class NumpyBackend:
 
     def compare(self, name: str, a, b):
         """equal, not_equal, less, less_equal, greater, greater_equal, logical_and/or/xor, bitwise_*."""
-        function = {"bitwise_left_shift": np.left_shift, "bitwise_right_shift": np.right_shift}.get(name) or getattr(np, name)
+        function = {"bitwise_left_shift": np.left_shift, "bitwise_right_shift": np.right_shift}.get(
+            name
+        ) or getattr(np, name)
         return _array(function(a, b))
 
     def isnan(self, x):
@@ -166,7 +175,9 @@ class NumpyBackend:
         if reduction == "none":
             out[key] = value
         else:
-            ufunc = {"add": np.add, "mul": np.multiply, "max": np.maximum, "min": np.minimum}[reduction]
+            ufunc = {"add": np.add, "mul": np.multiply, "max": np.maximum, "min": np.minimum}[
+                reduction
+            ]
             ufunc.at(out, key, value)
         return out
 
@@ -185,13 +196,17 @@ class NumpyBackend:
     def pad(self, x, pad_width, mode="constant", value=0):
         if mode == "constant":
             return np.pad(x, pad_width, mode="constant", constant_values=value)
-        return np.pad(x, pad_width, mode={"edge": "edge", "reflect": "reflect", "wrap": "wrap"}[mode])
+        return np.pad(
+            x, pad_width, mode={"edge": "edge", "reflect": "reflect", "wrap": "wrap"}[mode]
+        )
 
     # ---------------------------------------------------------------- reductions and scans
     def reduce(self, name: str, x, axes, keepdims: bool):
         """sum, prod, max, min, mean over ``axes`` (a tuple)."""
         x = np.asarray(x)
-        out = getattr(np, {"max": "amax", "min": "amin"}.get(name, name))(x, axis=tuple(axes), keepdims=keepdims)
+        out = getattr(np, {"max": "amax", "min": "amin"}.get(name, name))(
+            x, axis=tuple(axes), keepdims=keepdims
+        )
         return _array(out).astype(x.dtype) if name != "mean" or x.dtype.kind == "f" else _array(out)
 
     def argmax(self, x, axis, keepdims):
@@ -255,15 +270,21 @@ class NumpyBackend:
         spatial_in = x.shape[2:]
         kernel = w.shape[2:]
         m_per_group = w.shape[1]
-        full = [(i - 1) * s + (k - 1) * d + 1 for i, s, k, d in zip(spatial_in, strides, kernel, dilations)]
-        out = np.zeros((n, groups * m_per_group, *[f + op for f, op in zip(full, output_padding)]), x.dtype)
+        full = [
+            (i - 1) * s + (k - 1) * d + 1
+            for i, s, k, d in zip(spatial_in, strides, kernel, dilations)
+        ]
+        out = np.zeros(
+            (n, groups * m_per_group, *[f + op for f, op in zip(full, output_padding)]), x.dtype
+        )
         xg = x.reshape(n, groups, c // groups, *spatial_in)
         wg = w.reshape(groups, c // groups, m_per_group, *kernel)
         for offsets in np.ndindex(*kernel):
             contribution = np.einsum("ngc...,gcm->ngm...", xg, wg[(slice(None),) * 3 + offsets])
             contribution = contribution.reshape(n, groups * m_per_group, *spatial_in)
             index = (slice(None), slice(None)) + tuple(
-                slice(o * d, o * d + (i - 1) * s + 1, s) for o, d, i, s in zip(offsets, dilations, spatial_in, strides)
+                slice(o * d, o * d + (i - 1) * s + 1, s)
+                for o, d, i, s in zip(offsets, dilations, spatial_in, strides)
             )
             out[index] += contribution
         crop = (slice(None), slice(None)) + tuple(
@@ -274,7 +295,18 @@ class NumpyBackend:
             out = out + np.reshape(b, (1, -1) + (1,) * len(kernel))
         return out
 
-    def pool(self, kind: str, x, kernel, strides, pads, dilations, ceil_mode, count_include_pad=False, p=2):
+    def pool(
+        self,
+        kind: str,
+        x,
+        kernel,
+        strides,
+        pads,
+        dilations,
+        ceil_mode,
+        count_include_pad=False,
+        p=2,
+    ):
         """max / avg / lp pooling; pads are ``(begin, end)`` and may be extended for ceil_mode."""
         spatial = x.shape[2:]
         declared = list(pads)
@@ -299,7 +331,9 @@ class NumpyBackend:
         total = windows.sum(axis=axes)
         # count the real inputs of each window, plus the declared (not the ceil-mode) padding
         ones = np.ones((1, 1, *spatial))
-        ones = np.pad(ones, [(0, 0), (0, 0), *declared], constant_values=1.0 if count_include_pad else 0.0)
+        ones = np.pad(
+            ones, [(0, 0), (0, 0), *declared], constant_values=1.0 if count_include_pad else 0.0
+        )
         extra = [(0, hi - declared_hi) for (_, hi), (_, declared_hi) in zip(pads, declared)]
         ones = np.pad(ones, [(0, 0), (0, 0), *extra], constant_values=0.0)
         counts = _window_view(ones, kernel, strides, dilations).sum(axis=axes)

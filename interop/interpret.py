@@ -108,7 +108,9 @@ def is_supported(node: ir.Node, version: int) -> bool:
     )
 
 
-def check_supported(graph: ir.Graph, version: int, adapter: str, extra: Callable[[ir.Node], bool] | None = None) -> None:
+def check_supported(
+    graph: ir.Graph, version: int, adapter: str, extra: Callable[[ir.Node], bool] | None = None
+) -> None:
     """Raise `UnsupportedOpError` for the first node (subgraphs included) nothing can emit."""
     for node in ir.traversal.RecursiveGraphIterator(graph):
         if not is_supported(node, version) and not (extra and extra(node)):
@@ -185,7 +187,9 @@ class SubgraphFunction:
         env = dict(self.outer)
         for value, given in zip(self.graph.inputs, inputs):
             env[value] = given if not isinstance(given, np.ndarray) else self.backend.asarray(given)
-        return Interpreter(self.graph, self.backend, version=self.version).run_graph(self.graph, env)
+        return Interpreter(self.graph, self.backend, version=self.version).run_graph(
+            self.graph, env
+        )
 
 
 class Interpreter:
@@ -197,8 +201,14 @@ class Interpreter:
 
     adapter = "numpy"
 
-    def __init__(self, source: Any, backend: Any = numpy_backend, *, version: int | None = None,
-                 normalized: bool = False):
+    def __init__(
+        self,
+        source: Any,
+        backend: Any = numpy_backend,
+        *,
+        version: int | None = None,
+        normalized: bool = False,
+    ):
         if isinstance(source, ir.Graph):
             self.model, self.graph = None, source
             self.version = version or opset_of(source)
@@ -220,16 +230,23 @@ class Interpreter:
             elif value.name in self.graph.initializers:
                 continue  # an input with a default (old-style initializer-as-input)
             else:
-                raise InteropError(f"Missing graph input '{value.name}'", f"{len(self.graph.inputs)} inputs")
+                raise InteropError(
+                    f"Missing graph input '{value.name}'", f"{len(self.graph.inputs)} inputs"
+                )
         return self.output(self.run_graph(self.graph, env))
 
-    def run_graph(self, graph: Any, env: dict[ir.Value, Any], caller: Mapping[str, Any] | None = None) -> list[Any]:
+    def run_graph(
+        self, graph: Any, env: dict[ir.Value, Any], caller: Mapping[str, Any] | None = None
+    ) -> list[Any]:
         """Run the nodes of a graph (or function body) over ``env``; return its outputs."""
         for value in getattr(graph, "initializers", {}).values():
             if value not in env:
                 env[value] = self.constant(value)
         for node in graph:
-            args = [None if v is None or (caller is not None and v.name == "") else env[v] for v in node.inputs]
+            args = [
+                None if v is None or (caller is not None and v.name == "") else env[v]
+                for v in node.inputs
+            ]
             try:
                 results = self.run_node(node, args, env, caller)
             except (UnsupportedOpError, EmitError):
@@ -245,10 +262,17 @@ class Interpreter:
                 env[value] = result
         return [env[value] for value in graph.outputs]
 
-    def run_node(self, node: ir.Node, args: list[Any], env: Mapping[ir.Value, Any],
-                 caller: Mapping[str, Any] | None = None) -> Sequence[Any]:
+    def run_node(
+        self,
+        node: ir.Node,
+        args: list[Any],
+        env: Mapping[ir.Value, Any],
+        caller: Mapping[str, Any] | None = None,
+    ) -> Sequence[Any]:
         captured = [env[v] for v in node_free_values(node)]
-        if caller is not None:  # inside a function body: attribute references resolve against the caller
+        if (
+            caller is not None
+        ):  # inside a function body: attribute references resolve against the caller
             return self.op_function(node, caller)(*args, *captured)
         return self.call_op(node, args, captured)
 
@@ -268,7 +292,9 @@ class Interpreter:
         return results
 
     # ------------------------------------------------------------------ node -> callable
-    def attributes(self, node: ir.Node, caller: Mapping[str, Any] | None = None) -> tuple[dict, dict]:
+    def attributes(
+        self, node: ir.Node, caller: Mapping[str, Any] | None = None
+    ) -> tuple[dict, dict]:
         """(plain attribute values with schema defaults, subgraph attributes)."""
         values = dict(schema_defaults(node.op_type, node.domain, self.version))
         graphs = {}
@@ -283,7 +309,9 @@ class Interpreter:
                 values[name] = attribute_value(attribute)
         return values, graphs
 
-    def op_function(self, node: ir.Node, caller: Mapping[str, Any] | None = None) -> Callable[..., tuple]:
+    def op_function(
+        self, node: ir.Node, caller: Mapping[str, Any] | None = None
+    ) -> Callable[..., tuple]:
         """One callable ``(*inputs, *captured outer values) -> tuple of outputs`` for a node."""
         values, graphs = self.attributes(node, caller)
         semantics = SEMANTICS.get(node.op_type) if node.domain in DEFAULT_DOMAINS else None
@@ -314,8 +342,12 @@ class Interpreter:
 def check_supported_node(node: ir.Node, version: int, adapter: str) -> None:
     if not is_supported(node, version):
         raise UnsupportedOpError(
-            node.op_type, direction="emit", adapter=adapter, layer=provenance.node_scope(node),
-            location=provenance.node_location(node), close_matches=SEMANTICS.close_matches(node.op_type),
+            node.op_type,
+            direction="emit",
+            adapter=adapter,
+            layer=provenance.node_scope(node),
+            location=provenance.node_location(node),
+            close_matches=SEMANTICS.close_matches(node.op_type),
             detail=f"node '{node.name}'",
         )
 
@@ -329,20 +361,31 @@ class FunctionBody:
         self._bodies: dict[tuple, tuple[ir.Function, list[int]]] = {}
 
     def body(self, args: Sequence[Any]) -> tuple[ir.Function, list[int]]:
-        key = tuple(None if a is None else (str(self.backend.dtype(a)), len(self.backend.shape(a))) for a in args)
+        key = tuple(
+            None if a is None else (str(self.backend.dtype(a)), len(self.backend.shape(a)))
+            for a in args
+        )
         if key not in self._bodies:
             schema = onnx.defs.get_schema(self.node.op_type, self.version, self.node.domain)
             if schema.has_function:
-                proto = onnx.FunctionProto.FromString(schema.get_function_with_opset_version(schema.since_version))
+                proto = onnx.FunctionProto.FromString(
+                    schema.get_function_with_opset_version(schema.since_version)
+                )
             else:
                 types = [
-                    onnx.TypeProto() if a is None else onnx.helper.make_tensor_type_proto(
-                        onnx.helper.np_dtype_to_tensor_dtype(self.backend.dtype(a)), list(self.backend.shape(a)))
+                    onnx.TypeProto()
+                    if a is None
+                    else onnx.helper.make_tensor_type_proto(
+                        onnx.helper.np_dtype_to_tensor_dtype(self.backend.dtype(a)),
+                        list(self.backend.shape(a)),
+                    )
                     for a in args
                 ]
                 node_proto = ir.serde.serialize_node(self.node)
                 raw = schema.get_context_dependent_function_with_opset_version(
-                    schema.since_version, node_proto.SerializeToString(), [t.SerializeToString() for t in types]
+                    schema.since_version,
+                    node_proto.SerializeToString(),
+                    [t.SerializeToString() for t in types],
                 )
                 proto = onnx.FunctionProto.FromString(raw)
             # a context-dependent body may list optional outputs it never produces
@@ -357,8 +400,11 @@ class FunctionBody:
     def __call__(self, *args: Any) -> tuple:
         args = args[: len(self.node.inputs)]
         function, kept = self.body(args)
-        interpreter = Interpreter(function.graph if hasattr(function, "graph") else function, self.backend,
-                                  version=function.opset_imports.get("", self.version))
+        interpreter = Interpreter(
+            function.graph if hasattr(function, "graph") else function,
+            self.backend,
+            version=function.opset_imports.get("", self.version),
+        )
         env = {value: given for value, given in zip(function.inputs, args) if given is not None}
         produced = interpreter.run_graph(function, env, caller=self.attributes)
         results: list[Any] = [None] * len(self.node.outputs)

@@ -36,16 +36,30 @@ def loop(xp, trip_count, condition, *initial, body):
         for collected, value in zip(scans, outputs[1 + len(state) :]):
             collected.append(value)
         iteration += 1
-    stacked = [xp.stack(values, 0) if values else xp.asarray(np.zeros((0,), np.float32)) for values in scans]
+    stacked = [
+        xp.stack(values, 0) if values else xp.asarray(np.zeros((0,), np.float32))
+        for values in scans
+    ]
     return tuple(state + stacked)
 
 
 @op("Scan")
-def scan(xp, *inputs, body, num_scan_inputs, scan_input_axes=None, scan_input_directions=None,
-         scan_output_axes=None, scan_output_directions=None):
+def scan(
+    xp,
+    *inputs,
+    body,
+    num_scan_inputs,
+    scan_input_axes=None,
+    scan_input_directions=None,
+    scan_output_axes=None,
+    scan_output_directions=None,
+):
     state_count = len(inputs) - num_scan_inputs
     state, sequences = list(inputs[:state_count]), inputs[state_count:]
-    in_axes = [normalize_axis(a, len(xp.shape(s))) for a, s in zip(scan_input_axes or [0] * num_scan_inputs, sequences)]
+    in_axes = [
+        normalize_axis(a, len(xp.shape(s)))
+        for a, s in zip(scan_input_axes or [0] * num_scan_inputs, sequences)
+    ]
     in_directions = scan_input_directions or [0] * num_scan_inputs
     length = xp.shape(sequences[0])[in_axes[0]]
     scan_count = body.num_outputs - state_count
@@ -123,18 +137,27 @@ def split_to_sequence(xp, x, split=None, axis=0, keepdims=1):
     axis = normalize_axis(axis, len(dims))
     if split is None:
         parts = split_op(xp, x, None, axis, num_outputs=dims[axis])
-        return [xp.reshape(p, [d for i, d in enumerate(dims) if i != axis]) for p in parts] if not keepdims else list(parts)
+        return (
+            [xp.reshape(p, [d for i, d in enumerate(dims) if i != axis]) for p in parts]
+            if not keepdims
+            else list(parts)
+        )
     sizes = np.asarray(xp.to_numpy(split)).reshape(-1)
     if np.ndim(xp.to_numpy(split)) == 0:  # one chunk size: equal chunks, the last one smaller
         chunk = int(sizes[0])
-        sizes = [chunk] * (dims[axis] // chunk) + ([dims[axis] % chunk] if dims[axis] % chunk else [])
+        sizes = [chunk] * (dims[axis] // chunk) + (
+            [dims[axis] % chunk] if dims[axis] % chunk else []
+        )
     return list(split_op(xp, x, np.asarray(sizes, np.int64), axis))
 
 
 @op("SequenceMap")
 def sequence_map(xp, sequence, *extra, body):
     length = len(sequence)
-    results = [body(*(s[i] if isinstance(s, list) else s for s in (sequence, *extra))) for i in range(length)]
+    results = [
+        body(*(s[i] if isinstance(s, list) else s for s in (sequence, *extra)))
+        for i in range(length)
+    ]
     return tuple([r[k] for r in results] for k in range(body.num_outputs))
 
 

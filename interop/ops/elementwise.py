@@ -10,19 +10,50 @@ import onnx
 from . import op
 
 _UNARY = {
-    "Abs": "abs", "Neg": "negative", "Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Sin": "sin",
-    "Cos": "cos", "Tan": "tan", "Asin": "asin", "Acos": "acos", "Atan": "atan", "Sinh": "sinh",
-    "Cosh": "cosh", "Tanh": "tanh", "Asinh": "asinh", "Acosh": "acosh", "Atanh": "atanh",
-    "Floor": "floor", "Ceil": "ceil", "Round": "round", "Sign": "sign", "Erf": "erf",
-    "Sigmoid": "sigmoid", "Not": "logical_not", "BitwiseNot": "bitwise_invert",
+    "Abs": "abs",
+    "Neg": "negative",
+    "Exp": "exp",
+    "Log": "log",
+    "Sqrt": "sqrt",
+    "Sin": "sin",
+    "Cos": "cos",
+    "Tan": "tan",
+    "Asin": "asin",
+    "Acos": "acos",
+    "Atan": "atan",
+    "Sinh": "sinh",
+    "Cosh": "cosh",
+    "Tanh": "tanh",
+    "Asinh": "asinh",
+    "Acosh": "acosh",
+    "Atanh": "atanh",
+    "Floor": "floor",
+    "Ceil": "ceil",
+    "Round": "round",
+    "Sign": "sign",
+    "Erf": "erf",
+    "Sigmoid": "sigmoid",
+    "Not": "logical_not",
+    "BitwiseNot": "bitwise_invert",
 }
 _BINARY = {
-    "Add": "add", "Sub": "subtract", "Mul": "multiply", "Div": "divide", "Pow": "pow",
+    "Add": "add",
+    "Sub": "subtract",
+    "Mul": "multiply",
+    "Div": "divide",
+    "Pow": "pow",
 }
 _COMPARE = {
-    "Equal": "equal", "Less": "less", "LessOrEqual": "less_equal", "Greater": "greater",
-    "GreaterOrEqual": "greater_equal", "And": "logical_and", "Or": "logical_or",
-    "Xor": "logical_xor", "BitwiseAnd": "bitwise_and", "BitwiseOr": "bitwise_or",
+    "Equal": "equal",
+    "Less": "less",
+    "LessOrEqual": "less_equal",
+    "Greater": "greater",
+    "GreaterOrEqual": "greater_equal",
+    "And": "logical_and",
+    "Or": "logical_or",
+    "Xor": "logical_xor",
+    "BitwiseAnd": "bitwise_and",
+    "BitwiseOr": "bitwise_or",
     "BitwiseXor": "bitwise_xor",
 }
 
@@ -102,8 +133,14 @@ def mean(xp, *xs):
 
 @op("Clip")
 def clip(xp, x, low=None, high=None, min=None, max=None):  # noqa: A002  (spec names, opset < 11)
-    low = low if low is not None else (None if min is None else xp.asarray(min, xp.dtype(x), like=x))
-    high = high if high is not None else (None if max is None else xp.asarray(max, xp.dtype(x), like=x))
+    low = (
+        low if low is not None else (None if min is None else xp.asarray(min, xp.dtype(x), like=x))
+    )
+    high = (
+        high
+        if high is not None
+        else (None if max is None else xp.asarray(max, xp.dtype(x), like=x))
+    )
     if low is not None:
         x = xp.maximum(x, low)
     if high is not None:
@@ -148,7 +185,9 @@ def _scalar(xp, value, like):
 
 @op("LeakyRelu")
 def leaky_relu(xp, x, alpha=0.01):
-    return xp.where(xp.compare("less", x, _scalar(xp, 0, x)), xp.multiply(x, _scalar(xp, alpha, x)), x)
+    return xp.where(
+        xp.compare("less", x, _scalar(xp, 0, x)), xp.multiply(x, _scalar(xp, alpha, x)), x
+    )
 
 
 @op("PRelu")
@@ -158,7 +197,9 @@ def prelu(xp, x, slope):
 
 @op("Elu")
 def elu(xp, x, alpha=1.0):
-    negative = xp.multiply(_scalar(xp, alpha, x), xp.subtract(xp.unary("exp", x), _scalar(xp, 1, x)))
+    negative = xp.multiply(
+        _scalar(xp, alpha, x), xp.subtract(xp.unary("exp", x), _scalar(xp, 1, x))
+    )
     return xp.where(xp.compare("less", x, _scalar(xp, 0, x)), negative, x)
 
 
@@ -170,7 +211,9 @@ def selu(xp, x, alpha=1.67326319217681884765625, gamma=1.05070102214813232421875
 @op("Celu")
 def celu(xp, x, alpha=1.0):
     scaled = xp.divide(x, _scalar(xp, alpha, x))
-    negative = xp.multiply(_scalar(xp, alpha, x), xp.subtract(xp.unary("exp", scaled), _scalar(xp, 1, x)))
+    negative = xp.multiply(
+        _scalar(xp, alpha, x), xp.subtract(xp.unary("exp", scaled), _scalar(xp, 1, x))
+    )
     return xp.add(xp.maximum(x, _scalar(xp, 0, x)), xp.minimum(_scalar(xp, 0, x), negative))
 
 
@@ -194,7 +237,9 @@ def hard_swish(xp, x):
 def softplus(xp, x):
     # log(1 + exp(x)) without overflow: max(x, 0) + log1p(exp(-|x|))
     positive = xp.maximum(x, _scalar(xp, 0, x))
-    return xp.add(positive, xp.unary("log1p", xp.unary("exp", xp.unary("negative", xp.unary("abs", x)))))
+    return xp.add(
+        positive, xp.unary("log1p", xp.unary("exp", xp.unary("negative", xp.unary("abs", x))))
+    )
 
 
 @op("Softsign")
@@ -230,7 +275,11 @@ def shrink(xp, x, bias=0.0, lambd=0.5):
     below = xp.compare("less", x, _scalar(xp, -lambd, x))
     above = xp.compare("greater", x, _scalar(xp, lambd, x))
     zero = _scalar(xp, 0, x)
-    return xp.where(below, xp.add(x, _scalar(xp, bias, x)), xp.where(above, xp.subtract(x, _scalar(xp, bias, x)), zero))
+    return xp.where(
+        below,
+        xp.add(x, _scalar(xp, bias, x)),
+        xp.where(above, xp.subtract(x, _scalar(xp, bias, x)), zero),
+    )
 
 
 @op("Identity")

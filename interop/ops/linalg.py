@@ -21,7 +21,9 @@ def gemm(xp, a, b, c=None, alpha=1.0, beta=1.0, transA=0, transB=0):  # noqa: N8
     if alpha != 1.0:
         out = xp.multiply(out, xp.asarray(alpha, xp.dtype(out), like=out))
     if c is not None:
-        out = xp.add(out, c if beta == 1.0 else xp.multiply(c, xp.asarray(beta, xp.dtype(c), like=c)))
+        out = xp.add(
+            out, c if beta == 1.0 else xp.multiply(c, xp.asarray(beta, xp.dtype(c), like=c))
+        )
     return out
 
 
@@ -55,14 +57,17 @@ def dequantize_linear(xp, x, scale, zero_point=None, axis=1, block_size=0, outpu
     scale_ = _per_axis(xp, scale, x, axis, block_size)
     values = xp.astype(x, np.float32)
     if zero_point is not None:
-        values = xp.subtract(values, xp.astype(_per_axis(xp, zero_point, x, axis, block_size), np.float32))
+        values = xp.subtract(
+            values, xp.astype(_per_axis(xp, zero_point, x, axis, block_size), np.float32)
+        )
     out = xp.multiply(values, xp.astype(scale_, np.float32))
     return xp.astype(out, onnx_dtype(output_dtype) if output_dtype else xp.dtype(scale))
 
 
 @op("QuantizeLinear")
-def quantize_linear(xp, x, scale, zero_point=None, axis=1, block_size=0, output_dtype=0,
-                    saturate=1, precision=0):
+def quantize_linear(
+    xp, x, scale, zero_point=None, axis=1, block_size=0, output_dtype=0, saturate=1, precision=0
+):
     scale_ = _per_axis(xp, scale, x, axis, block_size)
     if zero_point is not None:
         target = xp.dtype(zero_point)
@@ -74,21 +79,31 @@ def quantize_linear(xp, x, scale, zero_point=None, axis=1, block_size=0, output_
         # round half to even, then add the zero point and saturate to the integer range
         values = xp.unary("round", scaled)
         if zero_point is not None:
-            values = xp.add(values, xp.astype(_per_axis(xp, zero_point, x, axis, block_size), np.float32))
+            values = xp.add(
+                values, xp.astype(_per_axis(xp, zero_point, x, axis, block_size), np.float32)
+            )
         return xp.astype(xp.clip(values, float(info.min), float(info.max)), target)
-    from .elementwise import cast
-
     import onnx
 
+    from .elementwise import cast
+
     if zero_point is not None:
-        scaled = xp.add(scaled, xp.astype(_per_axis(xp, zero_point, x, axis, block_size), np.float32))
+        scaled = xp.add(
+            scaled, xp.astype(_per_axis(xp, zero_point, x, axis, block_size), np.float32)
+        )
     return cast(xp, scaled, onnx.helper.np_dtype_to_tensor_dtype(target), saturate=saturate)
 
 
 @op("DynamicQuantizeLinear")
 def dynamic_quantize_linear(xp, x):
-    low = np.minimum(0.0, float(np.asarray(xp.to_numpy(xp.reduce("min", x, tuple(range(len(xp.shape(x)))), False)))))
-    high = np.maximum(0.0, float(np.asarray(xp.to_numpy(xp.reduce("max", x, tuple(range(len(xp.shape(x)))), False)))))
+    low = np.minimum(
+        0.0,
+        float(np.asarray(xp.to_numpy(xp.reduce("min", x, tuple(range(len(xp.shape(x)))), False)))),
+    )
+    high = np.maximum(
+        0.0,
+        float(np.asarray(xp.to_numpy(xp.reduce("max", x, tuple(range(len(xp.shape(x)))), False)))),
+    )
     scale = np.float32((high - low) / 255.0)
     zero_point = np.uint8(np.clip(np.rint(0 - low / scale), 0, 255)) if scale else np.uint8(0)
     scale_ = xp.asarray(np.array(scale, np.float32), like=x)

@@ -16,7 +16,9 @@ def spatial_pads(auto_pad, pads, spatial, kernel, strides, dilations):
         for size, k, s, d in zip(spatial, kernel, strides, dilations):
             total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
             small = total // 2
-            result.append((small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small))
+            result.append(
+                (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
+            )
         return result
     if auto_pad == "VALID" or not pads:
         return [(0, 0)] * count
@@ -30,7 +32,18 @@ def _geometry(xp, x, kernel_shape, strides, dilations):
 
 
 @op("Conv")
-def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None, pads=None, strides=None):
+def conv(
+    xp,
+    x,
+    w,
+    b=None,
+    auto_pad="NOTSET",
+    dilations=None,
+    group=1,
+    kernel_shape=None,
+    pads=None,
+    strides=None,
+):
     kernel = list(kernel_shape or xp.shape(w)[2:])
     spatial, strides, dilations = _geometry(xp, x, kernel, strides, dilations)
     padding = spatial_pads(auto_pad, pads, spatial, kernel, strides, dilations)
@@ -38,13 +51,29 @@ def conv(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_sh
 
 
 @op("ConvTranspose")
-def conv_transpose(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
-                   output_padding=None, output_shape=None, pads=None, strides=None):
+def conv_transpose(
+    xp,
+    x,
+    w,
+    b=None,
+    auto_pad="NOTSET",
+    dilations=None,
+    group=1,
+    kernel_shape=None,
+    output_padding=None,
+    output_shape=None,
+    pads=None,
+    strides=None,
+):
     kernel = list(kernel_shape or xp.shape(w)[2:])
     spatial, strides, dilations = _geometry(xp, x, kernel, strides, dilations)
     extra = list(output_padding or [0] * len(kernel))
     if output_shape is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        wanted = list(output_shape)[-len(kernel):] if output_shape is not None else [i * s for i, s in zip(spatial, strides)]
+        wanted = (
+            list(output_shape)[-len(kernel) :]
+            if output_shape is not None
+            else [i * s for i, s in zip(spatial, strides)]
+        )
         padding = []
         for i, (size, s, k, d) in enumerate(zip(spatial, strides, kernel, dilations)):
             total = s * (size - 1) + extra[i] + (k - 1) * d + 1 - wanted[i]
@@ -52,22 +81,44 @@ def conv_transpose(xp, x, w, b=None, auto_pad="NOTSET", dilations=None, group=1,
                 extra[i] -= total
                 total = 0
             small = total // 2
-            padding.append((small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small))
+            padding.append(
+                (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
+            )
     else:
         padding = spatial_pads("NOTSET", pads, spatial, kernel, strides, dilations)
     return xp.conv_transpose(x, w, b, strides, padding, dilations, group, extra)
 
 
 def _pool(kind):
-    def pool_op(xp, x, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape=None, pads=None,
-                storage_order=0, strides=None, count_include_pad=0, p=2):
+    def pool_op(
+        xp,
+        x,
+        auto_pad="NOTSET",
+        ceil_mode=0,
+        dilations=None,
+        kernel_shape=None,
+        pads=None,
+        storage_order=0,
+        strides=None,
+        count_include_pad=0,
+        p=2,
+    ):
         spatial, strides, dilations = _geometry(xp, x, kernel_shape, strides, dilations)
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             padding = spatial_pads(auto_pad, None, spatial, kernel_shape, strides, dilations)
         else:
             padding = spatial_pads(auto_pad, pads, spatial, kernel_shape, strides, dilations)
-        return xp.pool(kind, x, list(kernel_shape), strides, padding, dilations, bool(ceil_mode),
-                       bool(count_include_pad), p)
+        return xp.pool(
+            kind,
+            x,
+            list(kernel_shape),
+            strides,
+            padding,
+            dilations,
+            bool(ceil_mode),
+            bool(count_include_pad),
+            p,
+        )
 
     return pool_op
 
@@ -99,7 +150,9 @@ def _channel_shape(xp, x):
 
 
 @op("BatchNormalization")
-def batch_normalization(xp, x, scale, bias, mean, var, epsilon=1e-5, momentum=0.9, training_mode=0, spatial=1):
+def batch_normalization(
+    xp, x, scale, bias, mean, var, epsilon=1e-5, momentum=0.9, training_mode=0, spatial=1
+):
     shape = _channel_shape(xp, x)
     eps = xp.asarray(epsilon, xp.dtype(x), like=x)
     if training_mode:
@@ -115,7 +168,9 @@ def batch_normalization(xp, x, scale, bias, mean, var, epsilon=1e-5, momentum=0.
         y = xp.add(xp.multiply(y, xp.reshape(scale, shape)), xp.reshape(bias, shape))
         return y, running_mean, running_var
     inv = xp.divide(xp.reshape(scale, shape), xp.unary("sqrt", xp.add(xp.reshape(var, shape), eps)))
-    return xp.add(xp.multiply(xp.subtract(x, xp.reshape(mean, shape)), inv), xp.reshape(bias, shape))
+    return xp.add(
+        xp.multiply(xp.subtract(x, xp.reshape(mean, shape)), inv), xp.reshape(bias, shape)
+    )
 
 
 def _normalize(xp, x, axes, epsilon, stash_type=1):
@@ -125,8 +180,10 @@ def _normalize(xp, x, axes, epsilon, stash_type=1):
     mean = xp.reduce("mean", work, axes, True)
     centered = xp.subtract(work, mean)
     var = xp.reduce("mean", xp.multiply(centered, centered), axes, True)
-    inv_std = xp.divide(xp.asarray(1, xp.dtype(work), like=x),
-                        xp.unary("sqrt", xp.add(var, xp.asarray(epsilon, xp.dtype(work), like=x))))
+    inv_std = xp.divide(
+        xp.asarray(1, xp.dtype(work), like=x),
+        xp.unary("sqrt", xp.add(var, xp.asarray(epsilon, xp.dtype(work), like=x))),
+    )
     return xp.astype(xp.multiply(centered, inv_std), original), mean, inv_std
 
 
@@ -165,8 +222,12 @@ def group_normalization(xp, x, scale, bias, num_groups, epsilon=1e-5, stash_type
     y, _, _ = _normalize(xp, grouped, (2,), epsilon, stash_type)
     channels = dims[1]
     if xp.shape(scale)[0] != channels:  # opset 18: one scale per group
-        scale = xp.take(scale, xp.asarray(np.repeat(np.arange(num_groups), channels // num_groups), like=x), 0)
-        bias = xp.take(bias, xp.asarray(np.repeat(np.arange(num_groups), channels // num_groups), like=x), 0)
+        scale = xp.take(
+            scale, xp.asarray(np.repeat(np.arange(num_groups), channels // num_groups), like=x), 0
+        )
+        bias = xp.take(
+            bias, xp.asarray(np.repeat(np.arange(num_groups), channels // num_groups), like=x), 0
+        )
     y = xp.reshape(y, dims)
     shape = _channel_shape(xp, x)
     return xp.add(xp.multiply(y, xp.reshape(scale, shape)), xp.reshape(bias, shape))
@@ -202,7 +263,10 @@ def lrn(xp, x, size, alpha=0.0001, beta=0.75, bias=1.0):
     for offset in range(size):
         window = xp.getitem(padded, (slice(None), slice(offset, offset + channels)))
         total = window if total is None else xp.add(total, window)
-    scale = xp.add(xp.asarray(bias, xp.dtype(x), like=x), xp.multiply(total, xp.asarray(alpha / size, xp.dtype(x), like=x)))
+    scale = xp.add(
+        xp.asarray(bias, xp.dtype(x), like=x),
+        xp.multiply(total, xp.asarray(alpha / size, xp.dtype(x), like=x)),
+    )
     return xp.divide(x, xp.pow(scale, xp.asarray(beta, xp.dtype(x), like=x)))
 
 
@@ -220,7 +284,9 @@ def log_softmax(xp, x, axis=-1):
 def hardmax(xp, x, axis=-1):
     axis = normalize_axis(axis, len(xp.shape(x)))
     winner = xp.argmax(x, axis, True)
-    positions = np.arange(xp.shape(x)[axis]).reshape([-1 if i == axis else 1 for i in range(len(xp.shape(x)))])
+    positions = np.arange(xp.shape(x)[axis]).reshape(
+        [-1 if i == axis else 1 for i in range(len(xp.shape(x)))]
+    )
     hot = xp.compare("equal", winner, xp.asarray(positions, np.int64, like=x))
     return xp.astype(hot, xp.dtype(x))
 

@@ -22,7 +22,11 @@ def _axes(xp, x, axes, noop_with_empty_axes):
 def _reduce(xp, name, x, axes, keepdims):
     dims = xp.shape(x)
     if any(dims[a] == 0 for a in axes):
-        out = [1 if i in axes else d for i, d in enumerate(dims)] if keepdims else [d for i, d in enumerate(dims) if i not in axes]
+        out = (
+            [1 if i in axes else d for i, d in enumerate(dims)]
+            if keepdims
+            else [d for i, d in enumerate(dims) if i not in axes]
+        )
         value = _EMPTY[name]
         if xp.dtype(x).kind in "iu" and not np.isfinite(value):
             info = np.iinfo(xp.dtype(x))
@@ -50,7 +54,12 @@ _reduction("ReduceMax", "max")
 _reduction("ReduceMin", "min")
 _reduction("ReduceProd", "prod")
 _reduction("ReduceL1", "sum", before=lambda xp, x: xp.unary("abs", x))
-_reduction("ReduceL2", "sum", before=lambda xp, x: xp.multiply(x, x), after=lambda xp, x: xp.unary("sqrt", x))
+_reduction(
+    "ReduceL2",
+    "sum",
+    before=lambda xp, x: xp.multiply(x, x),
+    after=lambda xp, x: xp.unary("sqrt", x),
+)
 _reduction("ReduceSumSquare", "sum", before=lambda xp, x: xp.multiply(x, x))
 _reduction("ReduceLogSum", "sum", after=lambda xp, x: xp.unary("log", x))
 
@@ -94,8 +103,12 @@ def _cumulative(name):
             x = xp.flip(x, [axis_])
         out = xp.cumulative(name, x, axis_)
         if exclusive:  # shift by one along the axis, starting from the identity
-            identity = xp.full([1 if i == axis_ else d for i, d in enumerate(xp.shape(x))],
-                               0 if name == "cumsum" else 1, xp.dtype(x), like=x)
+            identity = xp.full(
+                [1 if i == axis_ else d for i, d in enumerate(xp.shape(x))],
+                0 if name == "cumsum" else 1,
+                xp.dtype(x),
+                like=x,
+            )
             body = xp.getitem(out, (slice(None),) * axis_ + (slice(0, xp.shape(x)[axis_] - 1),))
             out = xp.concat([identity, body], axis_)
         return xp.flip(out, [axis_]) if reverse else out

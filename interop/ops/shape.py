@@ -49,7 +49,11 @@ def transpose(xp, x, perm=None):
 @op("Squeeze")
 def squeeze(xp, x, axes=None):
     dims = xp.shape(x)
-    axes = normalize_axes(ints(xp, axes), len(dims)) if axes is not None else [i for i, d in enumerate(dims) if d == 1]
+    axes = (
+        normalize_axes(ints(xp, axes), len(dims))
+        if axes is not None
+        else [i for i, d in enumerate(dims) if d == 1]
+    )
     return xp.reshape(x, [d for i, d in enumerate(dims) if i not in axes])
 
 
@@ -75,11 +79,14 @@ def split(xp, x, split=None, axis=0, num_outputs=None, _outputs=None):
     else:
         count = num_outputs or _outputs
         chunk = -(-dims[axis] // count)
-        sizes = [chunk] * (dims[axis] // chunk) + ([dims[axis] % chunk] if dims[axis] % chunk else [])
+        sizes = [chunk] * (dims[axis] // chunk) + (
+            [dims[axis] % chunk] if dims[axis] % chunk else []
+        )
         sizes += [0] * (count - len(sizes))
     offsets = np.cumsum([0] + sizes)
     return tuple(
-        xp.getitem(x, (slice(None),) * axis + (slice(int(lo), int(hi)),)) for lo, hi in zip(offsets[:-1], offsets[1:])
+        xp.getitem(x, (slice(None),) * axis + (slice(int(lo), int(hi)),))
+        for lo, hi in zip(offsets[:-1], offsets[1:])
     )
 
 
@@ -87,7 +94,11 @@ def split(xp, x, split=None, axis=0, num_outputs=None, _outputs=None):
 def slice_(xp, x, starts, ends, axes=None, steps=None):
     dims = xp.shape(x)
     starts, ends = ints(xp, starts), ints(xp, ends)
-    axes = [normalize_axis(a, len(dims)) for a in ints(xp, axes)] if axes is not None else list(range(len(starts)))
+    axes = (
+        [normalize_axis(a, len(dims)) for a in ints(xp, axes)]
+        if axes is not None
+        else list(range(len(starts)))
+    )
     steps = ints(xp, steps) if steps is not None else [1] * len(starts)
     key = [slice(None)] * len(dims)
     for start, end, axis, step in zip(starts, ends, axes, steps):
@@ -107,20 +118,29 @@ def slice_(xp, x, starts, ends, axes=None, steps=None):
 def gather(xp, data, indices, axis=0):
     axis = normalize_axis(axis, len(xp.shape(data)))
     size = xp.shape(data)[axis]
-    indices = xp.where(xp.compare("less", indices, xp.asarray(0, xp.dtype(indices), like=indices)),
-                       xp.add(indices, xp.asarray(size, xp.dtype(indices), like=indices)), indices)
+    indices = xp.where(
+        xp.compare("less", indices, xp.asarray(0, xp.dtype(indices), like=indices)),
+        xp.add(indices, xp.asarray(size, xp.dtype(indices), like=indices)),
+        indices,
+    )
     return xp.take(data, indices, axis)
 
 
 def _wrap_negative(xp, indices, size):
     zero = xp.asarray(0, xp.dtype(indices), like=indices)
-    return xp.where(xp.compare("less", indices, zero), xp.add(indices, xp.asarray(size, xp.dtype(indices), like=indices)), indices)
+    return xp.where(
+        xp.compare("less", indices, zero),
+        xp.add(indices, xp.asarray(size, xp.dtype(indices), like=indices)),
+        indices,
+    )
 
 
 @op("GatherElements")
 def gather_elements(xp, data, indices, axis=0):
     axis = normalize_axis(axis, len(xp.shape(data)))
-    return xp.take_along_axis(data, xp.astype(_wrap_negative(xp, indices, xp.shape(data)[axis]), np.int64), axis)
+    return xp.take_along_axis(
+        data, xp.astype(_wrap_negative(xp, indices, xp.shape(data)[axis]), np.int64), axis
+    )
 
 
 @op("GatherND")
@@ -168,7 +188,9 @@ def expand(xp, x, target):
     rank = max(len(dims), len(target))
     dims = [1] * (rank - len(dims)) + dims
     target = [1] * (rank - len(target)) + target
-    return xp.broadcast_to(xp.reshape(x, dims), [max(d, t) if 1 in (d, t) else d for d, t in zip(dims, target)])
+    return xp.broadcast_to(
+        xp.reshape(x, dims), [max(d, t) if 1 in (d, t) else d for d, t in zip(dims, target)]
+    )
 
 
 @op("Tile")
@@ -180,24 +202,52 @@ def tile(xp, x, repeats):
 def pad(xp, x, pads=None, constant_value=None, axes=None, mode="constant", value=0.0):
     rank = len(xp.shape(x))
     pads = ints(xp, pads)
-    axes = [normalize_axis(a, rank) for a in ints(xp, axes)] if axes is not None else list(range(rank))
+    axes = (
+        [normalize_axis(a, rank) for a in ints(xp, axes)] if axes is not None else list(range(rank))
+    )
     width = [(0, 0)] * rank
     for i, axis in enumerate(axes):
         width[axis] = (pads[i], pads[i + len(axes)])
-    fill = value if constant_value is None else np.asarray(xp.to_numpy(constant_value)).reshape(-1)[0].item() \
-        if int(np.prod(xp.shape(constant_value))) else value
+    fill = (
+        value
+        if constant_value is None
+        else np.asarray(xp.to_numpy(constant_value)).reshape(-1)[0].item()
+        if int(np.prod(xp.shape(constant_value)))
+        else value
+    )
     if any(lo < 0 or hi < 0 for lo, hi in width):  # negative pads crop
-        x = xp.getitem(x, tuple(slice(max(-lo, 0), (xp.shape(x)[a] - max(-hi, 0))) for a, (lo, hi) in enumerate(width)))
+        x = xp.getitem(
+            x,
+            tuple(
+                slice(max(-lo, 0), (xp.shape(x)[a] - max(-hi, 0)))
+                for a, (lo, hi) in enumerate(width)
+            ),
+        )
         width = [(max(lo, 0), max(hi, 0)) for lo, hi in width]
     return xp.pad(x, width, mode, fill)
 
 
 @op("Constant")
-def constant(xp, value=None, value_float=None, value_floats=None, value_int=None, value_ints=None,
-             value_string=None, value_strings=None, sparse_value=None):
-    for candidate, dtype in ((value, None), (value_float, np.float32), (value_floats, np.float32),
-                             (value_int, np.int64), (value_ints, np.int64), (value_string, object),
-                             (value_strings, object)):
+def constant(
+    xp,
+    value=None,
+    value_float=None,
+    value_floats=None,
+    value_int=None,
+    value_ints=None,
+    value_string=None,
+    value_strings=None,
+    sparse_value=None,
+):
+    for candidate, dtype in (
+        (value, None),
+        (value_float, np.float32),
+        (value_floats, np.float32),
+        (value_int, np.int64),
+        (value_ints, np.int64),
+        (value_string, object),
+        (value_strings, object),
+    ):
         if candidate is not None:
             return xp.asarray(np.asarray(candidate, dtype=dtype))
     raise ValueError("Constant node has no value attribute")
@@ -231,7 +281,11 @@ def eye_like(xp, x, dtype=None, k=0):
 def trilu(xp, x, k=None, upper=1):
     rows, cols = xp.shape(x)[-2:]
     offset = int(np.asarray(xp.to_numpy(k)).item()) if k is not None else 0
-    mask = np.triu(np.ones((rows, cols), bool), offset) if upper else np.tril(np.ones((rows, cols), bool), offset)
+    mask = (
+        np.triu(np.ones((rows, cols), bool), offset)
+        if upper
+        else np.tril(np.ones((rows, cols), bool), offset)
+    )
     return xp.where(xp.asarray(mask, like=x), x, xp.asarray(0, xp.dtype(x), like=x))
 
 
@@ -242,7 +296,9 @@ def one_hot(xp, indices, depth, values, axis=-1):
     index = np.where(index < 0, index + depth_, index)
     rank = index.ndim + 1
     axis = normalize_axis(axis, rank)
-    hot = np.expand_dims(index, axis) == np.arange(depth_).reshape([-1 if i == axis else 1 for i in range(rank)])
+    hot = np.expand_dims(index, axis) == np.arange(depth_).reshape(
+        [-1 if i == axis else 1 for i in range(rank)]
+    )
     off, on = xp.getitem(values, 0), xp.getitem(values, 1)
     return xp.where(xp.asarray(hot, like=values), on, off)
 
@@ -285,7 +341,9 @@ def reverse_sequence(xp, x, lengths, batch_axis=1, time_axis=0):
     lengths_ = np.asarray(xp.to_numpy(lengths)).astype(np.int64)
     time = np.arange(dims[time_axis])
     # per batch row: reversed positions inside the sequence, unchanged after it
-    order = np.where(time[None, :] < lengths_[:, None], lengths_[:, None] - 1 - time[None, :], time[None, :])
+    order = np.where(
+        time[None, :] < lengths_[:, None], lengths_[:, None] - 1 - time[None, :], time[None, :]
+    )
     shape = [1] * len(dims)
     shape[batch_axis], shape[time_axis] = dims[batch_axis], dims[time_axis]
     order = order if batch_axis < time_axis else order.T
@@ -305,7 +363,9 @@ def top_k(xp, x, k=None, axis=-1, largest=1, sorted=1):  # noqa: A002  (spec nam
 @op("Unique")
 def unique(xp, x, axis=None, sorted=1):  # noqa: A002  (spec name)
     host = np.asarray(xp.to_numpy(x))
-    values, first, inverse, counts = np.unique(host, return_index=True, return_inverse=True, return_counts=True, axis=axis)
+    values, first, inverse, counts = np.unique(
+        host, return_index=True, return_inverse=True, return_counts=True, axis=axis
+    )
     inverse = inverse.reshape(-1)
     if not sorted:  # order of first occurrence
         order = np.argsort(first, kind="stable")
@@ -313,7 +373,10 @@ def unique(xp, x, axis=None, sorted=1):  # noqa: A002  (spec name)
         rank[order] = np.arange(len(order))
         values = np.take(values, order, axis=0 if axis is None else axis)
         first, counts, inverse = first[order], counts[order], rank[inverse]
-    return tuple(xp.asarray(v, like=x) for v in (values, first.astype(np.int64), inverse.astype(np.int64), counts.astype(np.int64)))
+    return tuple(
+        xp.asarray(v, like=x)
+        for v in (values, first.astype(np.int64), inverse.astype(np.int64), counts.astype(np.int64))
+    )
 
 
 @op("CenterCropPad")
