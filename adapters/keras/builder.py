@@ -170,6 +170,10 @@ class Builder:
             producer is not None
             and producer.op_type == "Transpose"
             and producer in self._transposes
+            # Only within one layer: a layer's outputs keep Keras's layout so that
+            # sub-models cut at a layer boundary see what Keras sees; ONNX Runtime's
+            # transpose optimizer removes the pairs left between layers.
+            and producer.metadata_props.get(provenance.SCOPE) == self.scope
         ):
             first = list(producer.attributes["perm"].as_ints())
             if [first[p] for p in perm] == list(range(len(perm))):

@@ -37,6 +37,8 @@ from . import ops as _ops  # noqa: F401
 from . import recurrent as _recurrent  # noqa: F401
 from .builder import OPSET, Builder, Tensor, onnx_dtype
 
+# Keras's message when a layer cannot be called symbolically names it and its class.
+_FAILED_LAYER = re.compile(r"output shape / dtype of '([^']+)' \(of type (\w+)\)")
 _FIX = (
     "register a converter: @interop.adapters.keras.register_layer('{cls}') on a function "
     "(builder, layer, *inputs) -> onnx_ir.Value, or write the layer's call with keras.ops"
@@ -87,7 +89,16 @@ def run_model(model: Any, example_inputs: Any) -> list[tuple[str, np.ndarray]]:
     """Run the Keras model in inference mode; outputs flattened and named as in the graph."""
     args, kwargs = _call_structure(model, example_inputs)
     outputs = model(*args, **_with_training(model, kwargs))
-    return [(name, _to_numpy(v)) for name, v in flatten_outputs(outputs, _is_array)]
+    return [(name, _to_numpy(v)) for name, v in flatten_outputs(_sorted_dicts(outputs), _is_array)]
+
+
+def _sorted_dicts(structure: Any) -> Any:
+    """Dicts with sorted keys, recursively: Keras's own flattening order on every backend."""
+    if isinstance(structure, Mapping):
+        return {k: _sorted_dicts(structure[k]) for k in sorted(structure)}
+    if isinstance(structure, list | tuple) and not hasattr(structure, "_fields"):
+        return type(structure)(_sorted_dicts(v) for v in structure)
+    return structure
 
 
 def _with_training(layer: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -142,7 +153,7 @@ def trace_model(
     outputs = lower_layer(b, model, "", list(call_args), dict(call_kwargs))
     for variable in model.weights:  # weights no node reads (Normalization's count) still count
         b.variable(variable)
-    flat_outputs = flatten_outputs(outputs, lambda v: isinstance(v, Tensor))
+    flat_outputs = flatten_outputs(_sorted_dicts(outputs), lambda v: isinstance(v, Tensor))
     graph = _assemble(b, graph_inputs, flat_outputs)
     model_ir = ir.Model(
         graph, ir_version=10, producer_name="interop.keras", producer_version=keras.__version__
@@ -355,14 +366,17 @@ def _lower_by_symbolic_call(b: Builder, layer: Any, path: str, args: list, kwarg
     except InteropError:
         raise
     except Exception as err:
-        cls = type(layer).__name__
+        cls, where = type(layer).__name__, path
+        inner = _FAILED_LAYER.search(str(err))
+        if inner and inner.group(1) != layer.name:  # a sub-layer of this one failed
+            where, cls = f"{path}/{inner.group(1)}" if path else inner.group(1), inner.group(2)
         raise UnsupportedOpError(
             cls,
             direction="import",
             adapter="keras",
-            layer=path,
+            layer=where,
             close_matches=LAYERS.close_matches(cls),
-            detail=f"{type(layer).__module__}.{cls} has no converter and its call could not be "
+            detail=f"{cls} has no converter and its call could not be "
             f"run on symbolic KerasTensors: {str(err).splitlines()[0][:300] if str(err) else type(err).__name__}",
             fix=_FIX.format(cls=cls),
         ) from None

@@ -76,6 +76,30 @@ for _name, _op in {
     OPS.register(_name, _unary(_op))
 
 
+@register_op("NotEqual")
+def import_not_equal(b: Builder, op: Any, x: Any, y: Any) -> ir.Value:
+    dtype = _dtype_of(x, y)
+    return b.op("Not", [b.op("Equal", [value(b, x, dtype), value(b, y, dtype)])])
+
+
+def _reduce_bool(op_type: str):
+    def convert(b: Builder, op: Any, x: Any) -> ir.Value:
+        as_int = b.op("Cast", [value(b, x)], {"to": ir.DataType.INT32})
+        inputs = (
+            [as_int]
+            if op.axis is None
+            else [as_int, b.ints(op.axis if isinstance(op.axis, list | tuple) else [op.axis])]
+        )
+        reduced = b.op(op_type, inputs, {"keepdims": int(bool(op.keepdims))})
+        return b.op("Cast", [reduced], {"to": ir.DataType.BOOL})
+
+    return convert
+
+
+OPS.register("Any", _reduce_bool("ReduceMax"))
+OPS.register("All", _reduce_bool("ReduceMin"))
+
+
 @register_op("Square")
 def import_square(b: Builder, op: Any, x: Any) -> ir.Value:
     v = value(b, x)
