@@ -95,18 +95,21 @@ def capture_nnx(model: Any) -> Capture:
     kinds = {}
     for name, (_, var) in zip(names, _flat_variables(state), strict=False):
         kinds[name] = provenance.TRAINABLE if isinstance(var, nnx.Param) else provenance.BUFFER
+    modules = {
+        join_path(p): n for p, n in nnx.graph.iter_graph(model) if isinstance(n, nnx.Module) and p
+    }
     layers = [provenance.LayerRecord("", qualname(model), None)]
-    for path, node in nnx.graph.iter_graph(model):
-        if isinstance(node, nnx.Module) and path:
-            layers.append(
-                provenance.LayerRecord(join_path(path), qualname(node), join_path(path[:-1]))
-            )
+    for path in _definition_order(model, modules):
+        parent = next((path[:i] for i in range(len(path) - 1, 0, -1) if path[:i] in modules), "")
+        layers.append(provenance.LayerRecord(path, qualname(modules[path]), parent))
     classes = {
         type(node) for _, node in nnx.graph.iter_graph(model) if isinstance(node, nnx.Module)
     }
 
     def fn(params: Any, *args: Any, **kwargs: Any) -> Any:
-        copy = nnx.merge(graphdef, rng_state, params)
+        # merge reuses the Variable objects it is given; RNG state mutated during the
+        # call (nnx.RNN draws a key for its initial carry) must be created in this trace.
+        copy = nnx.merge(graphdef, jax.tree.map(lambda x: x, rng_state), params)
         _set_inference(copy)
         paths = {
             id(node): join_path(path)
@@ -125,6 +128,40 @@ def capture_nnx(model: Any) -> Capture:
         {"framework": "flax", "api": "nnx", "class": qualname(model)},
         _signature(model),
     )
+
+
+def _definition_order(model: Any, modules: dict[str, Any]) -> list[str]:
+    """Module paths in attribute definition order (nnx's graph walk sorts them by name)."""
+    order: list[str] = []
+    seen: set[int] = set()
+
+    def visit(obj: Any, path: str) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if path in modules and modules[path] is obj:
+            order.append(path)
+        if isinstance(obj, dict):
+            items = list(obj.items())
+        elif isinstance(obj, list | tuple):
+            items = list(enumerate(obj))
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            items = [(k, v) for k, v in vars(obj).items() if not str(k).startswith("_")]
+            if hasattr(obj, "__len__") and hasattr(obj, "__getitem__"):  # nnx.List and friends
+                try:
+                    items += list(enumerate(obj))
+                except TypeError:
+                    pass
+        else:
+            return
+        for key, value in items:
+            if isinstance(value, int | float | str | bool | type(None)) or hasattr(value, "shape"):
+                continue
+            visit(value, f"{path}.{key}" if path else str(key))
+
+    visit(model, "")
+    listed = set(order)
+    return order + [p for p in modules if p not in listed]
 
 
 def _flat_variables(state: Any) -> list[tuple[Any, Any]]:

@@ -146,9 +146,27 @@ def trace_model(
         raise
     except Exception as err:
         raise _trace_error(model, err, dynamic_batch) from err
+    closed = _dead_code_eliminated(closed)
     graph = _build(closed, cap, specs, input_names, output_names, model)
     graph.model.graph.name = name or cap.source["class"].rsplit(".", 1)[-1]
     return graph
+
+
+def _dead_code_eliminated(closed: Any) -> Any:
+    """Drop equations no output needs (RNG plumbing for initial carries, unused branches)."""
+    from jax._src.interpreters import partial_eval as pe
+
+    jaxpr, used_inputs = pe.dce_jaxpr(
+        closed.jaxpr, [True] * len(closed.jaxpr.outvars), instantiate=True
+    )
+    # Keep every input (weights stay listed even when unused) by re-adding dropped invars.
+    if not all(used_inputs):
+        jaxpr = jaxpr.replace(invars=list(closed.jaxpr.invars))
+    # Constants no equation reads any more (PRNG keys among them) are dropped too.
+    read = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+    keep = [i for i, v in enumerate(jaxpr.constvars) if id(v) in read]
+    jaxpr = jaxpr.replace(constvars=[jaxpr.constvars[i] for i in keep])
+    return jax.extend.core.ClosedJaxpr(jaxpr, [closed.consts[i] for i in keep])
 
 
 def _trace_error(model: Any, err: Exception, dynamic_batch: bool) -> TraceError:
@@ -249,5 +267,13 @@ def run_model(model: Any, example_inputs: Any) -> list[tuple[str, np.ndarray]]:
     """Run the model in inference mode (jit-compiled); outputs flattened and named as in the graph."""
     cap = capture(model)
     args, kwargs = normalize_inputs(example_inputs)
-    outputs = jax.jit(cap.fn)(cap.params, *args, **kwargs)
-    return [(n, np.asarray(t)) for n, t in flatten_outputs(outputs, _is_leaf)]
+    names: list[str] = []
+
+    def flat_fn(params: Any, *a: Any, **k: Any) -> tuple[Any, ...]:
+        # Flatten inside the traced function: jit would return dicts with sorted keys.
+        flat = flatten_outputs(cap.fn(params, *a, **k), _is_leaf)
+        names[:] = [n for n, _ in flat]
+        return tuple(t for _, t in flat)
+
+    outputs = jax.jit(flat_fn)(cap.params, *args, **kwargs)
+    return [(n, np.asarray(t)) for n, t in zip(names, outputs, strict=True)]

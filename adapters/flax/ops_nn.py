@@ -167,9 +167,7 @@ def convert_gather(low, eqn, operand, indices):
     batch_rank = len(idx_shape) - 1
     if offset_dims != list(range(batch_rank, batch_rank + len(full))):
         raise _unsupported(low, "offset dims not trailing", "index with jnp.take along an axis")
-    if start_map != list(range(len(start_map))):
-        if len(start_map) != 1:
-            raise _unsupported(low, "a multi-axis gather not on leading axes", "index leading axes")
+    if len(start_map) == 1:  # jnp.take / x[ids] along one axis: an ONNX Gather
         (axis,) = start_map
         idx = low.op("Squeeze", [indices, low.ints([-1])])
         idx = low.cast(idx, np.int64)
@@ -183,6 +181,9 @@ def convert_gather(low, eqn, operand, indices):
             )
             y = low.op("Transpose", [y], {"perm": perm})
         return y
-    # Leading-axes gather: clamp like JAX's "clip"/"fill" modes do for in-range indices.
+    if start_map != list(range(len(start_map))):
+        raise _unsupported(low, "a multi-axis gather not on leading axes", "index leading axes")
+    # Several leading axes at once (x[i, j]): GatherND. JAX's "clip"/"fill" modes only
+    # differ for out-of-range indices, which jnp normalises before the gather.
     idx = low.cast(indices, np.int64)
     return low.op("GatherND", [operand, idx])

@@ -1,0 +1,253 @@
+"""Flax nnx capture: built-in layers, small models, nnx.scan and RNNs, round trips.
+
+Numerics are checked against the jit-compiled Flax call (the adapter's run_source)
+with rtol 1e-4 / atol 1e-5, on the example batch and on a batch of another size.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import interop
+
+nnx = pytest.importorskip("flax.nnx")
+
+RTOL, ATOL = 1e-4, 1e-5
+rng = np.random.default_rng(0)
+
+
+def f32(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def ids(*shape, high=10):
+    return rng.integers(0, high, shape).astype(np.int32)
+
+
+def state_count(model, kind=None) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, kind or nnx.Param)))
+
+
+def check(model, example, other, **options):
+    """Trace on `example`, verify on it and on `other` (another batch size)."""
+    g = interop.trace(model, example, **options)
+    for inputs in (example, other):
+        report = interop.verify(model, g, inputs, rtol=RTOL, atol=ATOL)
+        assert report.ok, str(report)
+    assert g.inputs[0].shape[0] == "batch"
+    assert g.count_params() == state_count(model)
+    return g
+
+
+BUILTINS = {
+    "linear": (lambda r: nnx.Linear(4, 3, rngs=r), (4,)),
+    "conv_same_stride2": (
+        lambda r: nnx.Conv(3, 4, (3, 3), strides=2, padding="SAME", rngs=r),
+        (9, 9, 3),
+    ),
+    "conv_valid": (lambda r: nnx.Conv(3, 4, (3, 3), padding="VALID", rngs=r), (8, 8, 3)),
+    "conv_circular": (lambda r: nnx.Conv(3, 4, (3, 3), padding="CIRCULAR", rngs=r), (8, 8, 3)),
+    "conv_causal_1d": (lambda r: nnx.Conv(3, 4, (3,), padding="CAUSAL", rngs=r), (8, 3)),
+    "conv_explicit_dilated": (
+        lambda r: nnx.Conv(3, 4, (3, 3), padding=((1, 2), (0, 1)), kernel_dilation=2, rngs=r),
+        (8, 8, 3),
+    ),
+    "conv_groups": (lambda r: nnx.Conv(4, 4, (3, 3), feature_group_count=2, rngs=r), (8, 8, 4)),
+    "conv_transpose": (lambda r: nnx.ConvTranspose(3, 4, (3, 3), rngs=r), (8, 8, 3)),
+    "batchnorm": (lambda r: nnx.BatchNorm(4, rngs=r), (5, 4)),
+    "layernorm": (lambda r: nnx.LayerNorm(4, rngs=r), (4,)),
+    "rmsnorm": (lambda r: nnx.RMSNorm(4, rngs=r), (4,)),
+    "groupnorm": (lambda r: nnx.GroupNorm(4, num_groups=2, rngs=r), (3, 4)),
+    "mha": (lambda r: nnx.MultiHeadAttention(2, 8, decode=False, rngs=r), (5, 8)),
+    "dropout": (lambda r: nnx.Dropout(0.5, rngs=r), (4,)),
+    "lstm_rnn": (lambda r: nnx.RNN(nnx.LSTMCell(3, 5, rngs=r)), (6, 3)),
+    "gru_rnn": (lambda r: nnx.RNN(nnx.GRUCell(3, 5, rngs=r)), (6, 3)),
+}
+
+
+@pytest.mark.parametrize("name", list(BUILTINS))
+def test_builtin_layer(name):
+    make, shape = BUILTINS[name]
+    model = make(nnx.Rngs(0))
+    check(model, (f32(2, *shape),), (f32(5, *shape),))
+
+
+def test_embed_gathers_rows_by_id():
+    model = nnx.Embed(10, 4, rngs=nnx.Rngs(0))
+    g = check(model, (ids(2, 3),), (ids(4, 3),))
+    assert "Gather" in {n.op_type for n in g.model.graph}
+    assert list(g.get_weights()) == ["embedding"]
+
+
+def test_batchnorm_uses_running_averages_and_leaves_model_alone():
+    model = nnx.BatchNorm(4, rngs=nnx.Rngs(0))
+    model.mean.value = jnp.arange(4.0)
+    model.var.value = jnp.arange(1.0, 5.0)
+    assert model.use_running_average is False  # training mode, as constructed
+    x = f32(3, 4)
+    g = interop.trace(model, x)
+    assert model.use_running_average is False
+    expected = (x - np.arange(4.0)) / np.sqrt(np.arange(1.0, 5.0) + model.epsilon)
+    np.testing.assert_allclose(g.run(x), expected, rtol=RTOL, atol=ATOL)
+    assert g.parameter_kinds == {
+        "scale": "trainable",
+        "bias": "trainable",
+        "mean": "buffer",
+        "var": "buffer",
+    }
+
+
+def test_dropout_is_recorded_as_onnx_dropout_in_its_layer():
+    model = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), nnx.Dropout(0.25, rngs=nnx.Rngs(1)))
+    g = interop.trace(model, f32(2, 4))
+    (drop,) = [n for n in g.model.graph if n.op_type == "Dropout"]
+    assert drop.metadata_props["interop.scope"] == "layers.1"
+    assert float(drop.inputs[1].producer().attributes["value"].value.numpy()) == 0.25
+    model.eval()  # the graph has inference semantics: dropout is the identity
+    np.testing.assert_allclose(
+        g.run(np.ones((3, 4), np.float32)), model(jnp.ones((3, 4))), rtol=RTOL, atol=ATOL
+    )
+
+
+class CNN(nnx.Module):
+    def __init__(self, rngs):
+        self.conv1 = nnx.Conv(3, 8, (3, 3), strides=2, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.conv2 = nnx.Conv(8, 16, (3, 3), padding="VALID", rngs=rngs)
+        self.drop = nnx.Dropout(0.1, rngs=rngs)
+        self.head = nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.bn(self.conv1(x)))
+        x = nnx.max_pool(nnx.relu(self.conv2(x)), (2, 2), (2, 2))
+        x = nnx.avg_pool(x, (3, 3), padding="SAME").mean(axis=(1, 2))
+        return self.head(self.drop(x))
+
+
+def test_small_cnn_hierarchy_names_and_numerics():
+    model = CNN(nnx.Rngs(0))
+    g = check(model, (f32(2, 16, 16, 3),), (f32(7, 16, 16, 3),))
+    assert [la.path for la in g.layers] == ["conv1", "bn", "conv2", "drop", "head"]
+    assert g.layer("conv1").class_name == "Conv"
+    assert g.layer("conv1").param_count == 3 * 3 * 3 * 8 + 8
+    assert set(g.get_weights()) == {
+        "conv1.kernel", "conv1.bias", "bn.scale", "bn.bias", "bn.mean", "bn.var",
+        "conv2.kernel", "conv2.bias", "head.kernel", "head.bias",
+    }  # fmt: skip
+    assert g.get_weights()["conv1.kernel"].shape == (3, 3, 3, 8)  # Flax layout, as in the state
+    # Every Conv node belongs to its layer and points at the Flax source line.
+    convs = [n for n in g.model.graph if n.op_type == "Conv"]
+    assert [n.metadata_props["interop.scope"] for n in convs] == ["conv1", "conv2"]
+    assert all("linear.py" in n.metadata_props["interop.location"] for n in convs)
+    assert g.source["framework"] == "flax" and g.source["api"] == "nnx"
+
+
+class Block(nnx.Module):
+    def __init__(self, dim, heads, rngs):
+        self.ln1 = nnx.LayerNorm(dim, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(dim, rngs=rngs)
+        self.mlp = nnx.Sequential(
+            nnx.Linear(dim, 4 * dim, rngs=rngs), nnx.gelu, nnx.Linear(4 * dim, dim, rngs=rngs)
+        )
+
+    def __call__(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class Encoder(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(50, 16, rngs=rngs)
+        self.layers = nnx.List([Block(16, 4, rngs) for _ in range(2)])
+        self.head = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        return {"logits": self.head(x[:, 0]), "hidden": x}
+
+
+def test_small_transformer_with_dict_outputs_and_dynamic_sequence():
+    model = Encoder(nnx.Rngs(0))
+    g = interop.trace(model, (ids(2, 7, high=50),), dynamic_dims={"tokens": {1: "seq"}})
+    assert [o.name for o in g.outputs] == ["logits", "hidden"]
+    assert g.inputs[0].shape == ("batch", "seq")
+    for tokens in (ids(2, 7, high=50), ids(3, 11, high=50)):
+        report = interop.verify(model, g, (tokens,), rtol=RTOL, atol=ATOL)
+        assert report.ok, str(report)
+    assert g.count_params() == state_count(model)
+    assert g.layer("layers.1.attn.query").class_name == "LinearGeneral"
+    assert g.layer("layers.0.mlp.layers.0").param_count == 16 * 64 + 64
+    assert "layers.0.attn.query.kernel" in g.get_weights()
+
+
+class ScannedMLP(nnx.Module):
+    """Four stacked layers created with nnx.vmap and applied with nnx.scan."""
+
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=4)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return nnx.Linear(8, 8, rngs=rngs)
+
+        self.stack = make(rngs)
+        self.out = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def step(h, layer):
+            return jnp.tanh(layer(h))
+
+        return self.out(step(x, self.stack))
+
+
+def test_nnx_scan_over_stacked_layers_becomes_one_loop():
+    model = ScannedMLP(nnx.Rngs(0))
+    g = check(model, (f32(2, 8),), (f32(6, 8),))
+    ops = [n.op_type for n in g.model.graph]
+    assert ops.count("Loop") == 1
+    assert ops.count("MatMul") == 1  # only the head; the four layers live in the Loop body
+    loop = next(n for n in g.model.graph if n.op_type == "Loop")
+    assert [n.op_type for n in loop.attributes["body"].value].count("MatMul") == 1
+    assert g.get_weights()["stack.kernel"].shape == (4, 8, 8)
+    assert g.count_params() == 4 * (64 + 8) + 18
+
+
+def test_rnn_with_dynamic_time_axis_runs_any_length():
+    model = nnx.RNN(nnx.LSTMCell(3, 5, rngs=nnx.Rngs(0)))
+    g = interop.trace(model, (f32(2, 6, 3),), dynamic_dims={"inputs": {1: "time"}})
+    assert g.inputs[0].shape == ("batch", "time", 3)
+    for x in (f32(2, 6, 3), f32(4, 9, 3), f32(1, 1, 3)):
+        assert interop.verify(model, g, (x,), rtol=RTOL, atol=ATOL).ok
+    assert "Loop" in {n.op_type for n in g.model.graph}
+    assert g.count_params() == state_count(model)
+
+
+def test_round_trips_give_identical_outputs(tmp_path):
+    model = CNN(nnx.Rngs(3))
+    x = f32(3, 16, 16, 3)
+    g = interop.trace(model, x)
+    reference = g.run(x)
+    loaded = interop.load(g.save(tmp_path / "cnn.onnx"))
+    rebuilt = interop.Graph.from_config(g.get_config(), g.get_weights())
+    for other in (loaded, rebuilt, g.clone()):
+        np.testing.assert_array_equal(other.run(x), reference)
+        assert [la.path for la in other.layers] == [la.path for la in g.layers]
+        assert other.count_params() == g.count_params()
+
+
+def test_trace_rejects_model_that_fixes_the_batch_size():
+    class Fixed(nnx.Module):
+        def __call__(self, x):
+            return x * 2 if x.shape[0] >= 2 else x  # Python branching on the batch size
+
+    with pytest.raises(interop.errors.TraceError, match="dynamic_batch=False"):
+        interop.trace(Fixed(), f32(2, 3, 4))
+    g = interop.trace(Fixed(), f32(2, 3, 4), dynamic_batch=False)
+    assert g.inputs[0].shape == (2, 3, 4)
+    np.testing.assert_array_equal(g.run(np.ones((2, 3, 4), np.float32)), np.full((2, 3, 4), 2.0))
