@@ -295,10 +295,51 @@ def _export(module, args, kwargs, dynamic_shapes) -> torch.export.ExportedProgra
         raise error from None
 
 
+_REGISTRY_CACHE: dict[int, Any] = {}
+
+
+@contextlib.contextmanager
+def _cached_torchlib_registry() -> Iterator[None]:
+    """Reuse torch.onnx's aten->ONNX function registry across traces.
+
+    torch.onnx rebuilds it from torchlib on every export (about 1.5 s on a 2-core
+    machine, more than the export of a small model). We build it once per opset and
+    hand each export a copy, so custom translations never leak between calls. This
+    reaches into a private API: when its shape changes we fall back to torch's path.
+    """
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        registry_class = _registration.ONNXRegistry
+        original = registry_class.__dict__["from_torchlib"]
+        build = original.__func__
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+
+    def from_torchlib(cls, opset_version=_registration._constants.TORCHLIB_OPSET):
+        base = _REGISTRY_CACHE.get(opset_version)
+        if base is None or not hasattr(base, "functions"):
+            base = _REGISTRY_CACHE[opset_version] = build(cls, opset_version)
+        copy = cls()
+        copy.__dict__.update(base.__dict__)
+        copy.functions = {target: list(metas) for target, metas in base.functions.items()}
+        return copy
+
+    registry_class.from_torchlib = classmethod(from_torchlib)
+    try:
+        yield
+    finally:
+        registry_class.from_torchlib = original
+
+
 def _to_onnx(exported: torch.export.ExportedProgram) -> Any:
     table = {overload: fn for _, (overload, fn) in IMPORTERS.items()} or None
     try:
-        return torch.onnx.export(exported, dynamo=True, optimize=False, verbose=False, custom_translation_table=table)
+        with _cached_torchlib_registry():
+            return torch.onnx.export(
+                exported, dynamo=True, optimize=False, verbose=False, custom_translation_table=table
+            )
     except Exception as err:
         chain, cause = [], err
         while cause is not None and len(chain) < 16:
