@@ -241,14 +241,19 @@ def capture_linen(module: Any, variables: Any) -> Capture:
 
     def interceptor(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
         mod = context.module
-        if context.method_name == "setup" or context.method_name.startswith("_"):
+        method = context.method_name
+        if method == "setup" or (method.startswith("_") and method != "__call__"):
             return next_fun(*args, **kwargs)
         parts = mod.scope.path if mod.scope is not None else ()
         path = join_path(parts)
         if path not in seen:
             seen[path] = provenance.LayerRecord(path, qualname(mod), join_path(parts[:-1]))
         if isinstance(mod, nn.BatchNorm):
-            kwargs = {**kwargs, "use_running_average": True}
+            # linen merges the attribute with the call argument and rejects both being
+            # set: set the attribute on this apply-time instance and clear the argument.
+            object.__setattr__(mod, "use_running_average", True)
+            kwargs = {k: v for k, v in kwargs.items() if k != "use_running_average"}
+            args = tuple(args[:1]) + (None,) + tuple(args[2:]) if len(args) > 1 else args
         with jax.named_scope(MARK + path) if path else contextlib.nullcontext():
             if isinstance(mod, nn.Dropout) and args:
                 return mark_dropout(args[0], mod.rate)

@@ -271,7 +271,9 @@ def convert_iota(low, eqn):
 
 @reg("dim_as_value")
 def convert_dim_as_value(low, eqn):
-    value = low.op("Squeeze", [low.dim(eqn.params["dimension"]), low.ints([0])])
+    value = low.op(
+        "Squeeze", [low.dim(eqn.params.get("dim", eqn.params.get("dimension"))), low.ints([0])]
+    )
     return low.cast(value, eqn.outvars[0].aval.dtype)
 
 
