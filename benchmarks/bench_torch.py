@@ -25,9 +25,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import interop  # noqa: E402
 from models import Encoder, ResNetish, randomize_batchnorm  # noqa: E402
 from report import machine, table, write_section  # noqa: E402
+
+import interop  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -52,7 +53,9 @@ class DeepMLP(nn.Module):
 
     def __init__(self, blocks: int, width: int = 16):
         super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(blocks))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(blocks)
+        )
 
     def forward(self, x):
         for block in self.blocks:
@@ -67,7 +70,10 @@ def main() -> None:
     repeat = 1 if args.quick else 3
     torch.manual_seed(0)
     models = {
-        "ResNetish (subclassed CNN, BatchNorm)": (randomize_batchnorm(ResNetish(channels=32)).eval(), (3, 32, 32)),
+        "ResNetish (subclassed CNN, BatchNorm)": (
+            randomize_batchnorm(ResNetish(channels=32)).eval(),
+            (3, 32, 32),
+        ),
         "TransformerEncoder (2 layers)": (Encoder(dim=64).eval(), (16, 64)),
     }
     bare_export(*next((m, (torch.randn(2, *s),)) for m, s in models.values()))  # warm both paths up
@@ -76,17 +82,25 @@ def main() -> None:
     trace_rows, run_rows = [], []
     for name, (model, shape) in models.items():
         example = (torch.randn(2, *shape),)
-        bare = median_time(lambda: bare_export(model, example), repeat)
-        ours = median_time(lambda: interop.trace(model, example), repeat)
+        bare = median_time(lambda m=model, e=example: bare_export(m, e), repeat)
+        ours = median_time(lambda m=model, e=example: interop.trace(m, e), repeat)
         trace_rows.append([name, f"{bare:.2f} s", f"{ours:.2f} s", f"{ours / bare:.2f}x"])
         graph = interop.trace(model, example)
         for batch in (1, 32):
             x = torch.randn(batch, *shape)
             graph.run(x)
             with torch.inference_mode():
-                eager = median_time(lambda: model(x), 20 if not args.quick else 3)
-            ort = median_time(lambda: graph.run(x), 20 if not args.quick else 3)
-            run_rows.append([name, str(batch), f"{eager * 1e3:.2f} ms", f"{ort * 1e3:.2f} ms", f"{ort / eager:.2f}x"])
+                eager = median_time(lambda m=model, x=x: m(x), 20 if not args.quick else 3)
+            ort = median_time(lambda g=graph, x=x: g.run(x), 20 if not args.quick else 3)
+            run_rows.append(
+                [
+                    name,
+                    str(batch),
+                    f"{eager * 1e3:.2f} ms",
+                    f"{ort * 1e3:.2f} ms",
+                    f"{ort / eager:.2f}x",
+                ]
+            )
 
     deep = DeepMLP(670).eval()
     graph = interop.trace(deep, (torch.randn(2, 16),))

@@ -43,7 +43,9 @@ class SmallResNet(nn.Module):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("out"), help="folder for the plot and model file")
+    parser.add_argument(
+        "--out", type=Path, default=Path("out"), help="folder for the plot and model file"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 

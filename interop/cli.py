@@ -1,8 +1,8 @@
 """The ``interop`` command: inspect, plot and run ONNX model files.
 
-    interop inspect model.onnx [--depth N]
-    interop plot model.onnx -o model.svg [--depth N]
-    interop run model.onnx --random [--dim batch=4] [--repeat 10] [--device cpu]
+interop inspect model.onnx [--depth N]
+interop plot model.onnx -o model.svg [--depth N]
+interop run model.onnx --random [--dim batch=4] [--repeat 10] [--device cpu]
 """
 
 from __future__ import annotations
@@ -30,16 +30,24 @@ def _parser() -> argparse.ArgumentParser:
 
     plot = commands.add_parser("plot", help="draw the graph with graphviz (.svg, .png, .pdf, .dot)")
     plot.add_argument("file", help="an .onnx file")
-    plot.add_argument("-o", "--output", required=True, help="output path; the suffix picks the format")
-    plot.add_argument("--depth", type=int, default=None, help="draw layers at this depth as single boxes")
+    plot.add_argument(
+        "-o", "--output", required=True, help="output path; the suffix picks the format"
+    )
+    plot.add_argument(
+        "--depth", type=int, default=None, help="draw layers at this depth as single boxes"
+    )
 
-    run = commands.add_parser("run", help="run a model on ONNX Runtime and report shapes and timing")
+    run = commands.add_parser(
+        "run", help="run a model on ONNX Runtime and report shapes and timing"
+    )
     run.add_argument("file", help="an .onnx file")
     run.add_argument("--random", action="store_true", required=True,
                      help="feed random inputs that follow the model's signature")  # fmt: skip
     run.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
                      help="size of a symbolic dim (default 1), e.g. --dim batch=8")  # fmt: skip
-    run.add_argument("--repeat", type=int, default=10, help="timed runs after one warm-up (default 10)")
+    run.add_argument(
+        "--repeat", type=int, default=10, help="timed runs after one warm-up (default 10)"
+    )
     run.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     run.add_argument("--seed", type=int, default=0)
     return parser
@@ -51,7 +59,9 @@ def random_inputs(graph, sizes: dict[str, int], seed: int = 0) -> dict[str, np.n
     feeds = {}
     for spec in graph.inputs:
         if spec.shape is None:
-            raise InteropError(f"Input '{spec.name}' has no known shape", fix="use a model with typed inputs")
+            raise InteropError(
+                f"Input '{spec.name}' has no known shape", fix="use a model with typed inputs"
+            )
         shape = tuple(d if isinstance(d, int) else sizes.get(str(d), 1) for d in spec.shape)
         dtype = spec.dtype if spec.dtype is not None else np.dtype("float32")
         if dtype.kind == "f":
@@ -96,7 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"output {name}: {array.dtype}{list(array.shape)}")
             print(f"first run (with session creation): {first * 1000:.2f} ms")
             if times:
-                print(f"median of {len(times)} runs: {np.median(times) * 1000:.3f} ms on {args.device}")
+                print(
+                    f"median of {len(times)} runs: {np.median(times) * 1000:.3f} ms on {args.device}"
+                )
     except InteropError as err:
         print(f"interop: error: {err}", file=sys.stderr)
         return 2

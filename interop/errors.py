@@ -109,7 +109,9 @@ class DeviceError(InteropError, RuntimeError):
 class MissingDependencyError(InteropError, ImportError):
     """An optional framework or tool needed for this call is not installed."""
 
-    def __init__(self, package: str, extra: str | None = None, purpose: str = "", fix: str | None = None):
+    def __init__(
+        self, package: str, extra: str | None = None, purpose: str = "", fix: str | None = None
+    ):
         if fix is None:
             fix = f"pip install 'interop-graph[{extra}]'" if extra else f"install {package}"
         super().__init__(

@@ -46,7 +46,11 @@ class TensorSpec:
         return cls(value.name or "", shape, dtype)
 
     def __str__(self) -> str:
-        dims = "?" if self.shape is None else ", ".join("?" if d is None else str(d) for d in self.shape)
+        dims = (
+            "?"
+            if self.shape is None
+            else ", ".join("?" if d is None else str(d) for d in self.shape)
+        )
         return f"{self.name}: {self.dtype}[{dims}]"
 
 
@@ -121,7 +125,8 @@ class Graph:
             close = difflib.get_close_matches(path, list(self.tree.by_path), n=3)
             raise LayerNotFoundError(
                 f"No layer '{path}' in graph '{self.name}'",
-                "a layer path such as " + (", ".join(repr(c) for c in close) or "those in graph.layers"),
+                "a layer path such as "
+                + (", ".join(repr(c) for c in close) or "those in graph.layers"),
                 "list the paths with [layer.path for layer in graph.layers]",
             )
         return layer
@@ -179,8 +184,12 @@ class Graph:
         return render_svg(self, depth=1)
 
     def __repr__(self) -> str:
-        ins = ", ".join(f"{s.name}{format_shape(v)}" for s, v in zip(self.inputs, self.model.graph.inputs))
-        outs = ", ".join(f"{s.name}{format_shape(v)}" for s, v in zip(self.outputs, self.model.graph.outputs))
+        ins = ", ".join(
+            f"{s.name}{format_shape(v)}" for s, v in zip(self.inputs, self.model.graph.inputs)
+        )
+        outs = ", ".join(
+            f"{s.name}{format_shape(v)}" for s, v in zip(self.outputs, self.model.graph.outputs)
+        )
         src = self.source.get("framework", "onnx")
         return (
             f"<interop.Graph '{self.name}' from {src}: {len(self.layers)} layers, "
@@ -192,7 +201,10 @@ class Graph:
         """The model as an `onnx.ModelProto`, weights inline (read from external files if needed)."""
         from .serialization import PROTO_LIMIT, weight_bytes
 
-        external = any(isinstance(v.const_value, ir.ExternalTensor) for v in self.model.graph.initializers.values())
+        external = any(
+            isinstance(v.const_value, ir.ExternalTensor)
+            for v in self.model.graph.initializers.values()
+        )
         if external and weight_bytes(self.model) < PROTO_LIMIT:
             # references relative to our folder would dangle in a bare proto: read them in
             ir.external_data.load_to_model(self.model)
@@ -239,7 +251,9 @@ class Graph:
         }
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], weights: Mapping[str, Any] | None = None) -> Graph:
+    def from_config(
+        cls, config: Mapping[str, Any], weights: Mapping[str, Any] | None = None
+    ) -> Graph:
         """Rebuild a graph from `get_config()` output and its weights (name -> array)."""
         from google.protobuf import json_format
 

@@ -61,7 +61,9 @@ def short_class(qualified: str) -> str:
 def format_shape(value: ir.Value | None) -> str:
     if value is None or value.shape is None:
         return "?"
-    dims = [str(d) if not isinstance(d, ir.SymbolicDim) else str(d.value or "?") for d in value.shape]
+    dims = [
+        str(d) if not isinstance(d, ir.SymbolicDim) else str(d.value or "?") for d in value.shape
+    ]
     return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
 
@@ -210,7 +212,9 @@ def _build_layers(model: ir.Model) -> tuple[Layer, dict[str, Layer]]:
         layer = by_path[record.path]
         if layer is root:
             continue
-        parent_path = record.parent if record.parent in by_path else _parent_path(record.path, by_path)
+        parent_path = (
+            record.parent if record.parent in by_path else _parent_path(record.path, by_path)
+        )
         layer.parent = by_path[parent_path]
         layer.parent.children.append(layer)
     return root, by_path

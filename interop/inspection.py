@@ -21,6 +21,7 @@ from .hierarchy import Layer, format_shape, tensor_bytes, tensor_size
 if TYPE_CHECKING:
     from .graph import Graph
 
+
 @dataclass
 class Row:
     name: str
@@ -98,7 +99,10 @@ def _totals(graph: Graph) -> dict[str, tuple[int, int]]:
             counts[kind][1] += tensor_bytes(value)
     constants = [v for n, v in graph.model.graph.initializers.items() if n not in kinds]
     result = {k: (c[0], c[1]) for k, c in counts.items()}
-    result["constant"] = (sum(tensor_size(v) for v in constants), sum(tensor_bytes(v) for v in constants))
+    result["constant"] = (
+        sum(tensor_size(v) for v in constants),
+        sum(tensor_bytes(v) for v in constants),
+    )
     return result
 
 
@@ -136,11 +140,15 @@ def summarize(graph: Graph, depth: int | None = None, line_length: int = 120) ->
 
     rule = "=" * min(max(sum(widths) + 6, 60), max(line_length, 60))
     src = graph.source
-    title = f'Model: "{graph.name}"' + (f"  (from {src['framework']} {src.get('version', '')})" if src else "")
+    title = f'Model: "{graph.name}"' + (
+        f"  (from {src['framework']} {src.get('version', '')})" if src else ""
+    )
     lines = [title, rule, fmt(headers), rule]
     lines += [fmt(row) for row in cells]
     totals = _totals(graph)
-    trainable, frozen, buffers, constants = (totals[k] for k in (provenance.TRAINABLE, provenance.FROZEN, provenance.BUFFER, "constant"))
+    trainable, frozen, buffers, constants = (
+        totals[k] for k in (provenance.TRAINABLE, provenance.FROZEN, provenance.BUFFER, "constant")
+    )
     lines += [
         rule,
         f"Total params: {trainable[0] + frozen[0]:,} ({_bytes(trainable[1] + frozen[1])})",

@@ -85,9 +85,19 @@ def build_digraph(graph: Graph, depth: int | None = None, rankdir: str = "TB") -
 
     emit_cluster(dot, tree.root)
     for value in graph.model.graph.inputs:
-        dot.node(_io_id("in", value.name), f"{value.name}\n{format_shape(value)}", shape="ellipse", fillcolor="#e8f5e9")
+        dot.node(
+            _io_id("in", value.name),
+            f"{value.name}\n{format_shape(value)}",
+            shape="ellipse",
+            fillcolor="#e8f5e9",
+        )
     for value in graph.model.graph.outputs:
-        dot.node(_io_id("out", value.name), f"{value.name}\n{format_shape(value)}", shape="ellipse", fillcolor="#fff3e0")
+        dot.node(
+            _io_id("out", value.name),
+            f"{value.name}\n{format_shape(value)}",
+            shape="ellipse",
+            fillcolor="#fff3e0",
+        )
     graph_inputs = {id(v) for v in graph.model.graph.inputs}
     edges: set[tuple[str, str, str]] = set()
     for node in graph.model.graph:
@@ -98,7 +108,13 @@ def build_digraph(graph: Graph, depth: int | None = None, rankdir: str = "TB") -
             if value is None or value.is_initializer():
                 continue
             producer = value.producer()
-            source = _io_id("in", value.name) if id(value) in graph_inputs else unit_of.get(id(producer)) if producer else None
+            source = (
+                _io_id("in", value.name)
+                if id(value) in graph_inputs
+                else unit_of.get(id(producer))
+                if producer
+                else None
+            )
             if source and source != target:
                 edges.add((source, target, format_shape(value)))
     for value in graph.model.graph.outputs:

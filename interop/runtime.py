@@ -19,7 +19,10 @@ from .errors import DeviceError, ShapeError
 if TYPE_CHECKING:
     from .graph import Graph
 
-_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
 
 
 def available_devices() -> list[str]:
@@ -89,7 +92,9 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def prepare_inputs(graph: Graph, args: Sequence[Any], named: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def prepare_inputs(
+    graph: Graph, args: Sequence[Any], named: Mapping[str, Any]
+) -> dict[str, np.ndarray]:
     """Match positional and named inputs to the signature; check and cast them."""
     specs = graph.inputs
     if len(args) == 1 and isinstance(args[0], Mapping) and not named:
@@ -104,7 +109,9 @@ def prepare_inputs(graph: Graph, args: Sequence[Any], named: Mapping[str, Any]) 
     feeds: dict[str, Any] = {spec.name: arg for spec, arg in zip(specs, args)}
     for name, value in named.items():
         if name not in {s.name for s in specs}:
-            raise ShapeError(f"Unknown input '{name}'", "one of " + ", ".join(s.name for s in specs))
+            raise ShapeError(
+                f"Unknown input '{name}'", "one of " + ", ".join(s.name for s in specs)
+            )
         if name in feeds:
             raise ShapeError(f"Input '{name}' was given both by position and by name")
         feeds[name] = value
@@ -130,7 +137,9 @@ def _check(spec: Any, array: np.ndarray) -> np.ndarray:
                     "only the symbolic dims of graph.inputs may vary",
                 )
     if spec.dtype is not None and array.dtype != spec.dtype:
-        if array.dtype.kind == spec.dtype.kind or (array.dtype.kind in "iub" and spec.dtype.kind in "iu"):
+        if array.dtype.kind == spec.dtype.kind or (
+            array.dtype.kind in "iub" and spec.dtype.kind in "iu"
+        ):
             array = array.astype(spec.dtype)  # same family (float64 -> float32, int32 -> int64)
         else:
             raise ShapeError(

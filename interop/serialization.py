@@ -136,7 +136,9 @@ def _iter_tensors(graph: onnx.GraphProto, depth: int = 0):
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR:
                 yield attr.t
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs):
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(
+                attr.graphs
+            ):
                 yield from _iter_tensors(sub, depth + 1)
 
 
@@ -153,7 +155,12 @@ def check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
         info = {entry.key: entry.value for entry in tensor.external_data}
         location = info.get("location", "")
         name = tensor.name or "<unnamed>"
-        if not location or os.path.isabs(location) or ".." in Path(location).parts or location.startswith(("/", "\\")):
+        if (
+            not location
+            or os.path.isabs(location)
+            or ".." in Path(location).parts
+            or location.startswith(("/", "\\"))
+        ):
             raise ModelLoadError(
                 f"Tensor '{name}' has external data at '{location}', outside the model's folder",
                 "a relative path inside the model's folder, without '..'",
@@ -176,7 +183,9 @@ def check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
             offset = int(info.get("offset", 0) or 0)
             length = int(info["length"]) if info.get("length") else None
         except ValueError as err:
-            raise ModelLoadError(f"Tensor '{name}' has a malformed external-data offset/length") from err
+            raise ModelLoadError(
+                f"Tensor '{name}' has a malformed external-data offset/length"
+            ) from err
         needed = _expected_bytes(tensor)
         if length is not None and needed is not None and length < needed:
             raise ModelLoadError(

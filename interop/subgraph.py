@@ -39,7 +39,8 @@ def _resolve(target: Graph, name: str, values: dict[str, ir.Value]) -> list[tupl
     close = difflib.get_close_matches(name, list(target.tree.by_path) + list(values), n=3)
     raise LayerNotFoundError(
         f"'{name}' is neither a layer with outputs nor a value of graph '{target.name}'",
-        "a layer path or value name" + (": close matches " + ", ".join(map(repr, close)) if close else ""),
+        "a layer path or value name"
+        + (": close matches " + ", ".join(map(repr, close)) if close else ""),
         "list layers with [l.path for l in graph.layers]",
     )
 
@@ -73,7 +74,9 @@ def extract(graph: Graph, outputs: Sequence[str], inputs: Sequence[str] | None =
     for name in [n for n, v in ir_graph.initializers.items() if not v.uses()]:
         ir_graph.initializers.pop(name)
     kinds = provenance.read_parameters(new.model)
-    provenance.write_parameters(new.model, {n: k for n, k in kinds.items() if n in ir_graph.initializers})
+    provenance.write_parameters(
+        new.model, {n: k for n, k in kinds.items() if n in ir_graph.initializers}
+    )
     _prune_layers(new.model)
     return Graph(new.model, base_dir=graph._base_dir)
 

@@ -68,7 +68,11 @@ def load_adapters() -> Registry[Adapter]:
             try:
                 adapter = entry_point.load()
             except ModuleNotFoundError as err:
-                if entry_point.value.startswith("interop.adapters.") and err.name and err.name.startswith("interop"):
+                if (
+                    entry_point.value.startswith("interop.adapters.")
+                    and err.name
+                    and err.name.startswith("interop")
+                ):
                     continue  # a built-in adapter this installation does not ship
                 raise
             except Exception as err:  # a broken third-party plug-in must not break the rest

@@ -11,7 +11,14 @@ import onnx_ir as ir
 
 from .errors import ModelLoadError
 
-_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+_TYPED_FIELDS = (
+    "float_data",
+    "int32_data",
+    "string_data",
+    "int64_data",
+    "double_data",
+    "uint64_data",
+)
 
 
 def check_proto(proto: onnx.ModelProto) -> None:
@@ -32,10 +39,15 @@ def check_proto(proto: onnx.ModelProto) -> None:
 def check_inline_tensors(proto: onnx.ModelProto) -> None:
     """Initializers must carry the bytes their dtype and shape declare."""
     for tensor in proto.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type == onnx.TensorProto.STRING:
+        if (
+            tensor.data_location == onnx.TensorProto.EXTERNAL
+            or tensor.data_type == onnx.TensorProto.STRING
+        ):
             continue
         if any(d < 0 for d in tensor.dims):
-            raise ModelLoadError(f"Initializer '{tensor.name}' has a negative dimension {list(tensor.dims)}")
+            raise ModelLoadError(
+                f"Initializer '{tensor.name}' has a negative dimension {list(tensor.dims)}"
+            )
         count = 1
         for dim in tensor.dims:
             count *= dim

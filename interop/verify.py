@@ -61,14 +61,20 @@ class VerifyReport:
         return self
 
 
-def compare(name: str, expected: np.ndarray, actual: np.ndarray, rtol: float, atol: float) -> OutputCheck:
+def compare(
+    name: str, expected: np.ndarray, actual: np.ndarray, rtol: float, atol: float
+) -> OutputCheck:
     expected, actual = np.asarray(expected), np.asarray(actual)
     if expected.shape != actual.shape:
         return OutputCheck(name, tuple(actual.shape), float("inf"), float("inf"), False,
                            f"shape {actual.shape} != source {expected.shape}")  # fmt: skip
     if expected.dtype.kind not in "fc":
         equal = bool(np.array_equal(expected, actual))
-        diff = 0.0 if equal else float(np.max(np.abs(expected.astype(np.float64) - actual.astype(np.float64))))
+        diff = (
+            0.0
+            if equal
+            else float(np.max(np.abs(expected.astype(np.float64) - actual.astype(np.float64))))
+        )
         return OutputCheck(name, tuple(actual.shape), diff, diff, equal)
     e, a = expected.astype(np.float64), actual.astype(np.float64)
     same_special = (np.isnan(e) & np.isnan(a)) | (np.isinf(e) & (e == a))

@@ -26,7 +26,9 @@ class ResNetish(nn.Module):
 
     def __init__(self, channels: int = 8, classes: int = 5):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU()
+        )
         self.blocks = nn.ModuleList([ResidualBlock(channels) for _ in range(2)])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(channels, classes)
@@ -64,7 +66,9 @@ class Attention(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, dim: int = 16):
         super().__init__()
-        layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=32, batch_first=True, dropout=0.1)
+        layer = nn.TransformerEncoderLayer(
+            dim, nhead=4, dim_feedforward=32, batch_first=True, dropout=0.1
+        )
         self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
         self.head = nn.Linear(dim, 2)
 

@@ -59,7 +59,9 @@ def bessel_i0(x):
     term = op.CastLike(op.Constant(value_float=1.0), x)
     total = term
     for k in range(1, 30):
-        term = op.Mul(term, op.Div(quarter_square, op.CastLike(op.Constant(value_float=float(k * k)), x)))
+        term = op.Mul(
+            term, op.Div(quarter_square, op.CastLike(op.Constant(value_float=float(k * k)), x))
+        )
         total = op.Add(total, term)
     return total
 
@@ -136,7 +138,9 @@ def test_unknown_model_type_lists_supported():
 @pytest.fixture(scope="module")
 def graph_file(tmp_path_factory):
     torch.manual_seed(0)
-    graph = interop.trace(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), (torch.randn(2, 4),))
+    graph = interop.trace(
+        nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), (torch.randn(2, 4),)
+    )
     path = tmp_path_factory.mktemp("model") / "mlp.onnx"
     graph.save(path)
     return graph, path
@@ -226,7 +230,8 @@ def test_hostile_structure(graph_file):
         interop.load(duplicate)
     cyclic = helper.make_model(
         helper.make_graph(
-            [helper.make_node("Relu", ["b"], ["a"]), helper.make_node("Relu", ["a"], ["b"])], "cycle",
+            [helper.make_node("Relu", ["b"], ["a"]), helper.make_node("Relu", ["a"], ["b"])],
+            "cycle",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
             [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])],
         )  # fmt: skip

@@ -120,7 +120,13 @@ def test_summary_depth_collapses(resnet):
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "interop.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "interop.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def test_cli(resnet, tmp_path):
@@ -137,7 +143,11 @@ def test_cli(resnet, tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
     failed = _cli("inspect", str(bad), cwd=tmp_path)
-    assert failed.returncode == 2 and "interop: error:" in failed.stderr and "Traceback" not in failed.stderr
+    assert (
+        failed.returncode == 2
+        and "interop: error:" in failed.stderr
+        and "Traceback" not in failed.stderr
+    )
     helptext = _cli("--help", cwd=tmp_path).stdout
     assert all(command in helptext for command in ("inspect", "plot", "run"))
 
@@ -163,6 +173,12 @@ def test_import_and_use_without_any_framework(resnet, tmp_path):
     _, graph = resnet
     path = graph.save(tmp_path / "net.onnx")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", BLOCKER, str(path)], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCKER, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "ok without frameworks" in done.stdout

@@ -77,7 +77,9 @@ def test_summary_totals_are_exact(traced, name):
     text = graph.summary(print_fn=None)
     assert f"Total params: {total:,} " in text
     assert graph.count_params() == total
-    used_buffers = sum(b.numel() for n, b in module.named_buffers() if n in graph.model.graph.initializers)
+    used_buffers = sum(
+        b.numel() for n, b in module.named_buffers() if n in graph.model.graph.initializers
+    )
     assert f"Buffers: {used_buffers:,} " in text
     for layer in graph.layers:
         assert f"{layer.path} ({layer.class_name})" in text
@@ -115,11 +117,17 @@ def test_save_load_round_trip(traced, name, tmp_path):
     module, inputs = CASES[name]
     graph = traced[name]
     path = graph.save(tmp_path / f"{name}.onnx")
-    for loaded in (interop.load(path), interop.load(path.read_bytes()), interop.load(graph.to_proto())):
+    for loaded in (
+        interop.load(path),
+        interop.load(path.read_bytes()),
+        interop.load(graph.to_proto()),
+    ):
         assert [s.name for s in loaded.inputs] == [s.name for s in graph.inputs]
         assert [s.shape for s in loaded.outputs] == [s.shape for s in graph.outputs]
         assert [la.path for la in loaded.layers] == [la.path for la in graph.layers]
-        assert [la.qualified_class for la in loaded.layers] == [la.qualified_class for la in graph.layers]
+        assert [la.qualified_class for la in loaded.layers] == [
+            la.qualified_class for la in graph.layers
+        ]
         assert loaded.parameter_kinds == graph.parameter_kinds
         assert loaded.source == graph.source
         for got, want in zip(_as_list(loaded.run(*inputs)), _as_list(graph.run(*inputs))):
@@ -165,7 +173,9 @@ def test_plot_writes_svg_naming_layers(traced, name, tmp_path):
             assert layer.path in text
     collapsed = graph.plot(tmp_path / "net.dot", depth=1).read_text()
     assert collapsed.startswith("digraph")
-    assert collapsed.count("cluster_") < text.count("cluster_") or not any(la.depth > 1 for la in graph.layers)
+    assert collapsed.count("cluster_") < text.count("cluster_") or not any(
+        la.depth > 1 for la in graph.layers
+    )
 
 
 def test_layer_tree_of_residual_net(traced):
@@ -173,13 +183,17 @@ def test_layer_tree_of_residual_net(traced):
     block = graph.layer("blocks.0")
     assert block.class_name == "ResidualBlock"
     assert block.qualified_class == "models.ResidualBlock"
-    assert [c.path for c in block.children] == [f"blocks.0.{n}" for n in ("conv1", "bn1", "conv2", "bn2", "drop")]
+    assert [c.path for c in block.children] == [
+        f"blocks.0.{n}" for n in ("conv1", "bn1", "conv2", "bn2", "drop")
+    ]
     assert block.parent is graph.layer("blocks") and block.depth == 2
     assert sorted(graph.layer("blocks.0.bn1").parameters) == [
         "blocks.0.bn1.bias", "blocks.0.bn1.running_mean", "blocks.0.bn1.running_var", "blocks.0.bn1.weight",
     ]  # fmt: skip
     assert graph.layer("blocks.0.bn1").param_count == 16  # weight + bias; running stats are buffers
-    assert block.input_shapes == ["(batch, 8, 16, 16)"] and block.output_shapes == ["(batch, 8, 16, 16)"]
+    assert block.input_shapes == ["(batch, 8, 16, 16)"] and block.output_shapes == [
+        "(batch, 8, 16, 16)"
+    ]
     assert "<Layer 'blocks.0' (ResidualBlock): 5 children" in repr(block)
     ops = [n.op_type for n in graph.model.graph]
     assert ops.count("BatchNormalization") == 5 and "Conv" in ops  # BatchNorm is not folded

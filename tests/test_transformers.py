@@ -49,20 +49,29 @@ def test_causal_lm_cache_is_flattened_to_named_outputs():
 
 def test_bert_with_named_inputs_and_dynamic_sequence():
     config = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
     )
     torch.manual_seed(0)
     model = transformers.BertModel(config).eval()
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, 5:] = 0
     inputs = {"input_ids": _ids(2, 7), "attention_mask": mask}
-    graph = interop.trace(model, inputs, dynamic_dims={"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}})
+    graph = interop.trace(
+        model, inputs, dynamic_dims={"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
+    )
     assert [(s.name, s.shape) for s in graph.inputs] == [
         ("input_ids", ("batch", "seq")), ("attention_mask", ("batch", "seq")),
     ]  # fmt: skip
     assert [s.name for s in graph.outputs] == ["last_hidden_state", "pooler_output"]
     assert interop.verify(model, graph, inputs).ok
-    longer = {"input_ids": _ids(3, 10, seed=2), "attention_mask": torch.ones(3, 10, dtype=torch.long)}
+    longer = {
+        "input_ids": _ids(3, 10, seed=2),
+        "attention_mask": torch.ones(3, 10, dtype=torch.long),
+    }
     assert interop.verify(model, graph, longer).ok
     assert graph.count_params() == sum(p.numel() for p in model.parameters())
     text = graph.summary(depth=2, print_fn=None)

@@ -39,7 +39,9 @@ def _is_torch_module(model: Any) -> bool:
 
 class TorchAdapter:
     name = "torch"
-    description = "torch.nn.Module (PyTorch, Hugging Face transformers, Keras on the torch backend excluded)"
+    description = (
+        "torch.nn.Module (PyTorch, Hugging Face transformers, Keras on the torch backend excluded)"
+    )
 
     def accepts(self, model: Any) -> bool:
         return _is_torch_module(model) and not _is_keras(model)

@@ -42,7 +42,9 @@ _TORCH_KEYS = ("pkg.torch.onnx.", "namespace")
 def _to_tensor(value: Any) -> Any:
     if isinstance(value, np.ndarray | np.generic):
         return torch.from_numpy(np.ascontiguousarray(value))
-    if hasattr(value, "__array__") and not isinstance(value, torch.Tensor | int | float | bool | str):
+    if hasattr(value, "__array__") and not isinstance(
+        value, torch.Tensor | int | float | bool | str
+    ):
         return torch.from_numpy(np.ascontiguousarray(np.asarray(value)))  # jax arrays and the like
     return value
 
@@ -68,7 +70,10 @@ def _expand_cache(obj: Any) -> Any:
     if layers is not None and all(hasattr(la, "keys") and hasattr(la, "values") for la in layers):
         return {str(i): {"key": la.keys, "value": la.values} for i, la in enumerate(layers)}
     if hasattr(obj, "key_cache") and hasattr(obj, "value_cache"):
-        return {str(i): {"key": k, "value": v} for i, (k, v) in enumerate(zip(obj.key_cache, obj.value_cache))}
+        return {
+            str(i): {"key": k, "value": v}
+            for i, (k, v) in enumerate(zip(obj.key_cache, obj.value_cache))
+        }
     return obj
 
 
@@ -119,7 +124,9 @@ def trace_module(
     return Graph(model)
 
 
-def _tensor_leaves(bound: inspect.BoundArguments, signature: inspect.Signature) -> Iterator[tuple[str, Any]]:
+def _tensor_leaves(
+    bound: inspect.BoundArguments, signature: inspect.Signature
+) -> Iterator[tuple[str, Any]]:
     """(input name, value) in the order torch.onnx names graph inputs."""
     for name, value in bound.arguments.items():
         kind = signature.parameters[name].kind
@@ -175,6 +182,7 @@ def _widen_unit_dims(bound, dims) -> tuple[tuple[Any, ...], dict[str, Any]]:
 def _dynamic_shapes(bound, signature, dims) -> dict[str, Any] | None:
     if not dims:
         return None
+
     def spec(name: str, value: Any) -> Any:
         if not _is_tensor(value) or name not in dims:
             return None
@@ -254,8 +262,12 @@ def _interop_cause(err: BaseException) -> InteropError | None:
 
 
 def _user_location(err: BaseException) -> str | None:
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
-    frames = [f for f in frames if "/interop/" not in f.filename and "/adapters/torch/" not in f.filename]
+    frames = [
+        f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(_TORCH_DIR)
+    ]
+    frames = [
+        f for f in frames if "/interop/" not in f.filename and "/adapters/torch/" not in f.filename
+    ]
     return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
 
 
@@ -269,7 +281,9 @@ def _first_lines(err: BaseException, count: int = 3) -> str:
 
 def _export(module, args, kwargs, dynamic_shapes) -> torch.export.ExportedProgram:
     try:
-        return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        return torch.export.export(
+            module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False
+        )
     except Exception as err:  # torch raises many types; each becomes a TraceError with a fix
         ours = _interop_cause(err)
         if ours is not None:
@@ -290,7 +304,11 @@ def _export(module, args, kwargs, dynamic_shapes) -> torch.export.ExportedProgra
         else:
             fix = "make forward exportable by torch.export (no Python-side effects on tensors, "
             fix += "no unsupported Python types); see the torch.export documentation"
-        error = TraceError(f"torch.export could not trace {type(module).__name__}{at}: {_first_lines(err)}", None, fix)
+        error = TraceError(
+            f"torch.export could not trace {type(module).__name__}{at}: {_first_lines(err)}",
+            None,
+            fix,
+        )
         error.original = err  # type: ignore[attr-defined]
         raise error from None
 
@@ -375,7 +393,9 @@ def _to_onnx(exported: torch.export.ExportedProgram) -> Any:
         raise error from None
 
 
-def _fx_provenance(exported: torch.export.ExportedProgram, op: str) -> tuple[str | None, str | None]:
+def _fx_provenance(
+    exported: torch.export.ExportedProgram, op: str
+) -> tuple[str | None, str | None]:
     """Module path and user file:line of the first fx node calling `op`."""
     for node in exported.graph.nodes:
         if node.op == "call_function" and str(node.target).startswith(op.split(".default")[0]):
@@ -526,7 +546,9 @@ def _name_outputs(model: ir.Model, names: list[str]) -> None:
 def _restore_dropout(model: ir.Model, module: torch.nn.Module) -> None:
     """Eval-mode dropout exports as Identity; make it an ONNX Dropout (identity at inference)."""
     dropouts = {
-        path: m for path, m in module.named_modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)
+        path: m
+        for path, m in module.named_modules()
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd)
     }
     if not dropouts:
         return
@@ -535,12 +557,16 @@ def _restore_dropout(model: ir.Model, module: torch.nn.Module) -> None:
         path = node.metadata_props.get(provenance.SCOPE, "")
         if node.op_type != "Identity" or path not in dropouts:
             continue
-        ratio = ir.Value(name=f"{path}.ratio", const_value=ir.tensor(np.array(dropouts[path].p, np.float32)))
+        ratio = ir.Value(
+            name=f"{path}.ratio", const_value=ir.tensor(np.array(dropouts[path].p, np.float32))
+        )
         if ratio.name in graph.initializers:
             ratio = graph.initializers[ratio.name]
         else:
             graph.register_initializer(ratio)
-        replacement = ir.Node("", "Dropout", inputs=[node.inputs[0], ratio], num_outputs=1, name=node.name)
+        replacement = ir.Node(
+            "", "Dropout", inputs=[node.inputs[0], ratio], num_outputs=1, name=node.name
+        )
         replacement.metadata_props.update(node.metadata_props)
         old, new = node.outputs[0], replacement.outputs[0]
         new.shape, new.dtype = old.shape, old.dtype
