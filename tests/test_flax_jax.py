@@ -1,0 +1,189 @@
+"""Plain JAX functions, control flow (scan / fori_loop / while_loop / cond), errors for
+unsupported primitives, converter registration and adapter selection."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from interop.adapters.flax import ADAPTER, CONVERTERS, register_primitive
+
+import interop
+
+RTOL, ATOL = 1e-4, 1e-5
+rng = np.random.default_rng(2)
+
+
+def f32(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+PARAMS = {"w": jnp.asarray(f32(4, 3)), "b": jnp.asarray(f32(3))}
+
+
+def mlp(x):
+    return jax.nn.softmax(jnp.tanh(x @ PARAMS["w"] + PARAMS["b"]), axis=-1)
+
+
+def test_plain_function_with_closed_over_parameters():
+    g = interop.trace(mlp, f32(2, 4))
+    assert g.inputs[0].shape == ("batch", 4)
+    for x in (f32(2, 4), f32(9, 4)):
+        np.testing.assert_allclose(g.run(x), mlp(x), rtol=RTOL, atol=ATOL)
+    assert set(g.get_weights()) == {"PARAMS.w", "PARAMS.b"}
+    assert g.count_params() == 15
+    assert g.source["api"] == "jax"
+
+
+def test_partial_parameters_are_named_after_the_argument():
+    def apply(params, x):
+        return x @ params["kernel"]
+
+    fn = functools.partial(apply, {"kernel": jnp.asarray(f32(4, 2))})
+    g = interop.trace(fn, f32(3, 4))
+    assert list(g.get_weights()) == ["args.0.kernel"]
+    assert interop.verify(fn, g, (f32(5, 4),), rtol=RTOL, atol=ATOL).ok
+
+
+def cumulative(xs):
+    """A recurrence over the (dynamic) time axis with lax.scan."""
+
+    def step(h, x):
+        h = jnp.tanh(h * 0.5 + x)
+        return h, h * 2.0
+
+    return jax.lax.scan(step, jnp.zeros(xs.shape[1:]), xs)
+
+
+def test_scan_over_a_dynamic_axis_is_a_loop_not_unrolled():
+    g = interop.trace(cumulative, f32(5, 3), dynamic_batch=False, dynamic_dims={"xs": {0: "time"}})
+    assert [n.op_type for n in g.model.graph].count("Loop") == 1
+    assert [o.name for o in g.outputs] == ["output_0", "output_1"]
+    for xs in (f32(5, 3), f32(12, 3), f32(1, 3)):
+        report = interop.verify(cumulative, g, (xs,), rtol=RTOL, atol=ATOL)
+        assert report.ok, str(report)
+
+
+def test_reverse_scan():
+    def rev(xs):
+        return jax.lax.scan(lambda c, x: (c + x, c * x), jnp.zeros(xs.shape[1:]), xs, reverse=True)
+
+    g = interop.trace(rev, f32(4, 2))
+    assert interop.verify(rev, g, (f32(7, 2),), rtol=RTOL, atol=ATOL).ok
+
+
+def fori(x, n):
+    return jax.lax.fori_loop(0, n, lambda i, acc: acc * 0.9 + jnp.sin(acc + i), x)
+
+
+def test_fori_loop_with_dynamic_trip_count_is_a_loop():
+    g = interop.trace(fori, (f32(2, 3), np.int32(4)))
+    assert "Loop" in {n.op_type for n in g.model.graph}
+    for n in (0, 1, 4, 11):
+        x = f32(6, 3)
+        np.testing.assert_allclose(g.run(x, np.int32(n)), fori(x, n), rtol=RTOL, atol=ATOL)
+
+
+def newton_sqrt(a):
+    def body(state):
+        x, i = state
+        return 0.5 * (x + a / x), i + 1
+
+    def cond(state):
+        x, i = state
+        return jnp.logical_and(jnp.max(jnp.abs(x * x - a)) > 1e-5, i < 50)
+
+    x, steps = jax.lax.while_loop(cond, body, (jnp.ones_like(a), 0))
+    return x, steps
+
+
+def test_while_loop_is_a_loop():
+    a = np.abs(f32(4)) + 1.0
+    g = interop.trace(newton_sqrt, a)
+    assert "Loop" in {n.op_type for n in g.model.graph}
+    report = interop.verify(newton_sqrt, g, (np.abs(f32(7)) + 2.0,), rtol=RTOL, atol=ATOL)
+    assert report.ok, str(report)
+
+
+def branchy(x, k):
+    return jax.lax.switch(k, [jnp.sin, jnp.cos, lambda v: v * 3.0], x), jax.lax.cond(
+        x.sum() > 0, lambda v: v + 1.0, lambda v: v - 1.0, x
+    )
+
+
+def test_cond_and_switch_become_if():
+    g = interop.trace(branchy, (f32(2, 3), np.int32(1)))
+    assert [n.op_type for n in g.model.graph].count("If") >= 2
+    for k in (0, 1, 2):
+        for x in (np.abs(f32(3, 3)), -np.abs(f32(3, 3))):
+            for got, want in zip(g.run(x, np.int32(k)), branchy(x, k), strict=True):
+                np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def uses_cummax(x):
+    h = jnp.tanh(x)
+    return jax.lax.cummax(h, axis=1)  # the line the error must point at
+
+
+def test_unsupported_primitive_names_primitive_layer_and_line_and_can_be_registered():
+    with pytest.raises(interop.UnsupportedOpError) as info:
+        interop.trace(uses_cummax, f32(2, 5))
+    err = info.value
+    assert err.op == "cummax" and err.adapter == "flax"
+    assert err.location.endswith(f"test_flax_jax.py:{uses_cummax.__code__.co_firstlineno + 2}")
+    assert "register_primitive('cummax')" in str(err)
+
+    def convert_cummax(low, eqn, x):
+        # Python-side loop over a static axis: max of the running value and each slice.
+        axis, n = eqn.params["axis"], eqn.invars[0].aval.shape[eqn.params["axis"]]
+        parts = low.op("Split", [x], {"axis": axis, "num_outputs": n}, outputs=n)
+        running, outs = parts[0], [parts[0]]
+        for part in parts[1:]:
+            running = low.op("Max", [running, part])
+            outs.append(running)
+        return low.op("Concat", outs, {"axis": axis})
+
+    register_primitive("cummax", convert_cummax)
+    try:
+        g = interop.trace(uses_cummax, f32(2, 5))
+        assert interop.verify(uses_cummax, g, (f32(3, 5),), rtol=RTOL, atol=ATOL).ok
+    finally:
+        CONVERTERS._entries.pop("cummax")
+
+
+def test_unsupported_primitive_inside_a_module_names_its_path():
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Inner(nnx.Module):
+        def __call__(self, x):
+            return jax.lax.cummin(x, axis=0)
+
+    class Outer(nnx.Module):
+        def __init__(self):
+            self.inner = Inner()
+
+        def __call__(self, x):
+            return self.inner(x) + 1
+
+    with pytest.raises(interop.UnsupportedOpError, match="in layer 'inner'") as info:
+        interop.trace(Outer(), f32(2, 3))
+    assert info.value.layer == "inner" and "test_flax_jax.py" in info.value.location
+
+
+def test_accepts_flax_and_jax_but_not_torch_or_keras():
+    nnx = pytest.importorskip("flax.nnx")
+    nn = pytest.importorskip("flax.linen")
+    assert ADAPTER.accepts(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    assert ADAPTER.accepts((nn.Dense(2), {"params": {}}))
+    assert not ADAPTER.accepts(nn.Dense(2))  # unbound: no variables to trace with
+    assert ADAPTER.accepts(mlp)
+    if "torch" in sys.modules or pytest.importorskip("torch"):
+        import torch
+
+        assert not ADAPTER.accepts(torch.nn.Linear(2, 2))
+        assert interop.tracing.adapter_for(torch.nn.Linear(2, 2)).name == "torch"
+    assert interop.tracing.adapter_for(mlp).name == "flax"
