@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import xml.etree.ElementTree as ET
@@ -239,3 +240,53 @@ def test_training_mode_is_restored():
     interop.trace(module, (torch.randn(2, 3, 16, 16),))
     assert module.training and not module.blocks[0].training and module.blocks[1].training
     assert "forward" not in module.__dict__
+
+
+@dataclasses.dataclass
+class Prediction:
+    logits: torch.Tensor
+    extras: list
+
+
+class DataclassOutput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x, *, scale: float = 2.0, mask=None):
+        y = self.linear(x) * scale
+        if mask is not None:
+            y = y * mask
+        return Prediction(y, [y.sum(-1), y > 0, x])
+
+
+class Repeats(torch.nn.Module):
+    def forward(self, x):
+        y = x + 1
+        return {"x": y, "again": y, "input": x}
+
+
+def test_structured_outputs_are_flattened_in_order():
+    torch.manual_seed(0)
+    module = DataclassOutput().eval()
+    inputs = {"x": torch.randn(3, 4), "mask": (torch.rand(3, 3) > 0.5).float()}
+    graph = interop.trace(module, inputs)
+    assert [s.name for s in graph.inputs] == ["x", "mask"]
+    assert [s.name for s in graph.outputs] == ["logits", "extras.0", "extras.1", "extras.2"]
+    assert graph.outputs[2].dtype == np.bool_
+    assert interop.verify(module, graph, inputs).ok
+    repeats = interop.trace(Repeats(), (torch.randn(2, 3),))
+    assert [s.name for s in repeats.inputs] == [
+        "x"
+    ]  # an output named like an input does not rename it
+    assert [s.name for s in repeats.outputs] == ["x_output", "again", "input"]
+    x = np.random.rand(2, 3).astype(np.float32)
+    out = repeats.run(x, as_dict=True)
+    np.testing.assert_array_equal(out["again"], x + 1)
+    np.testing.assert_array_equal(out["input"], x)
+    assert interop.verify(Repeats(), repeats, (torch.from_numpy(x),)).ok
+
+
+def test_plot_png(traced, tmp_path):
+    path = traced["lstm"].plot(tmp_path / "lstm.png", depth=1)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

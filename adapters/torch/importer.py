@@ -524,17 +524,33 @@ def _rename_dims(model: ir.Model, dims: dict[str, dict[int, str]]) -> None:
 
 
 def _name_outputs(model: ir.Model, names: list[str]) -> None:
-    outputs = list(model.graph.outputs)
-    if len(names) != len(outputs):
+    """Name graph outputs after the model's output structure ("logits", "cache.0.key")."""
+    graph = model.graph
+    if len(names) != len(graph.outputs):
         return
-    taken = {v.name: v for v in model.graph.inputs}
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+    seen: set[int] = set()
+    for index, value in enumerate(list(graph.outputs)):
+        if id(value) in seen or value.is_graph_input():
+            # the same tensor returned twice, or an input returned as is: ONNX needs a
+            # distinct value per output name
+            copy = ir.Node(
+                "", "Identity", inputs=[value], num_outputs=1, name=f"output_copy_{index}"
+            )
+            copy.outputs[0].shape, copy.outputs[0].dtype = value.shape, value.dtype
+            graph.append(copy)
+            value = graph.outputs[index] = copy.outputs[0]
+        seen.add(id(value))
+    taken = {v.name: v for v in graph.inputs}
+    for node in ir.traversal.RecursiveGraphIterator(graph):
         for v in node.outputs:
             taken[v.name or ""] = v
-    for value, name in zip(outputs, names):
-        if value.name == name or value.is_graph_input():
+    for value, name in zip(graph.outputs, names):
+        if value.name == name:
             continue
         other = taken.get(name)
+        if other is not None and other is not value and other.is_graph_input():
+            name = f"{name}_output"  # inputs keep their names: they are the signature
+            other = taken.get(name)
         if other is not None and other is not value:
             other.name = f"{name}__{len(taken)}"
             taken[other.name] = other
