@@ -215,6 +215,13 @@ def test_nnx_scan_over_stacked_layers_becomes_one_loop():
     loop = next(n for n in g.model.graph if n.op_type == "Loop")
     assert [n.op_type for n in loop.attributes["body"].value].count("MatMul") == 1
     assert g.get_weights()["stack.kernel"].shape == (4, 8, 8)
+    # The layer rebuilt by nnx.scan inside the body is still attributed to "stack".
+    body_scopes = [
+        n.metadata_props["interop.scope"]
+        for n in loop.attributes["body"].value
+        if n.op_type == "MatMul"
+    ]
+    assert body_scopes == ["stack"]
     assert g.count_params() == 4 * (64 + 8) + 18
 
 

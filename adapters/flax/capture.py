@@ -116,7 +116,10 @@ def capture_nnx(model: Any) -> Capture:
             for path, node in nnx.graph.iter_graph(copy)
             if isinstance(node, nnx.Module)
         }
-        with _scoped_calls(classes, paths):
+        originals = {
+            id(n): (p, n) for p, n in nnx.graph.iter_graph(copy) if isinstance(n, nnx.Module)
+        }
+        with _scoped_calls(classes, _PathFinder(paths, list(originals.values()))):
             return copy(*args, **kwargs)
 
     return Capture(
@@ -184,8 +187,42 @@ def _set_inference(module: Any) -> None:
                     object.__setattr__(node, attr, value)
 
 
+def _shapes(module: Any) -> list[tuple[str, tuple[int, ...]]]:
+    from flax import nnx
+
+    flat = jax.tree_util.tree_flatten_with_path(nnx.state(module))[0]
+    return sorted((jax.tree_util.keystr(p), tuple(np.shape(v))) for p, v in flat)
+
+
+class _PathFinder:
+    """Path of a module object; for objects nnx transforms rebuild (the layer inside
+    an nnx.scan / nnx.vmap, the cell inside nnx.RNN), the one module of the same class
+    whose variables have the same shapes, or those shapes with a stacked leading axis."""
+
+    def __init__(self, paths: dict[int, str], modules: list[tuple[tuple[Any, ...], Any]]):
+        self.paths, self.modules = paths, modules
+        self._shapes: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+
+    def get(self, module: Any) -> str | None:
+        if id(module) in self.paths:
+            return self.paths[id(module)]
+        try:
+            wanted = _shapes(module)
+        except Exception:  # a module nnx cannot read the state of here: no scope
+            return None
+        matches = []
+        for path, node in self.modules:
+            if type(node) is not type(module) or not path:
+                continue
+            key = join_path(path)
+            shapes = self._shapes.setdefault(key, _shapes(node))
+            if shapes == wanted or [(k, s[1:]) for k, s in shapes] == wanted:
+                matches.append(key)
+        return matches[0] if len(matches) == 1 else None
+
+
 @contextlib.contextmanager
-def _scoped_calls(classes: set[type], paths: dict[int, str]) -> Iterator[None]:
+def _scoped_calls(classes: set[type], paths: _PathFinder) -> Iterator[None]:
     """Wrap ``__call__`` of the classes defining it so that calls open a named scope."""
     from flax import nnx
 
@@ -198,7 +235,7 @@ def _scoped_calls(classes: set[type], paths: dict[int, str]) -> Iterator[None]:
     for klass, original in owners.items():
 
         def wrapper(self: Any, *args: Any, __original: Any = original, **kwargs: Any) -> Any:
-            path = paths.get(id(self))
+            path = paths.get(self)
             # The root, or a module rebuilt inside an nnx transform: no scope of its own.
             scope = jax.named_scope(MARK + path) if path else contextlib.nullcontext()
             with scope:
