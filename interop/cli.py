@@ -93,12 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sizes[name] = int(size)
             feeds = random_inputs(graph, sizes, args.seed)
             start = time.perf_counter()
-            outputs = graph.run(device=args.device, as_dict=True, **feeds)
+            outputs = graph.run(feeds, device=args.device, as_dict=True)
             first = time.perf_counter() - start
             times = []
             for _ in range(max(args.repeat, 0)):
                 start = time.perf_counter()
-                graph.run(device=args.device, **feeds)
+                graph.run(feeds, device=args.device)
                 times.append(time.perf_counter() - start)
             for name, array in feeds.items():
                 print(f"input  {name}: {array.dtype}{list(array.shape)}")

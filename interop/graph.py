@@ -140,7 +140,12 @@ class Graph:
     def get_weights(self) -> dict[str, np.ndarray]:
         """Parameters and buffers by source name, as numpy arrays (copies)."""
         inits = self.model.graph.initializers
-        return {name: np.array(inits[name].const_value.numpy()) for name in self.parameter_kinds}
+        weights = {}
+        for name in self.parameter_kinds:
+            tensor = inits[name].const_value
+            assert tensor is not None, f"initializer {name} has no value"
+            weights[name] = np.array(tensor.numpy())
+        return weights
 
     def count_params(self) -> int:
         """Trainable plus frozen parameters (buffers excluded)."""

@@ -65,7 +65,7 @@ def _rows(graph: Graph, depth: int | None) -> list[Row]:
                 add_layer(item, level + 1)
             else:
                 node = item  # type: ignore[assignment]
-                label = node.outputs[0].name or node.name  # type: ignore[attr-defined]
+                label = node.outputs[0].name or node.name or node.op_type  # type: ignore[attr-defined]
                 inputs = [v for v in node.inputs if v is not None and not v.is_initializer()]  # type: ignore[attr-defined]
                 rows.append(Row(label, node.op_type, level, list(node.outputs), None, inputs, []))  # type: ignore[attr-defined]
                 owner[id(node)] = len(rows) - 1

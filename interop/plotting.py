@@ -69,8 +69,8 @@ def build_digraph(graph: Graph, depth: int | None = None, rankdir: str = "TB") -
                                       "fontname": "Helvetica", "fontsize": "10"},
                            edge_attr={"fontname": "Helvetica", "fontsize": "8"})  # fmt: skip
     members: dict[int, list[str]] = {}
-    for unit, (_, layer) in units.items():
-        members.setdefault(id(layer) if layer is not None else 0, []).append(unit)
+    for unit, (_, enclosing) in units.items():
+        members.setdefault(id(enclosing) if enclosing is not None else 0, []).append(unit)
 
     def emit_cluster(parent: Any, layer: Layer) -> None:
         for unit in members.get(id(layer), []):
@@ -104,19 +104,19 @@ def build_digraph(graph: Graph, depth: int | None = None, rankdir: str = "TB") -
         target = unit_of.get(id(node))
         if target is None:
             continue
-        for value in node.inputs:
-            if value is None or value.is_initializer():
+        for read in node.inputs:
+            if read is None or read.is_initializer():
                 continue
-            producer = value.producer()
+            producer = read.producer()
             source = (
-                _io_id("in", value.name)
-                if id(value) in graph_inputs
+                _io_id("in", read.name)
+                if id(read) in graph_inputs
                 else unit_of.get(id(producer))
                 if producer
                 else None
             )
             if source and source != target:
-                edges.add((source, target, format_shape(value)))
+                edges.add((source, target, format_shape(read)))
     for value in graph.model.graph.outputs:
         producer = value.producer()
         source = unit_of.get(id(producer)) if producer else _io_id("in", value.name)

@@ -89,7 +89,8 @@ def _prune_layers(model: ir.Model) -> None:
     for name in model.graph.initializers:
         alive.update(p for p in by_path if p and name.startswith(p + "."))
     keep: set[str] = {""}
-    for path in alive:
+    for start in alive:
+        path: str | None = start
         while path is not None and path not in keep:
             keep.add(path)
             record = by_path.get(path)

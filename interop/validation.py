@@ -125,7 +125,7 @@ def _sort_or_raise(graph: ir.Graph) -> None:
             if pending[j] == 0:
                 ready.append(j)
     if len(order) != len(nodes):
-        stuck = [nodes[i].name for i, count in enumerate(pending) if count > 0][:5]
+        stuck = [str(nodes[i].name) for i, count in enumerate(pending) if count > 0][:5]
         raise ModelLoadError(
             f"The graph has a cycle through nodes {', '.join(stuck)}",
             "a directed acyclic graph (loops belong in Loop/Scan bodies)",

@@ -110,7 +110,7 @@ def verify(
     graph = graph if isinstance(graph, Graph) else load(graph)
     expected = adapter_for(model).run_source(model, example_inputs)
     if isinstance(example_inputs, Mapping):
-        actual = graph.run(device=device, as_dict=True, **dict(example_inputs))
+        actual = graph.run(dict(example_inputs), device=device, as_dict=True)
     else:
         args = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
         feeds = [a for a in args if hasattr(a, "shape")]
