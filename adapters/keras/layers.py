@@ -268,10 +268,12 @@ def import_layer_norm(b: Builder, layer: Any, x: Tensor, **_: Any) -> ir.Value:
             {"axis": axes[0], "epsilon": float(layer.epsilon)},
         )
     mean = b.op("ReduceMean", [x, b.ints(axes)], {"keepdims": 1})
-    centered = x.value if rms else b.op("Sub", [x, mean])
+    # Keras's (deprecated) rms_scaling divides the raw input by the standard deviation.
+    centered = b.op("Sub", [x, mean])
+    numerator = x.value if rms else centered
     var = b.op("ReduceMean", [b.op("Mul", [centered, centered]), b.ints(axes)], {"keepdims": 1})
     y = b.op(
-        "Div", [centered, b.op("Sqrt", [b.op("Add", [var, b.const(np.float32(layer.epsilon))])])]
+        "Div", [numerator, b.op("Sqrt", [b.op("Add", [var, b.const(np.float32(layer.epsilon))])])]
     )
     if layer.scale:
         y = b.op("Mul", [y, b.variable(layer.gamma)])
