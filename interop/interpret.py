@@ -310,15 +310,26 @@ class Interpreter:
         return values, graphs
 
     def op_function(
-        self, node: ir.Node, caller: Mapping[str, Any] | None = None
-    ) -> Callable[..., tuple]:
-        """One callable ``(*inputs, *captured outer values) -> tuple of outputs`` for a node."""
+        self, node: ir.Node, caller: Mapping[str, Any] | None = None, *, single: bool = False
+    ) -> Callable[..., Any]:
+        """One callable ``(*inputs, *captured outer values) -> tuple of outputs`` for a node.
+
+        With ``single``, a one-output node's callable returns the value itself.
+        """
         values, graphs = self.attributes(node, caller)
         semantics = SEMANTICS.get(node.op_type) if node.domain in DEFAULT_DOMAINS else None
         if semantics is None:
             if not has_function_body(node.op_type, node.domain, self.version):
                 check_supported_node(node, self.version, self.adapter)
-            return FunctionBody(node, values, self.backend, self.version)
+            body = FunctionBody(node, values, self.backend, self.version)
+            if single and len(node.outputs) == 1:
+
+                def call_body(*args: Any) -> Any:
+                    return body(*args)[0]
+
+                call_body.__name__ = call_body.__qualname__ = f"onnx_{node.op_type}_function"
+                return call_body
+            return body
         if "_outputs" in inspect.signature(semantics).parameters:
             values["_outputs"] = len(node.outputs)
         backend, version = self.backend, self.version
@@ -334,8 +345,24 @@ class Interpreter:
             result = semantics(backend, *args[:input_count], **bound)
             return result if isinstance(result, tuple) else (result,)
 
+        if single and len(node.outputs) == 1 and not graphs:
+
+            def call_single(*args: Any) -> Any:
+                result = semantics(backend, *args, **values)
+                return result[0] if isinstance(result, tuple) else result
+
+            call_single.__name__ = call_single.__qualname__ = f"onnx_{node.op_type}"
+            return call_single
+
         call.__name__ = f"onnx_{node.op_type}"
         call.__qualname__ = call.__name__
+        if single and len(node.outputs) == 1:  # If / Loop / Scan with one output
+
+            def call_first(*args: Any) -> Any:
+                return call(*args)[0]
+
+            call_first.__name__ = call_first.__qualname__ = call.__name__
+            return call_first
         return call
 
 

@@ -260,7 +260,7 @@ def constant_of_shape(xp, target, value=None):
 
 
 @op("Range")
-def range_(xp, start, limit, delta):
+def range_(xp, start, limit, delta, stash_type=None):
     start_, limit_, delta_ = (np.asarray(xp.to_numpy(v)).item() for v in (start, limit, delta))
     count = max(int(np.ceil((limit_ - start_) / delta_)), 0)
     dtype = xp.dtype(start)

@@ -1,0 +1,359 @@
+"""The backend protocol of interop.backend on torch (see there for the contract)."""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+_TO_TORCH = {
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float64,
+    np.dtype(np.float16): torch.float16,
+    np.dtype(np.int8): torch.int8,
+    np.dtype(np.int16): torch.int16,
+    np.dtype(np.int32): torch.int32,
+    np.dtype(np.int64): torch.int64,
+    np.dtype(np.uint8): torch.uint8,
+    np.dtype(np.uint16): torch.uint16,
+    np.dtype(np.uint32): torch.uint32,
+    np.dtype(np.uint64): torch.uint64,
+    np.dtype(np.bool_): torch.bool,
+    np.dtype(np.complex64): torch.complex64,
+    np.dtype(np.complex128): torch.complex128,
+    np.dtype(ml_dtypes.bfloat16): torch.bfloat16,
+    np.dtype(ml_dtypes.float8_e4m3fn): torch.float8_e4m3fn,
+    np.dtype(ml_dtypes.float8_e5m2): torch.float8_e5m2,
+    np.dtype(ml_dtypes.float8_e4m3fnuz): torch.float8_e4m3fnuz,
+    np.dtype(ml_dtypes.float8_e5m2fnuz): torch.float8_e5m2fnuz,
+}
+_TO_NUMPY = {v: k for k, v in _TO_TORCH.items()}
+_BITS_VIEW = {1: torch.uint8, 2: torch.uint16}  # how sub-32-bit types numpy lacks cross over
+_UNARY = {"negative": torch.neg, "round": torch.round, "bitwise_invert": torch.bitwise_not}
+_POOL = {
+    1: (F.max_pool1d, F.avg_pool1d),
+    2: (F.max_pool2d, F.avg_pool2d),
+    3: (F.max_pool3d, F.avg_pool3d),
+}
+_REDUCE = {"sum": torch.sum, "prod": None, "max": torch.amax, "min": torch.amin, "mean": torch.mean}
+
+
+def torch_dtype(dtype) -> torch.dtype:
+    return _TO_TORCH[np.dtype(dtype)]
+
+
+def _symmetric(pads):
+    return all(lo == hi for lo, hi in pads)
+
+
+def _pad_spatial(x, pads, value=0.0):
+    flat = [p for lo_hi in reversed(pads) for p in lo_hi]
+    return F.pad(x, flat, value=value) if any(flat) else x
+
+
+class TorchBackend:
+    name = "torch"
+    float_dtype = np.dtype("float32")
+
+    def asarray(self, value, dtype=None, like=None):
+        if isinstance(value, torch.Tensor):
+            return value if dtype is None else value.to(torch_dtype(dtype))
+        array = np.asarray(value, dtype=dtype)
+        device = like.device if isinstance(like, torch.Tensor) else None
+        if array.dtype.name.startswith(
+            ("bfloat", "float8")
+        ):  # numpy cannot hand these to torch directly
+            bits = torch.from_numpy(
+                array.view(np.uint8 if array.itemsize == 1 else np.uint16).copy()
+            )
+            return bits.view(_TO_TORCH[array.dtype]).to(device)
+        if array.dtype == object:
+            return array
+        return torch.as_tensor(array, device=device)
+
+    def to_numpy(self, x):
+        if not isinstance(x, torch.Tensor):
+            return np.asarray(x)
+        x = x.detach().cpu()
+        target = _TO_NUMPY[x.dtype]
+        if x.dtype in (
+            torch.bfloat16,
+            torch.float8_e4m3fn,
+            torch.float8_e5m2,
+            torch.float8_e4m3fnuz,
+            torch.float8_e5m2fnuz,
+        ):
+            return x.view(_BITS_VIEW[x.element_size()]).numpy().view(target)
+        return x.numpy()
+
+    def shape(self, x):
+        return tuple(x.shape)
+
+    def dtype(self, x):
+        return _TO_NUMPY[x.dtype] if isinstance(x, torch.Tensor) else np.asarray(x).dtype
+
+    def astype(self, x, dtype):
+        target = torch_dtype(dtype)
+        if x.is_floating_point() and not target.is_floating_point and target != torch.bool:
+            x = torch.trunc(
+                x
+            )  # float -> int truncates toward zero, whatever torch's kernel does on overflow
+        return x.to(target)
+
+    def add(self, a, b):
+        return torch.add(a, b)
+
+    def subtract(self, a, b):
+        return torch.sub(a, b)
+
+    def multiply(self, a, b):
+        return torch.mul(a, b)
+
+    def divide(self, a, b):
+        return (
+            torch.div(a, b, rounding_mode="trunc") if not a.is_floating_point() else torch.div(a, b)
+        )
+
+    def remainder(self, a, b):
+        return torch.remainder(a, b)
+
+    def fmod(self, a, b):
+        return torch.fmod(a, b)
+
+    def pow(self, a, b):
+        return torch.pow(a, b).to(a.dtype)
+
+    def maximum(self, a, b):
+        return torch.maximum(a, b)
+
+    def minimum(self, a, b):
+        return torch.minimum(a, b)
+
+    def unary(self, name, x):
+        if name == "erf":
+            return torch.special.erf(x)
+        return (_UNARY.get(name) or getattr(torch, name))(x)
+
+    def where(self, condition, a, b):
+        return torch.where(condition, a, b)
+
+    def compare(self, name, a, b):
+        return (torch.eq if name == "equal" else getattr(torch, name))(a, b)
+
+    def isnan(self, x):
+        return torch.isnan(x)
+
+    def isinf(self, x):
+        return torch.isinf(x)
+
+    def clip(self, x, low, high):
+        return torch.clamp(x, low, high)
+
+    def arange(self, start, stop, step, dtype, like=None):
+        return torch.arange(
+            start, stop, step, dtype=torch_dtype(dtype), device=getattr(like, "device", None)
+        )
+
+    def full(self, shape, value, dtype, like=None):
+        return torch.full(
+            tuple(shape), value, dtype=torch_dtype(dtype), device=getattr(like, "device", None)
+        )
+
+    def reshape(self, x, shape):
+        return torch.reshape(x, tuple(shape))
+
+    def permute_dims(self, x, axes):
+        return x.permute(*axes)
+
+    def broadcast_to(self, x, shape):
+        return x.expand(*shape)
+
+    def concat(self, arrays, axis):
+        return torch.cat(list(arrays), axis)
+
+    def stack(self, arrays, axis):
+        return torch.stack(list(arrays), axis)
+
+    def getitem(self, x, key):
+        if isinstance(key, tuple) and any(
+            isinstance(k, slice) and k.step is not None and k.step < 0 for k in key
+        ):
+            return self._negative_step(x, key)
+        return x[_as_index(key, x)]
+
+    def _negative_step(self, x, key):
+        # torch slicing rejects negative steps: flip the axis and slice the mirrored range
+        for axis, k in enumerate(key):
+            if isinstance(k, slice) and k.step is not None and k.step < 0:
+                size = x.shape[axis]
+                start = size - 1 if k.start is None else k.start
+                stop = -1 if k.stop is None else k.stop
+                x = torch.flip(x, [axis])
+                index = [slice(None)] * x.dim()
+                index[axis] = slice(size - 1 - start, size - 1 - stop, -k.step)
+                x = x[tuple(index)]
+            elif k != slice(None):
+                index = [slice(None)] * x.dim()
+                index[axis] = k
+                x = x[tuple(index)]
+        return x
+
+    def setitem(self, x, key, value, reduction="none"):
+        key = _as_index(key, x)
+        if reduction == "none":
+            return x.index_put(key, value)
+        if reduction == "add":
+            return x.index_put(key, value, accumulate=True)
+        out = x.clone()
+        flat = torch.stack([k.reshape(-1) for k in key]) if key else None
+        strides = torch.tensor(x.stride()[: len(key)], device=x.device)
+        linear = (flat * strides[:, None]).sum(0)
+        inner = int(np.prod(x.shape[len(key) :]))
+        target = out.reshape(-1, inner) if inner > 1 else out.reshape(-1)
+        linear = linear // (inner if inner > 1 else 1)
+        src = value.reshape(-1, inner) if inner > 1 else value.reshape(-1)
+        mode = {"mul": "prod", "max": "amax", "min": "amin"}[reduction]
+        index = linear[:, None].expand_as(src) if inner > 1 else linear
+        return target.scatter_reduce(0, index, src, mode).reshape(x.shape)
+
+    def take(self, x, indices, axis):
+        indices = torch.as_tensor(indices, device=x.device)
+        return torch.index_select(x, axis, indices.reshape(-1).long()).reshape(
+            (*x.shape[:axis], *indices.shape, *x.shape[axis + 1 :])
+        )
+
+    def take_along_axis(self, x, indices, axis):
+        return torch.gather(x, axis, torch.as_tensor(indices, device=x.device).long())
+
+    def flip(self, x, axes):
+        return torch.flip(x, list(axes))
+
+    def tile(self, x, repeats):
+        return x.repeat(*repeats)
+
+    def pad(self, x, pad_width, mode="constant", value=0):
+        flat = [p for lo_hi in reversed(pad_width) for p in lo_hi]
+        if mode == "constant":
+            return F.pad(x, flat, value=value)
+        # torch pads only trailing spatial dims in reflect/replicate/circular: pad the needed ones
+        leading = next((i for i, w in enumerate(pad_width) if any(w)), len(pad_width))
+        moved = x.reshape(1, -1, *x.shape[leading:]) if leading else x.unsqueeze(0).unsqueeze(0)
+        torch_mode = {"edge": "replicate", "reflect": "reflect", "wrap": "circular"}[mode]
+        out = F.pad(
+            moved, [p for lo_hi in reversed(pad_width[leading:]) for p in lo_hi], mode=torch_mode
+        )
+        return out.reshape(*x.shape[:leading], *out.shape[2:])
+
+    def reduce(self, name, x, axes, keepdims):
+        if name == "prod":
+            for axis in sorted(axes, reverse=True):
+                x = torch.prod(x, axis, keepdim=keepdims)
+            return x
+        if name == "mean" and not x.is_floating_point():
+            return torch.mean(x.double(), dim=tuple(axes), keepdim=keepdims).to(x.dtype)
+        if name in ("max", "min") and x.dtype == torch.bool:
+            return _REDUCE[name](x.to(torch.uint8), dim=tuple(axes), keepdim=keepdims).bool()
+        return _REDUCE[name](x, dim=tuple(axes), keepdim=keepdims).to(x.dtype)
+
+    def argmax(self, x, axis, keepdims):
+        return torch.argmax(x, axis, keepdim=keepdims)
+
+    def argmin(self, x, axis, keepdims):
+        return torch.argmin(x, axis, keepdim=keepdims)
+
+    def cumulative(self, name, x, axis):
+        return getattr(torch, name)(x, axis).to(x.dtype)
+
+    def argsort(self, x, axis, descending):
+        return torch.sort(x, dim=axis, descending=descending, stable=True).indices
+
+    def matmul(self, a, b):
+        return torch.matmul(a, b)
+
+    def einsum(self, equation, *operands):
+        return torch.einsum(equation, *operands)
+
+    def det(self, x):
+        return torch.linalg.det(x)
+
+    def softmax(self, x, axis):
+        return torch.softmax(x, axis)
+
+    def log_softmax(self, x, axis):
+        return torch.log_softmax(x, axis)
+
+    def conv(self, x, w, b, strides, pads, dilations, groups):
+        convolve = (F.conv1d, F.conv2d, F.conv3d)[w.dim() - 3]
+        if _symmetric(pads):
+            return convolve(x, w, b, strides, [lo for lo, _ in pads], dilations, groups)
+        return convolve(_pad_spatial(x, pads), w, b, strides, 0, dilations, groups)
+
+    def conv_transpose(self, x, w, b, strides, pads, dilations, groups, output_padding):
+        convolve = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[w.dim() - 3]
+        if _symmetric(pads) and all(
+            p < s or p < d for p, s, d in zip(output_padding, strides, dilations)
+        ):
+            return convolve(
+                x, w, b, strides, [lo for lo, _ in pads], output_padding, groups, dilations
+            )
+        out = convolve(x, w, None, strides, 0, 0, groups, dilations)
+        out = F.pad(out, [p for extra in reversed(output_padding) for p in (0, extra)])
+        out = out[
+            (slice(None), slice(None))
+            + tuple(slice(lo, out.shape[2 + i] - hi) for i, (lo, hi) in enumerate(pads))
+        ]
+        return out if b is None else out + b.reshape(1, -1, *([1] * (out.dim() - 2)))
+
+    def pool(
+        self, kind, x, kernel, strides, pads, dilations, ceil_mode, count_include_pad=False, p=2
+    ):
+        rank = len(kernel)
+        if kind == "lp":
+            powered = _pad_spatial(x.abs() ** p, pads)
+            pooled = _POOL[rank][1](powered, kernel, strides, 0, ceil_mode, True)
+            return (pooled * math.prod(kernel)) ** (1.0 / p)
+        symmetric = _symmetric(pads) and all(lo <= k // 2 for (lo, _), k in zip(pads, kernel))
+        if kind == "max":
+            if symmetric:
+                return _POOL[rank][0](
+                    x, kernel, strides, [lo for lo, _ in pads], dilations, ceil_mode
+                )
+            return _POOL[rank][0](
+                _pad_spatial(x, pads, -math.inf), kernel, strides, 0, dilations, ceil_mode
+            )
+        if symmetric and all(d == 1 for d in dilations):
+            return _POOL[rank][1](
+                x, kernel, strides, [lo for lo, _ in pads], ceil_mode, count_include_pad
+            )
+        from interop.backend import (
+            numpy_backend,  # asymmetric / dilated average pooling: rare in models
+        )
+
+        return self.asarray(
+            numpy_backend.pool(
+                kind,
+                self.to_numpy(x),
+                kernel,
+                strides,
+                pads,
+                dilations,
+                ceil_mode,
+                count_include_pad,
+                p,
+            ),
+            like=x,
+        )
+
+
+def _as_index(key, x):
+    if isinstance(key, tuple):
+        return tuple(
+            torch.as_tensor(k, device=x.device) if isinstance(k, np.ndarray) else k for k in key
+        )
+    return torch.as_tensor(key, device=x.device) if isinstance(key, np.ndarray) else key
+
+
+torch_backend = TorchBackend()

@@ -1,0 +1,290 @@
+"""IR graph -> trainable `torch.fx.GraphModule` with native layers named after the source.
+
+The emit loop is `interop.interpret.Interpreter`; `TorchEmitter` overrides its steps to
+build an fx graph instead of values: graph inputs become placeholders, initializers
+become parameters / buffers (``get_attr``), weighted ops with constant weights become
+native layers (``call_module``: nn.Linear, nn.ConvNd, nn.BatchNormNd, nn.LayerNorm,
+nn.Embedding, nn.Dropout) and every other node one ``call_function`` of its ONNX
+semantics on the torch backend. Nodes whose inputs are all constants are evaluated once,
+here, and become buffers.
+
+>>> module = to_torch_module(graph)               # doctest: +SKIP
+>>> dict(module.named_parameters()).keys()         # doctest: +SKIP
+dict_keys(['conv.weight', 'conv.bias', 'bn.weight', 'bn.bias', 'fc.weight', 'fc.bias'])
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from torch import fx, nn
+
+from interop import provenance
+from interop.backend import numpy_backend
+from interop.interpret import Interpreter, check_supported, node_free_values
+from interop.registry import Registry
+
+from .backend import torch_backend
+
+# op type -> function(emitter, node) returning a native layer and its parameter names, or None
+LAYERS: Registry[Callable[..., Any]] = Registry("emit", adapter="torch layers")
+_RANDOM_OPS = {
+    "RandomNormal",
+    "RandomNormalLike",
+    "RandomUniform",
+    "RandomUniformLike",
+    "Bernoulli",
+    "Multinomial",
+    "Dropout",
+}
+
+
+def _attribute_path(name: str) -> str:
+    """A source name as a dotted attribute path torch accepts (``onnx::Conv_3`` -> ``onnx__Conv_3``)."""
+    parts = [re.sub(r"\W", "_", part) or "_" for part in name.split(".")]
+    return ".".join(parts)
+
+
+class TorchEmitter(Interpreter):
+    """Builds the fx graph and the module tree of one emitted model."""
+
+    adapter = "torch"
+
+    def __init__(self, source: Any, *, normalized: bool = False):
+        super().__init__(source, torch_backend, normalized=normalized)
+        model = self.model
+        self.kinds = provenance.read_parameters(model) if model is not None else {}
+        self.root = nn.Module()
+        self.fx_graph = fx.Graph()
+        self.source_names: dict[str, str] = {}  # torch name -> source initializer name
+        self.static: dict[ir.Value, np.ndarray] = {}  # constants known at emission time
+        self._attribute_names: set[str] = set()
+        self._owned: set[ir.Value] = set()  # initializers held by a native layer
+        self._counter = 0
+
+    # ------------------------------------------------------------------ building
+    def build(self) -> fx.GraphModule:
+        check_supported(self.graph, self.version, self.adapter)
+        outputs = self.run(*[None] * len(self.graph.inputs))
+        self.fx_graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+        module = fx.GraphModule(self.root, self.fx_graph, class_name=_class_name(self.graph.name))
+        module.input_names = [v.name for v in self.graph.inputs]
+        module.output_names = [v.name for v in self.graph.outputs]
+        module.source_names = dict(self.source_names)
+        return module
+
+    def input(self, value: ir.Value, given: Any) -> Any:
+        return self.fx_graph.placeholder(_identifier(value.name or "input"))
+
+    def constant(self, value: ir.Value) -> Any:
+        kind = self.kind_of(value)
+        array = value.const_value.numpy()
+        if kind is None:  # a constant of the graph: folding may use it
+            self.static[value] = array
+        return _Deferred(self, value)
+
+    def output(self, results: list[Any]) -> list[Any]:
+        return [self.materialize(r) for r in results]
+
+    # ------------------------------------------------------------------ weights
+    def kind_of(self, value: ir.Value) -> str | None:
+        """ "trainable" / "frozen" / "buffer" for source weights; None for constants."""
+        if value.name in self.kinds:
+            return self.kinds[value.name]
+        if (
+            not self.kinds
+            and value.const_value is not None
+            and value.const_value.dtype.is_floating_point()
+            and value.const_value.size > 1
+        ):
+            return provenance.TRAINABLE  # a plain ONNX file: float weight tensors train
+        return None
+
+    def weight(self, value: ir.Value | None) -> torch.Tensor | None:
+        """The initializer behind an input, if it may become a native layer's parameter."""
+        if value is None or value.const_value is None or value.name not in self.graph.initializers:
+            return None
+        # reading a weight's shape (Shape / Size, folded away) does not share the weight
+        readers = [use for use in value.uses() if use.node.op_type not in ("Shape", "Size")]
+        if self.kind_of(value) is None or len(readers) != 1 or value in self.graph.inputs:
+            return None
+        return torch.from_numpy(np.array(value.const_value.numpy()))
+
+    def register_layer(self, node: ir.Node, layer: nn.Module, sources: dict[str, ir.Value]) -> str:
+        """Place a native layer named after its weights' source (``blocks.0.conv``)."""
+        prefixes = {
+            name.rsplit(".", 1)[0] if "." in name else ""
+            for name in (v.name for v in sources.values())
+        }
+        matches = len(prefixes) == 1 and all(
+            v.name.rsplit(".", 1)[-1] == attr for attr, v in sources.items()
+        )
+        path = _attribute_path(prefixes.pop()) if matches and "" not in prefixes else ""
+        if not path or path in self._attribute_names:
+            scope = provenance.node_scope(node) or node.op_type.lower()
+            path = self._unique(_attribute_path(scope).replace(".", "_"))
+        self._attribute_names.add(path)
+        for attr, value in sources.items():
+            self._owned.add(value)
+            self.source_names[f"{path}.{attr}"] = value.name
+            tensor = getattr(layer, attr)
+            kind = self.kind_of(value)
+            if isinstance(tensor, nn.Parameter):
+                tensor.requires_grad_(kind != provenance.FROZEN)
+        _set_path(self.root, path, layer)
+        return path
+
+    def materialize(self, handle: Any) -> Any:
+        """An fx node for a handle (a deferred initializer becomes a get_attr once)."""
+        return handle.node() if isinstance(handle, _Deferred) else handle
+
+    def attribute(self, value: ir.Value, array: np.ndarray, kind: str | None) -> fx.Node:
+        path = _attribute_path(value.name) if value.name else self._unique("_const")
+        if path in self._attribute_names:
+            path = self._unique(path.replace(".", "_"))
+        self._attribute_names.add(path)
+        tensor = torch_backend.asarray(np.array(array))
+        if kind in (provenance.TRAINABLE, provenance.FROZEN) and tensor.is_floating_point():
+            _set_path(
+                self.root, path, nn.Parameter(tensor, requires_grad=kind == provenance.TRAINABLE)
+            )
+        else:
+            _set_path(
+                self.root,
+                path,
+                tensor,
+                persistent=kind is not None or value.name in self.graph.initializers,
+            )
+        if value.name:
+            self.source_names[path] = value.name
+        return self.fx_graph.get_attr(path)
+
+    # ------------------------------------------------------------------ nodes
+    def run_node(
+        self, node: ir.Node, args: list[Any], env: Any, caller: Any = None
+    ) -> Sequence[Any]:
+        folded = self.fold(node)
+        if folded is not None:
+            return folded
+        layer_builder = LAYERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if layer_builder is not None:
+            built = layer_builder(self, node)
+            if built is not None:
+                layer, sources, data_inputs = built
+                path = self.register_layer(node, layer, sources)
+                fx_args = tuple(self.materialize(args[i]) for i in data_inputs)
+                call = self.fx_graph.call_module(path, fx_args)
+                return [call] + [None] * (len(node.outputs) - 1)
+        captured = [env[v] for v in node_free_values(node)]
+        return self.call_op(node, args, captured)
+
+    def fold(self, node: ir.Node) -> list[Any] | None:
+        """Evaluate a node of constants once, now; None when it depends on run-time values."""
+        if (
+            node.op_type in _RANDOM_OPS
+            or node_free_values(node)
+            or any(
+                a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                for a in node.attributes.values()
+            )
+        ):
+            return None
+        inputs = [None if v is None else self.static.get(v) for v in node.inputs]
+        if (
+            node.op_type in ("Shape", "Size")
+            and inputs[0] is None
+            and node.inputs[0].const_value is not None
+        ):
+            inputs[0] = node.inputs[0].const_value.numpy()  # a weight's shape is known now
+        if (
+            node.op_type == "CastLike"
+            and inputs[0] is not None
+            and inputs[1] is None
+            and node.inputs[1].dtype
+        ):
+            inputs[1] = np.zeros(0, node.inputs[1].dtype.numpy())  # only the target's dtype matters
+        if any(a is None and v is not None for a, v in zip(inputs, node.inputs, strict=True)):
+            return None
+        evaluator = Interpreter(self.graph, numpy_backend, version=self.version)
+        results = evaluator.op_function(node)(*inputs)
+        handles = []
+        for value, result in zip(node.outputs, results):
+            if not isinstance(result, np.ndarray) or result.dtype == object:
+                return None
+            self.static[value] = result
+            handles.append(_Deferred(self, value, result))
+        return handles
+
+    def call_op(self, node: ir.Node, args: list[Any], captured: list[Any]) -> Sequence[Any]:
+        function = self.op_function(node, single=True)
+        fx_args = tuple(self.materialize(a) for a in [*args, *captured])
+        name = _identifier(
+            node.outputs[0].name if node.outputs and node.outputs[0].name else node.op_type.lower()
+        )
+        call = self.fx_graph.create_node("call_function", function, fx_args, name=name)
+        if len(node.outputs) == 1:
+            return [call]
+        return [
+            self.fx_graph.call_function(operator.getitem, (call, i))
+            for i in range(len(node.outputs))
+        ]
+
+    def _unique(self, base: str) -> str:
+        self._counter += 1
+        return f"{base}_{self._counter}" if base in self._attribute_names or not base else base
+
+
+class _Deferred:
+    """An initializer or folded constant, registered on the module only if a generic op reads it."""
+
+    def __init__(self, emitter: TorchEmitter, value: ir.Value, array: np.ndarray | None = None):
+        self.emitter, self.value, self.array = emitter, value, array
+        self._node: fx.Node | None = None
+
+    def node(self) -> fx.Node:
+        if self._node is None:
+            array = self.array if self.array is not None else self.value.const_value.numpy()
+            kind = self.emitter.kind_of(self.value) if self.array is None else None
+            self._node = self.emitter.attribute(self.value, array, kind)
+        return self._node
+
+
+def _set_path(root: nn.Module, path: str, obj: Any, persistent: bool = True) -> None:
+    *parents, leaf = path.split(".")
+    module = root
+    for part in parents:
+        child = getattr(module, part, None) if part in module._modules else None
+        if child is None:
+            child = nn.Module()
+            module.add_module(part, child)
+        module = child
+    if isinstance(obj, nn.Module):
+        module.add_module(leaf, obj)
+    elif isinstance(obj, nn.Parameter):
+        module.register_parameter(leaf, obj)
+    else:
+        module.register_buffer(leaf, obj, persistent=persistent)
+
+
+def _identifier(name: str) -> str:
+    cleaned = re.sub(r"\W", "_", name)
+    return cleaned if cleaned[:1].isalpha() or cleaned[:1] == "_" else f"v_{cleaned}"
+
+
+def _class_name(name: str) -> str:
+    cleaned = re.sub(r"\W", "_", name or "Emitted")
+    return cleaned if cleaned[:1].isalpha() else f"Emitted_{cleaned}"
+
+
+def to_torch_module(source: Any, *, normalized: bool = False) -> fx.GraphModule:
+    """Emit a graph as a trainable torch.fx.GraphModule (called by `interop.to_torch`)."""
+    return TorchEmitter(source, normalized=normalized).build()
+
+
+from . import layers  # noqa: E402,F401  (registers the native layer builders)

@@ -1,0 +1,239 @@
+"""Native torch layers for ONNX nodes with constant weights (registered in emitter.LAYERS).
+
+Each builder gets the emitter and the node and returns ``(layer, {layer attribute:
+source initializer}, indices of the node inputs the layer is called with)``, or None to
+let the generic op emit the node (weights that are not constants, unusual attributes).
+Weight orientation (Gemm's transB, MatMul's [in, out]) and ONNX->torch conventions
+(BatchNorm momentum) are handled here only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from interop.interpret import schema_defaults
+
+from .emitter import LAYERS
+
+
+def _attributes(emitter: Any, node: Any) -> dict[str, Any]:
+    values, _ = emitter.attributes(node)
+    return values
+
+
+def _assign(layer: nn.Module, **tensors: torch.Tensor | None) -> nn.Module:
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        current = getattr(layer, name)
+        if isinstance(current, nn.Parameter):
+            setattr(layer, name, nn.Parameter(tensor.to(current.dtype).reshape(current.shape)))
+        else:
+            current.copy_(tensor.reshape(current.shape))
+    return layer
+
+
+def _symmetric_pads(pads: Any, count: int) -> list[int] | None:
+    if not pads:
+        return [0] * count
+    begins, ends = list(pads[:count]), list(pads[count:])
+    return begins if begins == ends else None
+
+
+def _zero_constant(emitter: Any, value: Any) -> bool:
+    static = emitter.static.get(value) if value is not None else None
+    return static is not None and not np.any(static)
+
+
+@LAYERS.register("Conv")
+def conv_layer(emitter: Any, node: Any) -> Any:
+    weight = emitter.weight(node.inputs[1])
+    bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+    if _zero_constant(emitter, bias_value):  # exporters spell "no bias" as a zero constant
+        bias_value = None
+    bias = emitter.weight(bias_value) if bias_value is not None else None
+    if weight is None or (bias_value is not None and bias is None) or not 3 <= weight.dim() <= 5:
+        return None
+    attrs = _attributes(emitter, node)
+    spatial = weight.dim() - 2
+    padding = _symmetric_pads(attrs.get("pads"), spatial)
+    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or padding is None:
+        return None
+    group = attrs.get("group", 1)
+    layer_class = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spatial - 1]
+    layer = layer_class(
+        weight.shape[1] * group,
+        weight.shape[0],
+        tuple(weight.shape[2:]),
+        stride=tuple(attrs.get("strides") or [1] * spatial),
+        padding=tuple(padding),
+        dilation=tuple(attrs.get("dilations") or [1] * spatial),
+        groups=group,
+        bias=bias is not None,
+    )
+    sources = {"weight": node.inputs[1]} | ({"bias": bias_value} if bias is not None else {})
+    return _assign(layer, weight=weight, bias=bias), sources, [0]
+
+
+@LAYERS.register("ConvTranspose")
+def conv_transpose_layer(emitter: Any, node: Any) -> Any:
+    weight = emitter.weight(node.inputs[1])
+    bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+    bias = emitter.weight(bias_value) if bias_value is not None else None
+    if weight is None or (bias_value is not None and bias is None) or not 3 <= weight.dim() <= 5:
+        return None
+    attrs = _attributes(emitter, node)
+    spatial = weight.dim() - 2
+    padding = _symmetric_pads(attrs.get("pads"), spatial)
+    if (
+        attrs.get("auto_pad", "NOTSET") != "NOTSET"
+        or padding is None
+        or attrs.get("output_shape") is not None
+    ):
+        return None
+    group = attrs.get("group", 1)
+    strides = list(attrs.get("strides") or [1] * spatial)
+    dilations = list(attrs.get("dilations") or [1] * spatial)
+    output_padding = list(attrs.get("output_padding") or [0] * spatial)
+    if any(p >= s and p >= d for p, s, d in zip(output_padding, strides, dilations, strict=False)):
+        return None
+    layer_class = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[spatial - 1]
+    layer = layer_class(
+        weight.shape[0],
+        weight.shape[1] * group,
+        tuple(weight.shape[2:]),
+        stride=tuple(strides),
+        padding=tuple(padding),
+        output_padding=tuple(output_padding),
+        groups=group,
+        bias=bias is not None,
+        dilation=tuple(dilations),
+    )
+    sources = {"weight": node.inputs[1]} | ({"bias": bias_value} if bias is not None else {})
+    return _assign(layer, weight=weight, bias=bias), sources, [0]
+
+
+@LAYERS.register("Gemm")
+def gemm_layer(emitter: Any, node: Any) -> Any:
+    attrs = _attributes(emitter, node)
+    weight = emitter.weight(node.inputs[1])
+    bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+    bias = emitter.weight(bias_value) if bias_value is not None else None
+    if (
+        weight is None
+        or weight.dim() != 2
+        or attrs.get("transA", 0)
+        or attrs.get("alpha", 1.0) != 1.0
+    ):
+        return None
+    if bias_value is not None and (
+        bias is None
+        or attrs.get("beta", 1.0) != 1.0
+        or bias.numel() != weight.shape[0 if attrs.get("transB", 0) else 1]
+    ):
+        return None
+    # nn.Linear keeps weight as [out, in], which is Gemm's B under transB=1
+    weight = weight if attrs.get("transB", 0) else weight.t().contiguous()
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    sources = {"weight": node.inputs[1]} | ({"bias": bias_value} if bias is not None else {})
+    return _assign(layer, weight=weight, bias=bias), sources, [0]
+
+
+@LAYERS.register("MatMul")
+def matmul_layer(emitter: Any, node: Any) -> Any:
+    weight = emitter.weight(node.inputs[1])
+    if weight is None or weight.dim() != 2:
+        return None
+    layer = nn.Linear(weight.shape[0], weight.shape[1], bias=False)
+    return _assign(layer, weight=weight.t().contiguous()), {"weight": node.inputs[1]}, [0]
+
+
+def _input_rank(value: Any) -> int | None:
+    return len(value.shape) if value is not None and value.shape is not None else None
+
+
+@LAYERS.register("BatchNormalization")
+def batch_norm_layer(emitter: Any, node: Any) -> Any:
+    attrs = _attributes(emitter, node)
+    tensors = [emitter.weight(v) for v in node.inputs[1:5]]
+    rank = _input_rank(node.inputs[0])
+    if (
+        any(t is None for t in tensors)
+        or attrs.get("training_mode", 0)
+        or len(node.outputs) > 1
+        or rank not in (2, 3, 4, 5)
+    ):
+        return None
+    scale, bias, mean, var = tensors
+    layer_class = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[rank]
+    # ONNX keeps `momentum` of the running value; torch the weight of the new batch statistic
+    layer = layer_class(
+        scale.numel(), eps=attrs.get("epsilon", 1e-5), momentum=1.0 - attrs.get("momentum", 0.9)
+    )
+    _assign(layer, weight=scale, bias=bias, running_mean=mean, running_var=var)
+    names = ("weight", "bias", "running_mean", "running_var")
+    return layer, dict(zip(names, node.inputs[1:5], strict=True)), [0]
+
+
+@LAYERS.register("LayerNormalization")
+def layer_norm_layer(emitter: Any, node: Any) -> Any:
+    attrs = _attributes(emitter, node)
+    scale = emitter.weight(node.inputs[1])
+    bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+    bias = emitter.weight(bias_value) if bias_value is not None else None
+    rank = _input_rank(node.inputs[0])
+    if (
+        scale is None
+        or (bias_value is not None and bias is None)
+        or len(node.outputs) > 1
+        or rank is None
+    ):
+        return None
+    axis = attrs.get("axis", -1)
+    axis = axis + rank if axis < 0 else axis
+    dims = node.inputs[0].shape[axis:]
+    if not all(isinstance(d, int) for d in dims) or tuple(dims) != tuple(scale.shape):
+        return None
+    layer = nn.LayerNorm(tuple(dims), eps=attrs.get("epsilon", 1e-5), bias=bias is not None)
+    sources = {"weight": node.inputs[1]} | ({"bias": bias_value} if bias is not None else {})
+    return _assign(layer, weight=scale, bias=bias), sources, [0]
+
+
+@LAYERS.register("Gather")
+def embedding_layer(emitter: Any, node: Any) -> Any:
+    attrs = _attributes(emitter, node)
+    table = emitter.weight(node.inputs[0])
+    if (
+        table is None
+        or table.dim() != 2
+        or attrs.get("axis", 0) != 0
+        or not table.is_floating_point()
+    ):
+        return None
+    layer = _assign(nn.Embedding(table.shape[0], table.shape[1]), weight=table)
+    return layer, {"weight": node.inputs[0]}, [1]
+
+
+@LAYERS.register("Dropout")
+def dropout_layer(emitter: Any, node: Any) -> Any:
+    # nn.Dropout drops in train() and is the identity in eval(): the mask output is not emitted
+    if len(node.outputs) > 1 and node.outputs[1].uses():
+        return None
+    ratio_value = node.inputs[1] if len(node.inputs) > 1 else None
+    if ratio_value is not None and ratio_value not in emitter.static:
+        return None
+    ratio = (
+        0.5
+        if ratio_value is None
+        else float(np.asarray(emitter.static[ratio_value]).reshape(-1)[0])
+    )
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        return None  # an explicit training_mode input: keep ONNX's meaning
+    return nn.Dropout(ratio), {}, [0]
+
+
+__all__ = ["schema_defaults"]

@@ -1,0 +1,254 @@
+"""Torch models traced to the IR and emitted back as torch modules: numerics, names, training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+import interop  # noqa: E402
+from interop.emit import to_torch  # noqa: E402
+from interop.errors import UnsupportedOpError  # noqa: E402
+from interop.interpret import evaluate  # noqa: E402
+
+
+class Block(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)) + x)
+
+
+class ResidualCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.blocks = nn.Sequential(Block(8), Block(8))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.blocks(torch.relu(self.stem(x)))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Dropout(0.1), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.rnn = nn.LSTM(8, 12, batch_first=True)
+        self.out = nn.Linear(12, 4)
+
+    def forward(self, tokens):
+        hidden, _ = self.rnn(self.embed(tokens))
+        return self.out(hidden)
+
+
+def _encoder():
+    torch.manual_seed(0)
+    return nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True)
+
+
+CASES = {
+    "residual_cnn": (ResidualCNN, lambda b: torch.randn(b, 3, 16, 16)),
+    "mlp": (MLP, lambda b: torch.randn(b, 6)),
+    "transformer_encoder": (_encoder, lambda b: torch.randn(b, 7, 16)),
+    "lstm_tagger": (Tagger, lambda b: torch.randint(0, 20, (b, 9))),
+}
+
+
+@pytest.fixture(scope="module")
+def traced():
+    """Each model (eval mode) with its traced graph, built once for the module."""
+    out = {}
+    for name, (factory, make_input) in CASES.items():
+        torch.manual_seed(0)
+        model = factory().eval()
+        graph = interop.trace(model, (make_input(2),))
+        out[name] = (model, graph, make_input)
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_emitted_module_matches_source(traced, name):
+    model, graph, make_input = traced[name]
+    module = to_torch(graph).eval()
+    for batch in (2, 5):  # the traced batch and another: the batch dim stays dynamic
+        x = make_input(batch)
+        with torch.no_grad():
+            expected, actual = model(x), module(x)
+        np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_parameters_keep_source_names(traced, name):
+    model, graph, _ = traced[name]
+    module = to_torch(graph)
+    emitted = {k: v for k, v in module.named_parameters()}
+    source = dict(model.named_parameters())
+    # every weight the exporter kept under its source name is a parameter of the same name
+    kept = {k for k in source if k in graph.parameter_kinds}
+    assert kept, "the trace kept no source names"
+    assert kept <= set(emitted)
+    for key in kept:
+        values = emitted[key].detach().numpy()
+        reference = source[key].detach().numpy()
+        assert values.shape == reference.shape or values.T.shape == reference.shape
+        np.testing.assert_allclose(
+            values if values.shape == reference.shape else values.T, reference
+        )
+
+
+def test_native_layers_are_host_layers(traced):
+    _, graph, _ = traced["residual_cnn"]
+    module = to_torch(graph)
+    layers = dict(module.named_modules())
+    assert isinstance(layers["stem"], nn.Conv2d)
+    assert isinstance(layers["blocks.0.conv"], nn.Conv2d)
+    assert isinstance(layers["blocks.0.bn"], nn.BatchNorm2d)
+    assert isinstance(layers["head"], nn.Linear)
+    assert "blocks.0.conv.weight" in dict(module.named_parameters())
+    _, graph, _ = traced["lstm_tagger"]
+    assert isinstance(dict(to_torch(graph).named_modules())["embed"], nn.Embedding)
+
+
+@pytest.mark.parametrize("name", ["residual_cnn", "mlp", "transformer_encoder"])
+def test_one_optimizer_step_lowers_the_loss(traced, name):
+    _, graph, make_input = traced[name]
+    module = to_torch(graph).train()
+    torch.manual_seed(1)
+    x = make_input(8)
+    target = module(x).detach() * 0.5 + 0.1
+    module.eval()  # deterministic loss (no dropout noise) while comparing
+    before = {k: v.detach().clone() for k, v in module.named_parameters()}
+    optimizer = torch.optim.SGD(module.parameters(), lr=1e-2)
+    loss = torch.nn.functional.mse_loss(module(x), target)
+    loss.backward()
+    assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
+    optimizer.step()
+    with torch.no_grad():
+        after_loss = torch.nn.functional.mse_loss(module(x), target)
+    assert after_loss < loss
+    assert any(not torch.equal(before[k], v) for k, v in module.named_parameters())
+
+
+def test_train_mode_batchnorm_uses_batch_statistics(traced):
+    model, graph, make_input = traced["residual_cnn"]
+    module = to_torch(graph).train()
+    bn = dict(module.named_modules())["blocks.0.bn"]
+    before = bn.running_mean.clone()
+    x = make_input(4) * 3 + 1
+    module(x)
+    assert not torch.allclose(bn.running_mean, before)
+    reference = ResidualCNN()
+    reference.load_state_dict(model.state_dict())
+    reference.train()
+    np.testing.assert_allclose(
+        module(x).detach().numpy(), reference(x).detach().numpy(), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_dropout_drops_in_train_and_not_in_eval(traced):
+    _, graph, make_input = traced["mlp"]
+    module = to_torch(graph)
+    x = make_input(64)
+    module.eval()
+    assert torch.equal(module(x), module(x))
+    module.train()
+    torch.manual_seed(0)
+    first = module(x)
+    assert not torch.equal(first, module(x))
+
+
+def test_constants_are_buffers_not_parameters(traced):
+    _, graph, _ = traced["transformer_encoder"]
+    module = to_torch(graph)
+    names = set(dict(module.named_parameters()))
+    assert names == set(graph.parameter_kinds) & names
+    assert all(p.requires_grad for p in module.parameters())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_numpy_backend_matches_onnxruntime(traced, name):
+    _, graph, make_input = traced[name]
+    x = make_input(3).numpy()
+    expected = graph.run(x)
+    expected = expected[0] if isinstance(expected, (list, tuple)) else expected
+    actual = evaluate(graph, x)[0]
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_accepts_a_torch_model_and_an_onnx_proto(traced):
+    model, graph, make_input = traced["mlp"]
+    x = make_input(3)
+    from_model = to_torch(model, (x,)).eval()
+    from_proto = to_torch(graph.to_proto()).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(from_model(x).numpy(), model(x).numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(from_proto(x).numpy(), model(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_op_fails_before_building():
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("FancyOp", ["r"], ["y"], domain="custom"),
+    ]
+    nodes[1].metadata_props.add(key="interop.scope", value="blocks.3.fancy")
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("custom", 1)]
+    )
+    with pytest.raises(UnsupportedOpError) as info:
+        to_torch(model)
+    message = str(info.value)
+    assert "FancyOp" in message and "blocks.3.fancy" in message
+    assert isinstance(onnx.ModelProto(), onnx.ModelProto)
+
+
+def test_control_flow_if_becomes_python_control_flow():
+    from onnx import TensorProto, helper
+
+    def branch(name, op):
+        out = helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [None])
+        return helper.make_graph([helper.make_node(op, ["x"], [f"{name}_out"])], name, [], [out])
+
+    node = helper.make_node(
+        "If", ["cond"], ["y"], then_branch=branch("then", "Relu"), else_branch=branch("else", "Neg")
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [None]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])],
+    )
+    module = to_torch(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    x = torch.tensor([-1.0, 2.0], requires_grad=True)
+    assert module(torch.tensor(True), x).tolist() == [0.0, 2.0]
+    y = module(torch.tensor(False), x)
+    assert y.tolist() == [1.0, -2.0]
+    y.sum().backward()
+    assert x.grad.tolist() == [-1.0, -1.0]
