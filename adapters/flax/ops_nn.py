@@ -47,6 +47,9 @@ def convert_dot_general(low, eqn, a, b):
         perm = list(range(k)) + [k + 1, k]
         bt = low.op("Transpose", [b], {"perm": perm})
         return _finish_dtype(low, eqn, low.op("MatMul", [a, bt]))
+    general = _general_matmul(low, eqn, a, b, lc, rc, lb, rb)
+    if general is not None:
+        return _finish_dtype(low, eqn, general)
     letters = iter(string.ascii_letters)
     la = [next(letters) for _ in range(ra)]
     lb_letters = [None] * rb_rank
@@ -60,6 +63,33 @@ def convert_dot_general(low, eqn, a, b):
     out = [la[i] for i in lb] + free_a + free_b
     equation = f"{''.join(la)},{''.join(lb_letters)}->{''.join(out)}"
     return _finish_dtype(low, eqn, low.op("Einsum", [a, b], {"equation": equation}))
+
+
+def _general_matmul(low, eqn, a, b, lc, rc, lb, rb):
+    """Any dot_general as Transpose + Reshape + one batched MatMul + Reshape.
+
+    ONNX Runtime's MatMul is several times faster than its Einsum on attention-shaped
+    products (measured in benchmarks/bench_flax.py), so Einsum is only the fallback
+    for contractions over symbolic dims.
+    """
+    sa, sb = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+    free_a = [i for i in range(len(sa)) if i not in lb and i not in lc]
+    free_b = [j for j in range(len(sb)) if j not in rb and j not in rc]
+    contract = [sa[i] for i in lc]
+    if not all(isinstance(d, int) for d in contract):
+        return None
+    k = int(np.prod(contract, dtype=np.int64))
+    nb = len(lb)
+    perm_a, perm_b = lb + free_a + lc, rb + rc + free_b
+    if perm_a != list(range(len(sa))):
+        a = low.op("Transpose", [a], {"perm": perm_a})
+    if perm_b != list(range(len(sb))):
+        b = low.op("Transpose", [b], {"perm": perm_b})
+    # Reshape's 0 copies the (possibly symbolic) batch dims; -1 folds the free dims.
+    a = low.op("Reshape", [a, low.ints([0] * nb + [-1, k])])
+    b = low.op("Reshape", [b, low.ints([0] * nb + [k, -1])])
+    y = low.op("MatMul", [a, b])
+    return low.op("Reshape", [y, low.shape(eqn.outvars[0].aval.shape)])
 
 
 def _inverse(perm):
