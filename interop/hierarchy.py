@@ -167,7 +167,8 @@ class LayerTree:
         _assign_nodes(model.graph, self)
         _assign_parameters(model, self)
         kinds = provenance.read_parameters(model)
-        self.plumbing = plumbing_nodes(model.graph, set(kinds) if kinds else None)
+        recorded = provenance.PARAMETERS in model.metadata_props
+        self.plumbing = plumbing_nodes(model.graph, set(kinds) if recorded else None)
         for layer in self.root.walk():
             _compute_boundary(layer, model.graph, self.plumbing)
 
@@ -232,7 +233,8 @@ def _assign_nodes(graph: ir.Graph, tree: LayerTree) -> None:
 
 def _assign_parameters(model: ir.Model, tree: LayerTree) -> None:
     kinds = provenance.read_parameters(model)
-    foreign = not kinds  # a file from another tool: every initializer counts as a weight
+    # a file from another tool has no table: every initializer counts as a weight there
+    foreign = provenance.PARAMETERS not in model.metadata_props
     for name, value in model.graph.initializers.items():
         kind = kinds.get(name) or (provenance.TRAINABLE if foreign else None)
         if kind is None:

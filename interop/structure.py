@@ -51,7 +51,8 @@ def _flatten(obj: Any, prefix: str, is_leaf, convert, flat: list, top: bool = Fa
             f"The model returned an object of type {type(obj).__qualname__} at "
             f"'{prefix or 'output'}', which interop cannot flatten into tensors",
             "tensors, or dicts / dataclasses / tuples / lists of them",
-            "return tensors from forward (wrap the model in a small module that picks them)",
+            "return tensors from forward (wrap the model in a small module that picks them)"
+            + (", or pass use_cache=False to leave the cache out" if "Cache" in type(obj).__name__ else ""),
         )
     for key, value in items:
         _flatten(value, f"{prefix}.{key}" if prefix else key, is_leaf, convert, flat)

@@ -290,3 +290,9 @@ def test_structured_outputs_are_flattened_in_order():
 def test_plot_png(traced, tmp_path):
     path = traced["lstm"].plot(tmp_path / "lstm.png", depth=1)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_without_parameters_counts_zero():
+    graph = interop.trace(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Flatten()), (torch.randn(2, 3, 4),))
+    assert graph.count_params() == 0
+    assert "Total params: 0 " in graph.summary(print_fn=None)

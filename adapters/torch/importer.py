@@ -63,12 +63,17 @@ def _is_tensor(value: Any) -> bool:
 
 
 def _expand_cache(obj: Any) -> Any:
-    """Hugging Face KV caches -> ``{layer: {"key", "value"}}`` so they flatten to named outputs."""
+    """Hugging Face KV caches -> ``{layer: {"key", "value"}}`` so they flatten to named outputs.
+
+    Encoder-decoder caches become ``{"self_attention": ..., "cross_attention": ...}``.
+    """
     if "Cache" not in type(obj).__name__:
         return obj
     layers = getattr(obj, "layers", None)
     if layers is not None and all(hasattr(la, "keys") and hasattr(la, "values") for la in layers):
         return {str(i): {"key": la.keys, "value": la.values} for i, la in enumerate(layers)}
+    if hasattr(obj, "self_attention_cache") and hasattr(obj, "cross_attention_cache"):
+        return {"self_attention": obj.self_attention_cache, "cross_attention": obj.cross_attention_cache}
     if hasattr(obj, "key_cache") and hasattr(obj, "value_cache"):
         return {
             str(i): {"key": k, "value": v}
@@ -365,11 +370,23 @@ def _to_onnx(exported: torch.export.ExportedProgram) -> Any:
             cause = cause.__cause__ or cause.__context__
         text = "\n".join(str(c) for c in chain)
         match = _FAILED_TARGET.search(text)
-        if match:
+        missing = "No ONNX function found" in text or "No decompositions registered" in text
+        if match and not missing:  # a translation exists but failed on this node
+            op = match.group(3) or f"{match.group(1)}.{match.group(2)}"
+            layer, location = _fx_provenance(exported, op)
+            where = f" in layer '{layer}'" if layer else ""
+            where += f" at {location}" if location else ""
+            error: InteropError = TraceError(
+                f"torch.onnx failed to translate '{op}'{where}: {_first_lines(chain[-1], 2)}",
+                None,
+                "this is a limitation of torch.onnx on this construct; try dynamic_batch=False / "
+                "fewer dynamic_dims, or rewrite that call with simpler ops",
+            )
+        elif match:
             op = match.group(3) or f"{match.group(1)}.{match.group(2)}"
             layer, location = _fx_provenance(exported, op)
             base = op.rsplit(".", 1)[0] if op.count(".") > 1 else op
-            error: InteropError = UnsupportedOpError(
+            error = UnsupportedOpError(
                 base.replace(".", "::", 1),
                 direction="import",
                 adapter="torch",
