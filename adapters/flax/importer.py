@@ -26,7 +26,7 @@ from interop.structure import flatten_outputs
 
 from . import is_linen_module, is_nnx_module, ops_basic, ops_control, ops_nn  # noqa: F401  (register the converters)
 from .capture import Capture, capture_function, capture_linen, capture_nnx, closure_names
-from .lowering import OPSET, walk
+from .lowering import OPSET, Lowering, walk
 
 
 def capture(model: Any) -> Capture:
@@ -44,13 +44,6 @@ def capture(model: Any) -> Capture:
         unbound, variables = model.unbind()
         return capture_linen(unbound, variables)
     return capture_function(model)
-
-
-def _is_array(value: Any) -> bool:
-    return isinstance(value, jax.Array | np.ndarray) or type(value).__name__ in (
-        "Tracer",
-        "DynamicJaxprTracer",
-    )
 
 
 def _is_leaf(value: Any) -> bool:
@@ -183,14 +176,10 @@ def _trace_error(model: Any, err: Exception, dynamic_batch: bool) -> TraceError:
 
 
 def _build(closed, cap: Capture, specs, input_names, output_names, model) -> Graph:
-    jaxpr = closed.jaxpr
-    n_params = len(cap.names)
     inputs = []
     dim_sources: dict[str, tuple[ir.Value, int]] = {}
     for name, spec in zip(input_names, specs, strict=False):
         value = ir.Value(name=name)
-        from .lowering import Lowering
-
         Lowering.type_value(value, spec)
         inputs.append(value)
         for axis, d in enumerate(spec.shape):
@@ -219,7 +208,6 @@ def _build(closed, cap: Capture, specs, input_names, output_names, model) -> Gra
     low, outs = walk(closed, [*const_values, *initializers, *inputs], dim_sources)
     nodes = low.nodes
     outputs = _finalize_outputs(low, outs, inputs, closed.jaxpr.outvars, output_names)
-    assert len(jaxpr.invars) == n_params + len(inputs)
     graph = ir.Graph(
         inputs,
         outputs,
@@ -231,16 +219,18 @@ def _build(closed, cap: Capture, specs, input_names, output_names, model) -> Gra
     layers = cap.finish_layers() if cap.finish_layers else cap.layers
     provenance.write_layers(onnx_model, layers)
     provenance.write_parameters(onnx_model, kinds)
-    import flax
-
     source = dict(cap.source)
-    source["version"] = flax.__version__ if source["framework"] == "flax" else jax.__version__
-    source["parameters"] = int(
-        sum(
-            np.prod(np.shape(leaf))
-            for n, leaf in zip(cap.names, jax.tree_util.tree_leaves(cap.params), strict=False)
-            if kinds.get(n) == provenance.TRAINABLE
-        )
+    if source["framework"] == "flax":
+        import flax
+
+        source["version"] = flax.__version__
+    else:
+        source["version"] = jax.__version__
+    weights = [*const_values, *initializers]
+    source["parameters"] = sum(
+        int(np.prod(v.const_value.shape.numpy()))
+        for v in weights
+        if kinds.get(v.name) == provenance.TRAINABLE
     )
     provenance.write_source(onnx_model, source)
     return Graph(onnx_model)
