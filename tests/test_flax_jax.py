@@ -187,3 +187,10 @@ def test_accepts_flax_and_jax_but_not_torch_or_keras():
         assert not ADAPTER.accepts(torch.nn.Linear(2, 2))
         assert interop.tracing.adapter_for(torch.nn.Linear(2, 2)).name == "torch"
     assert interop.tracing.adapter_for(mlp).name == "flax"
+
+
+def test_keras_models_are_left_to_the_keras_adapter():
+    keras = pytest.importorskip("keras")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    assert not ADAPTER.accepts(model)
+    assert not ADAPTER.accepts(keras.layers.Dense(2))

@@ -235,12 +235,13 @@ def test_rnn_with_dynamic_time_axis_runs_any_length():
     assert g.count_params() == state_count(model)
 
 
-def test_round_trips_give_identical_outputs(tmp_path):
-    model = CNN(nnx.Rngs(3))
-    x = f32(3, 16, 16, 3)
+@pytest.mark.parametrize("make", [CNN, ScannedMLP], ids=["cnn", "scan_loop"])
+def test_round_trips_give_identical_outputs(tmp_path, make):
+    model = make(nnx.Rngs(3))
+    x = f32(3, 16, 16, 3) if make is CNN else f32(3, 8)
     g = interop.trace(model, x)
     reference = g.run(x)
-    loaded = interop.load(g.save(tmp_path / "cnn.onnx"))
+    loaded = interop.load(g.save(tmp_path / "model.onnx"))
     rebuilt = interop.Graph.from_config(g.get_config(), g.get_weights())
     for other in (loaded, rebuilt, g.clone()):
         np.testing.assert_array_equal(other.run(x), reference)
@@ -258,3 +259,24 @@ def test_trace_rejects_model_that_fixes_the_batch_size():
     g = interop.trace(Fixed(), f32(2, 3, 4), dynamic_batch=False)
     assert g.inputs[0].shape == (2, 3, 4)
     np.testing.assert_array_equal(g.run(np.ones((2, 3, 4), np.float32)), np.full((2, 3, 4), 2.0))
+
+
+class TwoInputs(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(20, 6, rngs=rngs)
+        self.proj = nnx.Linear(6, 2, rngs=rngs)
+
+    def __call__(self, ids, mask):
+        h = self.embed(ids) * mask[..., None]
+        return self.proj(h.sum(axis=1) / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0))
+
+
+def test_named_inputs_given_as_a_dict():
+    model = TwoInputs(nnx.Rngs(0))
+    example = {"ids": rng.integers(0, 20, (2, 5)), "mask": (f32(2, 5) > 0).astype(np.float32)}
+    g = interop.trace(model, example)
+    assert [(s.name, s.shape) for s in g.inputs] == [("ids", ("batch", 5)), ("mask", ("batch", 5))]
+    other = {"ids": rng.integers(0, 20, (4, 5)), "mask": (f32(4, 5) > 0).astype(np.float32)}
+    for inputs in (example, other):  # int64 ids: JAX traces them as int32, Graph.run casts
+        report = interop.verify(model, g, inputs, rtol=RTOL, atol=ATOL)
+        assert report.ok, str(report)
