@@ -194,3 +194,19 @@ def test_keras_models_are_left_to_the_keras_adapter():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     assert not ADAPTER.accepts(model)
     assert not ADAPTER.accepts(keras.layers.Dense(2))
+
+
+def windowed_top3(x, start):
+    # start arrives as a 1-element array: a traced index, clamped by JAX like the graph does.
+    rows = jax.lax.dynamic_slice(x, (start[0], 0), (2, x.shape[1]))
+    values, indices = jax.lax.top_k(jax.device_put(rows), 3)
+    return values, indices
+
+
+def test_dynamic_slice_clamps_and_top_k():
+    x = f32(6, 5)
+    g = interop.trace(windowed_top3, (x, np.array([1], np.int32)), dynamic_batch=False)
+    for start in (0, 3, 5, 9, -2):
+        idx = np.array([start], np.int32)
+        for got, want in zip(g.run(x, idx), windowed_top3(x, idx), strict=True):
+            np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)

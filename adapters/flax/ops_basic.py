@@ -317,3 +317,37 @@ reg("argmin", _arg("ArgMin"))
 def convert_cumsum(low, eqn, x):
     axis = low.const(np.int64(eqn.params["axis"]))
     return low.op("CumSum", [x, axis], {"reverse": int(bool(eqn.params.get("reverse")))})
+
+
+@reg("device_put")
+def convert_device_put(low, eqn, *xs):
+    return [low.op("Identity", [x]) for x in xs]  # placement means nothing to the graph
+
+
+reg("sharding_constraint", _unary("Identity"))
+
+
+@reg("dynamic_slice")
+def convert_dynamic_slice(low, eqn, x, *starts):
+    sizes = list(eqn.params["slice_sizes"])
+    shape = low.op("Shape", [x])
+    size_values = low.shape(sizes)
+    # JAX clamps start indices so the slice stays in bounds: 0 <= start <= dim - size.
+    begin = low.op(
+        "Concat",
+        [low.op("Unsqueeze", [low.cast(s, np.int64), low.ints([0])]) for s in starts],
+        {"axis": 0},
+    )
+    upper = low.op("Sub", [shape, size_values])
+    begin = low.op("Min", [low.op("Max", [begin, low.ints([0] * len(sizes))]), upper])
+    end = low.op("Add", [begin, size_values])
+    return low.op("Slice", [x, begin, end, low.ints(range(len(sizes)))])
+
+
+@reg("top_k")
+def convert_top_k(low, eqn, x):
+    k = eqn.params["k"]
+    values, indices = low.op(
+        "TopK", [x, low.shape([k])], {"axis": -1, "largest": 1, "sorted": 1}, outputs=2
+    )
+    return [values, low.cast(indices, eqn.outvars[1].aval.dtype)]
