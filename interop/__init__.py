@@ -29,6 +29,19 @@ from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
+_EMITTERS = ("to_torch", "to_keras", "to_flax", "to_jax")
+
+
+def __getattr__(name: str):
+    # the emitters live in interop.emit, which is imported only when one is used
+    if name in _EMITTERS:
+        from . import emit
+
+        if hasattr(emit, name):
+            return getattr(emit, name)
+    raise AttributeError(f"module 'interop' has no attribute '{name}'")
+
+
 __all__ = [
     "Graph",
     "Layer",
@@ -38,6 +51,10 @@ __all__ = [
     "load",
     "verify",
     "register_adapter",
+    "to_torch",
+    "to_keras",
+    "to_flax",
+    "to_jax",
     "errors",
     "InteropError",
     "UnsupportedOpError",
