@@ -57,6 +57,14 @@ BUILTINS = {
     ),
     "conv_groups": (lambda r: nnx.Conv(4, 4, (3, 3), feature_group_count=2, rngs=r), (8, 8, 4)),
     "conv_transpose": (lambda r: nnx.ConvTranspose(3, 4, (3, 3), rngs=r), (8, 8, 3)),
+    "conv_transpose_stride2": (
+        lambda r: nnx.ConvTranspose(3, 4, (3, 3), strides=2, rngs=r),
+        (5, 6, 3),
+    ),
+    "conv_transpose_stride2_valid": (
+        lambda r: nnx.ConvTranspose(3, 4, (4,), strides=3, padding="VALID", rngs=r),
+        (5, 3),
+    ),
     "batchnorm": (lambda r: nnx.BatchNorm(4, rngs=r), (5, 4)),
     "layernorm": (lambda r: nnx.LayerNorm(4, rngs=r), (4,)),
     "rmsnorm": (lambda r: nnx.RMSNorm(4, rngs=r), (4,)),

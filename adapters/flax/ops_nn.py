@@ -102,14 +102,14 @@ def _inverse(perm):
 @reg("conv_general_dilated")
 def convert_conv(low, eqn, x, w):
     p = eqn.params
-    if any(d != 1 for d in p["lhs_dilation"]):
-        raise _unsupported(low, "input (lhs) dilation, i.e. a transposed convolution",
-                           "use a regular convolution, or register a converter for conv_general_dilated")  # fmt: skip
     if p["batch_group_count"] != 1:
         raise _unsupported(low, "batch_group_count > 1", "use feature groups instead")
     dn = p["dimension_numbers"]
     lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
     x = low.op("Transpose", [x], {"perm": list(lhs_spec)})
+    if any(d != 1 for d in p["lhs_dilation"]):  # a transposed (fractionally strided) conv
+        spatial = [eqn.invars[0].aval.shape[i] for i in lhs_spec[2:]]
+        x = _dilate(low, x, spatial, list(p["lhs_dilation"]))
     w = low.op("Transpose", [w], {"perm": list(rhs_spec)})
     pads = [lo for lo, _ in p["padding"]] + [hi for _, hi in p["padding"]]
     if any(v < 0 for v in pads):
@@ -123,6 +123,33 @@ def convert_conv(low, eqn, x, w):
     y = low.op("Conv", [x, w], attrs)
     y = low.op("Transpose", [y], {"perm": _inverse(list(out_spec))})
     return _finish_dtype(low, eqn, y)
+
+
+def _dilate(low, x, spatial, dilation):
+    """Insert ``d - 1`` zeros between neighbours along each spatial axis of an NC... array.
+
+    This is what lhs dilation means; the convolution that follows is then an ordinary
+    one, exact for any padding JAX computed (ONNX ConvTranspose's output_padding and
+    kernel-flip conventions never come into play).
+    """
+    if not all(isinstance(n, int) for n in spatial):
+        raise _unsupported(
+            low, "input dilation over a symbolic spatial dim", "give the spatial dims static sizes"
+        )
+    sizes = list(spatial)
+    for j, d in enumerate(dilation):
+        if d == 1:
+            continue
+        axis = 2 + j
+        y = low.op("Unsqueeze", [x, low.ints([axis + 1])])
+        pads = [0] * (len(sizes) + 3) * 2
+        pads[len(sizes) + 3 + axis + 1] = d - 1  # zeros after each element on the new axis
+        y = low.op("Pad", [y, low.ints(pads)], {"mode": "constant"})
+        sizes[j] *= d
+        y = low.op("Reshape", [y, low.ints([0, 0, *sizes])])  # 0 keeps batch and channels
+        sizes[j] -= d - 1  # drop the trailing zeros after the last element
+        x = low.op("Slice", [y, low.ints([0]), low.ints([sizes[j]]), low.ints([axis])])
+    return x
 
 
 def _pool(kind: str):
