@@ -1,16 +1,18 @@
-"""Run the ONNX node tests against every emitter; write docs/ops.md (and the xfail table).
+"""Run the ONNX node tests against the emitters; write docs/ops.md (and the xfail tables).
 
-    python tools/gen_ops_doc.py                 # docs/ops.md from a fresh run
-    python tools/gen_ops_doc.py --update-xfails # also rewrite tests/conformance_xfails.json
+    python tools/gen_ops_doc.py                    # every emitter with an xfail table
+    python tools/gen_ops_doc.py --update-xfails    # also rewrite tests/conformance_xfails_*.json
+    python tools/gen_ops_doc.py --emitters keras --update-xfails   # rerun one emitter only
 
-The runner is the one of tests/test_conformance.py, so the table and the test agree.
+docs/ops.md has a column per emitter that has tests/conformance_xfails_<emitter>.json;
+emitters not rerun are read from their table. The runners are the test suites' own
+(RUNNERS of tests/test_conformance[_<emitter>].py), so the table and the tests agree.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 import time
 from pathlib import Path
@@ -18,31 +20,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-import test_conformance as conformance  # noqa: E402
+import conformance_support as cs  # noqa: E402
 
 
-def run_all(emitters: tuple[str, ...]) -> dict[str, dict[str, str]]:
-    """emitter -> {failing case name: reason}."""
-    failures: dict[str, dict[str, str]] = {}
-    for emitter in emitters:
-        start = time.perf_counter()
-        failures[emitter] = {}
-        for case in conformance.node_cases():
-            ok, reason = conformance.outcome(case, emitter)
-            if not ok:
-                failures[emitter][case.name] = reason
-        print(
-            f"{emitter}: {len(failures[emitter])} failing, {time.perf_counter() - start:.1f}s",
-            file=sys.stderr,
-        )
+def run_emitter(emitter: str) -> dict[str, str]:
+    """{failing case name: reason} from a fresh run."""
+    run = cs.runner(emitter)
+    start = time.perf_counter()
+    failures = {}
+    for case in cs.cases():
+        ok, reason = cs.outcome(run, case)
+        if not ok:
+            failures[case.name] = reason
+    print(
+        f"{emitter}: {len(failures)} failing, {time.perf_counter() - start:.1f}s", file=sys.stderr
+    )
     return failures
 
 
 def render(failures: dict[str, dict[str, str]]) -> str:
-    cases = conformance.node_cases()
+    cases = cs.cases()
     by_op: dict[str, list[str]] = collections.defaultdict(list)
     for case in cases:
-        by_op[conformance.case_op_type(case)].append(case.name)
+        by_op[cs.case_op_type(case)].append(case.name)
     emitters = list(failures)
     total = len(cases)
     lines = [
@@ -52,7 +52,7 @@ def render(failures: dict[str, dict[str, str]]) -> str:
         "`onnx` package (`onnx.backend.test.case.node.collect_testcases`), run with the onnx backend",
         "runner's tolerances (rtol 1e-3, atol 1e-7, same dtypes and shapes). A case is counted under",
         "the op of its last node (the `_expanded` variants test the op's function body).",
-        "Failing cases and their reasons: tests/conformance_xfails.json.",
+        "Failing cases and their reasons: tests/conformance_xfails_<emitter>.json.",
         "",
         "| emitter | passed | total | pass rate |",
         "|---|---|---|---|",
@@ -78,17 +78,21 @@ def render(failures: dict[str, dict[str, str]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--emitters", default=",".join(conformance.EMITTERS))
     parser.add_argument(
-        "--update-xfails", action="store_true", help="rewrite tests/conformance_xfails.json"
+        "--emitters", default="", help="comma-separated emitters to rerun (default: all)"
+    )
+    parser.add_argument(
+        "--update-xfails", action="store_true", help="rewrite the rerun emitters' xfail tables"
     )
     parser.add_argument("--output", default=str(ROOT / "docs" / "ops.md"))
     args = parser.parse_args()
-    failures = run_all(tuple(args.emitters.split(",")))
-    Path(args.output).write_text(render(failures))
+    rerun = [e for e in args.emitters.split(",") if e] or cs.emitters_with_xfails()
+    columns = cs.emitters_with_xfails() + [e for e in rerun if e not in cs.emitters_with_xfails()]
+    failures = {e: run_emitter(e) if e in rerun else cs.load_xfails(e) for e in columns}
     if args.update_xfails:
-        table = {emitter: dict(sorted(f.items())) for emitter, f in failures.items()}
-        conformance.XFAILS_PATH.write_text(json.dumps(table, indent=1, ensure_ascii=False) + "\n")
+        for emitter in rerun:
+            cs.write_xfails(emitter, failures[emitter])
+    Path(args.output).write_text(render(failures))
 
 
 if __name__ == "__main__":
