@@ -287,4 +287,4 @@ def to_torch_module(source: Any, *, normalized: bool = False) -> fx.GraphModule:
     return TorchEmitter(source, normalized=normalized).build()
 
 
-from . import layers  # noqa: E402,F401  (registers the native layer builders)
+from . import native_layers  # noqa: E402,F401  (registers the native layer builders)
