@@ -210,3 +210,19 @@ def test_dynamic_slice_clamps_and_top_k():
         idx = np.array([start], np.int32)
         for got, want in zip(g.run(x, idx), windowed_top3(x, idx), strict=True):
             np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    "fn, inputs, options",
+    [
+        (branchy, (f32(2, 3), np.int32(1)), {}),
+        (newton_sqrt, (np.abs(f32(4)) + 1.0,), {}),
+        (cumulative, (f32(5, 3),), {"dynamic_batch": False, "dynamic_dims": {"xs": {0: "time"}}}),
+        (fori, (f32(2, 3), np.int32(4)), {}),
+    ],
+    ids=["cond", "while", "scan", "fori"],
+)
+def test_control_flow_graphs_pass_the_full_onnx_checker(fn, inputs, options):
+    onnx = pytest.importorskip("onnx")
+    g = interop.trace(fn, inputs, **options)
+    onnx.checker.check_model(g.to_proto(), full_check=True)  # types and shapes of bodies too
