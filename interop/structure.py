@@ -52,7 +52,11 @@ def _flatten(obj: Any, prefix: str, is_leaf, convert, flat: list, top: bool = Fa
             f"'{prefix or 'output'}', which interop cannot flatten into tensors",
             "tensors, or dicts / dataclasses / tuples / lists of them",
             "return tensors from forward (wrap the model in a small module that picks them)"
-            + (", or pass use_cache=False to leave the cache out" if "Cache" in type(obj).__name__ else ""),
+            + (
+                ", or pass use_cache=False to leave the cache out"
+                if "Cache" in type(obj).__name__
+                else ""
+            ),
         )
     for key, value in items:
         _flatten(value, f"{prefix}.{key}" if prefix else key, is_leaf, convert, flat)

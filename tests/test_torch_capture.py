@@ -293,6 +293,8 @@ def test_plot_png(traced, tmp_path):
 
 
 def test_model_without_parameters_counts_zero():
-    graph = interop.trace(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Flatten()), (torch.randn(2, 3, 4),))
+    graph = interop.trace(
+        torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Flatten()), (torch.randn(2, 3, 4),)
+    )
     assert graph.count_params() == 0
     assert "Total params: 0 " in graph.summary(print_fn=None)

@@ -73,7 +73,10 @@ def _expand_cache(obj: Any) -> Any:
     if layers is not None and all(hasattr(la, "keys") and hasattr(la, "values") for la in layers):
         return {str(i): {"key": la.keys, "value": la.values} for i, la in enumerate(layers)}
     if hasattr(obj, "self_attention_cache") and hasattr(obj, "cross_attention_cache"):
-        return {"self_attention": obj.self_attention_cache, "cross_attention": obj.cross_attention_cache}
+        return {
+            "self_attention": obj.self_attention_cache,
+            "cross_attention": obj.cross_attention_cache,
+        }
     if hasattr(obj, "key_cache") and hasattr(obj, "value_cache"):
         return {
             str(i): {"key": k, "value": v}
