@@ -226,3 +226,33 @@ def test_control_flow_graphs_pass_the_full_onnx_checker(fn, inputs, options):
     onnx = pytest.importorskip("onnx")
     g = interop.trace(fn, inputs, **options)
     onnx.checker.check_model(g.to_proto(), full_check=True)  # types and shapes of bodies too
+
+
+def assorted(x):
+    one_hot = jax.nn.one_hot(jnp.argmax(x, -1), x.shape[-1])
+    return jnp.where(x > 0, jnp.clip(x, -0.5, 0.5), jnp.cumsum(x, -1)) + one_hot, x.max()
+
+
+def causal_sdpa(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+
+def pools(x):
+    nn = pytest.importorskip("flax.linen")
+    return (
+        nn.avg_pool(x, (3, 3), padding="SAME", count_include_pad=False),
+        nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME"),
+    )
+
+
+@pytest.mark.parametrize(
+    "fn, shapes",
+    [(assorted, [(5,)]), (causal_sdpa, [(5, 2, 4)] * 3), (pools, [(7, 7, 3)])],
+    ids=["where_clip_cumsum_onehot", "causal_dot_product_attention", "pools_same_padding"],
+)
+def test_jax_functions_match_on_two_batch_sizes(fn, shapes):
+    g = interop.trace(fn, tuple(f32(2, *s) for s in shapes))
+    for batch in (2, 5):
+        inputs = tuple(f32(batch, *s) for s in shapes)
+        report = interop.verify(fn, g, inputs, rtol=RTOL, atol=ATOL)
+        assert report.ok, str(report)

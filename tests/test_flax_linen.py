@@ -134,3 +134,23 @@ def test_linen_scan_over_layers_is_a_loop():
         assert interop.verify((module, variables), g, (inputs,), rtol=RTOL, atol=ATOL).ok
     assert g.get_weights()["layers.Dense_0.kernel"].shape == (3, 6, 6)
     assert g.count_params() == count(variables["params"])
+
+
+class SetupMLP(nn.Module):
+    def setup(self):
+        self.hidden = nn.Dense(4)
+        self.out = nn.Dense(2)
+
+    def __call__(self, x):
+        return self.out(nn.relu(self.hidden(x)))
+
+
+def test_linen_setup_style_module_names_its_submodules():
+    module, x = SetupMLP(), f32(2, 3)
+    variables = module.init(jax.random.key(0), x)
+    g = interop.trace((module, variables), x)
+    assert [la.path for la in g.layers] == ["hidden", "out"]
+    for inputs in (x, f32(6, 3)):
+        np.testing.assert_allclose(
+            g.run(inputs), module.apply(variables, inputs), rtol=RTOL, atol=ATOL
+        )

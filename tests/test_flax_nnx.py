@@ -65,7 +65,15 @@ BUILTINS = {
         lambda r: nnx.ConvTranspose(3, 4, (4,), strides=3, padding="VALID", rngs=r),
         (5, 3),
     ),
+    "conv_reflect": (lambda r: nnx.Conv(3, 4, (3, 3), padding="REFLECT", rngs=r), (8, 8, 3)),
+    "linear_general": (
+        lambda r: nnx.LinearGeneral((4, 3), (2, 5), axis=(-2, -1), rngs=r),
+        (4, 3),
+    ),
+    "einsum": (lambda r: nnx.Einsum("bi,io->bo", (4, 3), (3,), rngs=r), (4,)),
+    "lora": (lambda r: nnx.LoRA(4, 2, 3, rngs=r), (4,)),
     "batchnorm": (lambda r: nnx.BatchNorm(4, rngs=r), (5, 4)),
+    "batchnorm_4d": (lambda r: nnx.BatchNorm(3, rngs=r), (4, 4, 3)),
     "layernorm": (lambda r: nnx.LayerNorm(4, rngs=r), (4,)),
     "rmsnorm": (lambda r: nnx.RMSNorm(4, rngs=r), (4,)),
     "groupnorm": (lambda r: nnx.GroupNorm(4, num_groups=2, rngs=r), (3, 4)),
@@ -288,3 +296,16 @@ def test_named_inputs_given_as_a_dict():
     for inputs in (example, other):  # int64 ids: JAX traces them as int32, Graph.run casts
         report = interop.verify(model, g, inputs, rtol=RTOL, atol=ATOL)
         assert report.ok, str(report)
+
+
+class CausalAttention(nnx.Module):
+    def __init__(self, rngs):
+        self.mha = nnx.MultiHeadAttention(2, 8, decode=False, rngs=rngs)
+
+    def __call__(self, x):
+        return self.mha(x, mask=nnx.make_causal_mask(x[..., 0]))
+
+
+def test_attention_with_a_causal_mask():
+    model = CausalAttention(nnx.Rngs(0))
+    check(model, (f32(2, 5, 8),), (f32(3, 5, 8),))

@@ -146,6 +146,13 @@ def convert_clamp(low, eqn, lo, x, hi):
 def convert_select_n(low, eqn, which, *cases):
     if len(cases) == 1:
         return low.op("Identity", [cases[0]])
+    if eqn.outvars[0].aval.dtype == np.bool_:  # ONNX Runtime's CPU Where has no bool kernel
+        picked = _select(low, eqn, which, [low.cast(c, np.uint8) for c in cases])
+        return low.cast(picked, np.bool_)
+    return _select(low, eqn, which, list(cases))
+
+
+def _select(low, eqn, which, cases):
     if eqn.invars[0].aval.dtype == np.bool_:
         return low.op("Where", [which, cases[1], cases[0]])
     dtype = eqn.invars[0].aval.dtype
