@@ -1,0 +1,269 @@
+"""Native nnx layers for ONNX nodes with constant weights (registered in emitter.LAYERS).
+
+Each builder gets the emitter and the node and returns a `Native` (the layer, its
+``{layer attribute: source initializer}``, the node inputs it is called with, and the
+call adapting ONNX layout to Flax's), or None to let the generic op emit the node.
+Layout: ONNX convolutions are NCHW with OIHW kernels, Flax's NHWC with HWIO kernels;
+the kernel is transposed once here and the activations around each call, so the
+emitted module keeps the source's NCHW at its inputs and outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .emitter import LAYERS
+
+
+@dataclass
+class Native:
+    layer: nnx.Module
+    sources: dict[str, Any]
+    data_inputs: list[int]
+    call: Callable[..., Any]
+
+
+def _init(array: np.ndarray) -> Callable[..., Any]:
+    """An initializer returning the source value (no random init to throw away)."""
+    return lambda *_: jnp.asarray(array)
+
+
+def _attributes(emitter: Any, node: Any) -> dict[str, Any]:
+    return emitter.attributes(node)[0]
+
+
+def _optional_weight(emitter: Any, node: Any, index: int) -> tuple[Any, Any, bool]:
+    """(value, array, ok) of an optional weight input; exporters spell "no bias" as zeros."""
+    value = node.inputs[index] if len(node.inputs) > index else None
+    if value is None:
+        return None, None, True
+    static = emitter.statics.get(value)
+    if static is not None and not np.any(static):
+        return None, None, True
+    array = emitter.weight(value)
+    return value, array, array is not None
+
+
+def _call(layer: Any, x: Any) -> Any:
+    return layer(x)
+
+
+def _channels_last(layer: Any, x: Any) -> Any:
+    # NCHW in and out; the nnx layer runs NHWC (XLA cancels adjacent transposes)
+    return jnp.moveaxis(layer(jnp.moveaxis(x, 1, -1)), -1, 1)
+
+
+def _pads(attrs: dict[str, Any], spatial: int) -> list[tuple[int, int]] | None:
+    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return None
+    pads = list(attrs.get("pads") or [0] * (2 * spatial))
+    return list(zip(pads[:spatial], pads[spatial:]))
+
+
+@LAYERS.register("Conv")
+def conv_layer(emitter: Any, node: Any) -> Native | None:
+    """ONNX Conv with a constant kernel -> nnx.Conv (NHWC inside)."""
+    weight = emitter.weight(node.inputs[1])
+    bias_value, bias, ok = _optional_weight(emitter, node, 2)
+    if weight is None or not ok or not 3 <= weight.ndim <= 5 or weight.dtype.kind != "f":
+        return None
+    attrs = _attributes(emitter, node)
+    spatial = weight.ndim - 2
+    pads = _pads(attrs, spatial)
+    if pads is None:
+        return None
+    group = attrs.get("group", 1)
+    layer = nnx.Conv(
+        weight.shape[1] * group,
+        weight.shape[0],
+        tuple(weight.shape[2:]),
+        strides=tuple(attrs.get("strides") or [1] * spatial),
+        padding=pads,
+        kernel_dilation=tuple(attrs.get("dilations") or [1] * spatial),
+        feature_group_count=group,
+        use_bias=bias is not None,
+        param_dtype=weight.dtype,
+        kernel_init=_init(np.transpose(weight, (*range(2, weight.ndim), 1, 0))),
+        bias_init=_init(bias) if bias is not None else nnx.initializers.zeros,
+        rngs=emitter.rngs,
+    )
+    sources = {"kernel": node.inputs[1]} | ({"bias": bias_value} if bias is not None else {})
+    return Native(layer, sources, [0], _channels_last)
+
+
+@LAYERS.register("ConvTranspose")
+def conv_transpose_layer(emitter: Any, node: Any) -> Native | None:
+    """ONNX ConvTranspose (one group) -> nnx.ConvTranspose with transpose_kernel (NHWC inside)."""
+    weight = emitter.weight(node.inputs[1])
+    bias_value, bias, ok = _optional_weight(emitter, node, 2)
+    if weight is None or not ok or not 3 <= weight.ndim <= 5 or weight.dtype.kind != "f":
+        return None
+    attrs = _attributes(emitter, node)
+    spatial = weight.ndim - 2
+    pads = _pads(attrs, spatial)
+    if pads is None or attrs.get("group", 1) != 1 or attrs.get("output_shape") is not None:
+        return None
+    kernel = weight.shape[2:]
+    dilations = list(attrs.get("dilations") or [1] * spatial)
+    extra = list(attrs.get("output_padding") or [0] * spatial)
+    # the padding of the equivalent dilated convolution (what lax.conv_transpose takes)
+    padding = [
+        (d * (k - 1) - lo, d * (k - 1) - hi + e)
+        for (lo, hi), k, d, e in zip(pads, kernel, dilations, extra)
+    ]
+    layer = nnx.ConvTranspose(
+        weight.shape[0],
+        weight.shape[1],
+        tuple(kernel),
+        strides=tuple(attrs.get("strides") or [1] * spatial),
+        padding=padding,
+        kernel_dilation=tuple(dilations),
+        use_bias=bias is not None,
+        transpose_kernel=True,
+        param_dtype=weight.dtype,
+        kernel_init=_init(np.transpose(weight, (*range(2, weight.ndim), 1, 0))),
+        bias_init=_init(bias) if bias is not None else nnx.initializers.zeros,
+        rngs=emitter.rngs,
+    )
+    sources = {"kernel": node.inputs[1]} | ({"bias": bias_value} if bias is not None else {})
+    return Native(layer, sources, [0], _channels_last)
+
+
+def _linear(emitter: Any, kernel: np.ndarray, bias: np.ndarray | None) -> nnx.Linear:
+    return nnx.Linear(
+        kernel.shape[0],
+        kernel.shape[1],
+        use_bias=bias is not None,
+        param_dtype=kernel.dtype,
+        kernel_init=_init(kernel),
+        bias_init=_init(bias) if bias is not None else nnx.initializers.zeros,
+        rngs=emitter.rngs,
+    )
+
+
+@LAYERS.register("Gemm")
+def gemm_layer(emitter: Any, node: Any) -> Native | None:
+    """ONNX Gemm with a constant B -> nnx.Linear (kernel [in, out], i.e. B or B^T)."""
+    attrs = _attributes(emitter, node)
+    weight = emitter.weight(node.inputs[1])
+    bias_value, bias, ok = _optional_weight(emitter, node, 2)
+    if weight is None or weight.ndim != 2 or weight.dtype.kind != "f" or not ok:
+        return None
+    if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+        return None
+    kernel = weight.T if attrs.get("transB", 0) else weight
+    if bias is not None and (attrs.get("beta", 1.0) != 1.0 or bias.shape != (kernel.shape[1],)):
+        return None
+    sources = {"kernel": node.inputs[1]} | ({"bias": bias_value} if bias is not None else {})
+    return Native(_linear(emitter, np.ascontiguousarray(kernel), bias), sources, [0], _call)
+
+
+@LAYERS.register("MatMul")
+def matmul_layer(emitter: Any, node: Any) -> Native | None:
+    """ONNX MatMul with a constant 2-D right operand -> nnx.Linear without bias."""
+    weight = emitter.weight(node.inputs[1])
+    if weight is None or weight.ndim != 2 or weight.dtype.kind != "f":
+        return None
+    return Native(_linear(emitter, weight, None), {"kernel": node.inputs[1]}, [0], _call)
+
+
+@LAYERS.register("BatchNormalization")
+def batch_norm_layer(emitter: Any, node: Any) -> Native | None:
+    """Inference-form BatchNormalization -> nnx.BatchNorm on axis 1 (ONNX momentum = Flax's)."""
+    attrs = _attributes(emitter, node)
+    tensors = [emitter.weight(v) for v in node.inputs[1:5]]
+    if any(t is None or t.ndim != 1 for t in tensors) or attrs.get("training_mode", 0):
+        return None
+    if len(node.outputs) > 1 or tensors[0].dtype.kind != "f":
+        return None
+    scale, bias, mean, var = tensors
+    layer = nnx.BatchNorm(
+        scale.shape[0],
+        use_running_average=True,
+        axis=1,
+        momentum=attrs.get("momentum", 0.9),
+        epsilon=attrs.get("epsilon", 1e-5),
+        use_fast_variance=False,
+        param_dtype=scale.dtype,
+        scale_init=_init(scale),
+        bias_init=_init(bias),
+        rngs=emitter.rngs,
+    )
+    layer.mean.value = jnp.asarray(mean)
+    layer.var.value = jnp.asarray(var)
+    names = ("scale", "bias", "mean", "var")
+    return Native(layer, dict(zip(names, node.inputs[1:5])), [0], _call)
+
+
+@LAYERS.register("LayerNormalization")
+def layer_norm_layer(emitter: Any, node: Any) -> Native | None:
+    """LayerNormalization over the last axis -> nnx.LayerNorm."""
+    attrs = _attributes(emitter, node)
+    scale = emitter.weight(node.inputs[1])
+    bias_value, bias, ok = _optional_weight(emitter, node, 2)
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    axis = attrs.get("axis", -1)
+    if scale is None or not ok or scale.ndim != 1 or rank is None or axis not in (-1, rank - 1):
+        return None
+    if any(v is not None and v.uses() for v in node.outputs[1:]):
+        return None
+    layer = nnx.LayerNorm(
+        scale.shape[0],
+        epsilon=attrs.get("epsilon", 1e-5),
+        use_bias=bias is not None,
+        use_fast_variance=False,
+        param_dtype=scale.dtype,
+        scale_init=_init(scale),
+        bias_init=_init(bias) if bias is not None else nnx.initializers.zeros,
+        rngs=emitter.rngs,
+    )
+    sources = {"scale": node.inputs[1]} | ({"bias": bias_value} if bias is not None else {})
+    return Native(layer, sources, [0], _call)
+
+
+@LAYERS.register("Gather")
+def embedding_layer(emitter: Any, node: Any) -> Native | None:
+    """Gather (axis 0) on a constant float table -> nnx.Embed."""
+    table = emitter.weight(node.inputs[0])
+    if table is None or table.ndim != 2 or table.dtype.kind != "f":
+        return None
+    if _attributes(emitter, node).get("axis", 0) != 0:
+        return None
+    layer = nnx.Embed(
+        table.shape[0],
+        table.shape[1],
+        param_dtype=table.dtype,
+        embedding_init=_init(table),
+        rngs=emitter.rngs,
+    )
+    return Native(layer, {"embedding": node.inputs[0]}, [1], _embed)
+
+
+def _embed(layer: Any, indices: Any) -> Any:
+    # ONNX allows negative indices; nnx.Embed expects integer indices in range
+    indices = jnp.asarray(indices)
+    return layer(jnp.where(indices < 0, indices + layer.num_embeddings, indices))
+
+
+@LAYERS.register("Dropout")
+def dropout_layer(emitter: Any, node: Any) -> Native | None:
+    """Dropout without a mask output -> nnx.Dropout (drops in train(), identity in eval())."""
+    if len(node.outputs) > 1 and node.outputs[1].uses():
+        return None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        return None  # an explicit training_mode input: keep ONNX's meaning
+    ratio_value = node.inputs[1] if len(node.inputs) > 1 else None
+    if ratio_value is not None and ratio_value not in emitter.statics:
+        return None
+    ratio = (
+        0.5
+        if ratio_value is None
+        else float(np.asarray(emitter.statics[ratio_value]).reshape(-1)[0])
+    )
+    return Native(nnx.Dropout(ratio, deterministic=True, rngs=emitter.rngs), {}, [0], _call)
