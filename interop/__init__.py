@@ -39,6 +39,10 @@ def __getattr__(name: str):
 
         if hasattr(emit, name):
             return getattr(emit, name)
+    if name in ("torch", "keras", "flax"):  # interop.torch.Module, interop.keras.Layer, ...
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'interop' has no attribute '{name}'")
 
 
