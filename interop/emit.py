@@ -57,3 +57,59 @@ def to_torch(source: Any, example_inputs: Any = None) -> Any:
     if isinstance(source, onnx.ModelProto):
         return to_torch_module(source)
     return to_torch_module(graph)
+
+
+def to_flax(source: Any, example_inputs: Any = None, *, rngs: Any = None) -> Any:
+    """Emit a model as a trainable ``flax.nnx.Module`` run with JAX (jit-compatible).
+
+    Weights become ``nnx.Param`` (trainable), ``nnx.BatchStat`` (buffers, BatchNorm
+    statistics) or a ``Frozen`` variable, under their source path (``blocks.0.conv`` is
+    attribute ``blocks`` > ``0`` > ``conv``); ``module.source_names`` maps each state path
+    to its source name. The module starts in eval mode; ``module.train()`` makes
+    BatchNorm use batch statistics and Dropout drop (with ``rngs``, default nnx.Rngs(0)).
+
+    >>> import interop, torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+    >>> module = to_flax(interop.trace(net, (torch.randn(2, 4),)))
+    >>> sorted(module.source_names.items())
+    [('0.bias', '0.bias'), ('0.kernel', '0.weight')]
+    >>> module(torch.randn(5, 4).numpy()).shape
+    (5, 3)
+    """
+    try:
+        from .adapters.flax.emitter import to_flax_module
+    except ModuleNotFoundError as err:
+        if err.name in ("jax", "flax"):
+            raise MissingDependencyError(err.name, "flax", "emit a Flax module") from err
+        raise
+    graph = as_graph(source, example_inputs)
+    return to_flax_module(source if isinstance(source, onnx.ModelProto) else graph, rngs=rngs)
+
+
+def to_jax(source: Any, example_inputs: Any = None) -> tuple[Any, Any]:
+    """Emit a model as ``(pure_fn, params)``: ``pure_fn(params, *inputs)`` in eval mode.
+
+    ``params`` is a nested dict of arrays (every variable of `to_flax`'s module, BatchNorm
+    statistics included), so ``jax.jit(pure_fn)`` and ``jax.grad(loss)(params, ...)``
+    work directly.
+
+    >>> import interop, jax, torch
+    >>> net = torch.nn.Linear(4, 3)
+    >>> fn, params = to_jax(interop.trace(net, (torch.randn(2, 4),)))
+    >>> sorted(params["gemm"])          # a root-level layer lives under its op's name
+    ['bias', 'kernel']
+    >>> jax.jit(fn)(params, torch.randn(5, 4).numpy()).shape
+    (5, 3)
+    """
+    from flax import nnx
+
+    graphdef, state = nnx.split(to_flax(source, example_inputs))
+
+    def pure_fn(params: Any, *inputs: Any, **named: Any) -> Any:
+        import jax
+
+        fresh = jax.tree.map(lambda leaf: leaf, state)  # a copy to fill, never the template
+        nnx.replace_by_pure_dict(fresh, params)
+        return nnx.merge(graphdef, fresh)(*inputs, **named)
+
+    return pure_fn, nnx.to_pure_dict(state)
