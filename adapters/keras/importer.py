@@ -31,6 +31,7 @@ from interop.graph import Graph
 from interop.structure import flatten_outputs
 
 from . import LAYERS, OPS
+from . import attention as _attention  # noqa: F401  (registers the converters)
 from . import conv as _conv  # noqa: F401  (registers the converters)
 from . import layers as _layers  # noqa: F401
 from . import ops as _ops  # noqa: F401
