@@ -59,6 +59,33 @@ def to_torch(source: Any, example_inputs: Any = None) -> Any:
     return to_torch_module(graph)
 
 
+def to_keras(source: Any, example_inputs: Any = None) -> Any:
+    """Emit a model as a trainable ``keras.Model`` (functional) on the active Keras backend.
+
+    Weighted ops become Keras layers (Dense, ConvND, BatchNormalization, Embedding...)
+    whose variables map back to the source names in ``model.source_names``; the model
+    keeps the source's layout at its inputs and outputs (a torch CNN stays NCHW).
+
+    >>> import interop, torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+    >>> model = to_keras(interop.trace(net, (torch.randn(2, 4),)))
+    >>> sorted(model.source_names.values())
+    ['0.bias', '0.weight']
+    >>> tuple(model(torch.randn(5, 4).numpy()).shape)
+    (5, 3)
+    """
+    try:
+        from .adapters.keras.emitter import to_keras_model
+    except ModuleNotFoundError as err:
+        if err.name == "keras":
+            raise MissingDependencyError("keras", "keras", "emit a Keras model") from err
+        raise
+    graph = as_graph(source, example_inputs)
+    if isinstance(source, onnx.ModelProto):
+        return to_keras_model(source)
+    return to_keras_model(graph)
+
+
 def to_flax(source: Any, example_inputs: Any = None, *, rngs: Any = None) -> Any:
     """Emit a model as a trainable ``flax.nnx.Module`` run with JAX (jit-compatible).
 

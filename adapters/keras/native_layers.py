@@ -1,0 +1,440 @@
+"""Keras layers of emitted models: native layers for weighted ONNX nodes, and the generic op.
+
+Each builder in `LAYERS` gets the emitter, the node and its arguments (KerasTensors or
+`Const`s) and returns the node's outputs after calling a native Keras layer, or None to
+let the generic `OnnxOp` emit the node (non-constant weights, unusual attributes). Weight
+orientation (Gemm's transB, Conv's OIHW -> HWIO, LSTM gate order) and the channels-last
+layout of convolution / pooling / normalization are handled here only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from interop.interpret import SubgraphFunction, node_free_values
+from interop.registry import Registry
+
+from .backend import keras_backend
+
+LAYERS: Registry[Any] = Registry("emit", adapter="keras layers")
+
+
+@keras.saving.register_keras_serializable("interop")
+class Transpose(keras.layers.Layer):
+    """A permutation of all axes (batch included), the layout change between layers."""
+
+    def __init__(self, perm, **kwargs):
+        super().__init__(**kwargs)
+        self.perm = tuple(int(p) for p in perm)
+
+    def call(self, x):
+        return ops.transpose(x, self.perm)
+
+    def compute_output_shape(self, shape):
+        return tuple(shape[p] for p in self.perm)
+
+    def get_config(self):
+        return {**super().get_config(), "perm": list(self.perm)}
+
+
+class OnnxOp(keras.layers.Layer):
+    """One ONNX node run through its semantics with the ``keras.ops`` backend.
+
+    Constants live in the layer: source weights as (shared) Keras variables, other
+    constants as host arrays; ``positions`` say where the run-time inputs go.
+    """
+
+    def __init__(self, function, node, specs, **kwargs):
+        super().__init__(**kwargs)
+        self.function, self.op_type, self.specs = function, node.op_type, specs
+        self.constants: dict[int, Any] = {}
+        self.positions: list[int] = []
+        self.arity, self.anchored, self.exposed = 0, False, False
+        # ONNX fixes the dtypes: no autocasting of inputs to the layer's float policy
+        self._convert_input_args = False
+        self._allow_non_tensor_positional_args = True
+
+    def run(self, inputs):
+        args: list[Any] = [None] * self.arity
+        for position, constant in self.constants.items():
+            args[position] = constant.value if isinstance(constant, keras.Variable) else constant
+        if not self.anchored:
+            for position, tensor in zip(self.positions, inputs):
+                args[position] = tensor
+        results = [
+            ops.zeros((0,)) if r is None else r for r in self.function(*args)
+        ]  # an optional output ONNX leaves empty
+        if self.exposed:  # a model output: host values (shape arithmetic) become tensors
+            results = [
+                ops.convert_to_tensor(r) if isinstance(r, np.ndarray) else r for r in results
+            ]
+        return results[0] if len(self.specs) == 1 else results
+
+    def spec(self, inputs):
+        specs = self.specs
+        if any(shape is None for shape, _ in specs):
+            specs = self._evaluated_specs(inputs)
+        tensors = [keras.KerasTensor(shape, dtype=dtype or "float32") for shape, dtype in specs]
+        return tensors[0] if len(tensors) == 1 else tensors
+
+    def _evaluated_specs(self, inputs):
+        """Output shapes by running the op on host arrays, twice, to tell dynamic dims apart."""
+        runs = []
+        for size in (2, 3):
+            args: list[Any] = [None] * self.arity
+            for position, constant in self.constants.items():
+                args[position] = np.asarray(keras.ops.convert_to_numpy(constant))
+            for position, tensor in zip(self.positions, inputs):
+                shape = tuple(size if d is None else d for d in tensor.shape)
+                args[position] = np.zeros(shape, tensor.dtype)
+            runs.append([np.shape(r) for r in self.function(*args)])
+        specs = []
+        for (shape, dtype), first, second in zip(self.specs, runs[0], runs[1]):
+            if shape is None:
+                shape = tuple(a if a == b else None for a, b in zip(first, second))
+            specs.append((shape, dtype))
+        return specs
+
+
+# Keras rejects a nested call argument mixing tensors and host arrays, and host arrays must
+# flow (shape arithmetic cannot leave the host under jit): one named parameter per input
+MAX_INPUTS = 64
+_names = [f"x{i}" for i in range(MAX_INPUTS)]
+_source = (
+    f"def call(self, {', '.join(n + '=None' for n in _names)}):\n"
+    f"    return self.run(({', '.join(_names)}))\n"
+    f"def compute_output_spec(self, {', '.join(n + '=None' for n in _names)}):\n"
+    f"    return self.spec(({', '.join(_names)}))\n"
+)
+_namespace: dict[str, Any] = {}
+exec(_source, _namespace)  # noqa: S102  (a fixed signature, generated to avoid 128 lines)
+OnnxOp.call = _namespace["call"]
+OnnxOp.compute_output_spec = _namespace["compute_output_spec"]
+
+
+def control_function(emitter, node) -> Any:
+    """If as ``keras.ops.cond`` when its condition is only known at run time (jit, tf.function)."""
+    if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+        return None
+    eager = emitter.op_function(node)
+    outer = node_free_values(node)
+    branches = {name: node.attributes[name].value for name in ("then_branch", "else_branch")}
+
+    def branch(name, captured):
+        scope = dict(zip(outer, captured))
+        outputs = SubgraphFunction(branches[name], keras_backend, scope, emitter.version)()
+        return tuple(ops.convert_to_tensor(o) for o in outputs)
+
+    def run_if(condition, *captured):
+        if _concrete(condition):  # eager: run the taken branch only, whatever its shapes
+            return eager(condition, *captured)
+        flag = ops.reshape(ops.cast(condition, "bool"), ())
+        taken = ops.cond(
+            flag, lambda: branch("then_branch", captured), lambda: branch("else_branch", captured)
+        )
+        return tuple(taken)
+
+    return run_if
+
+
+def _concrete(value) -> bool:
+    try:
+        keras_backend.to_numpy(value)
+    except Exception:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------- helpers
+def _attributes(emitter, node) -> dict[str, Any]:
+    values, _ = emitter.attributes(node)
+    return values
+
+
+def _zero_constant(emitter, value) -> bool:
+    static = emitter.static.get(value) if value is not None else None
+    return static is not None and not np.any(static)
+
+
+def _optional_weight(emitter, node, index):
+    """(value, array) of an optional weight input; (None, None) if absent; False if not usable."""
+    value = node.inputs[index] if len(node.inputs) > index else None
+    if value is None or _zero_constant(emitter, value):  # exporters spell "no bias" as zeros
+        return None, None
+    array = emitter.weight(value)
+    return (value, array) if array is not None else (False, False)
+
+
+def _rank(value) -> int | None:
+    return len(value.shape) if value is not None and value.shape is not None else None
+
+
+def _pads(attrs, spatial) -> list[tuple[int, int]] | None:
+    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return None
+    pads = list(attrs.get("pads") or [0] * 2 * spatial)
+    return list(zip(pads[:spatial], pads[spatial:]))
+
+
+def _keras_tensor(arg) -> bool:
+    return arg is not None and not hasattr(arg, "array")
+
+
+def _assign(layer, **arrays):
+    for name, array in arrays.items():
+        if array is not None:
+            variable = getattr(layer, name)
+            variable.assign(np.asarray(array, variable.dtype).reshape(variable.shape))
+    return layer
+
+
+_PADDING = {1: keras.layers.ZeroPadding1D, 2: keras.layers.ZeroPadding2D,
+            3: keras.layers.ZeroPadding3D}  # fmt: skip
+
+
+def _zero_pad(emitter, x, pads):
+    if not any(lo or hi for lo, hi in pads):
+        return x
+    padding = pads[0] if len(pads) == 1 else tuple(pads)
+    return _PADDING[len(pads)](padding, name=emitter.unique("pad"))(x)
+
+
+# ---------------------------------------------------------------------- weighted ops
+@LAYERS.register("Conv")
+def conv_layer(emitter, node, args):
+    """Conv -> keras ConvND / DepthwiseConvND, channels-last between two permutations."""
+    weight = emitter.weight(node.inputs[1])
+    bias_value, bias = _optional_weight(emitter, node, 2)
+    if weight is None or bias is False or not 3 <= weight.ndim <= 5 or not _keras_tensor(args[0]):
+        return None
+    attrs = _attributes(emitter, node)
+    spatial = weight.ndim - 2
+    pads, group = _pads(attrs, spatial), attrs.get("group", 1)
+    strides = tuple(attrs.get("strides") or [1] * spatial)
+    dilations = tuple(attrs.get("dilations") or [1] * spatial)
+    depthwise = group > 1 and weight.shape[1] == 1 and spatial < 3
+    if pads is None or (group > 1 and not depthwise):
+        return None  # grouped convolutions have no CPU kernel in TensorFlow: generic op
+    if any(s > 1 for s in strides) and any(d > 1 for d in dilations):
+        return None
+    name = emitter.layer_name(node, [node.inputs[1], bias_value])
+    kernel_size = tuple(weight.shape[2:])
+    if depthwise:
+        multiplier = weight.shape[0] // group
+        layer = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)[spatial - 1](
+            kernel_size, strides, depth_multiplier=multiplier, dilation_rate=dilations,
+            use_bias=bias is not None, name=name,
+        )  # fmt: skip
+        # ONNX (C*mult, 1, *K), out channel c*mult+m -> keras (*K, C, mult)
+        kernel = weight.reshape(group, multiplier, *kernel_size)
+        kernel = np.transpose(kernel, (*range(2, 2 + spatial), 0, 1))
+        kernel_attribute = "kernel"
+    else:
+        layer = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)[spatial - 1](
+            weight.shape[0], kernel_size, strides, dilation_rate=dilations,
+            use_bias=bias is not None, name=name,
+        )  # fmt: skip
+        kernel = np.transpose(weight, (*range(2, 2 + spatial), 1, 0))  # OI* -> *IO
+        kernel_attribute = "kernel"
+    x = _zero_pad(emitter, emitter.channels_last(args[0]), pads)
+    y = layer(x)
+    _assign(layer, kernel=kernel, bias=bias)
+    emitter.adopt(
+        layer,
+        {kernel_attribute: node.inputs[1]} | ({"bias": bias_value} if bias is not None else {}),
+    )
+    return [emitter.channels_first(y)]
+
+
+@LAYERS.register("ConvTranspose")
+def conv_transpose_layer(emitter, node, args):
+    """ConvTranspose -> keras ConvNDTranspose (groups 1), cropped to ONNX's pads."""
+    weight = emitter.weight(node.inputs[1])
+    bias_value, bias = _optional_weight(emitter, node, 2)
+    if weight is None or bias is False or not 3 <= weight.ndim <= 5 or not _keras_tensor(args[0]):
+        return None
+    attrs = _attributes(emitter, node)
+    spatial = weight.ndim - 2
+    pads = _pads(attrs, spatial)
+    strides = list(attrs.get("strides") or [1] * spatial)
+    dilations = list(attrs.get("dilations") or [1] * spatial)
+    output_padding = list(attrs.get("output_padding") or [0] * spatial)
+    effective = [(k - 1) * d + 1 for k, d in zip(weight.shape[2:], dilations)]
+    if (
+        pads is None
+        or attrs.get("group", 1) != 1
+        or attrs.get("output_shape") is not None
+        or any(p for p in output_padding)
+        or any(k < s for k, s in zip(effective, strides))  # keras 'valid' pads those itself
+        or (any(s > 1 for s in strides) and any(d > 1 for d in dilations))
+    ):
+        return None
+    classes = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+               keras.layers.Conv3DTranspose)  # fmt: skip
+    layer = classes[spatial - 1](
+        weight.shape[1], tuple(weight.shape[2:]), tuple(strides), dilation_rate=tuple(dilations),
+        use_bias=bias is not None, name=emitter.layer_name(node, [node.inputs[1], bias_value]),
+    )  # fmt: skip
+    y = layer(emitter.channels_last(args[0]))
+    # ONNX (C_in, C_out, *K) -> keras (*K, C_out, C_in)
+    _assign(layer, kernel=np.transpose(weight, (*range(2, 2 + spatial), 1, 0)), bias=bias)
+    emitter.adopt(
+        layer, {"kernel": node.inputs[1]} | ({"bias": bias_value} if bias is not None else {})
+    )
+    if any(lo or hi for lo, hi in pads):
+        cropping = (keras.layers.Cropping1D, keras.layers.Cropping2D, keras.layers.Cropping3D)
+        crop = pads[0] if spatial == 1 else tuple(pads)
+        y = cropping[spatial - 1](crop, name=emitter.unique("crop"))(y)
+    return [emitter.channels_first(y)]
+
+
+@LAYERS.register("Gemm")
+def gemm_layer(emitter, node, args):
+    """Gemm with a constant B -> keras.layers.Dense (kernel [in, out])."""
+    attrs = _attributes(emitter, node)
+    weight = emitter.weight(node.inputs[1])
+    bias_value, bias = _optional_weight(emitter, node, 2)
+    if (
+        weight is None
+        or weight.ndim != 2
+        or bias is False
+        or attrs.get("transA", 0)
+        or attrs.get("alpha", 1.0) != 1.0
+        or not _keras_tensor(args[0])
+    ):
+        return None
+    kernel = weight.T if attrs.get("transB", 0) else weight
+    if bias is not None and (attrs.get("beta", 1.0) != 1.0 or bias.size != kernel.shape[1]):
+        return None
+    return _dense(emitter, node, args[0], kernel, bias, node.inputs[1], bias_value)
+
+
+@LAYERS.register("MatMul")
+def matmul_layer(emitter, node, args):
+    """MatMul by a constant 2-D weight -> keras.layers.Dense without bias."""
+    weight = emitter.weight(node.inputs[1])
+    if (
+        weight is None
+        or weight.ndim != 2
+        or not _keras_tensor(args[0])
+        or _rank(node.inputs[0]) == 1
+    ):
+        return None
+    return _dense(emitter, node, args[0], weight, None, node.inputs[1], None)
+
+
+def _dense(emitter, node, x, kernel, bias, kernel_value, bias_value):
+    layer = keras.layers.Dense(
+        kernel.shape[1], use_bias=bias is not None, name=emitter.layer_name(node, [kernel_value, bias_value]),
+        dtype=str(kernel.dtype),
+    )  # fmt: skip
+    y = layer(x)
+    _assign(layer, kernel=kernel, bias=bias)
+    emitter.adopt(
+        layer, {"kernel": kernel_value} | ({"bias": bias_value} if bias is not None else {})
+    )
+    return [y]
+
+
+@LAYERS.register("BatchNormalization")
+def batch_norm_layer(emitter, node, args):
+    """BatchNormalization -> keras.layers.BatchNormalization over channels-last data."""
+    attrs = _attributes(emitter, node)
+    arrays = [emitter.weight(v) for v in node.inputs[1:5]]
+    rank = _rank(node.inputs[0])
+    if (
+        any(a is None for a in arrays)
+        or attrs.get("training_mode", 0)
+        or len(node.outputs) > 1
+        or rank not in (2, 3, 4, 5)
+        or not _keras_tensor(args[0])
+    ):
+        return None
+    scale, bias, mean, var = arrays
+    # ONNX momentum weighs the running value, as Keras's does
+    layer = keras.layers.BatchNormalization(
+        axis=-1, momentum=attrs.get("momentum", 0.9), epsilon=attrs.get("epsilon", 1e-5),
+        name=emitter.layer_name(node, node.inputs[1:5]),
+    )  # fmt: skip
+    x = emitter.channels_last(args[0]) if rank > 2 else args[0]
+    y = layer(x)
+    _assign(layer, gamma=scale, beta=bias, moving_mean=mean, moving_variance=var)
+    names = ("gamma", "beta", "moving_mean", "moving_variance")
+    emitter.adopt(layer, dict(zip(names, node.inputs[1:5])))
+    return [emitter.channels_first(y) if rank > 2 else y]
+
+
+@LAYERS.register("LayerNormalization")
+def layer_norm_layer(emitter, node, args):
+    """LayerNormalization with weights of the normalized shape -> keras.layers.LayerNormalization."""
+    attrs = _attributes(emitter, node)
+    scale = emitter.weight(node.inputs[1])
+    bias_value, bias = _optional_weight(emitter, node, 2)
+    rank = _rank(node.inputs[0])
+    if scale is None or bias is False or len(node.outputs) > 1 or rank is None:
+        return None
+    if not _keras_tensor(args[0]):
+        return None
+    axis = attrs.get("axis", -1)
+    axis = axis + rank if axis < 0 else axis
+    dims = node.inputs[0].shape[axis:]
+    if not all(isinstance(d, int) for d in dims) or tuple(dims) != scale.shape:
+        return None
+    layer = keras.layers.LayerNormalization(
+        axis=list(range(axis, rank)) if axis < rank - 1 else -1,
+        epsilon=attrs.get("epsilon", 1e-5), center=bias is not None,
+        name=emitter.layer_name(node, [node.inputs[1], bias_value]),
+    )  # fmt: skip
+    y = layer(args[0])
+    _assign(layer, gamma=scale, beta=bias)
+    emitter.adopt(
+        layer, {"gamma": node.inputs[1]} | ({"beta": bias_value} if bias is not None else {})
+    )
+    return [y]
+
+
+@LAYERS.register("Gather")
+def embedding_layer(emitter, node, args):
+    """Gather on a constant float table along axis 0 -> keras.layers.Embedding."""
+    attrs = _attributes(emitter, node)
+    table = emitter.weight(node.inputs[0])
+    if (
+        table is None
+        or table.ndim != 2
+        or attrs.get("axis", 0) != 0
+        or table.dtype.kind != "f"
+        or not _keras_tensor(args[1])
+    ):
+        return None
+    layer = keras.layers.Embedding(
+        table.shape[0], table.shape[1], name=emitter.layer_name(node, [node.inputs[0]])
+    )
+    y = layer(args[1])
+    _assign(layer, embeddings=table)
+    emitter.adopt(layer, {"embeddings": node.inputs[0]})
+    return [y]
+
+
+@LAYERS.register("Dropout")
+def dropout_layer(emitter, node, args):
+    """Dropout (mask unused, constant ratio) -> keras.layers.Dropout: drops only in training."""
+    if len(node.outputs) > 1 and node.outputs[1].uses():
+        return None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        return None  # an explicit training_mode input: keep ONNX's meaning
+    ratio_value = node.inputs[1] if len(node.inputs) > 1 else None
+    if (ratio_value is not None and ratio_value not in emitter.static) or not _keras_tensor(
+        args[0]
+    ):
+        return None
+    ratio = (
+        0.5
+        if ratio_value is None
+        else float(np.asarray(emitter.static[ratio_value]).reshape(-1)[0])
+    )
+    y = keras.layers.Dropout(ratio, name=emitter.unique(node.name or "dropout"))(args[0])
+    return [y] + [None] * (len(node.outputs) - 1)
