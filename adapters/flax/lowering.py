@@ -263,7 +263,7 @@ class Lowering:
         for var, value in zip(eqn.outvars, results, strict=False):
             if type(var).__name__ == "DropVar":
                 continue
-            if value.producer() is not None and value.producer() in self._frames[-1]:
+            if value.dtype is None:  # new values only; a passed-through input keeps its type
                 self.type_value(value, var.aval)
             self.env[var] = value
 
