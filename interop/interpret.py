@@ -91,7 +91,16 @@ def schema_defaults(op_type: str, domain: str, version: int) -> dict[str, Any]:
     for name, attribute in schema.attributes.items():
         if attribute.default_value.type != onnx.AttributeProto.UNDEFINED:
             defaults[name] = onnx.helper.get_attribute_value(attribute.default_value)
-    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in defaults.items()}
+    return {k: _decoded(v) for k, v in defaults.items()}
+
+
+def _decoded(value: Any) -> Any:
+    # schema defaults hold STRING(S) as bytes; node attributes arrive as str
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, list):
+        return [_decoded(v) for v in value]
+    return value
 
 
 def has_function_body(op_type: str, domain: str, version: int) -> bool:
@@ -409,6 +418,14 @@ class FunctionBody:
                     for a in args
                 ]
                 node_proto = ir.serde.serialize_node(self.node)
+                for attribute in node_proto.attribute:
+                    # inside a function body: the builder must see the caller's value, not @ref
+                    if attribute.ref_attr_name and attribute.name in self.attributes:
+                        resolved = onnx.helper.make_attribute(
+                            attribute.name, self.attributes[attribute.name]
+                        )
+                        attribute.Clear()
+                        attribute.CopyFrom(resolved)
                 raw = schema.get_context_dependent_function_with_opset_version(
                     schema.since_version,
                     node_proto.SerializeToString(),

@@ -40,4 +40,4 @@ def normalize_axes(axes: Any, rank: int) -> tuple[int, ...]:
     return tuple(sorted(normalize_axis(int(a), rank) for a in axes))
 
 
-from . import control, elementwise, linalg, nn, recurrent, reduce, shape  # noqa: E402,F401  (registers the ops)
+from . import control, elementwise, image, linalg, nn, recurrent, reduce, shape  # noqa: E402,F401  (registers the ops)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import reduce as fold
 
+import ml_dtypes
 import numpy as np
 import onnx
 
@@ -160,7 +161,7 @@ def cast(xp, x, to, saturate=1, round_mode="up"):
     target = onnx_dtype(to)
     if saturate and target.name.startswith("float8") and xp.dtype(x).kind == "f":
         # saturate: out-of-range finite values (and infinities for types without them) clamp to ±max
-        limit = float(np.finfo(target).max)
+        limit = float(ml_dtypes.finfo(target).max)
         clipped = xp.clip(x, -limit, limit)
         keep_inf = target.name not in _FLOAT8_WITHOUT_INF
         x = xp.where(xp.isinf(x), x, clipped) if keep_inf else clipped

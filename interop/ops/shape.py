@@ -328,10 +328,12 @@ def depth_to_space(xp, x, blocksize, mode="DCR"):
 
 
 @op("SpaceToDepth")
-def space_to_depth(xp, x, blocksize):
+def space_to_depth(xp, x, blocksize, mode="DCR"):
     n, c, h, w = xp.shape(x)
     b = blocksize
-    y = xp.permute_dims(xp.reshape(x, [n, c, h // b, b, w // b, b]), [0, 3, 5, 1, 2, 4])
+    # DCR: output channels ordered (block row, block column, channel); CRD: channel first
+    order = [0, 3, 5, 1, 2, 4] if mode == "DCR" else [0, 1, 3, 5, 2, 4]
+    y = xp.permute_dims(xp.reshape(x, [n, c, h // b, b, w // b, b]), order)
     return xp.reshape(y, [n, c * b * b, h // b, w // b])
 
 
