@@ -53,10 +53,10 @@ def to_torch(source: Any, example_inputs: Any = None) -> Any:
         if err.name == "torch":
             raise MissingDependencyError("torch", "torch", "emit a torch module") from err
         raise
-    graph = as_graph(source, example_inputs)
     if isinstance(source, onnx.ModelProto):
+        # the emitter reads protos itself; its unsupported-op error names the source layer
         return to_torch_module(source)
-    return to_torch_module(graph)
+    return to_torch_module(as_graph(source, example_inputs))
 
 
 def to_keras(source: Any, example_inputs: Any = None) -> Any:
