@@ -256,3 +256,16 @@ def test_jax_functions_match_on_two_batch_sizes(fn, shapes):
         inputs = tuple(f32(batch, *s) for s in shapes)
         report = interop.verify(fn, g, inputs, rtol=RTOL, atol=ATOL)
         assert report.ok, str(report)
+
+
+def test_accepts_does_not_import_jax():
+    import subprocess
+
+    code = (
+        "import sys, interop\n"
+        "from interop.adapters.flax import ADAPTER\n"
+        "assert not ADAPTER.accepts(lambda x: x)\n"
+        "assert not ADAPTER.accepts(object())\n"
+        "assert 'jax' not in sys.modules and 'flax' not in sys.modules, sorted(sys.modules)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -154,3 +154,23 @@ def test_linen_setup_style_module_names_its_submodules():
         np.testing.assert_allclose(
             g.run(inputs), module.apply(variables, inputs), rtol=RTOL, atol=ATOL
         )
+
+
+class _Sorts(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return jax.lax.cummax(nn.Dense(3, name="proj")(x), axis=1)
+
+
+class _Outer(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return _Sorts(name="inner")(x)
+
+
+def test_unsupported_primitive_in_linen_names_the_module_path():
+    module, x = _Outer(), f32(2, 3)
+    variables = module.init(jax.random.key(0), x)
+    with pytest.raises(interop.UnsupportedOpError, match="in layer 'inner'") as info:
+        interop.trace((module, variables), x)
+    assert info.value.op == "cummax" and "test_flax_linen.py" in info.value.location
