@@ -116,9 +116,9 @@ def to_flax(source: Any, example_inputs: Any = None, *, rngs: Any = None) -> Any
 def to_jax(source: Any, example_inputs: Any = None) -> tuple[Any, Any]:
     """Emit a model as ``(pure_fn, params)``: ``pure_fn(params, *inputs)`` in eval mode.
 
-    ``params`` is a nested dict of arrays (every variable of `to_flax`'s module, BatchNorm
-    statistics included), so ``jax.jit(pure_fn)`` and ``jax.grad(loss)(params, ...)``
-    work directly.
+    ``params`` is a nested dict of the trainable arrays (the ``nnx.Param`` of `to_flax`'s
+    module); the rest (BatchNorm statistics, frozen weights, rng state) is bound inside
+    ``pure_fn``. ``jax.jit(pure_fn)`` and ``jax.grad(loss)(params, ...)`` work directly.
 
     >>> import interop, jax, torch
     >>> net = torch.nn.Linear(4, 3)
@@ -130,13 +130,13 @@ def to_jax(source: Any, example_inputs: Any = None) -> tuple[Any, Any]:
     """
     from flax import nnx
 
-    graphdef, state = nnx.split(to_flax(source, example_inputs))
+    graphdef, state, rest = nnx.split(to_flax(source, example_inputs), nnx.Param, ...)
 
     def pure_fn(params: Any, *inputs: Any, **named: Any) -> Any:
         import jax
 
         fresh = jax.tree.map(lambda leaf: leaf, state)  # a copy to fill, never the template
         nnx.replace_by_pure_dict(fresh, params)
-        return nnx.merge(graphdef, fresh)(*inputs, **named)
+        return nnx.merge(graphdef, fresh, rest)(*inputs, **named)
 
     return pure_fn, nnx.to_pure_dict(state)
