@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import DeviceError, ShapeError
+from .errors import DeviceError, InteropError, ModelLoadError, ShapeError
 
 if TYPE_CHECKING:
     from .graph import Graph
@@ -72,13 +72,23 @@ def _create_session(graph: Graph, device: str) -> Any:
     from .serialization import PROTO_LIMIT, weight_bytes
 
     providers = _PROVIDERS[device]
-    if weight_bytes(graph.model) < PROTO_LIMIT:
-        session = ort.InferenceSession(graph.to_bytes(), options, providers=providers)
-    else:  # too large for one protobuf: hand ONNX Runtime a file with external data
-        with tempfile.TemporaryDirectory(prefix="interop-run-") as tmp:
-            path = os.path.join(tmp, "model.onnx")
-            graph.save(path, external_data=True)
-            session = ort.InferenceSession(path, options, providers=providers)
+    try:
+        if weight_bytes(graph.model) < PROTO_LIMIT:
+            session = ort.InferenceSession(graph.to_bytes(), options, providers=providers)
+        else:  # too large for one protobuf: hand ONNX Runtime a file with external data
+            with tempfile.TemporaryDirectory(prefix="interop-run-") as tmp:
+                path = os.path.join(tmp, "model.onnx")
+                graph.save(path, external_data=True)
+                session = ort.InferenceSession(path, options, providers=providers)
+    except InteropError:
+        raise
+    except Exception as err:  # ORT's own exception types (Fail, InvalidGraph, ...) share no base
+        raise ModelLoadError(
+            f"ONNX Runtime cannot build a session for graph '{graph.name}': "
+            f"{type(err).__name__}: {_first_lines(err)}",
+            "a model that passes ONNX Runtime's type and shape checks",
+            "check the file's origin and re-export it; graph.summary() still shows its structure",
+        ) from None
     if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         raise DeviceError("ONNX Runtime could not start the CUDA execution provider for this graph")
     return session
@@ -147,7 +157,8 @@ def _check(spec: Any, array: np.ndarray) -> np.ndarray:
                 f"dtype {spec.dtype}",
                 f"convert it first, e.g. x.astype('{spec.dtype}')",
             )
-    return np.ascontiguousarray(array)
+    # np.ascontiguousarray turns 0-d scalars into shape (1,): keep them scalar
+    return np.ascontiguousarray(array) if array.ndim else array
 
 
 def run(
@@ -162,7 +173,20 @@ def run(
     session = session_for(graph, resolve_device(device))
     feeds = prepare_inputs(graph, args, named)
     names = list(output_names) if output_names else [s.name for s in graph.outputs]
-    results = session.run(names, feeds)
+    try:
+        results = session.run(names, feeds)
+    except Exception as err:  # ORT's exception types share no base with ours
+        raise InteropError(
+            f"ONNX Runtime failed while running graph '{graph.name}': "
+            f"{type(err).__name__}: {_first_lines(err)}",
+            "inputs the graph can compute on (see graph.inputs) and a well-formed graph",
+            "check the inputs' shapes and values; if they are right, the model is inconsistent",
+        ) from None
     if as_dict:
         return dict(zip(names, results))
     return results[0] if len(results) == 1 else tuple(results)
+
+
+def _first_lines(err: BaseException, limit: int = 600) -> str:
+    text = str(err).strip()
+    return text if len(text) <= limit else text[:limit] + " ..."
