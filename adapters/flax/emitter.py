@@ -280,7 +280,8 @@ class FlaxEmitter(Interpreter):
         """Place a native layer at its weights' common source prefix (``blocks.0.conv``)."""
         names = [v.name for v in native.sources.values()]
         prefixes = {n.rsplit(".", 1)[0] if "." in n else "" for n in names}
-        path = _attribute_path(prefixes.pop()) if len(prefixes) == 1 and names else ""
+        prefix = prefixes.pop() if len(prefixes) == 1 and names else ""
+        path = _attribute_path(prefix) if prefix else ""
         if not path or path in self._names:
             scope = provenance.node_scope(node) or node.op_type.lower()
             path = _attribute_path(scope).replace(".", "_")
@@ -368,7 +369,7 @@ def _loop_function(eager: Callable, bodies: Callable, count: int) -> Callable:
 
         def step(carry: tuple) -> tuple:
             i, going, current = carry
-            outputs = body(i.astype(np.int64), going, *current)
+            outputs = body(i, going, *current)
             new = tuple(jnp.asarray(o).astype(c.dtype) for o, c in zip(outputs[1:], current))
             return i + 1, jnp.reshape(outputs[0], ()).astype(bool), new
 
