@@ -1,15 +1,20 @@
 """Saving and loading graphs: atomic writes, safe reads, external data kept in its folder.
 
-Loading parses the protobuf and checks it before anything else touches it: no code is
-ever executed (ONNX files hold no pickles, and custom op domains are only recorded),
-external-data locations must be relative paths that stay inside the model's folder,
-and every external tensor must fit in its file.
+Loading parses the protobuf and checks it before anything else touches it. No code is
+ever executed: ONNX files hold no pickles, nothing is `eval`ed, and nodes of a custom op
+domain (which could only run through native code the user loads into ONNX Runtime) are
+refused unless their domain is registered with `register_domain`. External-data
+locations must be relative paths that stay inside the model's folder, and every external
+tensor must fit in its file.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,34 +23,130 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from .errors import ModelLoadError
+from .registry import Registry
+from .validation import MAX_SUBGRAPH_DEPTH, iter_nodes, iter_tensors
 
 if TYPE_CHECKING:
     from .graph import Graph
 
+__all__ = [
+    "save",
+    "load",
+    "deserialize",
+    "register_domain",
+    "STANDARD_DOMAINS",
+    "MAX_SUBGRAPH_DEPTH",
+]
+
 # Above this many bytes of weights a save uses external data (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 PROTO_LIMIT = (1 << 31) - (1 << 24)
-MAX_SUBGRAPH_DEPTH = 64
+
+# Op domains a model may use without registration, and why each is safe: ONNX Runtime
+# implements all of them natively, they are specified publicly, and none runs user code.
+STANDARD_DOMAINS = {
+    "": "the ONNX standard operators",
+    "ai.onnx": "the ONNX standard operators (explicit spelling)",
+    "ai.onnx.ml": "the ONNX-ML standard operators (trees, encoders, ...)",
+    "com.microsoft": "ONNX Runtime's contrib operators (fused attention, quantization)",
+}
+# Refused even though a runtime might accept them: 'ai.onnx.contrib' (onnxruntime-extensions,
+# whose PyOp runs Python code), 'ai.onnx.preview.training' (training builds only), and any
+# other domain, which needs a native custom-op library to run at all.
+
+
+@dataclass
+class DomainConverter:
+    """What makes a custom op domain loadable: the ONNX functions that define its ops.
+
+    With `functions`, each node of the domain whose op has a function is given that
+    function's body (added to the model), so ONNX Runtime and the emitters run it as
+    standard ONNX. Without, the domain is only allowed: the model loads and can be
+    inspected, and running it is up to the runtime (e.g. a custom-op library the user
+    registers with ONNX Runtime themselves).
+    """
+
+    domain: str
+    functions: dict[str, onnx.FunctionProto] = field(default_factory=dict)
+
+
+CUSTOM_DOMAINS: Registry[DomainConverter] = Registry("load", adapter="custom-domain")
+
+
+def register_domain(
+    domain: str, functions: Iterable[onnx.FunctionProto] = (), *, replace: bool = False
+) -> DomainConverter:
+    """Allow nodes of a custom op `domain` in loaded models.
+
+    >>> from onnx import helper
+    >>> double = helper.make_function("my.ops", "Double", ["x"], ["y"],
+    ...     [helper.make_node("Add", ["x", "x"], ["y"])], [helper.make_opsetid("", 18)])
+    >>> register_domain("my.ops", [double]).functions["Double"].name
+    'Double'
+    >>> _ = CUSTOM_DOMAINS._entries.pop("my.ops")
+    """
+    if domain in STANDARD_DOMAINS:
+        raise ValueError(f"'{domain}' is a standard domain; it needs no registration")
+    table = {}
+    for function in functions:
+        if function.domain != domain:
+            raise ValueError(
+                f"Function '{function.name}' is in domain '{function.domain}', not '{domain}'"
+            )
+        table[function.name] = function
+    return CUSTOM_DOMAINS.register(domain, DomainConverter(domain, table), replace=replace)
 
 
 def save(graph: Graph, path: str | Path, *, external_data: bool | None = None) -> Path:
-    """Write `graph` to `path` atomically (temp file in the same folder, then rename)."""
+    """Write `graph` to `path` atomically (temp file in the same folder, then rename).
+
+    With external data, the weights go to ``<name>.data``; when the model already at
+    `path` uses that file, they go to ``<name>.data.1`` instead (and back on the next
+    save). The model is renamed into place last, so an interrupted save leaves the old
+    model with its old data, never the old model reading new weights; the data file
+    the new model no longer uses is removed afterwards.
+    """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
     if external_data is None:
         external_data = weight_bytes(graph.model) > EXTERNAL_DATA_THRESHOLD
+    in_use = _data_files_of(path)
     with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.") as tmp:
         staged = Path(tmp) / path.name
-        data_name = path.name + ".data"
         if external_data:
+            data_name = path.name + ".data"
+            if data_name in in_use:
+                data_name += ".1"
             ir.save(graph.model, staged, external_data=data_name)
             os.replace(Path(tmp) / data_name, folder / data_name)
         else:
+            data_name = None
             proto = ir.serde.serialize_model(graph.model)
             staged.write_bytes(proto.SerializeToString())
         os.replace(staged, path)
+    for old in in_use - {data_name}:
+        if old in (path.name + ".data", path.name + ".data.1"):  # only files we wrote
+            (folder / old).unlink(missing_ok=True)
     return path
+
+
+def _data_files_of(path: Path) -> set[str]:
+    """External-data locations the model file at `path` uses (empty if none or unreadable)."""
+    ours = (path.parent / (path.name + ".data"), path.parent / (path.name + ".data.1"))
+    if not path.is_file() or not any(p.exists() for p in ours):
+        return set()  # skip parsing a (possibly large, inline) old model when nothing is at stake
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        return {
+            entry.value
+            for tensor in iter_tensors(proto)
+            if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data
+            if entry.key == "location"
+        }
+    except Exception:  # a corrupt old file is simply replaced
+        return set()
 
 
 def load(source: Any) -> Graph:
@@ -84,12 +185,19 @@ def _parse(data: bytes, origin: str) -> onnx.ModelProto:
     proto = onnx.ModelProto()
     try:
         proto.ParseFromString(data)
-    except (DecodeError, RuntimeError, ValueError) as err:
+    except (DecodeError, RuntimeError, ValueError, RecursionError) as err:
+        if "depth" in str(err).lower() or isinstance(err, RecursionError):
+            # protobuf stops at ~100 nested messages: deeply nested If/Loop bodies end here
+            raise ModelLoadError(
+                f"'{origin}' nests messages deeper than protobuf parses ({err})",
+                "a model whose control-flow bodies nest a reasonable number of levels",
+                "check the file's origin; this looks like a hostile or corrupt model",
+            ) from None
         raise ModelLoadError(
             f"'{origin}' is not a valid ONNX model: protobuf parsing failed ({err})",
             "a complete, uncorrupted .onnx file",
             "re-export or re-download the model; the file may be truncated",
-        ) from err
+        ) from None
     return proto
 
 
@@ -103,53 +211,85 @@ def deserialize(proto: onnx.ModelProto, *, base_dir: str | Path | None = None) -
             "an ONNX ModelProto with a graph",
             "check that the bytes are an ONNX model and complete",
         )
+    from .validation import check_proto, validate
+
+    check_proto(proto)  # first: bounds nesting depth for every later walk
     if base_dir is not None:
         check_external_data(proto, Path(base_dir))
-    elif _has_external_data(proto.graph):
+    elif any(t.data_location == onnx.TensorProto.EXTERNAL for t in iter_tensors(proto)):
         raise ModelLoadError(
             "The model refers to external data but was given without a folder",
             "a model with its weights inline, or a path to the .onnx file",
             "load it from its path with interop.load('model.onnx')",
         )
-    from .validation import check_proto, validate
-
-    check_proto(proto)
+    proto = check_domains(proto)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as err:  # onnx_ir raises many types on malformed protos
-        raise ModelLoadError(f"The model is malformed: {err}") from err
+        raise ModelLoadError(
+            f"The model is malformed: {type(err).__name__}: {err}",
+            "a model that follows the ONNX protobuf schema",
+            "the file is corrupt or was written by a broken exporter; re-export it",
+        ) from err
     if base_dir is not None:
         ir.external_data.set_base_dir(model.graph, str(base_dir))
     validate(model)
     return Graph(model, base_dir=base_dir)
 
 
-def _iter_tensors(graph: onnx.GraphProto, depth: int = 0):
-    if depth > MAX_SUBGRAPH_DEPTH:
-        raise ModelLoadError(
-            f"Subgraphs are nested more than {MAX_SUBGRAPH_DEPTH} levels deep",
-            "a model with a reasonable nesting of If/Loop/Scan bodies",
-            "check the file's origin; this looks like a hostile or corrupt model",
-        )
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(
-                attr.graphs
-            ):
-                yield from _iter_tensors(sub, depth + 1)
+def check_domains(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Refuse nodes of unregistered custom domains; add registered domains' functions.
+
+    Nodes that call a function defined in the model itself (FunctionProto, as torch.onnx
+    and onnxscript write them) are fine: their bodies are checked like the graph. Returns
+    the proto, copied first if functions had to be added (the caller's proto is not changed).
+    """
+    local = {(f.domain, f.name) for f in proto.functions}
+    missing: dict[tuple[str, str], onnx.FunctionProto] = {}
+    for node in iter_nodes(proto):
+        if node.domain in STANDARD_DOMAINS or (node.domain, node.op_type) in local:
+            continue
+        converter = CUSTOM_DOMAINS.get(node.domain)
+        if converter is None:
+            raise ModelLoadError(
+                f"Node '{node.name}' uses op '{node.op_type}' of the custom domain "
+                f"'{node.domain}', which has no registered converter",
+                "ops of the standard domains ("
+                + ", ".join(repr(d) for d in STANDARD_DOMAINS)
+                + ") or of functions defined in the model",
+                f"if you trust the model, register the domain first: "
+                f"interop.serialization.register_domain('{node.domain}', functions=[...])",
+            )
+        function = converter.functions.get(node.op_type)
+        if function is not None:
+            missing[(node.domain, node.op_type)] = function
+    if not missing:
+        return proto
+    extended = onnx.ModelProto()
+    extended.CopyFrom(proto)
+    extended.functions.extend(missing.values())
+    imported = {entry.domain for entry in extended.opset_import}
+    for domain in sorted({d for d, _ in missing} - imported):
+        extended.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+    for function in missing.values():  # the bodies' own opsets must be imported too
+        for entry in function.opset_import:
+            if entry.domain not in imported:
+                extended.opset_import.append(entry)
+                imported.add(entry.domain)
+    check_domains(extended)  # the added bodies may not smuggle in other custom domains
+    return extended
 
 
-def _has_external_data(graph: onnx.GraphProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _iter_tensors(graph))
+# Locations are POSIX paths relative to the model (the ONNX spec). Backslashes, drive
+# letters ('C:') and NUL bytes would mean something else on another OS, so they are refused
+# everywhere rather than interpreted.
+_FOREIGN_PATH = re.compile(r"[\\\0]|^[A-Za-z]:")
 
 
 def check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
     """Refuse locations outside `base_dir` and external tensors their file cannot hold."""
     root = base_dir.resolve()
-    for tensor in _iter_tensors(proto.graph):
+    for tensor in iter_tensors(proto):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
@@ -157,13 +297,14 @@ def check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
         name = tensor.name or "<unnamed>"
         if (
             not location
+            or _FOREIGN_PATH.search(location)
             or os.path.isabs(location)
             or ".." in Path(location).parts
-            or location.startswith(("/", "\\"))
         ):
             raise ModelLoadError(
-                f"Tensor '{name}' has external data at '{location}', outside the model's folder",
-                "a relative path inside the model's folder, without '..'",
+                f"Tensor '{name}' has external data at {location!r}, outside the model's folder",
+                "a relative POSIX path inside the model's folder, without '..', "
+                "backslashes or drive letters",
                 "only load models from trusted sources; re-save the model with its data beside it",
             )
         target = (root / location).resolve()
@@ -184,16 +325,29 @@ def check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
             length = int(info["length"]) if info.get("length") else None
         except ValueError as err:
             raise ModelLoadError(
-                f"Tensor '{name}' has a malformed external-data offset/length"
+                f"Tensor '{name}' has a malformed external-data offset/length "
+                f"({info.get('offset')!r}, {info.get('length')!r})",
+                "non-negative integers",
+                "the file is corrupt; re-export it",
             ) from err
+        if offset < 0 or (length is not None and length < 0):
+            raise ModelLoadError(
+                f"Tensor '{name}' has a negative external-data offset or length "
+                f"({offset}, {length})",
+                "non-negative integers",
+                "the file is corrupt or hostile; re-export it",
+            )
         needed = _expected_bytes(tensor)
         if length is not None and needed is not None and length < needed:
             raise ModelLoadError(
-                f"Tensor '{name}' declares {length} bytes of external data but its shape needs {needed}"
+                f"Tensor '{name}' declares {length} bytes of external data but its shape "
+                f"{list(tensor.dims)} needs {needed}",
+                "at least the bytes the tensor's shape and dtype need",
+                "the file is corrupt; re-export it",
             )
         end = offset + (length if length is not None else (needed or 0))
         size = target.stat().st_size
-        if offset < 0 or end > size:
+        if end > size:
             raise ModelLoadError(
                 f"External data file '{location}' is too short for tensor '{name}' "
                 f"(needs bytes {offset}..{end}, file has {size})",

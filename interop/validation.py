@@ -1,73 +1,176 @@
 """Structural checks run on every loaded model, in time linear in its size.
 
 They turn a hostile or corrupt file into a `ModelLoadError` that names the problem
-instead of a crash or hang later in ONNX Runtime or an emitter.
+instead of a crash or hang later in ONNX Runtime or an emitter. Every walk here is
+iterative (an explicit stack), so no model, however deeply nested, can exhaust the
+Python stack; nesting beyond `MAX_SUBGRAPH_DEPTH` is refused before onnx_ir, whose
+deserializer recurses, ever sees it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import onnx
 import onnx_ir as ir
 
 from .errors import ModelLoadError
 
-_TYPED_FIELDS = (
-    "float_data",
-    "int32_data",
-    "string_data",
-    "int64_data",
-    "double_data",
-    "uint64_data",
-)
+# If/Loop/Scan bodies nested deeper than this are refused. Real models nest a handful of
+# levels; protobuf's own parser stops at about 100 nested messages (~30 graph levels).
+MAX_SUBGRAPH_DEPTH = 64
+
+_CORRUPT = "the file is corrupt or hostile; re-export it"
+
+# (element type) -> (typed field that holds it, entries per element)
+_TYPED_STORAGE = {
+    onnx.TensorProto.FLOAT: ("float_data", 1),
+    onnx.TensorProto.DOUBLE: ("double_data", 1),
+    onnx.TensorProto.INT64: ("int64_data", 1),
+    onnx.TensorProto.UINT64: ("uint64_data", 1),
+    onnx.TensorProto.UINT32: ("uint64_data", 1),
+    onnx.TensorProto.INT32: ("int32_data", 1),
+    onnx.TensorProto.INT16: ("int32_data", 1),
+    onnx.TensorProto.INT8: ("int32_data", 1),
+    onnx.TensorProto.UINT16: ("int32_data", 1),
+    onnx.TensorProto.UINT8: ("int32_data", 1),
+    onnx.TensorProto.BOOL: ("int32_data", 1),
+    onnx.TensorProto.FLOAT16: ("int32_data", 1),
+    onnx.TensorProto.BFLOAT16: ("int32_data", 1),
+    onnx.TensorProto.COMPLEX64: ("float_data", 2),
+    onnx.TensorProto.COMPLEX128: ("double_data", 2),
+    onnx.TensorProto.STRING: ("string_data", 1),
+}
+
+
+def _graph_attributes(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        yield from attr.graphs
+
+
+def walk_graphs(proto: onnx.ModelProto) -> Iterator[tuple[onnx.GraphProto, int]]:
+    """Every graph of the model (main graph, function bodies' subgraphs, nested bodies)
+    with its nesting depth; raises once a graph is nested deeper than allowed."""
+    stack: list[tuple[onnx.GraphProto, int]] = [(proto.graph, 0)]
+    for function in proto.functions:
+        stack += [(g, 1) for node in function.node for g in _graph_attributes(node)]
+    while stack:
+        graph, depth = stack.pop()
+        if depth > MAX_SUBGRAPH_DEPTH:
+            raise ModelLoadError(
+                f"Subgraphs (If/Loop/Scan bodies) are nested more than {MAX_SUBGRAPH_DEPTH} levels deep",
+                "a model with a reasonable nesting of control-flow bodies",
+                "check the file's origin; this looks like a hostile or corrupt model",
+            )
+        yield graph, depth
+        stack += [(g, depth + 1) for node in graph.node for g in _graph_attributes(node)]
+
+
+def iter_nodes(proto: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
+    """Every node: of all graphs and of the model-local functions."""
+    for graph, _ in walk_graphs(proto):
+        yield from graph.node
+    for function in proto.functions:
+        yield from function.node
+
+
+def iter_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor that carries data: initializers (dense and sparse) and attributes."""
+    for graph, _ in walk_graphs(proto):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+    for node in iter_nodes(proto):
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
 
 
 def check_proto(proto: onnx.ModelProto) -> None:
     """Checks on the raw proto, before onnx_ir builds anything from it."""
-    producers: dict[str, str] = {}
-    for node in proto.graph.node:
-        for name in node.output:
-            if name and name in producers:
-                raise ModelLoadError(
-                    f"Value '{name}' is produced twice (by '{producers[name]}' and '{node.name}')",
-                    "every value name produced once (SSA form)",
-                    "the file is corrupt; re-export it",
-                )
-            producers[name] = node.name
+    for graph, _ in walk_graphs(proto):  # also enforces the nesting limit
+        _check_single_assignment(graph)
+    for node in iter_nodes(proto):
+        names = [attr.name for attr in node.attribute]
+        if len(names) != len(set(names)):
+            duplicated = sorted({n for n in names if names.count(n) > 1})[:5]
+            raise ModelLoadError(
+                f"Node '{node.name}' ({node.op_type}) has attribute(s) {duplicated} more than once",
+                "each attribute of a node given once",
+                _CORRUPT,
+            )
     check_inline_tensors(proto)
 
 
+def _check_single_assignment(graph: onnx.GraphProto) -> None:
+    sources: dict[str, str] = {}
+    for value in graph.input:
+        if value.name in sources:
+            raise ModelLoadError(
+                f"Graph '{graph.name}' has two inputs named '{value.name}'",
+                "distinct input names",
+                _CORRUPT,
+            )
+        sources[value.name] = "a graph input"
+    for node in graph.node:
+        for name in node.output:
+            if name and name in sources:
+                raise ModelLoadError(
+                    f"Value '{name}' is produced twice (by {sources[name]} and node '{node.name}')",
+                    "every value name produced once (SSA form)",
+                    "the file is corrupt; re-export it",
+                )
+            sources[name] = f"node '{node.name}'"
+
+
 def check_inline_tensors(proto: onnx.ModelProto) -> None:
-    """Initializers must carry the bytes their dtype and shape declare."""
-    for tensor in proto.graph.initializer:
-        if (
-            tensor.data_location == onnx.TensorProto.EXTERNAL
-            or tensor.data_type == onnx.TensorProto.STRING
-        ):
-            continue
+    """Every tensor must carry the data its dtype and shape declare.
+
+    This is what refuses a 2^40-element initializer declared without data before
+    anything tries to allocate it.
+    """
+    for tensor in iter_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue  # checked against its file in serialization.check_external_data
+        name = tensor.name or "<unnamed>"
         if any(d < 0 for d in tensor.dims):
             raise ModelLoadError(
-                f"Initializer '{tensor.name}' has a negative dimension {list(tensor.dims)}"
+                f"Tensor '{name}' has a negative dimension {list(tensor.dims)}",
+                "non-negative dimensions",
+                _CORRUPT,
             )
         count = 1
         for dim in tensor.dims:
             count *= dim
-        try:
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        except (KeyError, ValueError, TypeError):
-            continue  # sub-byte and exotic types: left to the runtime
-        if tensor.HasField("raw_data"):
+        if tensor.HasField("raw_data") and tensor.data_type != onnx.TensorProto.STRING:
+            try:
+                itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            except (KeyError, ValueError, TypeError):
+                continue  # sub-byte and exotic types: left to the runtime
             if len(tensor.raw_data) != count * itemsize:
                 raise ModelLoadError(
-                    f"Initializer '{tensor.name}' declares shape {list(tensor.dims)} "
+                    f"Tensor '{name}' declares shape {list(tensor.dims)} "
                     f"({count * itemsize} bytes) but holds {len(tensor.raw_data)} bytes",
                     "raw data matching the declared shape and dtype",
                     "the file is corrupt or truncated; re-export it",
                 )
-        elif count > 0 and not any(len(getattr(tensor, f)) for f in _TYPED_FIELDS):
+            continue
+        storage = _TYPED_STORAGE.get(tensor.data_type)
+        if storage is None:
+            continue
+        field, per_element = storage
+        held = len(getattr(tensor, field))
+        if held != count * per_element:
+            what = "carries no data" if held == 0 else f"holds {held} entries in {field}"
             raise ModelLoadError(
-                f"Initializer '{tensor.name}' declares {count} elements but carries no data",
-                "tensor data inline or as external data",
-                "the file is corrupt or hostile; re-export it",
+                f"Tensor '{name}' declares {count} elements (shape {list(tensor.dims)}) but {what}",
+                "tensor data inline (matching the shape) or as external data",
+                _CORRUPT,
             )
 
 
@@ -94,7 +197,11 @@ def validate(model: ir.Model) -> None:
                 needs_sort = True
     for value in graph.outputs:
         if value.producer() is None and id(value) not in known:
-            raise ModelLoadError(f"Graph output '{value.name}' is not produced by any node")
+            raise ModelLoadError(
+                f"Graph output '{value.name}' is not produced by any node",
+                "every graph output to be a graph input, an initializer or a node's output",
+                "the file is corrupt or truncated; re-export it",
+            )
     if needs_sort:
         _sort_or_raise(graph)
 
