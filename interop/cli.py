@@ -1,8 +1,13 @@
-"""The ``interop`` command: inspect, plot and run ONNX model files.
+"""The ``interop`` command: inspect, plot, run and convert models.
 
 interop inspect model.onnx [--depth N]
 interop plot model.onnx -o model.svg [--depth N]
 interop run model.onnx --random [--dim batch=4] [--repeat 10] [--device cpu]
+interop convert SRC --to onnx|torch|keras|flax -o OUT
+
+SRC is an .onnx file or a factory ``module:function`` (``path/to/file.py:function``
+works too) whose function takes no arguments and returns ``(model, example_inputs)``,
+the two arguments of `interop.trace`. `convert` documents the output formats.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +27,8 @@ from .errors import InteropError
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="interop",
-        description="Inspect, plot and run models saved by interop (or any ONNX file).",
+        description="Inspect, plot, run and convert models saved by interop (or any ONNX file).",
+        epilog="Run 'interop COMMAND --help' for the options of one command.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -50,7 +58,190 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     run.add_argument("--seed", type=int, default=0)
+    _add_convert_parser(commands)
     return parser
+
+
+CONVERT_HELP = """\
+Convert a model into an ONNX file or a native PyTorch, Keras or Flax model.
+
+SRC is either an .onnx file or a factory "module:function" (or "path/to/file.py:function")
+naming a function that takes no arguments and returns (model, example_inputs): the model
+of any framework interop traces and the example inputs that interop.trace needs (a
+tensor, a tuple of tensors or a dict of named tensors). The factory's module is imported,
+so only name code you trust; .onnx files are parsed and checked, never executed.
+
+Output formats (weights are always saved next to the graph they belong to, in files
+that load without executing code):
+  --to onnx   OUT.onnx: the traced graph with interop's layer metadata.
+  --to torch  OUT.pt: the emitted module's state_dict (torch.save), and OUT.onnx beside it.
+              Load: m = interop.to_torch(interop.load("OUT.onnx"))
+                    m.load_state_dict(torch.load("OUT.pt", weights_only=True))
+  --to keras  OUT.keras: model.save() of the emitted Keras model, when Keras can serialise
+              every layer; or OUT.weights.h5: model.save_weights(), and OUT.onnx beside it.
+              Load: m = interop.to_keras(interop.load("OUT.onnx")); m.load_weights("OUT.weights.h5")
+  --to flax   OUT.msgpack: the nnx state as a pure dict (flax.serialization), and OUT.onnx.
+              Load: m = interop.to_flax(interop.load("OUT.onnx"))
+                    state = nnx.state(m); nnx.replace_by_pure_dict(state,
+                        flax.serialization.msgpack_restore(open("OUT.msgpack", "rb").read()))
+                    nnx.update(m, state)
+"""
+
+_SUFFIXES = {
+    "onnx": (".onnx",),
+    "torch": (".pt", ".pth"),
+    "keras": (".keras", ".weights.h5"),
+    "flax": (".msgpack",),
+}
+
+
+def _add_convert_parser(commands: Any) -> None:
+    convert = commands.add_parser(
+        "convert",
+        help="convert a model (factory or .onnx file) to onnx, torch, keras or flax",
+        description=CONVERT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    convert.add_argument("source", metavar="SRC", help="an .onnx file or module:function")
+    convert.add_argument("--to", required=True, choices=sorted(_SUFFIXES), help="target format")
+    convert.add_argument("-o", "--output", required=True, metavar="OUT",
+                         help="output file; its suffix must match --to (see above)")  # fmt: skip
+    convert.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
+
+
+def load_factory(spec: str) -> tuple[Any, Any]:
+    """Call the factory named by ``module:function`` and return ``(model, example_inputs)``.
+
+    The module is a dotted import path (the current folder is importable, as with
+    ``python -m``) or a ``.py`` file path.
+    """
+    import importlib
+    import importlib.util
+
+    module_name, sep, function_name = spec.rpartition(":")
+    if not sep or not module_name or not function_name.isidentifier():
+        raise InteropError(
+            f"'{spec}' is neither an .onnx file nor a factory",
+            "an .onnx file or module:function, e.g. mymodels:build or models.py:build",
+        )
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise InteropError(f"Factory file '{path}' does not exist")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[path.stem] = module  # so that classes it defines pickle and repr well
+        module_spec.loader.exec_module(module)
+    else:
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            raise InteropError(
+                f"Cannot import factory module '{module_name}': {err}",
+                fix="run from the folder that holds it, set PYTHONPATH, or give a .py path",
+            ) from err
+    factory = getattr(module, function_name, None)
+    if not callable(factory):
+        raise InteropError(f"'{module_name}' has no function '{function_name}'")
+    result = factory()
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise InteropError(
+            f"Factory '{spec}' returned {type(result).__name__}",
+            "a tuple (model, example_inputs), e.g. return net, (torch.randn(2, 3),)",
+        )
+    return result
+
+
+def _emitter(target: str) -> Any:
+    from . import emit
+
+    name = f"to_{target}"
+    if not hasattr(emit, name):
+        raise InteropError(
+            f"Conversion to {target} is not available in this version of interop",
+            fix="convert --to onnx and load the file with that framework's ONNX tools",
+        )
+    return getattr(emit, name)
+
+
+def _save_native(target: str, native: Any, out: Path) -> list[Path]:
+    """Write the emitted model's weights; returns the paths written."""
+    if target == "torch":
+        import torch
+
+        torch.save(native.state_dict(), out)
+    elif target == "keras":
+        if out.name.endswith(".weights.h5"):
+            native.save_weights(out)
+        else:
+            try:
+                native.save(out)
+            except (NotImplementedError, TypeError, ValueError) as err:
+                stem = out.name[: -len(".keras")]
+                raise InteropError(
+                    f"Keras cannot serialise this model as a .keras file: {str(err).strip()[:200]}",
+                    fix=f"write the weights instead: -o {out.with_name(stem + '.weights.h5')}",
+                ) from err
+    else:
+        from flax import nnx, serialization
+
+        state = nnx.to_pure_dict(nnx.state(native))
+        out.write_bytes(serialization.msgpack_serialize(state))
+    return [out]
+
+
+def convert_command(args: argparse.Namespace) -> int:
+    """Run ``interop convert``: trace or load, emit, save; exit code 2 on a known error."""
+    from .progress import progress
+    from .serialization import load
+    from .tracing import trace
+
+    out = Path(args.output)
+    verbose = False if args.quiet else None
+    try:
+        if not out.name.endswith(_SUFFIXES[args.to]):
+            raise InteropError(
+                f"Output '{out}' does not fit --to {args.to}",
+                f"a file name ending in {' or '.join(_SUFFIXES[args.to])}",
+            )
+        emitter = _emitter(args.to) if args.to != "onnx" else None
+        out.parent.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
+        steps = ["read", "emit", "save"] if emitter else ["read", "save"]
+        graph = native = None
+        for step in progress(steps, desc=f"convert to {args.to}", verbose=verbose):
+            if step == "read":
+                if Path(args.source).suffix == ".onnx":
+                    graph = load(args.source)
+                else:
+                    model, example_inputs = load_factory(args.source)
+                    graph = trace(model, example_inputs)
+            elif step == "emit":
+                native = emitter(graph)  # type: ignore[misc]
+            else:
+                assert graph is not None
+                onnx_path = out if args.to == "onnx" else _graph_path(out)
+                written.append(graph.save(onnx_path))
+                if native is not None:
+                    written[:0] = _save_native(args.to, native, out)
+    except InteropError as err:
+        print(f"interop: error: {err}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(f"{graph!r}\nwrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _graph_path(out: Path) -> Path:
+    name = out.name
+    for suffix in (".weights.h5", ".keras", ".msgpack", ".pth", ".pt"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return out.with_name(name + ".onnx")
 
 
 def random_inputs(graph, sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
@@ -77,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .serialization import load
 
+    if args.command == "convert":
+        return convert_command(args)
     try:
         graph = load(args.file)
         if args.command == "inspect":
