@@ -74,6 +74,10 @@ class NumpyBackend:
     def astype(self, x: Any, dtype: Any) -> np.ndarray:
         return np.asarray(x).astype(dtype)
 
+    def bitcast(self, x: Any, dtype: Any) -> np.ndarray:
+        """The same bits read as another dtype of the same width (ONNX BitCast)."""
+        return np.asarray(x).view(dtype)
+
     # ---------------------------------------------------------------- elementwise
     def add(self, a, b):
         return _array(np.add(a, b))

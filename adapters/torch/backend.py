@@ -41,8 +41,72 @@ _POOL = {
 _REDUCE = {"sum": torch.sum, "prod": None, "max": torch.amax, "min": torch.amin, "mean": torch.mean}
 
 
+# ONNX dtypes torch lacks (sub-byte, e8m0, float4) or has without CPU kernels (uint16-64):
+# held in a wider carrier dtype whose values are exact, tagged with the ONNX dtype
+_CARRIER = {
+    np.dtype(np.uint16): torch.int32,
+    np.dtype(np.uint32): torch.int64,
+    np.dtype(np.uint64): torch.int64,  # values above 2**63 keep their bits (two's complement)
+    np.dtype(ml_dtypes.int4): torch.int8,
+    np.dtype(ml_dtypes.int2): torch.int8,
+    np.dtype(ml_dtypes.uint4): torch.uint8,
+    np.dtype(ml_dtypes.uint2): torch.uint8,
+    np.dtype(ml_dtypes.float4_e2m1fn): torch.float32,
+    np.dtype(ml_dtypes.float8_e8m0fnu): torch.float32,
+}
+_INDEX_FUNCTIONS = {"argmax", "argmin", "argsort", "nonzero", "topk", "sort"}
+
+
+class OnnxTyped(torch.Tensor):
+    """A carrier tensor tagged with the ONNX dtype it stands for; results of the carrier
+    dtype computed from it keep the tag, so outputs convert back to the ONNX dtype."""
+
+    onnx_dtype: np.dtype
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        tag = next((a.onnx_dtype for a in _flat(args) if isinstance(a, OnnxTyped)), None)
+        with torch._C.DisableTorchFunctionSubclass():
+            result = func(*args, **(kwargs or {}))
+        if tag is None or getattr(func, "__name__", "") in _INDEX_FUNCTIONS:
+            return result
+        return _retag(result, tag)
+
+
+def _flat(args):
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            yield from _flat(a)
+        else:
+            yield a
+
+
+def _retag(value, tag):
+    if isinstance(value, torch.Tensor) and value.dtype == _CARRIER[tag]:
+        return tagged(value, tag)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_retag(v, tag) for v in value)
+    return value
+
+
+def tagged(carrier: torch.Tensor, dtype) -> torch.Tensor:
+    """carrier (values already in range) as an OnnxTyped of the ONNX dtype."""
+    with torch._C.DisableTorchFunctionSubclass():
+        out = carrier.as_subclass(OnnxTyped)
+    out.onnx_dtype = np.dtype(dtype)
+    return out
+
+
+def _plain(x):
+    if isinstance(x, OnnxTyped):
+        with torch._C.DisableTorchFunctionSubclass():
+            return x.as_subclass(torch.Tensor)
+    return x
+
+
 def torch_dtype(dtype) -> torch.dtype:
-    return _TO_TORCH[np.dtype(dtype)]
+    dtype = np.dtype(dtype)
+    return _CARRIER.get(dtype) or _TO_TORCH[dtype]
 
 
 def _symmetric(pads):
@@ -60,9 +124,12 @@ class TorchBackend:
 
     def asarray(self, value, dtype=None, like=None):
         if isinstance(value, torch.Tensor):
-            return value if dtype is None else value.to(torch_dtype(dtype))
+            return value if dtype is None else self.astype(value, dtype)
         array = np.asarray(value, dtype=dtype)
         device = like.device if isinstance(like, torch.Tensor) else None
+        if array.dtype in _CARRIER:
+            carrier = np.dtype(_TO_NUMPY[_CARRIER[array.dtype]])
+            return tagged(torch.as_tensor(array.astype(carrier), device=device), array.dtype)
         if array.dtype.name.startswith(
             ("bfloat", "float8")
         ):  # numpy cannot hand these to torch directly
@@ -78,6 +145,8 @@ class TorchBackend:
         if not isinstance(x, torch.Tensor):
             return np.asarray(x)
         x = x.detach().cpu()
+        if isinstance(x, OnnxTyped):
+            return _plain(x).numpy().astype(x.onnx_dtype)
         target = _TO_NUMPY[x.dtype]
         if x.dtype in (
             torch.bfloat16,
@@ -93,15 +162,27 @@ class TorchBackend:
         return tuple(x.shape)
 
     def dtype(self, x):
+        if isinstance(x, OnnxTyped):
+            return x.onnx_dtype
         return _TO_NUMPY[x.dtype] if isinstance(x, torch.Tensor) else np.asarray(x).dtype
 
     def astype(self, x, dtype):
+        dtype = np.dtype(dtype)
+        if dtype in _CARRIER or (isinstance(x, OnnxTyped) and x.onnx_dtype.kind == "V"):
+            # rounding/saturation/wrapping of the emulated types: numpy's (ml_dtypes) rules
+            return self.asarray(self.to_numpy(x).astype(dtype), like=x)
+        x = _plain(x)
         target = torch_dtype(dtype)
         if x.is_floating_point() and not target.is_floating_point and target != torch.bool:
             x = torch.trunc(
                 x
             )  # float -> int truncates toward zero, whatever torch's kernel does on overflow
         return x.to(target)
+
+    def bitcast(self, x, dtype):
+        if isinstance(x, OnnxTyped) or np.dtype(dtype) in _CARRIER:
+            return self.asarray(self.to_numpy(x).view(dtype), like=x)
+        return x.view(torch_dtype(dtype))
 
     def add(self, a, b):
         return torch.add(a, b)

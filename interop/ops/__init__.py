@@ -40,4 +40,15 @@ def normalize_axes(axes: Any, rank: int) -> tuple[int, ...]:
     return tuple(sorted(normalize_axis(int(a), rank) for a in axes))
 
 
-from . import control, elementwise, image, linalg, nn, recurrent, reduce, shape  # noqa: E402,F401  (registers the ops)
+from . import (  # noqa: E402,F401  (registers the ops)
+    control,
+    elementwise,
+    image,
+    linalg,
+    nn,
+    recurrent,
+    reduce,
+    shape,
+    signal,
+    spatial,
+)

@@ -286,3 +286,8 @@ def shrink(xp, x, bias=0.0, lambd=0.5):
 @op("Identity")
 def identity(xp, x):
     return x
+
+
+@op("BitCast")
+def bit_cast(xp, x, to):
+    return xp.bitcast(x, onnx_dtype(to))
