@@ -43,15 +43,13 @@ def activation(b: Builder, x: Any, fn: Any, **kwargs: Any) -> ir.Value:
         return b.op("Mul", [x, b.op("Sigmoid", [x])])
     if name == "gelu":
         if kwargs.get("approximate", False):
-            inner = b.op("Mul", [b.const(np.float32(math.sqrt(2 / math.pi))),
-                                 b.op("Add", [x, b.op("Mul", [b.const(np.float32(0.044715)), b.op("Pow", [x, b.const(np.float32(3))])])])])  # fmt: skip
-            return b.op(
-                "Mul",
-                [
-                    b.op("Mul", [x, b.const(np.float32(0.5))]),
-                    b.op("Add", [b.const(np.float32(1)), b.op("Tanh", [inner])]),
-                ],
-            )
+            cube = b.op("Mul", [b.op("Mul", [x, x]), x])
+            inner = b.op("Add", [x, b.op("Mul", [cube, b.const(np.float32(0.044715))])])
+            inner = b.op("Mul", [inner, b.const(np.float32(math.sqrt(2 / math.pi)))])
+            # 0.5 is applied last so the two gelu forms share no node: ONNX Runtime's
+            # Gelu fusion breaks graphs where its pattern shares an intermediate.
+            half = b.op("Mul", [x, b.op("Add", [b.const(np.float32(1)), b.op("Tanh", [inner])])])
+            return b.op("Mul", [half, b.const(np.float32(0.5))])
         erf = b.op("Erf", [b.op("Mul", [x, b.const(np.float32(_SQRT_HALF))])])
         return b.op(
             "Mul",
