@@ -270,6 +270,9 @@ class FlaxEmitter(Interpreter):
         return path
 
     def unique_path(self, path: str) -> str:
+        for taken in sorted(self._names, key=len):
+            if path.startswith(taken + "."):  # never inside a layer or variable placed before
+                path = taken + "_" + path[len(taken) + 1 :].replace(".", "_")
         while path in self._names or any(n.startswith(path + ".") for n in self._names):
             self._counter += 1
             path = f"{path}_{self._counter}"
