@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -200,3 +201,122 @@ def upsample(xp, x, scales, mode="nearest"):
         coordinate_transformation_mode="asymmetric",
         nearest_mode="floor",
     )
+
+
+def _reflect(xp, c, lo, hi, k):
+    """Reflect coordinates by the near border until inside [lo, hi] (ONNX GridSample)."""
+    span = hi - lo
+    if span <= 0:
+        return xp.full(xp.shape(c), lo, xp.dtype(c), like=c)
+
+    def fold(distance):
+        turns = xp.unary("floor", xp.divide(distance, k(span)))
+        rest = xp.subtract(distance, xp.multiply(turns, k(span)))
+        even = xp.compare("equal", xp.remainder(turns, k(2.0)), k(0.0))
+        return even, rest
+
+    even_b, rest_b = fold(xp.subtract(k(lo), c))
+    below = xp.where(even_b, xp.add(k(lo), rest_b), xp.subtract(k(hi), rest_b))
+    even_a, rest_a = fold(xp.subtract(c, k(hi)))
+    above = xp.where(even_a, xp.subtract(k(hi), rest_a), xp.add(k(lo), rest_a))
+    return xp.where(
+        xp.compare("less", c, k(lo)), below, xp.where(xp.compare("greater", c, k(hi)), above, c)
+    )
+
+
+@op("GridSample")
+def grid_sample(xp, x, grid, align_corners=0, mode="linear", padding_mode="zeros"):
+    dims = xp.shape(x)
+    n, channels, spatial = dims[0], dims[1], list(dims[2:])
+    rank = len(spatial)
+    out_spatial = list(xp.shape(grid)[1:-1])
+    points = int(np.prod(out_spatial))
+    dtype = xp.dtype(grid)
+
+    def k(value):
+        return xp.asarray(np.asarray(value, dtype), dtype, like=grid)
+
+    flat_grid = xp.reshape(grid, [n, points, rank])
+    coords, bounds = [], []
+    for axis, size in enumerate(spatial):
+        g = xp.getitem(flat_grid, (slice(None), slice(None), rank - 1 - axis))  # grid is (x, y, z)
+        if align_corners:
+            c, lo, hi = xp.multiply(xp.add(g, k(1.0)), k((size - 1) / 2)), 0.0, size - 1.0
+        else:
+            c = xp.divide(xp.subtract(xp.multiply(xp.add(g, k(1.0)), k(size)), k(1.0)), k(2.0))
+            lo, hi = -0.5, size - 0.5
+        if padding_mode == "border":
+            c = xp.clip(c, 0.0, size - 1.0)
+        elif padding_mode == "reflection":
+            c = _reflect(xp, c, lo, hi, k)
+        coords.append(c)
+        bounds.append((lo, hi))
+    if mode == "nearest":
+        taps = [[(xp.unary("round", c), None)] for c in coords]  # round half to even
+    else:
+        taps = []
+        for c in coords:
+            base = xp.unary("floor", c)
+            t = xp.subtract(c, base)
+            if mode in ("linear", "bilinear"):
+                weights, offsets = [xp.subtract(k(1.0), t), t], [0, 1]
+            else:
+                weights, offsets = _cubic_weights(xp, t, k), [-1, 0, 1, 2]
+            taps.append([(xp.add(base, k(o)), w) for o, w in zip(offsets, weights)])
+    source = xp.reshape(x, [n, channels, int(np.prod(spatial))])
+    total = None
+    for combination in itertools.product(*taps):
+        flat = None
+        inside = None
+        weight = None
+        for axis, (position, w) in enumerate(combination):
+            size = spatial[axis]
+            if padding_mode == "zeros":
+                ok = xp.compare(
+                    "logical_and",
+                    xp.compare("greater_equal", position, k(0.0)),
+                    xp.compare("less_equal", position, k(size - 1.0)),
+                )
+                inside = ok if inside is None else xp.compare("logical_and", inside, ok)
+            elif padding_mode == "reflection" and mode not in ("nearest",):
+                position = _reflect(xp, position, *bounds[axis], k)
+            index = xp.astype(xp.clip(position, 0.0, size - 1.0), np.dtype(np.int64))
+            flat = (
+                index
+                if flat is None
+                else xp.add(xp.multiply(flat, xp.asarray(size, np.int64, like=index)), index)
+            )
+            weight = w if weight is None else (weight if w is None else xp.multiply(weight, w))
+        gathered = xp.take_along_axis(
+            source, xp.broadcast_to(xp.reshape(flat, [n, 1, points]), [n, channels, points]), 2
+        )
+        factor = weight
+        if inside is not None:
+            mask = xp.astype(inside, dtype)
+            factor = mask if factor is None else xp.multiply(factor, mask)
+        if factor is not None:
+            gathered = xp.multiply(
+                gathered, xp.reshape(xp.astype(factor, xp.dtype(x)), [n, 1, points])
+            )
+        total = gathered if total is None else xp.add(total, gathered)
+    return xp.reshape(total, [n, channels, *out_spatial])
+
+
+def _cubic_weights(xp, t, k, a=-0.75):
+    one, two = xp.subtract(k(1.0), t), xp.subtract(k(2.0), t)
+    t1 = xp.add(t, k(1.0))
+
+    def far(d):  # |d| in [1, 2]
+        return xp.subtract(
+            xp.multiply(
+                xp.add(xp.multiply(xp.subtract(xp.multiply(k(a), d), k(5 * a)), d), k(8 * a)), d
+            ),
+            k(4 * a),
+        )
+
+    def near(d):  # |d| in [0, 1]
+        return xp.add(
+            xp.multiply(xp.multiply(xp.subtract(xp.multiply(k(a + 2), d), k(a + 3)), d), d), k(1.0)
+        )
+
+    return [far(t1), near(t), near(one), far(two)]

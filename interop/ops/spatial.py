@@ -43,10 +43,14 @@ def col2im(xp, x, image_shape, block_shape, dilations=None, pads=None, strides=N
     )
     flat = np.ravel_multi_index(tuple(np.moveaxis(coords, -1, 0)), padded)  # K, L
     total = int(np.prod(padded))
-    out = xp.full([n, channels, total], 0, xp.dtype(x), like=x)
-    values = xp.reshape(x, [n, channels, len(kernel_pos) * len(block_pos)])
-    index = (slice(None), slice(None), xp.asarray(flat.reshape(-1), np.int64, like=x))
+    # positions first, so the key is one index array (scatter-add over the flat padded image)
+    values = xp.reshape(
+        xp.permute_dims(xp.reshape(x, [n, channels, -1]), [2, 0, 1]), [-1, n * channels]
+    )
+    out = xp.full([total, n * channels], 0, xp.dtype(x), like=x)
+    index = (xp.asarray(flat.reshape(-1), np.int64, like=x),)
     out = xp.setitem(out, index, values, reduction="add")
+    out = xp.reshape(xp.permute_dims(out, [1, 0]), [n, channels, total])
     out = xp.reshape(out, [n, channels, *padded])
     crop = (slice(None), slice(None)) + tuple(
         slice(pads[a], pads[a] + image[a]) for a in range(count)
