@@ -34,6 +34,7 @@ from . import LAYERS, OPS
 from . import attention as _attention  # noqa: F401  (registers the converters)
 from . import conv as _conv  # noqa: F401  (registers the converters)
 from . import layers as _layers  # noqa: F401
+from . import layers_more as _layers_more  # noqa: F401
 from . import ops as _ops  # noqa: F401
 from . import ops_more as _ops_more  # noqa: F401
 from . import recurrent as _recurrent  # noqa: F401
