@@ -64,3 +64,10 @@ def test_extract_features(tmp_path):
 
     features = interop.load(tmp_path / "encoder_features.onnx")
     assert [spec.name for spec in features.outputs] == ["stages.0", "stages.1", "stages.2"]
+
+
+def test_keras_encoder_in_torch():
+    out = run_example("keras_encoder_in_torch.py", "--steps", "10")
+    assert "encoder.net.proj.weight" in out  # Keras names survive as torch parameters
+    losses = [float(line.split("loss")[1]) for line in out.splitlines() if "loss" in line]
+    assert len(losses) == 2 and losses[1] < losses[0]
