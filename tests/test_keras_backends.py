@@ -78,3 +78,42 @@ def test_keras_backend(backend):
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+APPLICATION_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np, keras, interop
+    from keras import layers
+    assert keras.backend.backend() == BACKEND
+    rs = np.random.RandomState(0)
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(64, 64, 3), classes=10)
+    x = rs.rand(2, 64, 64, 3).astype("float32")
+    g = interop.trace(model, x)
+    assert interop.verify(model, g, x).ok
+    assert g.count_params() == model.count_params()
+    q = keras.Input((None, 12))
+    h = layers.MultiHeadAttention(4, 8)(q, q, use_causal_mask=True)
+    enc = keras.Model(q, layers.LayerNormalization()(layers.Add()([q, h])))
+    g = interop.trace(enc, rs.rand(2, 5, 12).astype("float32"))
+    other = rs.rand(3, 9, 12).astype("float32")
+    assert interop.verify(enc, g, other).ok
+    print("OK")
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_keras_backend_mobilenet_and_attention(backend):
+    pytest.importorskip(backend)
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "JAX_PLATFORMS": "cpu",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+    code = f"BACKEND = {backend!r}\n" + APPLICATION_SCRIPT
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
