@@ -235,6 +235,10 @@ class NumpyBackend:
         return _array(np.matmul(a, b))
 
     def einsum(self, equation, *operands):
+        dtype = np.result_type(*operands)
+        if dtype.name == "bfloat16":  # numpy's einsum has no bfloat16 loop: float32, rounded back
+            operands = tuple(np.asarray(o, np.float32) for o in operands)
+            return _array(np.einsum(equation, *operands)).astype(dtype)
         return _array(np.einsum(equation, *operands))
 
     def det(self, x):
