@@ -52,6 +52,13 @@ def _on_host_when_possible(method):
     return dispatch
 
 
+def _int_or_none(d):
+    try:
+        return int(d)
+    except TypeError:
+        return None
+
+
 def keras_dtype(dtype) -> str:
     return np.dtype(dtype).name
 
@@ -98,7 +105,10 @@ class KerasBackend:
         return np.asarray(x) if _host(x) else np.asarray(ops.convert_to_numpy(x))
 
     def shape(self, x):
-        return tuple(int(d) for d in (np.shape(x) if _host(x) else ops.shape(x)))
+        # a dim unknown while tracing (tf.function over batches of any size) is None, so ops
+        # that need only the rank still work and the others fail loudly
+        return tuple(d if isinstance(d, int) or d is None else _int_or_none(d)
+                     for d in (np.shape(x) if _host(x) else ops.shape(x)))  # fmt: skip
 
     def dtype(self, x):
         return np.asarray(x).dtype if _host(x) else _dtype(x)

@@ -79,7 +79,10 @@ class KerasEmitter(Interpreter):
         name = _layer_name(self.graph.name or "emitted")
         inputs = self.inputs if len(self.inputs) != 1 else self.inputs[0]
         model = keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0], name=name)
-        model.source_names = dict(self.source_names)
+        # variables of layers the outputs do not depend on (a weight's Transpose that a native
+        # layer took over) are not part of the model
+        paths = {v.path for v in model.weights}
+        model.source_names = {k: v for k, v in self.source_names.items() if k in paths}
         model.input_names = [v.name for v in self.graph.inputs]
         model.output_names = [v.name for v in self.graph.outputs]
         return model
@@ -121,18 +124,44 @@ class KerasEmitter(Interpreter):
         return None
 
     def weight(self, value: ir.Value | None) -> np.ndarray | None:
-        """The initializer behind an input, if it may become a native layer's variable."""
-        if value is None or value.const_value is None or value.name not in self.graph.initializers:
+        """The initializer behind an input, if it may become a native layer's variable.
+
+        A weight read through a constant-perm Transpose (a Keras source's HWIO kernel) counts:
+        the layer holds it in the orientation it needs anyway.
+        """
+        source = self.source_value(value)
+        if (
+            source is None
+            or source.const_value is None
+            or source.name not in self.graph.initializers
+        ):
             return None
-        readers = [use for use in value.uses() if use.node.op_type not in ("Shape", "Size")]
-        if self.kind_of(value) is None or len(readers) != 1 or value in self.graph.inputs:
+        readers = [use for use in source.uses() if use.node.op_type not in ("Shape", "Size")]
+        if self.kind_of(source) is None or len(readers) != 1 or source in self.graph.inputs:
             return None
-        return np.array(value.const_value.numpy())
+        array = np.array(source.const_value.numpy())
+        if source is not value:
+            if len(value.uses()) != 1:
+                return None
+            perm = self.attributes(value.producer())[0].get("perm")
+            array = np.transpose(array, perm)
+        return array
+
+    def source_value(self, value: ir.Value | None) -> ir.Value | None:
+        """The initializer a value is, or is a Transpose of."""
+        producer = value.producer() if value is not None else None
+        if (
+            producer is not None
+            and producer.op_type == "Transpose"
+            and producer.inputs[0] is not None
+        ):
+            return producer.inputs[0]
+        return value
 
     def variable(self, value: ir.Value, array: np.ndarray, kind: str) -> keras.Variable:
         """One Keras variable per source weight, named after it, shared by all its readers."""
         if value not in self.variables:
-            name = (value.name or "constant").replace("/", "|")  # keras names exclude "/"
+            name = _variable_name(value.name or "constant")
             self.variables[value] = variable = keras.Variable(
                 array, name=name, trainable=kind == provenance.TRAINABLE, autocast=False
             )
@@ -150,7 +179,10 @@ class KerasEmitter(Interpreter):
 
     def layer_name(self, node: ir.Node, sources: Sequence[ir.Value] = ()) -> str:
         """The common prefix of the weights' source names (``blocks.0.conv``), else the scope."""
-        prefixes = {v.name.rsplit(".", 1)[0] for v in sources if v is not None and "." in v.name}
+        names = [self.source_value(v).name for v in sources if v is not None]
+        prefixes = {name.rsplit(".", 1)[0] for name in names if "." in name}
+        if not prefixes:  # Keras names: "conv/kernel"
+            prefixes = {name.rsplit("/", 1)[0] for name in names if "/" in name}
         if len(prefixes) == 1:
             return self.unique(prefixes.pop())
         return self.unique(provenance.node_scope(node) or node.name or node.op_type.lower())
@@ -159,7 +191,7 @@ class KerasEmitter(Interpreter):
         """Record the source name of each variable of a freshly called native layer."""
         for attribute, value in sources.items():
             variable = getattr(layer, attribute)
-            self.source_names[variable.path] = value.name
+            self.source_names[variable.path] = self.source_value(value).name
 
     # ------------------------------------------------------------------ layout
     def transpose(self, tensor: Any, perm: Sequence[int]) -> Any:
@@ -197,6 +229,10 @@ class KerasEmitter(Interpreter):
         folded = self.fold(node)
         if folded is not None:
             return folded
+        if node.op_type == "Transpose" and not isinstance(args[0], Const):
+            rank = len(args[0].shape)
+            perm = self.attributes(node)[0].get("perm") or list(range(rank))[::-1]
+            return [self.transpose(args[0], perm)]
         builder = LAYERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if builder is not None:
             result = builder(self, node, args)
@@ -321,8 +357,18 @@ def _dtype_name(value: ir.Value) -> str | None:
     return None if value.dtype is None else np.dtype(value.dtype.numpy()).name
 
 
+# the torch backend keeps variables in torch ParameterDicts, whose keys cannot hold "."
+_TORCH = keras.backend.backend() == "torch"
+
+
 def _layer_name(name: str) -> str:
-    return re.sub(r"[^\w.\-]", "_", name) or "layer"
+    name = re.sub(r"[^\w.\-]", "_", name) or "layer"
+    return name.replace(".", "_") if _TORCH else name
+
+
+def _variable_name(name: str) -> str:
+    name = name.replace("/", "|")  # keras names exclude "/"
+    return name.replace(".", "_") if _TORCH else name
 
 
 def _infer_missing_shapes(emitter: KerasEmitter) -> None:

@@ -169,7 +169,9 @@ def _optional_weight(emitter, node, index):
     return (value, array) if array is not None else (False, False)
 
 
-def _rank(value) -> int | None:
+def _rank(value, arg=None) -> int | None:
+    if arg is not None and hasattr(arg, "shape") and not hasattr(arg, "array"):
+        return len(arg.shape)
     return len(value.shape) if value is not None and value.shape is not None else None
 
 
@@ -345,7 +347,7 @@ def batch_norm_layer(emitter, node, args):
     """BatchNormalization -> keras.layers.BatchNormalization over channels-last data."""
     attrs = _attributes(emitter, node)
     arrays = [emitter.weight(v) for v in node.inputs[1:5]]
-    rank = _rank(node.inputs[0])
+    rank = _rank(node.inputs[0], args[0])
     if (
         any(a is None for a in arrays)
         or attrs.get("training_mode", 0)
@@ -374,14 +376,14 @@ def layer_norm_layer(emitter, node, args):
     attrs = _attributes(emitter, node)
     scale = emitter.weight(node.inputs[1])
     bias_value, bias = _optional_weight(emitter, node, 2)
-    rank = _rank(node.inputs[0])
+    rank = _rank(node.inputs[0], args[0])
     if scale is None or bias is False or len(node.outputs) > 1 or rank is None:
         return None
     if not _keras_tensor(args[0]):
         return None
     axis = attrs.get("axis", -1)
     axis = axis + rank if axis < 0 else axis
-    dims = node.inputs[0].shape[axis:]
+    dims = tuple(args[0].shape)[axis:]
     if not all(isinstance(d, int) for d in dims) or tuple(dims) != scale.shape:
         return None
     layer = keras.layers.LayerNormalization(
@@ -436,5 +438,64 @@ def dropout_layer(emitter, node, args):
         if ratio_value is None
         else float(np.asarray(emitter.static[ratio_value]).reshape(-1)[0])
     )
-    y = keras.layers.Dropout(ratio, name=emitter.unique(node.name or "dropout"))(args[0])
-    return [y] + [None] * (len(node.outputs) - 1)
+    layer = keras.layers.Dropout(ratio, name=emitter.unique(node.name or "dropout"))
+    x = args[0]
+    if id(x) in emitter.origin:  # elementwise: drop in the layout the input came out of
+        source, perm = emitter.origin[id(x)]
+        return [emitter.transpose(layer(source), perm)] + [None] * (len(node.outputs) - 1)
+    return [layer(x)] + [None] * (len(node.outputs) - 1)
+
+
+_POOLS = {
+    "MaxPool": (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D),
+    "AveragePool": (
+        keras.layers.AveragePooling1D,
+        keras.layers.AveragePooling2D,
+        keras.layers.AveragePooling3D,
+    ),
+}
+
+
+@LAYERS.register("MaxPool")
+@LAYERS.register("AveragePool")
+def pool_layer(emitter, node, args):
+    """Unpadded MaxPool / AveragePool -> keras pooling layers over channels-last data."""
+    attrs = _attributes(emitter, node)
+    rank = _rank(node.inputs[0], args[0])
+    if rank not in (3, 4, 5) or len(node.outputs) > 1 or not _keras_tensor(args[0]):
+        return None
+    spatial = rank - 2
+    kernel = tuple(attrs.get("kernel_shape") or ())
+    pads = _pads(attrs, spatial)
+    if (
+        len(kernel) != spatial
+        or pads is None
+        or any(lo or hi for lo, hi in pads)
+        or attrs.get("ceil_mode", 0)
+        or any(d != 1 for d in attrs.get("dilations") or [1])
+        or attrs.get("storage_order", 0)
+    ):
+        return None
+    strides = tuple(attrs.get("strides") or [1] * spatial)
+    layer = _POOLS[node.op_type][spatial - 1](
+        kernel, strides, name=emitter.unique(node.name or node.op_type.lower())
+    )
+    return [emitter.channels_first(layer(emitter.channels_last(args[0])))]
+
+
+@LAYERS.register("GlobalAveragePool")
+@LAYERS.register("GlobalMaxPool")
+def global_pool_layer(emitter, node, args):
+    """GlobalAverage/MaxPool -> keras global pooling (keepdims) over channels-last data."""
+    rank = _rank(node.inputs[0], args[0])
+    if rank not in (3, 4, 5) or not _keras_tensor(args[0]):
+        return None
+    average = node.op_type == "GlobalAveragePool"
+    classes = (
+        (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D,
+         keras.layers.GlobalAveragePooling3D) if average else
+        (keras.layers.GlobalMaxPooling1D, keras.layers.GlobalMaxPooling2D,
+         keras.layers.GlobalMaxPooling3D)
+    )  # fmt: skip
+    layer = classes[rank - 3](keepdims=True, name=emitter.unique(node.name or "global_pool"))
+    return [emitter.channels_first(layer(emitter.channels_last(args[0])))]
