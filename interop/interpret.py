@@ -37,7 +37,7 @@ import onnx_ir as ir
 from . import provenance
 from .backend import numpy_backend
 from .errors import InteropError, UnsupportedOpError
-from .ops import SEMANTICS
+from .ops import SEMANTICS, semantics_key
 
 TARGET_OPSET = onnx.defs.onnx_opset_version()
 # before opset 13 several ops changed meaning (Softmax axis coercion, attribute-to-input moves)
@@ -112,7 +112,7 @@ def has_function_body(op_type: str, domain: str, version: int) -> bool:
 
 
 def is_supported(node: ir.Node, version: int) -> bool:
-    return (node.domain in DEFAULT_DOMAINS and node.op_type in SEMANTICS) or has_function_body(
+    return semantics_key(node.op_type, node.domain) in SEMANTICS or has_function_body(
         node.op_type, node.domain, version
     )
 
@@ -326,7 +326,7 @@ class Interpreter:
         With ``single``, a one-output node's callable returns the value itself.
         """
         values, graphs = self.attributes(node, caller)
-        semantics = SEMANTICS.get(node.op_type) if node.domain in DEFAULT_DOMAINS else None
+        semantics = SEMANTICS.get(semantics_key(node.op_type, node.domain))
         if semantics is None:
             if not has_function_body(node.op_type, node.domain, self.version):
                 check_supported_node(node, self.version, self.adapter)

@@ -3,7 +3,8 @@
 Each op is a function ``(xp, *inputs, **attributes)`` registered under its ONNX op type
 in `SEMANTICS`; missing optional inputs arrive as ``None``, attributes keep their spec
 names, and an op with several outputs returns a tuple. The families live in their own
-modules (elementwise, linalg, nn, shape, reduce, control).
+modules (elementwise, linalg, nn, shape, reduce, control, ...). Ops outside the default
+domain are registered as ``"<domain>::<op type>"`` (see `semantics_key`).
 
 >>> import numpy as np
 >>> from interop.backend import numpy_backend
@@ -32,6 +33,11 @@ def op(*op_types: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return decorator
 
 
+def semantics_key(op_type: str, domain: str = "") -> str:
+    """The SEMANTICS key of an op: its type in the default domain, "domain::type" elsewhere."""
+    return op_type if domain in ("", "ai.onnx") else f"{domain}::{op_type}"
+
+
 def normalize_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
@@ -51,4 +57,5 @@ from . import (  # noqa: E402,F401  (registers the ops)
     shape,
     signal,
     spatial,
+    training,
 )
