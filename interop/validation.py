@@ -104,7 +104,36 @@ def check_proto(proto: onnx.ModelProto) -> None:
                 "each attribute of a node given once",
                 _CORRUPT,
             )
+    _check_text(proto)
     check_inline_tensors(proto)
+
+
+def _not_text(value: object) -> bool:
+    # protobuf hands back bytes, not str, for a string field that is not valid UTF-8
+    return isinstance(value, bytes)
+
+
+def _check_text(proto: onnx.ModelProto) -> None:
+    """Names and metadata must be UTF-8 text: everything downstream treats them as str."""
+    places: list[tuple[str, object]] = []
+    for entry in proto.metadata_props:
+        places += [("model metadata", entry.key), (f"metadata '{entry.key}'", entry.value)]
+    for graph, _ in walk_graphs(proto):
+        places += [("graph name", graph.name)]
+        places += [("value name", v.name) for v in (*graph.input, *graph.output)]
+        places += [("initializer name", t.name) for t in graph.initializer]
+    for node in iter_nodes(proto):
+        places += [("node name", node.name), ("op type", node.op_type), ("domain", node.domain)]
+        places += [("value name", name) for name in (*node.input, *node.output)]
+        for entry in node.metadata_props:
+            places += [("node metadata", entry.key), ("node metadata", entry.value)]
+    for where, value in places:
+        if _not_text(value):
+            raise ModelLoadError(
+                f"A {where} is not valid UTF-8 text ({bytes(value)[:40]!r}...)",
+                "UTF-8 strings in every name and metadata field",
+                _CORRUPT,
+            )
 
 
 def _check_single_assignment(graph: onnx.GraphProto) -> None:
