@@ -40,6 +40,18 @@ def is_traced(x) -> bool:
     return isinstance(x, jax.Array)
 
 
+def _is_tracer(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_is_tracer(v) for v in value)
+    return isinstance(value, jax.core.Tracer)
+
+
+def _to_host(value):
+    if isinstance(value, (list, tuple)):
+        return [_to_host(v) for v in value]
+    return np.asarray(value) if isinstance(value, jax.Array) else value
+
+
 def _host(*values) -> bool:
     """True when no argument is a JAX array: the numpy backend answers (static values)."""
     for value in values:
@@ -72,6 +84,23 @@ class JaxBackend:
 
         return dispatch
 
+    def __getattr__(self, name):
+        # a protocol function this backend lacks (added to numpy later): host values only
+        function = getattr(numpy_backend, name)
+
+        def host_only(*args, **kwargs):
+            if not _host(*args, *kwargs.values()) and _is_tracer(args):
+                raise NotImplementedError(f"jax backend: {name} on traced values")
+            return function(*[_to_host(a) for a in args], **kwargs)
+
+        return host_only
+
+    def bitcast(self, x, dtype):
+        dtype = np.dtype(dtype)
+        if dtype == np.bool_ or np.dtype(x.dtype) == np.bool_:
+            return jnp.asarray(x).view(dtype) if dtype.itemsize == 1 else None
+        return lax.bitcast_convert_type(x, dtype)
+
     def asarray(self, value, dtype=None, like=None):
         if isinstance(value, jax.Array):
             return value if dtype is None else value.astype(dtype)
@@ -93,6 +122,10 @@ class JaxBackend:
         return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
 
     def astype(self, x, dtype):
+        dtype = np.dtype(dtype)
+        if dtype.name.startswith(("float8", "int2", "int4", "uint2", "uint4", "float4")):
+            if not _is_tracer(x):  # XLA rounds/saturates these differently: numpy's rules
+                return jnp.asarray(numpy_backend.astype(np.asarray(x), dtype))
         return jnp.asarray(x).astype(dtype)
 
     def add(self, a, b):
