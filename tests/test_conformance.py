@@ -30,7 +30,9 @@ def run_torch(model: Any, inputs: list[Any]) -> list[Any]:
 
     from interop.emit import to_torch
 
-    module = to_torch(model)
+    # the node tests check inference semantics: eval() is the emitted module's inference mode
+    # (nn.Dropout is the identity there, as ONNX Dropout without training_mode)
+    module = to_torch(model).eval()
     outputs = module(*[cs.map_nested(x, torch_backend.asarray) for x in inputs])
     if not (isinstance(outputs, (tuple, list)) and len(module.output_names) > 1):
         outputs = [outputs]

@@ -392,6 +392,14 @@ class TorchBackend:
         self, kind, x, kernel, strides, pads, dilations, ceil_mode, count_include_pad=False, p=2
     ):
         rank = len(kernel)
+        if kind == "lp" and any(d != 1 for d in dilations) and not ceil_mode:
+            # torch's pools have no dilated sum: a dilated all-ones depthwise convolution is one
+            powered = _pad_spatial(x.abs() ** p, pads)
+            planes = powered.reshape(-1, 1, *powered.shape[2:])
+            ones = torch.ones((1, 1, *kernel), dtype=x.dtype, device=x.device)
+            conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
+            summed = conv(planes, ones, None, strides, 0, dilations)
+            return summed.reshape(*x.shape[:2], *summed.shape[2:]) ** (1.0 / p)
         if kind == "lp":
             powered = _pad_spatial(x.abs() ** p, pads)
             pooled = _POOL[rank][1](powered, kernel, strides, 0, ceil_mode, True)

@@ -221,7 +221,7 @@ def embedding_layer(emitter: Any, node: Any) -> Any:
 @LAYERS.register("Dropout")
 def dropout_layer(emitter: Any, node: Any) -> Any:
     # nn.Dropout drops in train() and is the identity in eval(): the mask output is not emitted
-    if len(node.outputs) > 1 and node.outputs[1].uses():
+    if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
         return None
     ratio_value = node.inputs[1] if len(node.inputs) > 1 else None
     if ratio_value is not None and ratio_value not in emitter.static:

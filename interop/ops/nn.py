@@ -102,12 +102,19 @@ def _pool(kind):
         strides=None,
         count_include_pad=0,
         p=2,
+        _outputs=1,
     ):
         spatial, strides, dilations = _geometry(xp, x, kernel_shape, strides, dilations)
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             padding = spatial_pads(auto_pad, None, spatial, kernel_shape, strides, dilations)
         else:
             padding = spatial_pads(auto_pad, pads, spatial, kernel_shape, strides, dilations)
+        if kind == "max" and _outputs > 1:  # the Indices output
+            from .spatial import max_pool_with_indices
+
+            return max_pool_with_indices(
+                xp, x, list(kernel_shape), strides, padding, dilations, ceil_mode, storage_order
+            )
         return xp.pool(
             kind,
             x,

@@ -149,3 +149,47 @@ def non_max_suppression(
         selected += [[b, c, i] for i in kept]
     result = np.array(selected, np.int64).reshape(-1, 3)
     return xp.asarray(result, np.int64, like=boxes)
+
+
+def max_pool_with_indices(xp, x, kernel, strides, pads, dilations, ceil_mode, storage_order):
+    """MaxPool's (values, Indices): windows gathered by host-built indices, argmax per window.
+
+    Indices are flat positions in the input (batch and channel included), row-major, or
+    column-major over the spatial axes with storage_order=1.
+    """
+    shape = xp.shape(x)
+    batch, channels, spatial = shape[0], shape[1], list(shape[2:])
+    axes_coords, valid = [], True
+    outputs = []
+    for size, k, s, d, (lo, hi) in zip(spatial, kernel, strides, dilations, pads):
+        span = size + lo + hi - ((k - 1) * d + 1)
+        count = (-(-span // s) if ceil_mode else span // s) + 1
+        if ceil_mode and (count - 1) * s >= size + lo:  # the last window must start inside
+            count -= 1
+        outputs.append(count)
+    grids = np.meshgrid(
+        *[np.arange(o) for o in outputs], *[np.arange(k) for k in kernel], indexing="ij"
+    )
+    rank = len(kernel)
+    for axis in range(rank):
+        coord = grids[axis] * strides[axis] - pads[axis][0] + grids[rank + axis] * dilations[axis]
+        valid = valid & (coord >= 0) & (coord < spatial[axis])
+        axes_coords.append(np.clip(coord, 0, spatial[axis] - 1))
+    windows_shape = [int(np.prod(outputs)), int(np.prod(kernel))]
+    gather = np.ravel_multi_index(axes_coords, spatial).reshape(windows_shape)
+    reported = np.ravel_multi_index(axes_coords, spatial, order="F" if storage_order else "C")
+    flat = xp.reshape(x, [batch, channels, int(np.prod(spatial))])
+    windows = xp.reshape(
+        xp.take(flat, xp.asarray(gather.reshape(-1), like=x), 2), [batch, channels, *windows_shape]
+    )
+    dtype = np.dtype(xp.dtype(x))
+    floor = np.iinfo(dtype).min if dtype.kind in "iu" else -np.inf  # padding never wins
+    lowest = xp.full([1], floor, dtype, like=x)
+    windows = xp.where(xp.asarray(valid.reshape(windows_shape), like=x), windows, lowest)
+    best = xp.argmax(windows, 3, True)
+    values = xp.reshape(xp.take_along_axis(windows, best, 3), [batch, channels, *outputs])
+    # offset of each (batch, channel) plane, plus the window's reported position
+    planes = np.arange(batch * channels).reshape(batch, channels, 1, 1) * int(np.prod(spatial))
+    positions = planes + reported.reshape(1, 1, *windows_shape)
+    indices = xp.take_along_axis(xp.asarray(positions.astype(np.int64), like=x), best, 3)
+    return values, xp.reshape(indices, [batch, channels, *outputs])
