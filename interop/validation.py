@@ -105,7 +105,29 @@ def check_proto(proto: onnx.ModelProto) -> None:
                 _CORRUPT,
             )
     _check_text(proto)
+    _check_provenance(proto)
     check_inline_tensors(proto)
+
+
+def _check_provenance(proto: onnx.ModelProto) -> None:
+    """Our own metadata, when present, must have the documented shape (docs/design.md):
+    summaries and repr read it, so a corrupted value is refused here, once."""
+    import json
+
+    for entry in proto.metadata_props:
+        if entry.key != "interop.source" or _not_text(entry.value):
+            continue
+        try:
+            source = json.loads(entry.value)
+        except ValueError:
+            source = None
+        if not isinstance(source, dict) or not isinstance(source.get("framework"), str):
+            raise ModelLoadError(
+                f"Metadata 'interop.source' is not a JSON object with a 'framework' "
+                f"({entry.value[:60]!r})",
+                '{"framework": ..., "version": ..., "class": ...} as interop writes it',
+                "the file is corrupt; re-export it, or delete that metadata entry",
+            )
 
 
 def _not_text(value: object) -> bool:

@@ -584,3 +584,17 @@ def test_run_failures_inside_ort_are_interop_errors():
     with pytest.raises(InteropError, match="ONNX Runtime failed while running") as info:
         graph.run(np.zeros(4, np.float32))
     assert not isinstance(info.value, ShapeError)
+
+
+def test_corrupt_metadata_is_refused_at_load(mlp):
+    _, graph = mlp
+    for key, value in (("interop.source", '{"version": "2"}'), ("interop.source", "[1")):
+        proto = graph.to_proto()
+        for entry in proto.metadata_props:
+            if entry.key == key:
+                entry.value = value
+        with pytest.raises(ModelLoadError, match="'interop.source'"):
+            interop.load(proto)
+    data = graph.to_bytes().replace(b"interop.layers", b"interop.l\xc2yers")
+    with pytest.raises(ModelLoadError, match="not valid UTF-8"):
+        interop.load(data)
