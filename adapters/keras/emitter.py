@@ -32,7 +32,7 @@ from interop.backend import numpy_backend
 from interop.interpret import Interpreter, check_supported, node_free_values
 
 from .backend import keras_backend
-from .native_layers import LAYERS, MAX_INPUTS, OnnxOp, Transpose, control_function
+from .native_layers import LAYERS, MAX_INPUTS, OnnxOp, Transpose, control_function, op_class
 
 _RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                "Bernoulli", "Multinomial", "Dropout"}  # fmt: skip
@@ -64,6 +64,7 @@ class KerasEmitter(Interpreter):
         self._permuted: dict[tuple[int, tuple[int, ...]], Any] = {}
         self._names: set[str] = set()
         self.inputs: list[Any] = []
+        self.fused: dict[ir.Node, list[Any]] = {}  # nodes a native layer already computes
         self.inferred: dict[str, tuple[Any, Any]] = {}  # value name -> (dims, dtype name)
 
     # ------------------------------------------------------------------ building
@@ -226,6 +227,8 @@ class KerasEmitter(Interpreter):
     ) -> Sequence[Any]:
         if caller is not None:
             return super().run_node(node, args, env, caller)
+        if node in self.fused:
+            return self.fused.pop(node)
         folded = self.fold(node)
         if folded is not None:
             return folded
@@ -293,7 +296,10 @@ class KerasEmitter(Interpreter):
     ) -> Sequence[Any]:
         function = control_function(self, node) or self.op_function(node)
         values = [*node.inputs, *node_free_values(node)]
-        layer = OnnxOp(
+        count = sum(1 for a in [*args, *captured] if a is not None and not isinstance(a, Const))
+        if count > MAX_INPUTS:
+            raise NotImplementedError(f"{count} run-time inputs (at most {MAX_INPUTS})")
+        layer = op_class(max(count, 1))(
             function,
             node,
             [_spec(self, value, shapes[i] if shapes else None) for i, value in
@@ -313,8 +319,6 @@ class KerasEmitter(Interpreter):
                 layer.positions.append(position)
                 runtime.append(arg)
         layer.arity = len(values)
-        if len(runtime) > MAX_INPUTS:
-            raise NotImplementedError(f"{len(runtime)} run-time inputs (at most {MAX_INPUTS})")
         if not runtime:  # nothing flows in (random ops, sources): anchor it to the first input
             layer.anchored = True
             runtime = [self.inputs[0]]

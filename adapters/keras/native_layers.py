@@ -9,6 +9,7 @@ layout of convolution / pooling / normalization are handled here only.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import keras
@@ -101,19 +102,25 @@ class OnnxOp(keras.layers.Layer):
 
 
 # Keras rejects a nested call argument mixing tensors and host arrays, and host arrays must
-# flow (shape arithmetic cannot leave the host under jit): one named parameter per input
+# flow (shape arithmetic cannot leave the host under jit): one named parameter per input,
+# in a subclass per input count (Keras binds every declared parameter on every call)
 MAX_INPUTS = 64
-_names = [f"x{i}" for i in range(MAX_INPUTS)]
-_source = (
-    f"def call(self, {', '.join(n + '=None' for n in _names)}):\n"
-    f"    return self.run(({', '.join(_names)}))\n"
-    f"def compute_output_spec(self, {', '.join(n + '=None' for n in _names)}):\n"
-    f"    return self.spec(({', '.join(_names)}))\n"
-)
-_namespace: dict[str, Any] = {}
-exec(_source, _namespace)  # noqa: S102  (a fixed signature, generated to avoid 128 lines)
-OnnxOp.call = _namespace["call"]
-OnnxOp.compute_output_spec = _namespace["compute_output_spec"]
+
+
+@functools.lru_cache(maxsize=MAX_INPUTS)
+def op_class(count: int) -> type:
+    """The OnnxOp subclass whose ``call`` takes exactly ``count`` run-time inputs."""
+    names = [f"x{i}" for i in range(count)]
+    source = (
+        f"def call(self, {', '.join(names)}):\n"
+        f"    return self.run(({', '.join(names)},))\n"
+        f"def compute_output_spec(self, {', '.join(names)}):\n"
+        f"    return self.spec(({', '.join(names)},))\n"
+    )
+    namespace: dict[str, Any] = {}
+    exec(source, namespace)  # noqa: S102  (a fixed signature of generated parameter names)
+    return type(f"OnnxOp{count}", (OnnxOp,), {"call": namespace["call"],
+                "compute_output_spec": namespace["compute_output_spec"]})  # fmt: skip
 
 
 def control_function(emitter, node) -> Any:
@@ -205,6 +212,18 @@ def _zero_pad(emitter, x, pads):
     return _PADDING[len(pads)](padding, name=emitter.unique("pad"))(x)
 
 
+def _same_padding(x, pads, kernel, strides, dilations) -> bool:
+    """Whether explicit pads equal Keras's "same" padding for this (static) input size."""
+    for size, (lo, hi), k, s, d in zip(tuple(x.shape)[1:-1], pads, kernel, strides, dilations):
+        if size is None and s != 1:
+            return False
+        effective = (k - 1) * d + 1
+        total = effective - 1 if s == 1 else max((-(-size // s) - 1) * s + effective - size, 0)
+        if (lo, hi) != (total // 2, total - total // 2):
+            return False
+    return True
+
+
 # ---------------------------------------------------------------------- weighted ops
 @LAYERS.register("Conv")
 def conv_layer(emitter, node, args):
@@ -242,7 +261,11 @@ def conv_layer(emitter, node, args):
         )  # fmt: skip
         kernel = np.transpose(weight, (*range(2, 2 + spatial), 1, 0))  # OI* -> *IO
         kernel_attribute = "kernel"
-    x = _zero_pad(emitter, emitter.channels_last(args[0]), pads)
+    x = emitter.channels_last(args[0])
+    if pads != [(0, 0)] * spatial and _same_padding(x, pads, kernel_size, strides, dilations):
+        layer.padding = "same"  # padding inside the convolution: no padded copy of the input
+    else:
+        x = _zero_pad(emitter, x, pads)
     y = layer(x)
     _assign(layer, kernel=kernel, bias=bias)
     emitter.adopt(
@@ -326,7 +349,26 @@ def matmul_layer(emitter, node, args):
         or _rank(node.inputs[0]) == 1
     ):
         return None
-    return _dense(emitter, node, args[0], weight, None, node.inputs[1], None)
+    bias_value, bias, add = _following_bias(emitter, node, weight.shape[1])
+    outputs = _dense(emitter, node, args[0], weight, bias, node.inputs[1], bias_value)
+    if add is not None:  # the Add of the bias is part of the Dense layer now
+        emitter.fused[add] = outputs
+    return outputs
+
+
+def _following_bias(emitter, node, size):
+    """(bias value, array, Add node) when the MatMul's only reader adds a constant [size] bias."""
+    uses = list(node.outputs[0].uses())
+    if len(uses) != 1 or uses[0].node.op_type != "Add" or node.outputs[0] in emitter.graph.outputs:
+        return None, None, None
+    add = uses[0].node
+    other = [v for v in add.inputs if v is not node.outputs[0]]
+    if len(other) != 1:
+        return None, None, None
+    array = emitter.weight(other[0])
+    if array is None or array.shape != (size,):
+        return None, None, None
+    return other[0], array, add
 
 
 def _dense(emitter, node, x, kernel, bias, kernel_value, bias_value):
