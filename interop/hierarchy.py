@@ -77,6 +77,12 @@ def tensor_size(value: ir.Value) -> int:
 
 
 def tensor_bytes(value: ir.Value) -> int:
+    """Bytes of a tensor's data (strings: the bytes of their contents)."""
+    if value.dtype == ir.DataType.STRING:
+        tensor = value.const_value
+        return (
+            sum(len(s) for s in tensor.string_data()) if isinstance(tensor, ir.StringTensor) else 0
+        )
     itemsize = value.dtype.itemsize if value.dtype is not None else 4
     return int(tensor_size(value) * itemsize)
 

@@ -141,7 +141,7 @@ def summarize(graph: Graph, depth: int | None = None, line_length: int = 120) ->
     rule = "=" * min(max(sum(widths) + 6, 60), max(line_length, 60))
     src = graph.source
     title = f'Model: "{graph.name}"' + (
-        f"  (from {src['framework']} {src.get('version', '')})" if src else ""
+        f"  (from {src.get('framework', '?')} {src.get('version', '')})" if src else ""
     )
     lines = [title, rule, fmt(headers), rule]
     lines += [fmt(row) for row in cells]

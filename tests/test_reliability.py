@@ -101,15 +101,11 @@ def test_pickle_payload_is_never_executed(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="interop/hierarchy.py tensor_bytes asks onnx_ir for a STRING itemsize (lead's file)",
-)
 def test_summary_of_string_initializer():
     model = _model([helper.make_node("Identity", ["s"], ["y"])], [], [_vi("y", (1,), 8)])
     model.graph.initializer.append(helper.make_tensor("s", TensorProto.STRING, [1], [b"a"]))
-    assert "Identity" in interop.load(model).summary(print_fn=None)
+    text = interop.load(model).summary(print_fn=None)  # used to raise TypeError on STRING
+    assert "Total params: 1 (1 B)" in text  # a foreign file: every initializer counts
 
 
 def _custom_model(domain="evil.ops", op="Double"):

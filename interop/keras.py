@@ -1,0 +1,153 @@
+"""`interop.keras.Layer`: a model of any framework as a trainable Keras layer.
+
+The guest is traced (or loaded) into a Graph and emitted with the Keras emitter, on
+whichever Keras backend is active (TensorFlow, JAX or torch), so its weights are Keras
+variables of the host and train with ``model.fit``. Calling the layer on a symbolic
+input checks the input against the guest's signature at definition time and computes
+the output shape from the graph's shape inference. The layer's config carries the
+graph (ONNX bytes) and the current weights, so ``model.save`` /
+``keras.models.load_model`` work in a process where the guest's framework is not
+installed (``import interop.keras`` first, which registers the class):
+
+>>> inp = keras.Input((3, 32, 32))                                      # doctest: +SKIP
+>>> x = interop.keras.Layer(torch_backbone, example_inputs=(sample,))(inp)  # doctest: +SKIP
+>>> model = keras.Model(inp, keras.layers.Dense(10)(x))                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from typing import Any
+
+import keras
+import numpy as np
+
+from .emit import as_graph, to_keras
+from .errors import ShapeError
+from .graph import Graph
+from .serialization import load
+
+__all__ = ["Layer"]
+
+
+@keras.saving.register_keras_serializable(package="interop", name="Layer")
+class Layer(keras.layers.Layer):
+    """Wrap a torch / Keras / Flax model, an interop.Graph or an ONNX file as a Keras layer."""
+
+    def __init__(
+        self,
+        source: Any = None,
+        example_inputs: Any = None,
+        *,
+        graph: str | None = None,
+        weights: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        if graph is not None:  # from_config: the graph travels as base64 ONNX bytes
+            self.graph: Graph = load(base64.b64decode(graph))
+        elif source is not None:
+            self.graph = as_graph(source, example_inputs)
+        else:
+            raise TypeError("interop.keras.Layer needs a model, a Graph or an ONNX file")
+        self.net = to_keras(self.graph)
+        if weights is not None:
+            _assign(self.net, _decode_arrays(weights))
+
+    def call(self, *inputs: Any, training: Any = None) -> Any:
+        flat = (
+            list(inputs[0])
+            if len(inputs) == 1 and isinstance(inputs[0], (list, tuple))
+            else list(inputs)
+        )
+        return self.net(flat if len(flat) > 1 else flat[0], training=training)
+
+    def compute_output_spec(self, *inputs: Any, training: Any = None) -> Any:
+        flat = (
+            list(inputs[0])
+            if len(inputs) == 1 and isinstance(inputs[0], (list, tuple))
+            else list(inputs)
+        )
+        sizes = check_symbolic_inputs(self.graph, flat)
+        outputs = [
+            keras.KerasTensor(_resolve(spec.shape, sizes), dtype=str(spec.dtype))
+            for spec in self.graph.outputs
+        ]
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config["graph"] = base64.b64encode(self.graph.to_bytes()).decode("ascii")
+        config["weights"] = _encode_arrays(
+            {v.path: keras.ops.convert_to_numpy(v) for v in self.net.weights}
+        )
+        return config
+
+
+def check_symbolic_inputs(graph: Graph, inputs: list[Any]) -> dict[str, int | None]:
+    """Check inputs (shape, dtype) against the graph's signature; return symbolic dim sizes."""
+    specs = graph.inputs
+    if len(inputs) != len(specs):
+        raise ShapeError(
+            f"Guest '{graph.name}' was called with {len(inputs)} inputs",
+            f"{len(specs)}: " + ", ".join(str(s) for s in specs),
+        )
+    sizes: dict[str, int | None] = {}
+    for spec, tensor in zip(specs, inputs):
+        shape = tuple(tensor.shape)
+        if spec.shape is not None:
+            wrong = len(shape) != len(spec.shape) or any(
+                isinstance(w, int) and g is not None and w != g for w, g in zip(spec.shape, shape)
+            )
+            if wrong:
+                raise ShapeError(
+                    f"Input '{spec.name}' of guest '{graph.name}' got shape {shape}",
+                    f"shape {spec.shape} (names are dims that may vary)",
+                    "reshape or permute the input before the layer (the guest keeps its own layout, "
+                    "e.g. NCHW for a PyTorch CNN)",
+                )
+            for want, got in zip(spec.shape, shape):
+                if isinstance(want, str):
+                    sizes[want] = got if sizes.get(want, got) == got else None
+        dtype = np.dtype(str(tensor.dtype)) if getattr(tensor, "dtype", None) is not None else None
+        if spec.dtype is not None and dtype is not None and dtype.kind != spec.dtype.kind:
+            raise ShapeError(
+                f"Input '{spec.name}' of guest '{graph.name}' has dtype {dtype}",
+                f"dtype {spec.dtype}",
+                "cast the input first (keras.ops.cast)",
+            )
+    return sizes
+
+
+def _resolve(shape: tuple[Any, ...] | None, sizes: dict[str, int | None]) -> tuple[int | None, ...]:
+    if shape is None:
+        raise ShapeError(
+            "The guest's output has no inferred shape", fix="trace it with example inputs"
+        )
+    return tuple(
+        d if isinstance(d, int) else sizes.get(str(d)) if d is not None else None for d in shape
+    )
+
+
+def _encode_arrays(arrays: dict[str, np.ndarray]) -> str:
+    buffer = io.BytesIO()
+    np.savez(buffer, **{_safe(k): v for k, v in arrays.items()})  # no pickles: plain arrays
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _decode_arrays(text: str) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(base64.b64decode(text)), allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+def _safe(path: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_.-]", "__", path)
+
+
+def _assign(model: Any, arrays: dict[str, np.ndarray]) -> None:
+    for variable in model.weights:
+        key = _safe(variable.path)
+        if key in arrays:
+            variable.assign(arrays[key])
