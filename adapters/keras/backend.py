@@ -121,6 +121,24 @@ class KerasBackend:
         return ops.cast(x, keras_dtype(target))
 
     @_on_host_when_possible
+    def bitcast(self, x, dtype):
+        # keras.ops has no bitcast: each backend's own (a framework quirk, kept here)
+        target, backend = keras_dtype(dtype), keras.backend.backend()
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            if _dtype(x) == np.bool_ or target == "bool":  # tf.bitcast refuses bool
+                return ops.cast(tf.bitcast(ops.cast(x, "uint8"), "uint8"), target)
+            return tf.bitcast(x, target)
+        if backend == "jax":
+            import jax
+
+            return jax.lax.bitcast_convert_type(x, target)
+        import torch
+
+        return x.view(getattr(torch, target))
+
+    @_on_host_when_possible
     def add(self, a, b):
         return ops.add(a, b)
 
