@@ -46,7 +46,7 @@ def _window_view(x: np.ndarray, kernel, strides, dilations) -> np.ndarray:
     spatial = len(kernel)
     effective = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
     view = np.lib.stride_tricks.sliding_window_view(x, effective, axis=tuple(range(2, 2 + spatial)))
-    index = (slice(None), slice(None))
+    index: tuple[slice, ...] = (slice(None), slice(None))
     index += tuple(slice(None, None, s) for s in strides)
     index += tuple(slice(None, None, d) for d in dilations)
     return view[index]

@@ -130,7 +130,7 @@ def to_jax(source: Any, example_inputs: Any = None) -> tuple[Any, Any]:
     """
     from flax import nnx
 
-    graphdef, state, rest = nnx.split(to_flax(source, example_inputs), nnx.Param, ...)
+    graphdef, state, rest = nnx.split(to_flax(source, example_inputs), nnx.Param, ...)  # type: ignore[misc]
 
     def pure_fn(params: Any, *inputs: Any, **named: Any) -> Any:
         import jax

@@ -104,6 +104,7 @@ def _decoded(value: Any) -> Any:
 
 
 def has_function_body(op_type: str, domain: str, version: int) -> bool:
+    schema: Any  # onnx's stubs lack OpSchema's function accessors
     try:
         schema = onnx.defs.get_schema(op_type, version, domain)
     except onnx.defs.SchemaError:
@@ -292,7 +293,9 @@ class Interpreter:
         return self.backend.asarray(given)
 
     def constant(self, value: ir.Value) -> Any:
-        return self.backend.asarray(value.const_value.numpy())
+        tensor = value.const_value
+        assert tensor is not None, f"{value.name} is not a constant"
+        return self.backend.asarray(tensor.numpy())
 
     def call_op(self, node: ir.Node, args: list[Any], captured: list[Any]) -> Sequence[Any]:
         return self.op_function(node)(*args, *captured)
@@ -309,8 +312,9 @@ class Interpreter:
         graphs = {}
         for name, attribute in node.attributes.items():
             if attribute.is_ref():  # inside a function body: the caller's attribute, if given
-                if caller is not None and attribute.ref_attr_name in caller:
-                    values[name] = caller[attribute.ref_attr_name]
+                ref = attribute.ref_attr_name
+                if caller is not None and ref is not None and ref in caller:
+                    values[name] = caller[ref]
                 continue
             if attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
                 graphs[name] = attribute.value
@@ -402,7 +406,8 @@ class FunctionBody:
             for a in args
         )
         if key not in self._bodies:
-            schema = onnx.defs.get_schema(self.node.op_type, self.version, self.node.domain)
+            # Any: onnx's stubs lack OpSchema's function accessors
+            schema: Any = onnx.defs.get_schema(self.node.op_type, self.version, self.node.domain)
             if schema.has_function:
                 proto = onnx.FunctionProto.FromString(
                     schema.get_function_with_opset_version(schema.since_version)

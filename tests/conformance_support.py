@@ -16,7 +16,9 @@ An emitter's suite is a runner plus an xfail table:
         cs.run_case_with(run_keras, cs.case(name))
 
 Known failures live in tests/conformance_xfails_<emitter>.json ({case name: reason});
-they become strict xfails, so a listed case that starts passing fails the suite.
+they become strict xfails, so a listed case that starts passing fails the suite. A case
+whose result varies between runs (thread count, BLAS) is listed with a reason starting
+"numerically borderline:" instead: a non-strict xfail, kept by table updates.
 Regenerate them with `python tools/gen_ops_doc.py --update-xfails --emitters keras`.
 """
 
@@ -36,6 +38,9 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 RTOL, ATOL = 1e-3, 1e-7  # the onnx backend runner's defaults (cases may override)
 TARGET = 0.95  # pass rate asked by issue 5
+# a table reason with this prefix marks a case whose result genuinely varies (threads, BLAS):
+# it becomes a non-strict xfail, still counted as failing, and table updates keep it
+BORDERLINE = "numerically borderline:"
 
 Runner = Callable[[Any, list[Any]], list[Any]]
 
@@ -173,12 +178,13 @@ def outcome(run: Runner, case: Any) -> tuple[bool, str]:
 
 
 def case_params(emitter: str) -> list[Any]:
-    """pytest params (case names) of every case, strict xfail where the emitter's table lists it."""
+    """pytest params (case names): strict xfail where the table lists a case, non-strict if borderline."""
     xfails = load_xfails(emitter)
     params = []
     for c in cases():
         reason = xfails.get(c.name)
-        marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
+        strict = not (reason or "").startswith(BORDERLINE)
+        marks = [pytest.mark.xfail(reason=reason, strict=strict)] if reason else []
         params.append(pytest.param(c.name, id=f"{emitter}-{c.name}", marks=marks))
     return params
 

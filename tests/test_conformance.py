@@ -56,9 +56,6 @@ def test_torch_node_case(name: str) -> None:
 
 
 @pytest.mark.conformance
-@pytest.mark.xfail(
-    strict=True, reason="below the 95% target of issue 5: numpy 94.6%, torch 94.4% (docs/ops.md)"
-)
 @pytest.mark.parametrize("emitter", list(RUNNERS))
 def test_pass_rate_meets_target(emitter: str) -> None:
     """At least 95% of the cases pass (the xfail table is the failing set)."""

@@ -252,3 +252,83 @@ def test_control_flow_if_becomes_python_control_flow():
     assert y.tolist() == [1.0, -2.0]
     y.sum().backward()
     assert x.grad.tolist() == [-1.0, -1.0]
+
+
+def _recurrent_model(op_type, layout, bidirectional, with_initial_h):
+    """One ONNX LSTM/GRU node with initializer weights (as a plain ONNX file has them)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    gates = {"LSTM": 4, "GRU": 3}[op_type]
+    dirs, hidden, size, batch, seq = (2 if bidirectional else 1), 5, 3, 2, 4
+    rng = np.random.default_rng(0)
+    weights = {
+        "W": rng.standard_normal((dirs, gates * hidden, size)),
+        "R": rng.standard_normal((dirs, gates * hidden, hidden)),
+        "B": rng.standard_normal((dirs, 2 * gates * hidden)),
+    }
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+    x_shape = [batch, seq, size] if layout else [seq, batch, size]
+    h_shape = [batch, dirs, hidden] if layout else [dirs, batch, hidden]
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)]
+    names = ["X", "W", "R", "B"]
+    if with_initial_h:
+        names += ["", "H0"]
+        inputs.append(helper.make_tensor_value_info("H0", TensorProto.FLOAT, h_shape))
+    attrs = {"linear_before_reset": 1} if op_type == "GRU" else {}
+    node = helper.make_node(
+        op_type,
+        names,
+        ["Y", "Y_h"],
+        hidden_size=hidden,
+        layout=layout,
+        direction="bidirectional" if bidirectional else "forward",
+        **attrs,
+    )
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("Y", "Y_h")]
+    model = helper.make_model(helper.make_graph([node], "rnn", inputs, outputs, inits))
+    feeds = [rng.standard_normal(x_shape).astype(np.float32)]
+    if with_initial_h:
+        feeds.append(rng.standard_normal(h_shape).astype(np.float32))
+    return model, feeds
+
+
+@pytest.mark.parametrize(
+    "op_type, layout, bidirectional, with_initial_h",
+    [
+        ("LSTM", 0, True, False),
+        ("LSTM", 1, False, True),
+        ("GRU", 1, True, True),
+        ("GRU", 0, False, False),
+    ],
+)
+def test_recurrent_nodes_become_native_layers(op_type, layout, bidirectional, with_initial_h):
+    model, feeds = _recurrent_model(op_type, layout, bidirectional, with_initial_h)
+    module = to_torch(model)
+    native = [m for m in module.modules() if isinstance(m, getattr(nn, op_type))]
+    assert len(native) == 1 and native[0].bidirectional == bidirectional
+    outputs = module(*[torch.from_numpy(f) for f in feeds])
+    generic = evaluate(model, *feeds)  # the ONNX recurrence, gate order and layout as specified
+    for actual, expected in zip(outputs, generic, strict=True):
+        np.testing.assert_allclose(actual.detach().numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gru_without_linear_before_reset_stays_generic():
+    model, feeds = _recurrent_model("GRU", 0, False, False)
+    (reset,) = [a for a in model.graph.node[0].attribute if a.name == "linear_before_reset"]
+    reset.i = 0  # torch's GRU applies the reset gate after the linear map only
+    module = to_torch(model)
+    assert not any(isinstance(m, nn.GRU) for m in module.modules())
+    outputs = module(*[torch.from_numpy(f) for f in feeds])
+    for actual, expected in zip(outputs, evaluate(model, *feeds), strict=True):
+        np.testing.assert_allclose(actual.detach().numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("net", [nn.LSTM(4, 6, num_layers=2, bidirectional=True), nn.GRU(4, 6)])
+def test_traced_recurrent_modules_match_source(net):
+    x = torch.randn(5, 3, 4)
+    module = to_torch(interop.trace(net.eval(), (x,), dynamic_batch=False))
+    expected = net(x)
+    actual = module(x)
+    flat = [expected[0], *(expected[1] if isinstance(expected[1], tuple) else [expected[1]])]
+    for a, e in zip(actual, flat, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)

@@ -180,6 +180,11 @@ class TorchEmitter(Interpreter):
                 path = self.register_layer(node, layer, sources)
                 fx_args = tuple(self.materialize(args[i]) for i in data_inputs)
                 call = self.fx_graph.call_module(path, fx_args)
+                if getattr(layer, "returns_node_outputs", False):  # a tuple of the node's outputs
+                    return [
+                        self.fx_graph.call_function(operator.getitem, (call, i))
+                        for i in range(len(node.outputs))
+                    ]
                 return [call] + [None] * (len(node.outputs) - 1)
         captured = [env[v] for v in node_free_values(node)]
         return self.call_op(node, args, captured)

@@ -236,4 +236,128 @@ def dropout_layer(emitter: Any, node: Any) -> Any:
     return nn.Dropout(ratio), {}, [0]
 
 
+# ONNX gate blocks -> torch's order: LSTM iofc -> ifco (torch's i, f, g, o), GRU zrh -> rzn
+_GATE_ORDER = {"LSTM": [0, 2, 3, 1], "GRU": [1, 0, 2], "RNN": [0]}
+_TORCH_RECURRENT = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}
+_DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"]}
+
+
+class _NodeOutputs:
+    """Mixin: forward takes the ONNX node's (X, initial_h[, initial_c]) and returns its outputs.
+
+    ONNX Y is [seq, directions, batch, hidden] ([batch, seq, directions, hidden] with
+    layout=1), torch's output [seq, batch, directions * hidden]; states are [directions,
+    batch, hidden] ([batch, directions, hidden] with layout=1) in both.
+    """
+
+    returns_node_outputs = True
+    onnx_layout = 0
+    onnx_outputs = 2
+
+    def forward(self, x, initial_h=None, initial_c=None):
+        if self.onnx_layout:
+            x = x.transpose(0, 1)
+            initial_h = None if initial_h is None else initial_h.transpose(0, 1)
+            initial_c = None if initial_c is None else initial_c.transpose(0, 1)
+        if isinstance(self, nn.LSTM) and (initial_h is not None or initial_c is not None):
+            zeros = torch.zeros_like(initial_h if initial_c is None else initial_c)
+            state = (
+                zeros if initial_h is None else initial_h,
+                zeros if initial_c is None else initial_c,
+            )
+        else:
+            state = initial_h
+        y, states = super().forward(x, state)  # type: ignore[misc]
+        states = states if isinstance(states, tuple) else (states,)
+        directions = 2 if self.bidirectional else 1
+        y = y.reshape(y.shape[0], y.shape[1], directions, self.hidden_size)
+        y = y.permute(1, 0, 2, 3) if self.onnx_layout else y.permute(0, 2, 1, 3)
+        if self.onnx_layout:
+            states = tuple(s.transpose(0, 1) for s in states)
+        return (y, *states)[: self.onnx_outputs]
+
+
+class OnnxLSTM(_NodeOutputs, nn.LSTM):
+    """nn.LSTM called and answering like an ONNX LSTM node."""
+
+
+class OnnxGRU(_NodeOutputs, nn.GRU):
+    """nn.GRU called and answering like an ONNX GRU node (linear_before_reset=1)."""
+
+
+class OnnxRNN(_NodeOutputs, nn.RNN):
+    """nn.RNN called and answering like an ONNX RNN node."""
+
+
+_ONNX_RECURRENT = {"LSTM": OnnxLSTM, "GRU": OnnxGRU, "RNN": OnnxRNN}
+
+
+def _absent(node: Any, index: int) -> bool:
+    return len(node.inputs) <= index or node.inputs[index] is None
+
+
+def _gates(tensor: torch.Tensor, op_type: str) -> torch.Tensor:
+    """A direction's stacked gate blocks reordered from ONNX's to torch's gate order."""
+    order = _GATE_ORDER[op_type]
+    blocks = tensor.reshape(len(order), -1, *tensor.shape[1:])
+    return blocks[order].reshape(tensor.shape)
+
+
+def recurrent_layer(emitter: Any, node: Any) -> Any:
+    """ONNX LSTM/GRU/RNN with constant weights and torch-expressible attributes -> nn.LSTM/GRU/RNN."""
+    op_type = node.op_type
+    attrs = _attributes(emitter, node)
+    weights = [emitter.weight(node.inputs[i]) for i in (1, 2)]
+    bias = None if _absent(node, 3) else emitter.weight(node.inputs[3])
+    activations = list(attrs.get("activations") or [])
+    nonlinearity = "tanh"
+    if op_type == "RNN":
+        nonlinearity = (activations or ["Tanh"])[0].lower()
+        activations = []
+    default_activations = _DEFAULT_ACTIVATIONS.get(op_type, [])
+    direction = attrs.get("direction", "forward")
+    if (
+        any(w is None for w in weights)
+        or (not _absent(node, 3) and bias is None)
+        or not _absent(node, 4)  # sequence_lens: per-batch lengths torch's layers cannot take
+        or (op_type == "LSTM" and not _absent(node, 7))  # peepholes
+        or nonlinearity not in ("tanh", "relu")
+        or activations not in ([], default_activations, default_activations * 2)
+        or attrs.get("activation_alpha")
+        or attrs.get("activation_beta")
+        or attrs.get("clip") is not None
+        or attrs.get("input_forget", 0)
+        or (op_type == "GRU" and not attrs.get("linear_before_reset", 0))
+        or direction not in ("forward", "bidirectional")
+    ):
+        return None
+    w, r = weights
+    directions, gate_rows, input_size = w.shape
+    hidden = r.shape[-1]
+    extra = {"nonlinearity": nonlinearity} if op_type == "RNN" else {}
+    layer = _ONNX_RECURRENT[op_type](
+        input_size,
+        hidden,
+        bias=bias is not None,
+        bidirectional=direction == "bidirectional",
+        **extra,
+    )
+    layer.onnx_layout = attrs.get("layout", 0)
+    layer.onnx_outputs = len(node.outputs)
+    sources = {}
+    for d, suffix in enumerate(["_l0", "_l0_reverse"][:directions]):
+        tensors = {"weight_ih": w[d], "weight_hh": r[d]}
+        if bias is not None:
+            tensors |= {"bias_ih": bias[d, :gate_rows], "bias_hh": bias[d, gate_rows:]}
+        for name, tensor in tensors.items():
+            _assign(layer, **{name + suffix: _gates(tensor, op_type)})
+            sources[name + suffix] = node.inputs[{"weight_ih": 1, "weight_hh": 2}.get(name, 3)]
+    data_inputs = [i for i in (0, 5, 6)[: 3 if op_type == "LSTM" else 2] if i < len(node.inputs)]
+    return layer, sources, data_inputs
+
+
+for _op_type in _ONNX_RECURRENT:
+    LAYERS.register(_op_type, recurrent_layer)
+
+
 __all__ = ["schema_defaults"]

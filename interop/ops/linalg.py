@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 from . import normalize_axis, op
 from .elementwise import onnx_dtype
+
+_SUB_BYTE_INTS = ("int4", "uint4", "int2", "uint2")
 
 
 @op("MatMul")
@@ -74,8 +77,8 @@ def quantize_linear(
     else:
         target = onnx_dtype(output_dtype) if output_dtype else np.dtype(np.uint8)
     scaled = xp.divide(xp.astype(x, np.float32), xp.astype(scale_, np.float32))
-    if target.kind in "iu":
-        info = np.iinfo(target)
+    if target.kind in "iu" or target.name in _SUB_BYTE_INTS:
+        info = ml_dtypes.iinfo(target)  # numpy's iinfo does not know int4/int2
         # round half to even, then add the zero point and saturate to the integer range
         values = xp.unary("round", scaled)
         if zero_point is not None:
