@@ -212,6 +212,20 @@ def _zero_pad(emitter, x, pads):
     return _PADDING[len(pads)](padding, name=emitter.unique("pad"))(x)
 
 
+class _Given(keras.initializers.Initializer):
+    """The source's array as a layer's initial value (no random init to overwrite)."""
+
+    def __init__(self, array):
+        self.array = np.asarray(array)
+
+    def __call__(self, shape, dtype=None):
+        return ops.convert_to_tensor(self.array.reshape(shape), dtype=dtype)
+
+
+def _given(array, default="zeros"):
+    return default if array is None else _Given(array)
+
+
 def _same_padding(x, pads, kernel, strides, dilations) -> bool:
     """Whether explicit pads equal Keras's "same" padding for this (static) input size."""
     for size, (lo, hi), k, s, d in zip(tuple(x.shape)[1:-1], pads, kernel, strides, dilations):
@@ -255,11 +269,12 @@ def conv_layer(emitter, node, args):
         kernel = np.transpose(kernel, (*range(2, 2 + spatial), 0, 1))
         kernel_attribute = "kernel"
     else:
+        kernel = np.transpose(weight, (*range(2, 2 + spatial), 1, 0))  # OI* -> *IO
         layer = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)[spatial - 1](
             weight.shape[0], kernel_size, strides, dilation_rate=dilations,
-            use_bias=bias is not None, name=name,
+            use_bias=bias is not None, name=name, kernel_initializer=_Given(kernel),
+            bias_initializer=_given(bias),
         )  # fmt: skip
-        kernel = np.transpose(weight, (*range(2, 2 + spatial), 1, 0))  # OI* -> *IO
         kernel_attribute = "kernel"
     x = emitter.channels_last(args[0])
     if pads != [(0, 0)] * spatial and _same_padding(x, pads, kernel_size, strides, dilations):
@@ -267,7 +282,8 @@ def conv_layer(emitter, node, args):
     else:
         x = _zero_pad(emitter, x, pads)
     y = layer(x)
-    _assign(layer, kernel=kernel, bias=bias)
+    if depthwise:  # DepthwiseConv takes no kernel_initializer of that name: assign
+        _assign(layer, kernel=kernel, bias=bias)
     emitter.adopt(
         layer,
         {kernel_attribute: node.inputs[1]} | ({"bias": bias_value} if bias is not None else {}),
@@ -374,10 +390,9 @@ def _following_bias(emitter, node, size):
 def _dense(emitter, node, x, kernel, bias, kernel_value, bias_value):
     layer = keras.layers.Dense(
         kernel.shape[1], use_bias=bias is not None, name=emitter.layer_name(node, [kernel_value, bias_value]),
-        dtype=str(kernel.dtype),
+        dtype=str(kernel.dtype), kernel_initializer=_Given(kernel), bias_initializer=_given(bias),
     )  # fmt: skip
     y = layer(x)
-    _assign(layer, kernel=kernel, bias=bias)
     emitter.adopt(
         layer, {"kernel": kernel_value} | ({"bias": bias_value} if bias is not None else {})
     )
@@ -402,11 +417,12 @@ def batch_norm_layer(emitter, node, args):
     # ONNX momentum weighs the running value, as Keras's does
     layer = keras.layers.BatchNormalization(
         axis=-1, momentum=attrs.get("momentum", 0.9), epsilon=attrs.get("epsilon", 1e-5),
-        name=emitter.layer_name(node, node.inputs[1:5]),
+        name=emitter.layer_name(node, node.inputs[1:5]), gamma_initializer=_Given(scale),
+        beta_initializer=_Given(bias), moving_mean_initializer=_Given(mean),
+        moving_variance_initializer=_Given(var),
     )  # fmt: skip
     x = emitter.channels_last(args[0]) if rank > 2 else args[0]
     y = layer(x)
-    _assign(layer, gamma=scale, beta=bias, moving_mean=mean, moving_variance=var)
     names = ("gamma", "beta", "moving_mean", "moving_variance")
     emitter.adopt(layer, dict(zip(names, node.inputs[1:5])))
     return [emitter.channels_first(y) if rank > 2 else y]
