@@ -200,6 +200,18 @@ def test_constants_are_not_trainable(traced):
     assert trainable <= set(graph.parameter_kinds)
 
 
+@pytest.mark.parametrize("name", ["transformer_encoder", "resnet_nchw"])
+def test_save_and_load_round_trip(traced, name, tmp_path):
+    _, graph, make_input = traced[name]
+    emitted = to_keras(graph)
+    path = tmp_path / "emitted.keras"
+    emitted.save(path)
+    loaded = keras.saving.load_model(path)
+    x = make_input(3).numpy()
+    np.testing.assert_allclose(_run(loaded, x), _run(emitted, x), rtol=1e-6, atol=1e-6)
+    assert {v.path for v in loaded.weights} == {v.path for v in emitted.weights}
+
+
 def _keras_cnn():
     inputs = keras.Input((12, 12, 3))
     x = keras.layers.Conv2D(8, 3, padding="same", name="conv")(inputs)

@@ -32,7 +32,15 @@ from interop.backend import numpy_backend
 from interop.interpret import Interpreter, check_supported, node_free_values
 
 from .backend import keras_backend
-from .native_layers import LAYERS, MAX_INPUTS, OnnxOp, Transpose, control_function, op_class
+from .native_layers import (
+    LAYERS,
+    MAX_INPUTS,
+    OnnxOp,
+    Transpose,
+    control_function,
+    forget_initializers,
+    op_class,
+)
 
 _RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                "Bernoulli", "Multinomial", "Dropout"}  # fmt: skip
@@ -190,6 +198,7 @@ class KerasEmitter(Interpreter):
 
     def adopt(self, layer: keras.layers.Layer, sources: dict[str, ir.Value]) -> None:
         """Record the source name of each variable of a freshly called native layer."""
+        forget_initializers(layer)
         for attribute, value in sources.items():
             variable = getattr(layer, attribute)
             self.source_names[variable.path] = self.source_value(value).name
@@ -304,6 +313,7 @@ class KerasEmitter(Interpreter):
             node,
             [_spec(self, value, shapes[i] if shapes else None) for i, value in
              enumerate(node.outputs)],
+            self.version,
             name=self.unique(node.name or node.op_type.lower()),
         )  # fmt: skip
         runtime: list[Any] = []

@@ -9,11 +9,14 @@ layout of convolution / pooling / normalization are handled here only.
 
 from __future__ import annotations
 
+import base64
 import functools
+import logging
 from typing import Any
 
 import keras
 import numpy as np
+import onnx_ir as ir
 from keras import ops
 
 from interop.interpret import SubgraphFunction, node_free_values
@@ -49,9 +52,10 @@ class OnnxOp(keras.layers.Layer):
     constants as host arrays; ``positions`` say where the run-time inputs go.
     """
 
-    def __init__(self, function, node, specs, **kwargs):
+    def __init__(self, function, node, specs, version=None, **kwargs):
         super().__init__(**kwargs)
         self.function, self.op_type, self.specs = function, node.op_type, specs
+        self.node, self.version = node, version
         self.constants: dict[int, Any] = {}
         self.positions: list[int] = []
         self.arity, self.anchored, self.exposed = 0, False, False
@@ -74,6 +78,60 @@ class OnnxOp(keras.layers.Layer):
                 ops.convert_to_tensor(r) if isinstance(r, np.ndarray) else r for r in results
             ]
         return results[0] if len(self.specs) == 1 else results
+
+    def get_config(self):
+        """The node as ONNX bytes, its constants and wiring; variables are saved as weights."""
+        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+               for a in self.node.attributes.values()):  # fmt: skip
+            raise NotImplementedError(f"saving a {self.op_type} node (subgraphs) is not supported")
+        proto = ir.serde.serialize_node(self.node)
+        constants, variables = {}, {}
+        for position, constant in self.constants.items():
+            if isinstance(constant, keras.Variable):
+                variables[str(position)] = [constant.name, list(constant.shape), constant.dtype,
+                                            constant.trainable]  # fmt: skip
+            else:
+                constants[str(position)] = [constant.tolist(), constant.dtype.str]
+        return {
+            **super().get_config(),
+            "node": base64.b64encode(proto.SerializeToString()).decode(),
+            "version": self.version,
+            "specs": [[None if s is None else list(s), d] for s, d in self.specs],
+            "positions": self.positions, "arity": self.arity, "anchored": self.anchored,
+            "exposed": self.exposed, "constants": constants, "variables": variables,
+        }  # fmt: skip
+
+    @classmethod
+    def from_config(cls, config):
+        import onnx
+
+        from interop.interpret import Interpreter
+
+        config = dict(config)
+        proto = onnx.NodeProto.FromString(base64.b64decode(config.pop("node")))
+        # a lone node's inputs are outside any graph: onnx_ir warns, and creates them as it should
+        logger = logging.getLogger(ir.serde.__name__)
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            node = ir.serde.deserialize_node(proto)
+        finally:
+            logger.setLevel(level)
+        version = config.pop("version")
+        interpreter = Interpreter(ir.Graph([], [], nodes=[]), keras_backend, version=version)
+        specs = [(None if s is None else tuple(s), d) for s, d in config.pop("specs")]
+        wiring = {k: config.pop(k) for k in ("positions", "arity", "anchored", "exposed")}
+        constants, variables = config.pop("constants"), config.pop("variables")
+        layer = cls(interpreter.op_function(node), node, specs, version, **config)
+        for key, value in wiring.items():
+            setattr(layer, key, value)
+        for position, (values, dtype) in constants.items():
+            layer.constants[int(position)] = np.asarray(values, np.dtype(dtype))
+        for position, (name, shape, dtype, trainable) in variables.items():
+            layer.constants[int(position)] = keras.Variable(
+                np.zeros(shape, dtype), name=name, trainable=trainable, autocast=False
+            )
+        return layer
 
     def spec(self, inputs):
         specs = self.specs
@@ -119,8 +177,13 @@ def op_class(count: int) -> type:
     )
     namespace: dict[str, Any] = {}
     exec(source, namespace)  # noqa: S102  (a fixed signature of generated parameter names)
-    return type(f"OnnxOp{count}", (OnnxOp,), {"call": namespace["call"],
-                "compute_output_spec": namespace["compute_output_spec"]})  # fmt: skip
+    cls = type(f"OnnxOp{count}", (OnnxOp,), {"call": namespace["call"],
+               "compute_output_spec": namespace["compute_output_spec"]})  # fmt: skip
+    return keras.saving.register_keras_serializable("interop")(cls)
+
+
+for _count in range(1, MAX_INPUTS + 1):  # registered up front, so that a saved model loads
+    op_class(_count)
 
 
 def control_function(emitter, node) -> Any:
@@ -220,6 +283,13 @@ class _Given(keras.initializers.Initializer):
 
     def __call__(self, shape, dtype=None):
         return ops.convert_to_tensor(self.array.reshape(shape), dtype=dtype)
+
+
+def forget_initializers(layer) -> None:
+    """Native initializers again once the variables exist, so the layer's config is plain Keras."""
+    for name, value in list(vars(layer).items()):
+        if isinstance(value, _Given):
+            setattr(layer, name, keras.initializers.Zeros())
 
 
 def _given(array, default="zeros"):
