@@ -52,11 +52,11 @@ def _on_host_when_possible(method):
     return dispatch
 
 
-def _int_or_none(d):
+def _int_or_none(d, keep=False):
     try:
         return int(d)
-    except TypeError:
-        return None
+    except TypeError:  # None (static shape) or a symbolic scalar (graph mode)
+        return d if keep and d is not None else None
 
 
 def keras_dtype(dtype) -> str:
@@ -105,10 +105,24 @@ class KerasBackend:
         return np.asarray(x) if _host(x) else np.asarray(ops.convert_to_numpy(x))
 
     def shape(self, x):
-        # a dim unknown while tracing (tf.function over batches of any size) is None, so ops
-        # that need only the rank still work and the others fail loudly
-        return tuple(d if isinstance(d, int) or d is None else _int_or_none(d)
-                     for d in (np.shape(x) if _host(x) else ops.shape(x)))  # fmt: skip
+        # a dim unknown while tracing (tf.function over batches of any size) is a symbolic
+        # scalar from ops.shape: ops that need only the rank or known dims work as usual,
+        # and the shape ops carry it on as a tensor (interop.ops.shape.concrete)
+        if _host(x):
+            return tuple(int(d) for d in np.shape(x))
+        return tuple(d if isinstance(d, int) else _int_or_none(d, keep=True) for d in ops.shape(x))
+
+    def is_concrete(self, value):
+        if _host(value):
+            return True
+        try:
+            ops.convert_to_numpy(value)
+        except Exception:  # a symbolic tensor of a graph being traced
+            return False
+        return True
+
+    def shape_vector(self, dims):
+        return ops.stack([ops.cast(d, "int64") for d in dims])
 
     def dtype(self, x):
         return np.asarray(x).dtype if _host(x) else _dtype(x)
@@ -211,10 +225,14 @@ class KerasBackend:
         return numpy_backend.arange(start, stop, step, dtype)
 
     def full(self, shape, value, dtype, like=None):
+        if not _host(shape):  # a run-time shape of a graph being traced
+            return ops.full(ops.cast(shape, "int32"), value, dtype=keras_dtype(np.dtype(dtype)))
         return numpy_backend.full(shape, value, dtype)
 
     @_on_host_when_possible
     def reshape(self, x, shape):
+        if not _host(shape):  # a run-time shape of a graph being traced
+            return ops.reshape(x, ops.cast(shape, "int32"))
         return ops.reshape(x, tuple(int(d) for d in shape))
 
     @_on_host_when_possible

@@ -12,11 +12,27 @@ def ints(xp, value) -> list[int]:
     return [int(v) for v in np.asarray(xp.to_numpy(value)).reshape(-1)]
 
 
+def concrete(xp, value) -> bool:
+    """Whether a shape-like input is known now (always, except in graph-mode tracing).
+
+    Backends that trace graphs with unknown dims (Keras on TensorFlow inside
+    ``tf.function``) return symbolic scalars from ``shape`` and answer False here for
+    tensors computed from them; the shape ops then pass the tensor on instead of ints.
+    """
+    return getattr(xp, "is_concrete", None) is None or xp.is_concrete(value)
+
+
+def _known(dims) -> bool:
+    return all(isinstance(d, (int, np.integer)) for d in dims)
+
+
 @op("Shape")
 def shape(xp, x, start=0, end=None):
     dims = xp.shape(x)
     start = max(0, min(len(dims), normalize_axis(start, len(dims))))
     end = len(dims) if end is None else max(0, min(len(dims), normalize_axis(end, len(dims))))
+    if not _known(dims[start:end]):
+        return xp.shape_vector(dims[start:end])  # a graph-mode backend: dims known at run time
     return xp.asarray(np.array(dims[start:end], np.int64), like=x)
 
 
@@ -27,6 +43,8 @@ def size(xp, x):
 
 @op("Reshape")
 def reshape(xp, x, target, allowzero=0):
+    if not concrete(xp, target):
+        return xp.reshape(x, target)  # a run-time shape (0 entries are not supported there)
     dims = ints(xp, target)
     if not allowzero:  # a 0 copies the input's dim
         dims = [xp.shape(x)[i] if d == 0 else d for i, d in enumerate(dims)]
@@ -37,6 +55,10 @@ def reshape(xp, x, target, allowzero=0):
 def flatten(xp, x, axis=1):
     dims = xp.shape(x)
     axis = normalize_axis(axis, len(dims))
+    if not _known(dims[axis:]):  # a dim known only at run time: let reshape infer one side
+        return xp.reshape(x, [int(np.prod(dims[:axis])), -1])
+    if not _known(dims[:axis]):
+        return xp.reshape(x, [-1, int(np.prod(dims[axis:]))])
     return xp.reshape(x, [int(np.prod(dims[:axis])), int(np.prod(dims[axis:]))])
 
 
@@ -183,6 +205,8 @@ def scatter_nd(xp, data, indices, updates, reduction="none"):
 
 @op("Expand")
 def expand(xp, x, target):
+    if not concrete(xp, target):  # bidirectional broadcast against a run-time shape
+        return xp.multiply(x, xp.full(target, 1, xp.dtype(x), like=x))
     dims = list(xp.shape(x))
     target = ints(xp, target)
     rank = max(len(dims), len(target))
@@ -256,7 +280,8 @@ def constant(
 @op("ConstantOfShape")
 def constant_of_shape(xp, target, value=None):
     fill = np.zeros(1, np.float32) if value is None else np.asarray(value).reshape(-1)
-    return xp.full(ints(xp, target), fill[0].item(), fill.dtype, like=target)
+    dims = ints(xp, target) if concrete(xp, target) else target
+    return xp.full(dims, fill[0].item(), fill.dtype, like=target)
 
 
 @op("Range")
