@@ -133,7 +133,8 @@ def _resolve(shape: tuple[Any, ...] | None, sizes: dict[str, int | None]) -> tup
 
 def _encode_arrays(arrays: dict[str, np.ndarray]) -> str:
     buffer = io.BytesIO()
-    np.savez(buffer, **{_safe(k): v for k, v in arrays.items()})  # no pickles: plain arrays
+    named: dict[str, Any] = {_safe(k): v for k, v in arrays.items()}
+    np.savez(buffer, **named)  # no pickles: plain arrays
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

@@ -152,7 +152,7 @@ def _check_text(proto: onnx.ModelProto) -> None:
     for where, value in places:
         if _not_text(value):
             raise ModelLoadError(
-                f"A {where} is not valid UTF-8 text ({bytes(value)[:40]!r}...)",
+                f"A {where} is not valid UTF-8 text ({value!r:.60}...)",
                 "UTF-8 strings in every name and metadata field",
                 _CORRUPT,
             )
@@ -211,7 +211,7 @@ def check_inline_tensors(proto: onnx.ModelProto) -> None:
                     "the file is corrupt or truncated; re-export it",
                 )
             continue
-        storage = _TYPED_STORAGE.get(tensor.data_type)
+        storage = _TYPED_STORAGE.get(tensor.data_type)  # type: ignore[call-overload]
         if storage is None:
             continue
         field, per_element = storage
