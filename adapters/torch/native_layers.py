@@ -25,6 +25,19 @@ def _attributes(emitter: Any, node: Any) -> dict[str, Any]:
     return values
 
 
+def _empty(layer_class: Any, *args: Any, **kwargs: Any) -> nn.Module:
+    """A layer with uninitialised storage: its weights are assigned right after.
+
+    Initialising first would touch every page of every weight only to overwrite it,
+    which for a 2 GB model is a second copy of the weights in memory.
+    """
+    layer = torch.nn.utils.skip_init(layer_class, *args, **kwargs)
+    for name, buffer in layer.named_buffers():
+        if name.endswith("num_batches_tracked"):
+            buffer.zero_()
+    return layer
+
+
 def _assign(layer: nn.Module, **tensors: torch.Tensor | None) -> nn.Module:
     for name, tensor in tensors.items():
         if tensor is None:
@@ -65,7 +78,8 @@ def conv_layer(emitter: Any, node: Any) -> Any:
         return None
     group = attrs.get("group", 1)
     layer_class = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spatial - 1]
-    layer = layer_class(
+    layer = _empty(
+        layer_class,
         weight.shape[1] * group,
         weight.shape[0],
         tuple(weight.shape[2:]),
@@ -102,7 +116,8 @@ def conv_transpose_layer(emitter: Any, node: Any) -> Any:
     if any(p >= s and p >= d for p, s, d in zip(output_padding, strides, dilations, strict=False)):
         return None
     layer_class = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[spatial - 1]
-    layer = layer_class(
+    layer = _empty(
+        layer_class,
         weight.shape[0],
         weight.shape[1] * group,
         tuple(weight.shape[2:]),
@@ -138,7 +153,7 @@ def gemm_layer(emitter: Any, node: Any) -> Any:
         return None
     # nn.Linear keeps weight as [out, in], which is Gemm's B under transB=1
     weight = weight if attrs.get("transB", 0) else weight.t().contiguous()
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    layer = _empty(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None)
     sources = {"weight": node.inputs[1]} | ({"bias": bias_value} if bias is not None else {})
     return _assign(layer, weight=weight, bias=bias), sources, [0]
 
@@ -148,7 +163,7 @@ def matmul_layer(emitter: Any, node: Any) -> Any:
     weight = emitter.weight(node.inputs[1])
     if weight is None or weight.dim() != 2:
         return None
-    layer = nn.Linear(weight.shape[0], weight.shape[1], bias=False)
+    layer = _empty(nn.Linear, weight.shape[0], weight.shape[1], bias=False)
     return _assign(layer, weight=weight.t().contiguous()), {"weight": node.inputs[1]}, [0]
 
 
@@ -171,8 +186,11 @@ def batch_norm_layer(emitter: Any, node: Any) -> Any:
     scale, bias, mean, var = tensors
     layer_class = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[rank]
     # ONNX keeps `momentum` of the running value; torch the weight of the new batch statistic
-    layer = layer_class(
-        scale.numel(), eps=attrs.get("epsilon", 1e-5), momentum=1.0 - attrs.get("momentum", 0.9)
+    layer = _empty(
+        layer_class,
+        scale.numel(),
+        eps=attrs.get("epsilon", 1e-5),
+        momentum=1.0 - attrs.get("momentum", 0.9),
     )
     _assign(layer, weight=scale, bias=bias, running_mean=mean, running_var=var)
     names = ("weight", "bias", "running_mean", "running_var")
@@ -198,7 +216,7 @@ def layer_norm_layer(emitter: Any, node: Any) -> Any:
     dims = node.inputs[0].shape[axis:]
     if not all(isinstance(d, int) for d in dims) or tuple(dims) != tuple(scale.shape):
         return None
-    layer = nn.LayerNorm(tuple(dims), eps=attrs.get("epsilon", 1e-5), bias=bias is not None)
+    layer = _empty(nn.LayerNorm, tuple(dims), eps=attrs.get("epsilon", 1e-5), bias=bias is not None)
     sources = {"weight": node.inputs[1]} | ({"bias": bias_value} if bias is not None else {})
     return _assign(layer, weight=scale, bias=bias), sources, [0]
 
@@ -214,7 +232,7 @@ def embedding_layer(emitter: Any, node: Any) -> Any:
         or not table.is_floating_point()
     ):
         return None
-    layer = _assign(nn.Embedding(table.shape[0], table.shape[1]), weight=table)
+    layer = _assign(_empty(nn.Embedding, table.shape[0], table.shape[1]), weight=table)
     return layer, {"weight": node.inputs[0]}, [1]
 
 
@@ -335,7 +353,7 @@ def recurrent_layer(emitter: Any, node: Any) -> Any:
     directions, gate_rows, input_size = w.shape
     hidden = r.shape[-1]
     extra = {"nonlinearity": nonlinearity} if op_type == "RNN" else {}
-    layer = _ONNX_RECURRENT[op_type](
+    layer = _ONNX_RECURRENT[op_type](  # its subclass hides the device arg skip_init needs
         input_size,
         hidden,
         bias=bias is not None,
