@@ -71,3 +71,12 @@ def test_keras_encoder_in_torch():
     assert "encoder.net.proj.weight" in out  # Keras names survive as torch parameters
     losses = [float(line.split("loss")[1]) for line in out.splitlines() if "loss" in line]
     assert len(losses) == 2 and losses[1] < losses[0]
+
+
+def test_torch_backbone_in_keras(tmp_path):
+    out = run_example(
+        "torch_backbone_in_keras.py", "--steps", "3", "--out", str(tmp_path / "m.keras")
+    )
+    assert "guest vs PyTorch: max abs error" in out and "reloaded model differs by" in out
+    error = float(out.split("max abs error ")[1].split()[0])
+    assert error < 1e-5
