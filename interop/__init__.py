@@ -12,6 +12,7 @@ imported by their adapters, when a model of theirs is traced.
 from __future__ import annotations
 
 from . import errors
+from .conversion import convert
 from .errors import (
     DeviceError,
     InteropError,
@@ -53,6 +54,7 @@ __all__ = [
     "VerifyReport",
     "trace",
     "load",
+    "convert",
     "verify",
     "register_adapter",
     "to_torch",
