@@ -202,6 +202,9 @@ class SubgraphFunction:
         )
 
 
+_PROGRESS_NODES = 300  # below this, emission is too quick for a progress bar
+
+
 class Interpreter:
     """Evaluate (or, in subclasses, emit) an ONNX graph node by node with a backend.
 
@@ -252,7 +255,14 @@ class Interpreter:
         for value in getattr(graph, "initializers", {}).values():
             if value not in env:
                 env[value] = self.constant(value)
-        for node in graph:
+        nodes: Any = graph
+        if caller is None and graph is self.graph and len(graph) >= _PROGRESS_NODES:
+            from .progress import (
+                progress,
+            )  # a bar on a terminal only; emitting big graphs takes seconds
+
+            nodes = progress(graph, total=len(graph), desc=f"emit {type(self).__name__}")
+        for node in nodes:
             args = [
                 None if v is None or (caller is not None and v.name == "") else env[v]
                 for v in node.inputs

@@ -72,3 +72,36 @@ def test_drawn_on_a_pseudo_terminal():
     os.close(leader)
     assert proc.wait(timeout=60) == 0
     assert b"pty: [" in output and b"3/3" in output
+
+
+def _stderr_on_a_terminal(script: str) -> bytes:
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=follower, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )  # fmt: skip
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert proc.wait(timeout=300) == 0, output[-2000:]
+    return output
+
+
+def test_emitting_a_large_graph_shows_a_bar_on_a_terminal():
+    script = (
+        "import torch, interop\n"
+        "net = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()) for _ in range(160)])\n"
+        "g = interop.trace(net, (torch.randn(2, 8),))\n"
+        "assert len(g.model.graph) >= 300, len(g.model.graph)\n"
+        "interop.to_torch(g)\n"
+    )
+    output = _stderr_on_a_terminal(script)
+    assert b"emit TorchEmitter: [" in output
