@@ -42,6 +42,19 @@ def median_time(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
+def paired_medians(first, second, repeat: int) -> tuple[float, float]:
+    """Median times of two callables run alternately, so load on the machine hits both alike."""
+    a, b = [], []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        first()
+        a.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        second()
+        b.append(time.perf_counter() - start)
+    return statistics.median(a), statistics.median(b)
+
+
 def bare_export(model, inputs):
     with contextlib.redirect_stdout(io.StringIO()):
         dims = tuple({0: torch.export.Dim.DYNAMIC} for _ in inputs)
@@ -82,16 +95,23 @@ def main() -> None:
     trace_rows, run_rows = [], []
     for name, (model, shape) in models.items():
         example = (torch.randn(2, *shape),)
-        bare = median_time(lambda m=model, e=example: bare_export(m, e), repeat)
-        ours = median_time(lambda m=model, e=example: interop.trace(m, e), repeat)
+        bare, ours = paired_medians(
+            lambda m=model, e=example: bare_export(m, e),
+            lambda m=model, e=example: interop.trace(m, e),
+            repeat,
+        )
         trace_rows.append([name, f"{bare:.2f} s", f"{ours:.2f} s", f"{ours / bare:.2f}x"])
         graph = interop.trace(model, example)
         for batch in (1, 32):
             x = torch.randn(batch, *shape)
             graph.run(x)
             with torch.inference_mode():
-                eager = median_time(lambda m=model, x=x: m(x), 20 if not args.quick else 3)
-            ort = median_time(lambda g=graph, x=x: g.run(x), 20 if not args.quick else 3)
+                model(x)
+                eager, ort = paired_medians(
+                    lambda m=model, x=x: m(x),
+                    lambda g=graph, x=x: g.run(x),
+                    30 if not args.quick else 3,
+                )
             run_rows.append(
                 [
                     name,
