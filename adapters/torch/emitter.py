@@ -34,6 +34,11 @@ from .backend import torch_backend
 
 # op type -> function(emitter, node) returning a native layer and its parameter names, or None
 LAYERS: Registry[Callable[..., Any]] = Registry("emit", adapter="torch layers")
+# op type -> function(emitter, node, handles) returning (torch callable, args, kwargs) or None:
+# a direct torch call for a node whose attributes and dtypes allow one. The generic op is a
+# Python closure that re-dispatches through the backend on every forward (and creates its
+# scalar constants each time), which dominates small-batch forwards.
+CALLS: Registry[Callable[..., Any]] = Registry("emit", adapter="torch calls")
 _RANDOM_OPS = {
     "RandomNormal",
     "RandomNormalLike",
@@ -66,12 +71,19 @@ class TorchEmitter(Interpreter):
         self.static: dict[ir.Value, np.ndarray] = {}  # constants known at emission time
         self._attribute_names: set[str] = set()
         self._owned: set[ir.Value] = set()  # initializers held by a native layer
+        # bias Adds folded into the MatMul before them: Add node -> the fx node that replaces it
+        self.fused: dict[ir.Node, Any] = {}
+        self.absorbed: dict[ir.Node, list[ir.Node]] = {}  # MatMul node -> Add nodes it absorbs
+        self._maybe_dead: list[fx.Node] = []  # nodes only a fusion may have left unused
         self._counter = 0
 
     # ------------------------------------------------------------------ building
     def build(self) -> fx.GraphModule:
         check_supported(self.graph, self.version, self.adapter)
         outputs = self.run(*[None] * len(self.graph.inputs))
+        for dead in reversed(self._maybe_dead):  # e.g. a weight's Transpose read by F.linear now
+            if not dead.users:
+                self.fx_graph.erase_node(dead)
         self.fx_graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
         module = fx.GraphModule(self.root, self.fx_graph, class_name=_class_name(self.graph.name))
         module.input_names = [v.name for v in self.graph.inputs]
@@ -169,6 +181,8 @@ class TorchEmitter(Interpreter):
     def run_node(
         self, node: ir.Node, args: list[Any], env: Any, caller: Any = None
     ) -> Sequence[Any]:
+        if node in self.fused:
+            return [self.fused.pop(node)]
         folded = self.fold(node)
         if folded is not None:
             return folded
@@ -180,6 +194,8 @@ class TorchEmitter(Interpreter):
                 path = self.register_layer(node, layer, sources)
                 fx_args = tuple(self.materialize(args[i]) for i in data_inputs)
                 call = self.fx_graph.call_module(path, fx_args)
+                for add in self.absorbed.pop(node, []):
+                    self.fused[add] = call
                 if getattr(layer, "returns_node_outputs", False):  # a tuple of the node's outputs
                     return [
                         self.fx_graph.call_function(operator.getitem, (call, i))
@@ -187,6 +203,22 @@ class TorchEmitter(Interpreter):
                     ]
                 return [call] + [None] * (len(node.outputs) - 1)
         captured = [env[v] for v in node_free_values(node)]
+        direct = (
+            CALLS.get(node.op_type) if node.domain in ("", "ai.onnx") and not captured else None
+        )
+        if direct is not None and len(node.outputs) == 1:
+            built = direct(self, node, args, env)
+            if built is not None:
+                function, fx_args, kwargs = built
+                if function is None:  # the node is its input (Identity)
+                    return [fx_args[0]]
+                fx_args = tuple(self.materialize(a) for a in fx_args)
+                call = self.fx_graph.create_node(
+                    "call_function", function, fx_args, kwargs, name=_node_name(node)
+                )
+                for add in self.absorbed.pop(node, []):
+                    self.fused[add] = call
+                return [call]
         return self.call_op(node, args, captured)
 
     def fold(self, node: ir.Node) -> list[Any] | None:
@@ -229,10 +261,7 @@ class TorchEmitter(Interpreter):
     def call_op(self, node: ir.Node, args: list[Any], captured: list[Any]) -> Sequence[Any]:
         function = self.op_function(node, single=True)
         fx_args = tuple(self.materialize(a) for a in [*args, *captured])
-        name = _identifier(
-            node.outputs[0].name if node.outputs and node.outputs[0].name else node.op_type.lower()
-        )
-        call = self.fx_graph.create_node("call_function", function, fx_args, name=name)
+        call = self.fx_graph.create_node("call_function", function, fx_args, name=_node_name(node))
         if len(node.outputs) == 1:
             return [call]
         return [
@@ -275,6 +304,11 @@ def _set_path(root: nn.Module, path: str, obj: Any, persistent: bool = True) -> 
         module.register_parameter(leaf, obj)
     else:
         module.register_buffer(leaf, obj, persistent=persistent)
+
+
+def _node_name(node: ir.Node) -> str:
+    output = node.outputs[0].name if node.outputs else ""
+    return _identifier(output or node.op_type.lower())
 
 
 def _identifier(name: str) -> str:

@@ -12,12 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from interop.interpret import schema_defaults
 
-from .emitter import LAYERS
+from .emitter import CALLS, LAYERS
 
 
 def _attributes(emitter: Any, node: Any) -> dict[str, Any]:
@@ -163,8 +165,39 @@ def matmul_layer(emitter: Any, node: Any) -> Any:
     weight = emitter.weight(node.inputs[1])
     if weight is None or weight.dim() != 2:
         return None
-    layer = _empty(nn.Linear, weight.shape[0], weight.shape[1], bias=False)
-    return _assign(layer, weight=weight.t().contiguous()), {"weight": node.inputs[1]}, [0]
+    sources = {"weight": node.inputs[1]}
+    # the exporters' MatMul + Add of a bias weight is one nn.Linear (one addmm kernel)
+    add, bias_value = _bias_add(emitter, node, weight.shape[1]) or (None, None)
+    bias = emitter.weight(bias_value) if bias_value is not None else None
+    layer = _empty(nn.Linear, weight.shape[0], weight.shape[1], bias=bias is not None)
+    if bias is not None:
+        sources["bias"] = bias_value
+        emitter.absorbed[node] = [add]
+    return _assign(layer, weight=weight.t().contiguous(), bias=bias), sources, [0]
+
+
+def _bias_add(emitter: Any, node: Any, features: int) -> tuple[Any, Any] | None:
+    """(Add node, bias value) when a matmul's only reader adds a constant [features] vector."""
+    output = node.outputs[0]
+    uses = list(output.uses())
+    if len(uses) != 1 or output.is_graph_output():
+        return None
+    add, index = uses[0]
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None
+    bias = add.inputs[1 - index]
+    array = emitter.static.get(bias) if bias is not None else None
+    if array is None and bias is not None and bias.const_value is not None:
+        array = bias.const_value.numpy()
+    if (
+        array is None
+        or array.ndim != 1
+        or array.shape[0] != features
+        or bias.dtype != node.inputs[0].dtype
+        or bias in emitter.graph.inputs
+    ):
+        return None
+    return add, bias
 
 
 def _input_rank(value: Any) -> int | None:
@@ -252,6 +285,206 @@ def dropout_layer(emitter: Any, node: Any) -> Any:
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         return None  # an explicit training_mode input: keep ONNX's meaning
     return nn.Dropout(ratio), {}, [0]
+
+
+# ------------------------------------------------------------------ direct torch calls
+_FLOATS = {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+
+
+def _floats(*values: Any) -> bool:
+    """Values of one ONNX type constraint (an op's T) hold a float dtype torch computes
+    natively (no carrier types); values the exporter left untyped share the others' dtype."""
+    dtypes = {v.dtype for v in values if v is not None and v.dtype is not None}
+    return len(dtypes) == 1 and dtypes.pop() in _FLOATS
+
+
+def _register_call(op_types: dict[str, Any]) -> None:
+    for op_type, function in op_types.items():
+
+        def build(emitter: Any, node: Any, args: list, env: Any, function: Any = function) -> Any:
+            if len(args) != len(node.inputs) or not _floats(*node.inputs, *node.outputs):
+                return None
+            return function, args, {}
+
+        CALLS.register(op_type, build)
+
+
+# same dtype in and out and numpy broadcasting in ONNX and torch alike
+_register_call(
+    {
+        "Relu": torch.relu,
+        "Sigmoid": torch.sigmoid,
+        "Tanh": torch.tanh,
+        "Exp": torch.exp,
+        "Log": torch.log,
+        "Sqrt": torch.sqrt,
+        "Abs": torch.abs,
+        "Neg": torch.neg,
+        "Erf": torch.special.erf,
+        "Add": torch.add,
+        "Sub": torch.sub,
+        "Mul": torch.mul,
+        "Div": torch.div,
+    }
+)
+
+
+@CALLS.register("Gelu")
+def gelu_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    if not _floats(node.inputs[0], node.outputs[0]):
+        return None
+    return F.gelu, args, {"approximate": _attributes(emitter, node).get("approximate", "none")}
+
+
+@CALLS.register("Softmax")
+def softmax_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    if emitter.version < 13 or not _floats(node.inputs[0]):  # older opsets flatten to 2-D first
+        return None
+    return torch.softmax, args, {"dim": _attributes(emitter, node).get("axis", -1)}
+
+
+@CALLS.register("Identity")
+def identity_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    return None if args[0] is None or node.inputs[0].type is None else (None, args, {})
+
+
+@CALLS.register("Transpose")
+def transpose_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    perm = _attributes(emitter, node).get("perm")
+    rank = _input_rank(node.inputs[0])
+    if perm is None and rank is None:
+        return None
+    return torch.permute, args, {"dims": list(perm if perm is not None else range(rank)[::-1])}
+
+
+@CALLS.register("Flatten")
+def flatten_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    rank = _input_rank(node.inputs[0])
+    if _attributes(emitter, node).get("axis", 1) != 1 or rank is None or rank < 2:
+        return None
+    return torch.flatten, args, {"start_dim": 1}
+
+
+def onnx_reshape(x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """ONNX Reshape (allowzero=0) to a run-time shape: a 0 keeps the input's dim."""
+    dims = shape.tolist()
+    if 0 in dims:
+        dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+    return torch.reshape(x, dims)
+
+
+def reshape_to(x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """ONNX Reshape with allowzero=1 to a run-time shape: a 0 is an empty dim."""
+    return torch.reshape(x, shape.tolist())
+
+
+@CALLS.register("Reshape")
+def reshape_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    if len(args) != 2 or args[1] is None:
+        return None
+    allowzero = _attributes(emitter, node).get("allowzero", 0)
+    static = emitter.static.get(node.inputs[1])
+    if static is None:
+        return (reshape_to if allowzero else onnx_reshape), args, {}
+    dims = [int(d) for d in np.asarray(static).reshape(-1)]
+    if 0 in dims and not allowzero:
+        return onnx_reshape, args, {}
+    return torch.reshape, args[:1], {"shape": dims}
+
+
+@CALLS.register("Concat")
+def concat_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    if not args or any(a is None for a in args):
+        return None
+    tensors = [emitter.materialize(a) for a in args]
+    return torch.cat, [tensors], {"dim": _attributes(emitter, node)["axis"]}
+
+
+def onnx_shape(x: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(x.shape, dtype=torch.int64, device=x.device)
+
+
+@CALLS.register("Shape")
+def shape_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    attrs = _attributes(emitter, node)
+    if attrs.get("start", 0) != 0 or attrs.get("end") is not None:
+        return None
+    return onnx_shape, args, {}
+
+
+def _static_axes(emitter: Any, node: Any, rank: int | None) -> list[int] | None:
+    """A Squeeze/Unsqueeze's constant axes made non-negative against ``rank``."""
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    static = emitter.static.get(node.inputs[1])
+    if static is None:
+        return None
+    axes = [int(a) for a in np.asarray(static).reshape(-1)]
+    if any(a < 0 for a in axes) and rank is None:
+        return None
+    return sorted(a + rank if a < 0 else a for a in axes)
+
+
+@CALLS.register("Squeeze")
+def squeeze_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    axes = _static_axes(emitter, node, _input_rank(node.inputs[0]))
+    return None if not axes else (torch.squeeze, args[:1], {"dim": tuple(axes)})
+
+
+def onnx_unsqueeze(x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+    for axis in axes:  # ascending, each counted in the output's rank
+        x = torch.unsqueeze(x, axis)
+    return x
+
+
+@CALLS.register("Unsqueeze")
+def unsqueeze_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    rank = _input_rank(node.inputs[0])
+    count = emitter.static.get(node.inputs[1]) if len(node.inputs) > 1 else None
+    if count is None:
+        return None
+    axes = _static_axes(emitter, node, None if rank is None else rank + np.asarray(count).size)
+    return None if not axes else (onnx_unsqueeze, args[:1], {"axes": tuple(axes)})
+
+
+@CALLS.register("Gather")
+def gather_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    index = emitter.static.get(node.inputs[1])
+    if index is None or np.ndim(index) != 0 or args[0] is None:
+        return None  # a scalar constant index drops the axis: a select
+    return (
+        torch.select,
+        args[:1],
+        {"dim": _attributes(emitter, node).get("axis", 0), "index": int(index)},
+    )
+
+
+@CALLS.register("MatMul")
+def matmul_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    if not _floats(*node.inputs):
+        return None
+    transpose = node.inputs[1].producer()
+    source = (
+        transpose.inputs[0] if transpose is not None and transpose.op_type == "Transpose" else None
+    )
+    if (
+        source is None
+        or transpose.domain not in ("", "ai.onnx")
+        or source.const_value is None
+        or emitter.kind_of(source) is None
+        or len(source.const_value.shape) != 2
+        or list(_attributes(emitter, transpose).get("perm") or [1, 0]) != [1, 0]
+    ):
+        return torch.matmul, args, {}
+    # x @ W.T (+ b) is F.linear on the weight itself: no transpose, bias added inside addmm
+    weight = env[source]
+    emitter._maybe_dead.append(emitter.materialize(args[1]))
+    fused = _bias_add(emitter, node, source.const_value.shape[0])
+    if fused is None:
+        return F.linear, [args[0], weight], {}
+    add, bias = fused
+    emitter.absorbed[node] = [add]
+    return F.linear, [args[0], weight, env[bias]], {}
 
 
 # ONNX gate blocks -> torch's order: LSTM iofc -> ifco (torch's i, f, g, o), GRU zrh -> rzn
