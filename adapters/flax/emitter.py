@@ -137,6 +137,8 @@ def _as_jax(value: Any) -> Any:
         return None
     if isinstance(value, (list, tuple)):
         return [_as_jax(v) for v in value]
+    if isinstance(value, np.ndarray) and value.dtype.kind in "OSU":
+        return value  # strings have no JAX type; the semantics run them on the host (numpy)
     return jnp.asarray(value)
 
 
@@ -177,7 +179,8 @@ class FlaxEmitter(Interpreter):
     def build(self) -> FlaxModule:
         check_supported(self.graph, self.version, self.adapter)
         self.program.outputs = [self.spec(h) for h in self.run(*[None] * len(self.graph.inputs))]
-        self.module.eval()
+        # no module.eval() walk (~0.15 s on a ResNet50): the native layers are built in eval
+        # mode (BatchNorm use_running_average=True, Dropout deterministic=True)
         return self.module
 
     # ------------------------------------------------------------------ steps of the loop
@@ -265,7 +268,7 @@ class FlaxEmitter(Interpreter):
     def variable(self, value: ir.Value) -> str:
         cls = self.variable_class(value)
         path = self.unique_path(_attribute_path(value.name) if value.name else "_weight")
-        _set_path(self.module, path, cls(jnp.asarray(value.const_value.numpy())))
+        _set_path(self.module, path, cls(jax.device_put(value.const_value.numpy())))
         self.module.source_names[path] = value.name
         return path
 
