@@ -83,10 +83,30 @@ def flax_cnn():
     return model, x, lambda a: np.asarray(model(a))
 
 
+def flax_transformer():
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.attn = nnx.MultiHeadAttention(
+                num_heads=2, in_features=16, qkv_features=16, decode=False, rngs=rngs
+            )
+            self.norm = nnx.LayerNorm(16, rngs=rngs)
+            self.proj = nnx.Linear(16, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.proj(self.norm(x + self.attn(x)))
+
+    model = Block(nnx.Rngs(0))
+    x = np.random.default_rng(0).standard_normal((2, 5, 16)).astype(np.float32)
+    return model, x, lambda a: np.asarray(model(a))
+
+
 GUESTS = {
     "torch_cnn": torch_cnn,
     "keras_cnn": keras_cnn,
     "flax_cnn": flax_cnn,
     "torch_transformer": torch_transformer,
     "keras_transformer": keras_transformer,
+    "flax_transformer": flax_transformer,
 }

@@ -23,9 +23,9 @@ MATRIX = [
     (g, h) for g in ("torch_cnn", "keras_cnn", "flax_cnn") for h in ("torch", "keras", "flax")
 ]
 MATRIX += [
-    ("torch_transformer", "keras"),
-    ("torch_transformer", "flax"),
-    ("keras_transformer", "torch"),
+    (g, h)
+    for g in ("torch_transformer", "keras_transformer", "flax_transformer")
+    for h in ("torch", "keras", "flax")
 ]
 
 
