@@ -1,22 +1,33 @@
-"""Emitted torch module vs the original: forward time (eager, CPU) and emission time.
+"""Emitted torch module vs the original (and onnx2torch): forward time and emission time.
 
-    python benchmarks/bench_emit_torch.py
+    python benchmarks/bench_emit_torch.py [--threads N] [--no-write]
 
-Prints a markdown table: per model and batch size, the original's and the emitted
-module's median forward time and their ratio; then the time to emit a ResNet50-sized
-graph (a hand-built ResNet50: torchvision is not a dependency).
+Per model and batch size the original module, the emitted module and, when onnx2torch is
+installed, onnx2torch's module of the same ONNX file run interleaved in one process (one
+forward of each per round, so load from other processes hits all alike); the table gives
+median forward times, the median per-round ratio and its 25-75% range. Then the time to
+emit a ResNet50-sized graph (a hand-built ResNet50: torchvision is not a dependency).
+Writes the table to docs/performance.md (section "emit-torch").
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import statistics
+import sys
 import time
+import types
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import interop
 from interop.emit import to_torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
 
 
 class Bottleneck(nn.Module):
@@ -77,54 +88,152 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-def median_time(function, x, repeats: int) -> float:
+def load_onnx2torch():
+    """onnx2torch's convert, or None. It imports torchvision for its NMS / RoiAlign converters
+    only; the CPU torch here has no matching torchvision wheel, so when torchvision is missing
+    those two names come from a module that raises when called (the benchmarked models use neither op)."""
+    if importlib.util.find_spec("onnx2torch") is None:
+        return None
+    vision = None
+    if importlib.util.find_spec("torchvision") is None:
+        vision = types.ModuleType("torchvision")
+        vision.ops = types.ModuleType("torchvision.ops")
+
+        def unavailable(*args, **kwargs):
+            raise NotImplementedError("torchvision is not installed")
+
+        vision.ops.nms = vision.ops.roi_align = unavailable
+        sys.modules.setdefault("torchvision", vision)
+        sys.modules.setdefault("torchvision.ops", vision.ops)
+    from onnx2torch import convert
+
+    for name in ("torchvision.ops", "torchvision") if vision is not None else ():
+        if sys.modules.get(name) in (vision.ops, vision):  # torch.onnx probes for it too
+            del sys.modules[name]
+    return convert
+
+
+def onnx2torch_module(convert, graph):
+    """onnx2torch's module of the graph's ONNX file, or the reason it has none.
+
+    onnx2torch 1.5 converts opsets up to 17 or so while torch's exporter writes opset 18+:
+    the file is first taken down to opset 17 with onnx's version converter when possible."""
+    import onnx.version_converter
+
+    proto = graph.to_proto()
+    try:
+        return convert(proto).eval(), ""
+    except Exception as first:  # noqa: BLE001  (reported in the table)
+        try:
+            return convert(onnx.version_converter.convert_version(proto, 17)).eval(), ""
+        except Exception:  # noqa: BLE001
+            return None, f"fails: {str(first)[:90]}"
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(values, n=4)
+    return q[0], statistics.median(values), q[2]
+
+
+def interleaved(modules: list, x: torch.Tensor, rounds: int) -> list[list[float]]:
+    """Seconds per forward of each module, one forward of each per round."""
+    times: list[list[float]] = [[] for _ in modules]
     with torch.no_grad():
-        for _ in range(3):
-            function(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            function(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for module in modules:
+            for _ in range(3):
+                module(x)
+        for _ in range(rounds):
+            for module, row in zip(modules, times):
+                start = time.perf_counter()
+                module(x)
+                row.append(time.perf_counter() - start)
+    return times
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the round counts")
+    parser.add_argument("--no-write", action="store_true")
+    options = parser.parse_args()
+    torch.set_num_threads(options.threads)
     torch.manual_seed(0)
+    convert = load_onnx2torch()
     models = {
-        "mlp": (MLP().eval(), lambda b: torch.randn(b, 256), 200),
+        "mlp": (MLP().eval(), lambda b: torch.randn(b, 256), {1: 400, 32: 300}),
         "transformer_encoder": (
             nn.TransformerEncoderLayer(256, 8, 1024, batch_first=True).eval(),
             lambda b: torch.randn(b, 64, 256),
-            30,
+            {1: 100, 32: 20},
         ),
-        "resnet50 (112x112)": (ResNet50().eval(), lambda b: torch.randn(b, 3, 112, 112), 5),
+        "resnet50 (112x112)": (
+            ResNet50().eval(),
+            lambda b: torch.randn(b, 3, 112, 112),
+            {1: 15, 32: 5},
+        ),
     }
-    print("| model | batch | original ms | emitted ms | ratio |")
-    print("|---|---|---|---|---|")
-    graphs = {}
-    for name, (model, make_input, repeats) in models.items():
+    headers = ["model", "batch", "original ms", "emitted ms", "emitted / original (IQR)"]
+    headers += ["onnx2torch ms", "emitted / onnx2torch (IQR)"]
+    rows, graphs = [], {}
+    for name, (model, make_input, rounds) in models.items():
         graph = interop.trace(model, (make_input(2),))
         graphs[name] = graph
         emitted = to_torch(graph).eval()
+        competitor, note = None, "not installed"
+        if convert is not None:
+            competitor, note = onnx2torch_module(convert, graph)
         for batch in (1, 32):
             x = make_input(batch)
-            original_time = median_time(model, x, repeats)
-            emitted_time = median_time(emitted, x, repeats)
-            print(
-                f"| {name} | {batch} | {original_time * 1e3:.2f} | {emitted_time * 1e3:.2f} | {emitted_time / original_time:.2f} |"
-            )
+            modules = [model, emitted] + ([competitor] if competitor is not None else [])
+            try:
+                times = interleaved(modules, x, max(3, int(rounds[batch] * options.scale)))
+            except Exception as error:  # noqa: BLE001  (onnx2torch on a dynamic-shape graph)
+                modules = modules[:2]
+                note = f"fails at run: {type(error).__name__}"
+                times = interleaved(modules, x, max(3, int(rounds[batch] * options.scale)))
+            ratio = quartiles([e / o for o, e in zip(times[0], times[1])])
+            row = [name, str(batch), f"{statistics.median(times[0]) * 1e3:.2f}"]
+            row += [f"{statistics.median(times[1]) * 1e3:.2f}", _ratio(ratio)]
+            if len(times) > 2:
+                versus = quartiles([e / c for e, c in zip(times[1], times[2])])
+                row += [f"{statistics.median(times[2]) * 1e3:.2f}", _ratio(versus)]
+            else:
+                row += [note, "-"]
+            rows.append(row)
+            print(" | ".join(row), flush=True)
     graph = graphs["resnet50 (112x112)"]
-    times = []
+    emission = []
     for _ in range(3):
         start = time.perf_counter()
         to_torch(graph)
-        times.append(time.perf_counter() - start)
+        emission.append(time.perf_counter() - start)
     nodes = len(list(graph.model.graph))
-    print(
-        f"\nEmission of ResNet50 ({nodes} nodes, {graph.count_params() / 1e6:.1f}M parameters): "
-        f"median {statistics.median(times):.2f} s over 3 runs"
+    summary = (
+        f"Emission of ResNet50 ({nodes} nodes, {graph.count_params() / 1e6:.1f}M parameters): "
+        f"median {statistics.median(emission):.2f} s over 3 runs (target < 2 s)."
     )
+    markdown = "\n".join(
+        [
+            "### Emitted torch module vs original and onnx2torch (benchmarks/bench_emit_torch.py)",
+            "",
+            f"CPU eager, torch {torch.__version__}, {options.threads} thread(s) for every module, "
+            f"{report.machine()}; interleaved rounds, medians; ratios are medians of per-round "
+            "ratios with their 25-75% range. Targets: emitted/original <= 1.10, "
+            "emitted/onnx2torch <= 1.",
+            "",
+            report.table(headers, rows),
+            "",
+            summary,
+        ]
+    )
+    print(markdown)
+    if not options.no_write:
+        report.write_section("emit-torch", markdown)
+
+
+def _ratio(quartile: tuple[float, float, float]) -> str:
+    low, mid, high = quartile
+    return f"{mid:.2f} ({low:.2f}-{high:.2f})"
 
 
 if __name__ == "__main__":
