@@ -12,6 +12,7 @@ import functools
 import math
 
 import keras
+import ml_dtypes
 import numpy as np
 from keras import ops
 
@@ -44,7 +45,7 @@ def _on_host_when_possible(method):
 
     @functools.wraps(method)
     def dispatch(self, *args, **kwargs):
-        arrays = [a for a in args if not isinstance(a, str)]
+        arrays = [a for a in args if not isinstance(a, (str, type, np.dtype))]  # not dtypes
         if all(a is None or _host(a) for a in arrays):
             return getattr(numpy_backend, name)(*args, **kwargs)
         return method(self, *args, **kwargs)
@@ -59,8 +60,54 @@ def _int_or_none(d, keep=False):
         return d if keep and d is not None else None
 
 
+# ONNX dtypes Keras lacks: held in a wider carrier dtype whose values are exact (the model's
+# inputs and outputs are carriers too; `model.input_dtypes` / `output_dtypes` name the ONNX
+# dtype, `to_carrier` / `from_carrier` convert at the boundary)
+CARRIERS = {
+    np.dtype(ml_dtypes.int4): "int8",
+    np.dtype(ml_dtypes.int2): "int8",
+    np.dtype(ml_dtypes.uint4): "uint8",
+    np.dtype(ml_dtypes.uint2): "uint8",
+    np.dtype(ml_dtypes.float4_e2m1fn): "float32",
+    np.dtype(ml_dtypes.float8_e8m0fnu): "float32",
+    np.dtype(ml_dtypes.float8_e4m3fnuz): "float32",
+    np.dtype(ml_dtypes.float8_e5m2fnuz): "float32",
+    # Keras's TensorFlow backend computes uint64 arithmetic in uint32: the bits travel in
+    # int64 (numpy's wrapping casts both ways) and uint64 nodes compute on the host
+    np.dtype(np.uint64): "int64",
+}
+
+
+_BY_NAME = {dtype.name: dtype for dtype in CARRIERS}
+
+
+def as_dtype(dtype) -> np.dtype:
+    """A dtype from a dtype or its name ("int4" is ml_dtypes' int4 here, not numpy's int32)."""
+    return (
+        _BY_NAME.get(dtype, None) or np.dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+    )
+
+
+def emulated(dtype) -> bool:
+    """Whether values of this dtype travel in a carrier (Keras has no such dtype)."""
+    return dtype is not None and as_dtype(dtype) in CARRIERS
+
+
 def keras_dtype(dtype) -> str:
-    return np.dtype(dtype).name
+    dtype = as_dtype(dtype)
+    return CARRIERS.get(dtype) or dtype.name
+
+
+def to_carrier(array):
+    """A host array of an ONNX dtype Keras lacks as its carrier (others unchanged)."""
+    array = np.asarray(array)
+    return array.astype(CARRIERS[array.dtype]) if array.dtype in CARRIERS else array
+
+
+def from_carrier(x, dtype):
+    """A carrier tensor (or array) back as a host array of its ONNX dtype."""
+    array = x if _host(x) else np.asarray(ops.convert_to_numpy(x))
+    return np.asarray(array).astype(as_dtype(dtype)) if emulated(dtype) else np.asarray(array)
 
 
 def _float(x):
@@ -204,7 +251,16 @@ class KerasBackend:
 
     @_on_host_when_possible
     def compare(self, name, a, b):
-        return (_COMPARE.get(name) or getattr(ops, name))(a, b)
+        result = (_COMPARE.get(name) or getattr(ops, name))(a, b)
+        if name in _COMPARE:  # shifts by a negative count or by the width or more: all out
+            a, b = ops.convert_to_tensor(a), ops.convert_to_tensor(b)
+            bits = 8 * _dtype(a).itemsize
+            out = ops.logical_or(ops.less(b, 0), ops.greater_equal(b, bits))
+            spill = ops.zeros_like(result)
+            if name == "bitwise_right_shift" and _dtype(a).kind == "i":
+                spill = ops.where(ops.less(a, 0), ops.cast(-1, result.dtype), spill)
+            result = ops.where(out, spill, result)
+        return result
 
     @_on_host_when_possible
     def isnan(self, x):

@@ -29,9 +29,10 @@ import onnx_ir as ir
 
 from interop import provenance
 from interop.backend import numpy_backend
-from interop.interpret import Interpreter, check_supported, node_free_values
+from interop.interpret import EmitError, Interpreter, check_supported, node_free_values
 
-from .backend import keras_backend
+from .backend import emulated, keras_backend, keras_dtype
+from .interpreted import graph_model, needs_graph_model
 from .native_layers import (
     LAYERS,
     MAX_INPUTS,
@@ -78,21 +79,36 @@ class KerasEmitter(Interpreter):
     # ------------------------------------------------------------------ building
     def build(self) -> keras.Model:
         check_supported(self.graph, self.version, self.adapter)
+        name = _layer_name(self.graph.name or "emitted")
+        if needs_graph_model(self.graph):  # sequences, optionals, no inputs: not functional
+            return self.described(graph_model(self, name))
         _infer_missing_shapes(self)
-        outputs = self.run(*[None] * len(self.graph.inputs))
+        try:
+            outputs = self.run(*[None] * len(self.graph.inputs))
+        except EmitError:
+            # a layer's output shape was not knowable at build time (shapes computed from
+            # run-time values, as in expanded function bodies): the graph runs node by node
+            self.source_names.clear()
+            return self.described(graph_model(self, name))
         outputs = [self.runtime(o) for o in outputs]
         for tensor in outputs:
             layer = tensor._keras_history.operation
             if isinstance(layer, OnnxOp):
                 layer.exposed = True
-        name = _layer_name(self.graph.name or "emitted")
         inputs = self.inputs if len(self.inputs) != 1 else self.inputs[0]
         model = keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0], name=name)
         # variables of layers the outputs do not depend on (a weight's Transpose that a native
         # layer took over) are not part of the model
         paths = {v.path for v in model.weights}
         model.source_names = {k: v for k, v in self.source_names.items() if k in paths}
+        return self.described(model)
+
+    def described(self, model: keras.Model) -> keras.Model:
+        """The model with the graph's input / output names and ONNX dtypes attached."""
         model.input_names = [v.name for v in self.graph.inputs]
+        # the ONNX dtypes of inputs and outputs (a dtype Keras lacks travels in its carrier)
+        model.input_dtypes = [_dtype_name(v) for v in self.graph.inputs]
+        model.output_dtypes = [_dtype_name(v) for v in self.graph.outputs]
         model.output_names = [v.name for v in self.graph.outputs]
         return model
 
@@ -102,8 +118,11 @@ class KerasEmitter(Interpreter):
         shape = _dims(value.shape) if value.shape is not None else None
         if shape is None:
             raise NotImplementedError(f"graph input '{value.name}' has no shape")
+        dtype = _dtype_name(value)
         tensor = keras.Input(
-            batch_shape=shape, dtype=_dtype_name(value), name=self.unique(value.name or "input")
+            batch_shape=shape,
+            dtype=None if dtype is None else keras_dtype(dtype),
+            name=self.unique(value.name or "input"),
         )
         self.inputs.append(tensor)
         return tensor
@@ -123,6 +142,8 @@ class KerasEmitter(Interpreter):
         """ "trainable" / "frozen" / "buffer" for source weights; None for constants."""
         if value.name in self.kinds:
             return self.kinds[value.name]
+        if value.dtype is not None and emulated(value.dtype.numpy()):
+            return None  # no Keras variable of a dtype Keras lacks: a host constant
         if (
             not self.kinds
             and value.const_value is not None
@@ -329,6 +350,10 @@ class KerasEmitter(Interpreter):
                 layer.positions.append(position)
                 runtime.append(arg)
         layer.arity = len(values)
+        for position, value in enumerate(values):
+            dtype = _spec(self, value)[1] if value is not None else None
+            if emulated(dtype) and position in layer.positions:
+                layer.input_dtypes[position] = dtype
         if not runtime:  # nothing flows in (random ops, sources): anchor it to the first input
             layer.anchored = True
             runtime = [self.inputs[0]]

@@ -9,214 +9,24 @@ layout of convolution / pooling / normalization are handled here only.
 
 from __future__ import annotations
 
-import base64
-import functools
-import logging
 from typing import Any
 
 import keras
 import numpy as np
-import onnx_ir as ir
 from keras import ops
 
-from interop.interpret import SubgraphFunction, node_free_values
 from interop.registry import Registry
-
-from .backend import keras_backend
 
 LAYERS: Registry[Any] = Registry("emit", adapter="keras layers")
 
 
-@keras.saving.register_keras_serializable("interop")
-class Transpose(keras.layers.Layer):
-    """A permutation of all axes (batch included), the layout change between layers."""
-
-    def __init__(self, perm, **kwargs):
-        super().__init__(**kwargs)
-        self.perm = tuple(int(p) for p in perm)
-
-    def call(self, x):
-        return ops.transpose(x, self.perm)
-
-    def compute_output_shape(self, shape):
-        return tuple(shape[p] for p in self.perm)
-
-    def get_config(self):
-        return {**super().get_config(), "perm": list(self.perm)}
-
-
-class OnnxOp(keras.layers.Layer):
-    """One ONNX node run through its semantics with the ``keras.ops`` backend.
-
-    Constants live in the layer: source weights as (shared) Keras variables, other
-    constants as host arrays; ``positions`` say where the run-time inputs go.
-    """
-
-    def __init__(self, function, node, specs, version=None, **kwargs):
-        super().__init__(**kwargs)
-        self.function, self.op_type, self.specs = function, node.op_type, specs
-        self.node, self.version = node, version
-        self.constants: dict[int, Any] = {}
-        self.positions: list[int] = []
-        self.arity, self.anchored, self.exposed = 0, False, False
-        # ONNX fixes the dtypes: no autocasting of inputs to the layer's float policy
-        self._convert_input_args = False
-        self._allow_non_tensor_positional_args = True
-
-    def run(self, inputs):
-        args: list[Any] = [None] * self.arity
-        for position, constant in self.constants.items():
-            args[position] = constant.value if isinstance(constant, keras.Variable) else constant
-        if not self.anchored:
-            for position, tensor in zip(self.positions, inputs):
-                args[position] = tensor
-        results = [
-            ops.zeros((0,)) if r is None else r for r in self.function(*args)
-        ]  # an optional output ONNX leaves empty
-        if self.exposed:  # a model output: host values (shape arithmetic) become tensors
-            results = [
-                ops.convert_to_tensor(r) if isinstance(r, np.ndarray) else r for r in results
-            ]
-        return results[0] if len(self.specs) == 1 else results
-
-    def get_config(self):
-        """The node as ONNX bytes, its constants and wiring; variables are saved as weights."""
-        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-               for a in self.node.attributes.values()):  # fmt: skip
-            raise NotImplementedError(f"saving a {self.op_type} node (subgraphs) is not supported")
-        proto = ir.serde.serialize_node(self.node)
-        constants, variables = {}, {}
-        for position, constant in self.constants.items():
-            if isinstance(constant, keras.Variable):
-                variables[str(position)] = [constant.name, list(constant.shape), constant.dtype,
-                                            constant.trainable]  # fmt: skip
-            else:
-                constants[str(position)] = [constant.tolist(), constant.dtype.str]
-        return {
-            **super().get_config(),
-            "node": base64.b64encode(proto.SerializeToString()).decode(),
-            "version": self.version,
-            "specs": [[None if s is None else list(s), d] for s, d in self.specs],
-            "positions": self.positions, "arity": self.arity, "anchored": self.anchored,
-            "exposed": self.exposed, "constants": constants, "variables": variables,
-        }  # fmt: skip
-
-    @classmethod
-    def from_config(cls, config):
-        import onnx
-
-        from interop.interpret import Interpreter
-
-        config = dict(config)
-        proto = onnx.NodeProto.FromString(base64.b64decode(config.pop("node")))
-        # a lone node's inputs are outside any graph: onnx_ir warns, and creates them as it should
-        logger = logging.getLogger(ir.serde.__name__)
-        level = logger.level
-        logger.setLevel(logging.ERROR)
-        try:
-            node = ir.serde.deserialize_node(proto)
-        finally:
-            logger.setLevel(level)
-        version = config.pop("version")
-        interpreter = Interpreter(ir.Graph([], [], nodes=[]), keras_backend, version=version)
-        specs = [(None if s is None else tuple(s), d) for s, d in config.pop("specs")]
-        wiring = {k: config.pop(k) for k in ("positions", "arity", "anchored", "exposed")}
-        constants, variables = config.pop("constants"), config.pop("variables")
-        layer = cls(interpreter.op_function(node), node, specs, version, **config)
-        for key, value in wiring.items():
-            setattr(layer, key, value)
-        for position, (values, dtype) in constants.items():
-            layer.constants[int(position)] = np.asarray(values, np.dtype(dtype))
-        for position, (name, shape, dtype, trainable) in variables.items():
-            layer.constants[int(position)] = keras.Variable(
-                np.zeros(shape, dtype), name=name, trainable=trainable, autocast=False
-            )
-        return layer
-
-    def spec(self, inputs):
-        specs = self.specs
-        if any(shape is None for shape, _ in specs):
-            specs = self._evaluated_specs(inputs)
-        tensors = [keras.KerasTensor(shape, dtype=dtype or "float32") for shape, dtype in specs]
-        return tensors[0] if len(tensors) == 1 else tensors
-
-    def _evaluated_specs(self, inputs):
-        """Output shapes by running the op on host arrays, twice, to tell dynamic dims apart."""
-        runs = []
-        for size in (2, 3):
-            args: list[Any] = [None] * self.arity
-            for position, constant in self.constants.items():
-                args[position] = np.asarray(keras.ops.convert_to_numpy(constant))
-            for position, tensor in zip(self.positions, inputs):
-                shape = tuple(size if d is None else d for d in tensor.shape)
-                args[position] = np.zeros(shape, tensor.dtype)
-            runs.append([np.shape(r) for r in self.function(*args)])
-        specs = []
-        for (shape, dtype), first, second in zip(self.specs, runs[0], runs[1]):
-            if shape is None:
-                shape = tuple(a if a == b else None for a, b in zip(first, second))
-            specs.append((shape, dtype))
-        return specs
-
-
-# Keras rejects a nested call argument mixing tensors and host arrays, and host arrays must
-# flow (shape arithmetic cannot leave the host under jit): one named parameter per input,
-# in a subclass per input count (Keras binds every declared parameter on every call)
-MAX_INPUTS = 64
-
-
-@functools.lru_cache(maxsize=MAX_INPUTS)
-def op_class(count: int) -> type:
-    """The OnnxOp subclass whose ``call`` takes exactly ``count`` run-time inputs."""
-    names = [f"x{i}" for i in range(count)]
-    source = (
-        f"def call(self, {', '.join(names)}):\n"
-        f"    return self.run(({', '.join(names)},))\n"
-        f"def compute_output_spec(self, {', '.join(names)}):\n"
-        f"    return self.spec(({', '.join(names)},))\n"
-    )
-    namespace: dict[str, Any] = {}
-    exec(source, namespace)  # noqa: S102  (a fixed signature of generated parameter names)
-    cls = type(f"OnnxOp{count}", (OnnxOp,), {"call": namespace["call"],
-               "compute_output_spec": namespace["compute_output_spec"]})  # fmt: skip
-    return keras.saving.register_keras_serializable("interop")(cls)
-
-
-for _count in range(1, MAX_INPUTS + 1):  # registered up front, so that a saved model loads
-    op_class(_count)
-
-
-def control_function(emitter, node) -> Any:
-    """If as ``keras.ops.cond`` when its condition is only known at run time (jit, tf.function)."""
-    if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
-        return None
-    eager = emitter.op_function(node)
-    outer = node_free_values(node)
-    branches = {name: node.attributes[name].value for name in ("then_branch", "else_branch")}
-
-    def branch(name, captured):
-        scope = dict(zip(outer, captured))
-        outputs = SubgraphFunction(branches[name], keras_backend, scope, emitter.version)()
-        return tuple(ops.convert_to_tensor(o) for o in outputs)
-
-    def run_if(condition, *captured):
-        if _concrete(condition):  # eager: run the taken branch only, whatever its shapes
-            return eager(condition, *captured)
-        flag = ops.reshape(ops.cast(condition, "bool"), ())
-        taken = ops.cond(
-            flag, lambda: branch("then_branch", captured), lambda: branch("else_branch", captured)
-        )
-        return tuple(taken)
-
-    return run_if
-
-
-def _concrete(value) -> bool:
-    try:
-        keras_backend.to_numpy(value)
-    except Exception:
-        return False
-    return True
+from .generic import (  # noqa: E402,F401  (re-exported: the emitter's generic layer)
+    MAX_INPUTS,
+    OnnxOp,
+    Transpose,
+    control_function,
+    op_class,
+)
 
 
 # ---------------------------------------------------------------------- helpers
