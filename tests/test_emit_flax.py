@@ -196,6 +196,23 @@ def test_train_mode_batchnorm_uses_batch_statistics_and_updates_running_stats(tr
     assert bn.use_running_average
 
 
+def test_layers_of_one_configuration_hold_their_own_weights(traced):
+    # blocks.0 and blocks.1 share a configuration, so they are assembled from one template
+    model, graph, _ = traced["residual_cnn"]
+    module = to_flax(graph)
+    blocks = [module.blocks.__dict__[str(i)] for i in range(2)]
+    assert blocks[0].conv is not blocks[1].conv and blocks[0].bn is not blocks[1].bn
+    for i, block in enumerate(blocks):
+        source = model.blocks[i]
+        kernel = source.conv.weight.detach().numpy().transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        np.testing.assert_array_equal(np.asarray(block.conv.kernel[...]), kernel)
+        np.testing.assert_array_equal(np.asarray(block.bn.var[...]), source.bn.running_var.numpy())
+        assert type(block.conv.kernel) is nnx.Param and type(block.bn.var) is nnx.BatchStat
+    blocks[0].conv.kernel[...] = jnp.zeros_like(blocks[0].conv.kernel[...])
+    assert np.any(np.asarray(blocks[1].conv.kernel[...]))
+    assert np.any(np.asarray(to_flax(graph).blocks.__dict__["0"].conv.kernel[...]))
+
+
 def test_dropout_drops_in_train_mode_only(traced):
     _, graph, make_input = traced["mlp"]
     module = to_flax(graph, rngs=nnx.Rngs(dropout=3, params=0))
