@@ -148,3 +148,27 @@ def test_flax_host_split_merge():
     again = nnx.merge(graphdef, state)
     np.testing.assert_array_equal(np.asarray(again(x)), np.asarray(guest(x)))
     np.testing.assert_allclose(np.asarray(again(x)), run_source(x), rtol=RTOL, atol=ATOL)
+
+
+def test_flax_host_trains_through_pooling_under_jit():
+    """Max and average pooling must be differentiable inside nnx.jit (a torch CNN guest)."""
+    torch.manual_seed(0)
+    guest = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.AvgPool2d(2),
+        torch.nn.Flatten(),
+    ).eval()
+    x = np.random.default_rng(0).standard_normal((2, 3, 10, 10)).astype(np.float32)
+    module = interop.flax.Module(guest, example_inputs=(x,))
+    optimizer = nnx.Optimizer(module, optax.sgd(0.1), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(m, opt):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2))(m)
+        opt.update(m, grads)
+        return loss
+
+    first = float(step(module, optimizer))
+    assert float(jnp.mean(module(x) ** 2)) < first

@@ -316,8 +316,10 @@ class JaxBackend:
         if kind == "max":
             dtype = np.dtype(x.dtype)
             low = -np.inf if dtype.kind == "f" else np.iinfo(dtype).min
+            # a numpy scalar, not jnp.array: under jit the latter is a tracer, and JAX then
+            # falls back to a generic reduce_window that it cannot differentiate
             return lax.reduce_window(
-                x, jnp.array(low, dtype), lax.max, window, window_strides, padding,
+                x, np.array(low, dtype)[()], lax.max, window, window_strides, padding,
                 window_dilation=dilation,
             )  # fmt: skip
         if kind == "lp":
