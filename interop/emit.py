@@ -80,10 +80,9 @@ def to_keras(source: Any, example_inputs: Any = None) -> Any:
         if err.name == "keras":
             raise MissingDependencyError("keras", "keras", "emit a Keras model") from err
         raise
-    graph = as_graph(source, example_inputs)
-    if isinstance(source, onnx.ModelProto):
+    if isinstance(source, onnx.ModelProto):  # a proto goes in as is (load() would vet its domains)
         return to_keras_model(source)
-    return to_keras_model(graph)
+    return to_keras_model(as_graph(source, example_inputs))
 
 
 def to_flax(source: Any, example_inputs: Any = None, *, rngs: Any = None) -> Any:
