@@ -108,8 +108,9 @@ def to_flax(source: Any, example_inputs: Any = None, *, rngs: Any = None) -> Any
         if err.name in ("jax", "flax"):
             raise MissingDependencyError(err.name, "flax", "emit a Flax module") from err
         raise
-    graph = as_graph(source, example_inputs)
-    return to_flax_module(source if isinstance(source, onnx.ModelProto) else graph, rngs=rngs)
+    if isinstance(source, onnx.ModelProto):  # a proto goes in as is (load() would vet its domains)
+        return to_flax_module(source, rngs=rngs)
+    return to_flax_module(as_graph(source, example_inputs), rngs=rngs)
 
 
 def to_jax(source: Any, example_inputs: Any = None) -> tuple[Any, Any]:

@@ -21,13 +21,10 @@ pytest.importorskip("flax")
 
 def run_flax(model: Any, inputs: list[Any]) -> list[Any]:
     """Outputs of the model emitted by the Flax emitter, as numpy (lists for sequences)."""
-    # the proto goes to the emitter itself, as `to_torch` hands protos to the torch emitter:
-    # `interop.to_flax` first loads it as an interop.Graph, whose domain check refuses the
-    # ai.onnx.preview(.training) ops that the shared semantics implement
-    from interop.adapters.flax.emitter import to_flax_module
+    import interop
 
     with jax.enable_x64(True):
-        module = to_flax_module(model)
+        module = interop.to_flax(model)  # the public path: protos go to the emitter as they are
         outputs = module(*inputs)
         outputs = list(outputs) if len(module.output_names) > 1 else [outputs]
         return [cs.map_nested(o, np.asarray) for o in outputs]
