@@ -51,6 +51,5 @@ def test_xfail_table_lists_real_cases_with_reasons() -> None:
 
 
 @pytest.mark.conformance
-@pytest.mark.xfail(reason="below the 95% target of issue 5 (see docs/emit-keras.md)", strict=True)
 def test_pass_rate_meets_target() -> None:
     assert cs.pass_rate("keras") >= cs.TARGET

@@ -149,7 +149,13 @@ class KerasBackend:
         return ops.convert_to_tensor(value)
 
     def to_numpy(self, x):
-        return np.asarray(x) if _host(x) else np.asarray(ops.convert_to_numpy(x))
+        if _host(x):
+            return np.asarray(x)
+        if keras.backend.standardize_dtype(x.dtype) == "bfloat16":  # numpy cannot take it directly
+            return np.asarray(ops.convert_to_numpy(ops.cast(x, "float32"))).astype(
+                ml_dtypes.bfloat16
+            )
+        return np.asarray(ops.convert_to_numpy(x))
 
     def shape(self, x):
         # a dim unknown while tracing (tf.function over batches of any size) is a symbolic
@@ -314,6 +320,10 @@ class KerasBackend:
             return numpy_backend.getitem(x, key)
         key = key if isinstance(key, tuple) else (key,)
         dims = self.shape(x)
+        ellipsis = [i for i, k in enumerate(key) if k is Ellipsis]
+        if ellipsis:  # spell `...` out as full slices so each key entry names its axis
+            i = ellipsis[0]
+            key = key[:i] + (slice(None),) * (len(dims) - len(key) + 1) + key[i + 1 :]
         if any(isinstance(k, np.ndarray) for k in key):  # leading index arrays (GatherND)
             flat_index, index_shape = _linear_index(key, dims)
             flat = ops.reshape(x, (-1, *dims[len(key) :]))
@@ -401,7 +411,14 @@ class KerasBackend:
                 index = np.arange(-lo, size + hi) % size
                 x = ops.take(x, index, axis=axis)
             return x
-        return ops.pad(x, width, {"edge": "edge", "reflect": "reflect"}[mode])
+        if (
+            mode == "edge"
+        ):  # repeat the border: gather with clipped indices (keras.ops has no edge mode)
+            for axis, (lo, hi) in enumerate(width):
+                size = self.shape(x)[axis]
+                x = ops.take(x, np.clip(np.arange(-lo, size + hi), 0, size - 1), axis=axis)
+            return x
+        return ops.pad(x, width, "reflect")
 
     @_on_host_when_possible
     def reduce(self, name, x, axes, keepdims):
@@ -553,7 +570,11 @@ class KerasBackend:
                 pads[axis] = (lo, hi + (out_ceil - out_floor) * s)
         kernel, strides = tuple(int(k) for k in kernel), tuple(int(s) for s in strides)
         if kind == "max":
-            padded = _pad_channels_first(x, pads, -math.inf)
+            dtype = np.dtype(
+                _dtype(x)
+            )  # the lowest value of an integer pool is its dtype's minimum
+            low = -math.inf if dtype.kind == "f" else int(np.iinfo(dtype).min)
+            padded = _pad_channels_first(x, pads, low)
             return to_channels_first(ops.max_pool(to_channels_last(padded), kernel, strides))
         if kind == "lp":
             powered = _pad_channels_first(ops.power(ops.abs(x), float(p)), pads)
