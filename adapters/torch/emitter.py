@@ -326,4 +326,4 @@ def to_torch_module(source: Any, *, normalized: bool = False) -> fx.GraphModule:
     return TorchEmitter(source, normalized=normalized).build()
 
 
-from . import native_layers  # noqa: E402,F401  (registers the native layer builders)
+from . import direct_calls, native_layers  # noqa: E402,F401  (registers the builders)

@@ -1,0 +1,220 @@
+"""Direct torch calls for common ONNX nodes (registered in emitter.CALLS).
+
+The generic op runs a node's ONNX semantics through the backend on every call; for the
+hot, simple ops of real models (activations, layout, shape plumbing, linear algebra) a
+plain torch call is emitted instead, when dtypes and attributes allow it. Each builder
+returns the fx-callable and its arguments, or None to fall back to the generic op.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from .emitter import CALLS
+from .native_layers import _attributes, _bias_add, _input_rank
+
+_FLOATS = {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+
+
+def _floats(*values: Any) -> bool:
+    """Values of one ONNX type constraint (an op's T) hold a float dtype torch computes
+    natively (no carrier types); values the exporter left untyped share the others' dtype."""
+    dtypes = {v.dtype for v in values if v is not None and v.dtype is not None}
+    return len(dtypes) == 1 and dtypes.pop() in _FLOATS
+
+
+def _register_call(op_types: dict[str, Any]) -> None:
+    for op_type, function in op_types.items():
+
+        def build(emitter: Any, node: Any, args: list, env: Any, function: Any = function) -> Any:
+            if len(args) != len(node.inputs) or not _floats(*node.inputs, *node.outputs):
+                return None
+            return function, args, {}
+
+        CALLS.register(op_type, build)
+
+
+# same dtype in and out and numpy broadcasting in ONNX and torch alike
+_register_call(
+    {
+        "Relu": torch.relu,
+        "Sigmoid": torch.sigmoid,
+        "Tanh": torch.tanh,
+        "Exp": torch.exp,
+        "Log": torch.log,
+        "Sqrt": torch.sqrt,
+        "Abs": torch.abs,
+        "Neg": torch.neg,
+        "Erf": torch.special.erf,
+        "Add": torch.add,
+        "Sub": torch.sub,
+        "Mul": torch.mul,
+        "Div": torch.div,
+    }
+)
+
+
+@CALLS.register("Gelu")
+def gelu_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    if not _floats(node.inputs[0], node.outputs[0]):
+        return None
+    return F.gelu, args, {"approximate": _attributes(emitter, node).get("approximate", "none")}
+
+
+@CALLS.register("Softmax")
+def softmax_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    if emitter.version < 13 or not _floats(node.inputs[0]):  # older opsets flatten to 2-D first
+        return None
+    return torch.softmax, args, {"dim": _attributes(emitter, node).get("axis", -1)}
+
+
+@CALLS.register("Identity")
+def identity_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    return None if args[0] is None or node.inputs[0].type is None else (None, args, {})
+
+
+@CALLS.register("Transpose")
+def transpose_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    perm = _attributes(emitter, node).get("perm")
+    rank = _input_rank(node.inputs[0])
+    if perm is None and rank is None:
+        return None
+    return torch.permute, args, {"dims": list(perm if perm is not None else range(rank)[::-1])}
+
+
+@CALLS.register("Flatten")
+def flatten_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    rank = _input_rank(node.inputs[0])
+    if _attributes(emitter, node).get("axis", 1) != 1 or rank is None or rank < 2:
+        return None
+    return torch.flatten, args, {"start_dim": 1}
+
+
+def onnx_reshape(x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """ONNX Reshape (allowzero=0) to a run-time shape: a 0 keeps the input's dim."""
+    dims = shape.tolist()
+    if 0 in dims:
+        dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+    return torch.reshape(x, dims)
+
+
+def reshape_to(x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """ONNX Reshape with allowzero=1 to a run-time shape: a 0 is an empty dim."""
+    return torch.reshape(x, shape.tolist())
+
+
+@CALLS.register("Reshape")
+def reshape_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    if len(args) != 2 or args[1] is None:
+        return None
+    allowzero = _attributes(emitter, node).get("allowzero", 0)
+    static = emitter.static.get(node.inputs[1])
+    if static is None:
+        return (reshape_to if allowzero else onnx_reshape), args, {}
+    dims = [int(d) for d in np.asarray(static).reshape(-1)]
+    if 0 in dims and not allowzero:
+        return onnx_reshape, args, {}
+    return torch.reshape, args[:1], {"shape": dims}
+
+
+@CALLS.register("Concat")
+def concat_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    if not args or any(a is None for a in args):
+        return None
+    tensors = [emitter.materialize(a) for a in args]
+    return torch.cat, [tensors], {"dim": _attributes(emitter, node)["axis"]}
+
+
+def onnx_shape(x: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(x.shape, dtype=torch.int64, device=x.device)
+
+
+@CALLS.register("Shape")
+def shape_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    attrs = _attributes(emitter, node)
+    if attrs.get("start", 0) != 0 or attrs.get("end") is not None:
+        return None
+    return onnx_shape, args, {}
+
+
+def _static_axes(emitter: Any, node: Any, rank: int | None) -> list[int] | None:
+    """A Squeeze/Unsqueeze's constant axes made non-negative against ``rank``."""
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    static = emitter.static.get(node.inputs[1])
+    if static is None:
+        return None
+    axes = [int(a) for a in np.asarray(static).reshape(-1)]
+    if any(a < 0 for a in axes) and rank is None:
+        return None
+    return sorted(a + rank if a < 0 else a for a in axes)
+
+
+@CALLS.register("Squeeze")
+def squeeze_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    axes = _static_axes(emitter, node, _input_rank(node.inputs[0]))
+    return None if not axes else (torch.squeeze, args[:1], {"dim": tuple(axes)})
+
+
+def onnx_unsqueeze(x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+    for axis in axes:  # ascending, each counted in the output's rank
+        x = torch.unsqueeze(x, axis)
+    return x
+
+
+@CALLS.register("Unsqueeze")
+def unsqueeze_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    rank = _input_rank(node.inputs[0])
+    count = emitter.static.get(node.inputs[1]) if len(node.inputs) > 1 else None
+    if count is None:
+        return None
+    axes = _static_axes(emitter, node, None if rank is None else rank + np.asarray(count).size)
+    return None if not axes else (onnx_unsqueeze, args[:1], {"axes": tuple(axes)})
+
+
+@CALLS.register("Gather")
+def gather_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    index = emitter.static.get(node.inputs[1])
+    if index is None or np.ndim(index) != 0 or args[0] is None:
+        return None  # a scalar constant index drops the axis: a select
+    return (
+        torch.select,
+        args[:1],
+        {"dim": _attributes(emitter, node).get("axis", 0), "index": int(index)},
+    )
+
+
+@CALLS.register("MatMul")
+def matmul_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    if not _floats(*node.inputs):
+        return None
+    transpose = node.inputs[1].producer()
+    source = (
+        transpose.inputs[0] if transpose is not None and transpose.op_type == "Transpose" else None
+    )
+    if (
+        source is None
+        or transpose.domain not in ("", "ai.onnx")
+        or source.const_value is None
+        or emitter.kind_of(source) is None
+        or len(source.const_value.shape) != 2
+        or list(_attributes(emitter, transpose).get("perm") or [1, 0]) != [1, 0]
+    ):
+        return torch.matmul, args, {}
+    # x @ W.T (+ b) is F.linear on the weight itself: no transpose, bias added inside addmm
+    weight = env[source]
+    emitter._maybe_dead.append(emitter.materialize(args[1]))
+    fused = _bias_add(emitter, node, source.const_value.shape[0])
+    if fused is None:
+        return F.linear, [args[0], weight], {}
+    add, bias = fused
+    emitter.absorbed[node] = [add]
+    return F.linear, [args[0], weight, env[bias]], {}
+
+
+# ONNX gate blocks -> torch's order: LSTM iofc -> ifco (torch's i, f, g, o), GRU zrh -> rzn
