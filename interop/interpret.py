@@ -202,6 +202,34 @@ class SubgraphFunction:
         )
 
 
+# ops whose outputs are not functions of their inputs: never folded into constants
+RANDOM_OPS = frozenset(
+    {
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+        "Bernoulli",
+        "Multinomial",
+        "Dropout",
+    }
+)
+
+
+def fold_on_host(
+    graph: Any, version: int, node: ir.Node, inputs: list[Any]
+) -> list[np.ndarray] | None:
+    """Evaluate one node on numpy at emission time (constant folding).
+
+    None when a result is not a plain array (sequences, strings), so the caller emits
+    the node instead.
+    """
+    results = Interpreter(graph, numpy_backend, version=version).op_function(node)(*inputs)
+    if not all(isinstance(r, np.ndarray) and r.dtype != object for r in results):
+        return None
+    return list(results)
+
+
 _PROGRESS_NODES = 300  # below this, emission is too quick for a progress bar
 
 

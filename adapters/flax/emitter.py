@@ -29,23 +29,20 @@ from flax import nnx
 from jax import lax
 
 from interop import provenance
-from interop.backend import numpy_backend
-from interop.interpret import Interpreter, SubgraphFunction, check_supported, node_free_values
+from interop.interpret import (
+    RANDOM_OPS,
+    Interpreter,
+    SubgraphFunction,
+    check_supported,
+    fold_on_host,
+    node_free_values,
+)
 from interop.registry import Registry
 
 from .backend import jax_backend
 
 # op type -> builder(emitter, node) returning a `native_layers.Native` or None
 LAYERS: Registry[Callable[..., Any]] = Registry("emit", adapter="flax layers")
-_RANDOM_OPS = {
-    "RandomNormal",
-    "RandomNormalLike",
-    "RandomUniform",
-    "RandomUniformLike",
-    "Bernoulli",
-    "Multinomial",
-    "Dropout",
-}
 _SLOT, _STATIC, _VARIABLE = 0, 1, 2
 
 
@@ -303,7 +300,7 @@ class FlaxEmitter(Interpreter):
     # ------------------------------------------------------------------ folding
     def fold(self, node: ir.Node, args: list[Any]) -> list[Any] | None:
         """Evaluate a node of constants once, now; None when it depends on run-time values."""
-        if node.op_type in _RANDOM_OPS or node_free_values(node):
+        if node.op_type in RANDOM_OPS or node_free_values(node):
             return None
         if any(
             a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
@@ -323,9 +320,8 @@ class FlaxEmitter(Interpreter):
             inputs[1] = np.zeros(0, node.inputs[1].dtype.numpy())  # only the dtype matters
         if any(a is None and v is not None for a, v in zip(inputs, node.inputs)):
             return None
-        evaluator = Interpreter(self.graph, numpy_backend, version=self.version)
-        results = evaluator.op_function(node)(*inputs)
-        if not all(isinstance(r, np.ndarray) and r.dtype != object for r in results):
+        results = fold_on_host(self.graph, self.version, node, inputs)
+        if results is None:
             return None
         self.statics.update(zip(node.outputs, results))
         return [_Static(r) for r in results]

@@ -28,8 +28,14 @@ import numpy as np
 import onnx_ir as ir
 
 from interop import provenance
-from interop.backend import numpy_backend
-from interop.interpret import EmitError, Interpreter, check_supported, node_free_values
+from interop.interpret import (
+    RANDOM_OPS,
+    EmitError,
+    Interpreter,
+    check_supported,
+    fold_on_host,
+    node_free_values,
+)
 
 from .backend import emulated, keras_backend, keras_dtype
 from .interpreted import graph_model, needs_graph_model
@@ -43,8 +49,6 @@ from .native_layers import (
     op_class,
 )
 
-_RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
-               "Bernoulli", "Multinomial", "Dropout"}  # fmt: skip
 # ops applied elementwise: they commute with a permutation of their (same-layout) inputs
 _ELEMENTWISE = {"Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "HardSigmoid", "HardSwish",
                 "Softplus", "Gelu", "Erf", "Exp", "Neg", "Abs", "Sqrt", "Clip", "Add", "Sub",
@@ -280,7 +284,7 @@ class KerasEmitter(Interpreter):
 
     def fold(self, node: ir.Node) -> list[Any] | None:
         """Evaluate a node of constants once, now; None when it depends on run-time values."""
-        if node.op_type in _RANDOM_OPS or node_free_values(node):
+        if node.op_type in RANDOM_OPS or node_free_values(node):
             return None
         if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
                for a in node.attributes.values()):  # fmt: skip
@@ -297,15 +301,11 @@ class KerasEmitter(Interpreter):
                 inputs[1] = np.zeros(0, node.inputs[1].dtype.numpy())
         if any(a is None and v is not None for a, v in zip(inputs, node.inputs, strict=True)):
             return None
-        evaluator = Interpreter(self.graph, numpy_backend, version=self.version)
-        results = evaluator.op_function(node)(*inputs)
-        handles = []
-        for value, result in zip(node.outputs, results):
-            if not isinstance(result, np.ndarray) or result.dtype == object:
-                return None
-            self.static[value] = result
-            handles.append(Const(value, result, None))
-        return handles
+        results = fold_on_host(self.graph, self.version, node, inputs)
+        if results is None:
+            return None
+        self.static.update(zip(node.outputs, results))
+        return [Const(value, result, None) for value, result in zip(node.outputs, results)]
 
     def elementwise_in_source_layout(self, node: ir.Node, args: list[Any]) -> list[Any] | None:
         """Apply an elementwise op before the permutation its inputs came out of, if they share it."""

@@ -26,8 +26,13 @@ import torch
 from torch import fx, nn
 
 from interop import provenance
-from interop.backend import numpy_backend
-from interop.interpret import Interpreter, check_supported, node_free_values
+from interop.interpret import (
+    RANDOM_OPS,
+    Interpreter,
+    check_supported,
+    fold_on_host,
+    node_free_values,
+)
 from interop.registry import Registry
 
 from .backend import torch_backend
@@ -39,15 +44,6 @@ LAYERS: Registry[Callable[..., Any]] = Registry("emit", adapter="torch layers")
 # Python closure that re-dispatches through the backend on every forward (and creates its
 # scalar constants each time), which dominates small-batch forwards.
 CALLS: Registry[Callable[..., Any]] = Registry("emit", adapter="torch calls")
-_RANDOM_OPS = {
-    "RandomNormal",
-    "RandomNormalLike",
-    "RandomUniform",
-    "RandomUniformLike",
-    "Bernoulli",
-    "Multinomial",
-    "Dropout",
-}
 
 
 def _attribute_path(name: str) -> str:
@@ -224,7 +220,7 @@ class TorchEmitter(Interpreter):
     def fold(self, node: ir.Node) -> list[Any] | None:
         """Evaluate a node of constants once, now; None when it depends on run-time values."""
         if (
-            node.op_type in _RANDOM_OPS
+            node.op_type in RANDOM_OPS
             or node_free_values(node)
             or any(
                 a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
@@ -248,15 +244,11 @@ class TorchEmitter(Interpreter):
             inputs[1] = np.zeros(0, node.inputs[1].dtype.numpy())  # only the target's dtype matters
         if any(a is None and v is not None for a, v in zip(inputs, node.inputs, strict=True)):
             return None
-        evaluator = Interpreter(self.graph, numpy_backend, version=self.version)
-        results = evaluator.op_function(node)(*inputs)
-        handles = []
-        for value, result in zip(node.outputs, results):
-            if not isinstance(result, np.ndarray) or result.dtype == object:
-                return None
-            self.static[value] = result
-            handles.append(_Deferred(self, value, result))
-        return handles
+        results = fold_on_host(self.graph, self.version, node, inputs)
+        if results is None:
+            return None
+        self.static.update(zip(node.outputs, results))
+        return [_Deferred(self, value, result) for value, result in zip(node.outputs, results)]
 
     def call_op(self, node: ir.Node, args: list[Any], captured: list[Any]) -> Sequence[Any]:
         function = self.op_function(node, single=True)
