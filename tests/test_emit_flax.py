@@ -12,6 +12,7 @@ optax = pytest.importorskip("optax")
 nn = torch.nn
 
 import jax.numpy as jnp  # noqa: E402
+from emit_models import Block, ResidualCNN, Tagger  # noqa: E402,F401
 from interop.adapters.flax.backend import StaticValueError  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
@@ -19,40 +20,6 @@ import interop  # noqa: E402
 from interop.emit import to_flax, to_jax  # noqa: E402
 from interop.errors import UnsupportedOpError  # noqa: E402
 from interop.interpret import evaluate  # noqa: E402
-
-
-class Block(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(channels)
-
-    def forward(self, x):
-        return torch.relu(self.bn(self.conv(x)) + x)
-
-
-class ResidualCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.blocks = nn.Sequential(Block(8), Block(8))
-        self.head = nn.Linear(8, 5)
-
-    def forward(self, x):
-        x = self.blocks(torch.relu(self.stem(x)))
-        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-
-class Tagger(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(20, 8)
-        self.rnn = nn.LSTM(8, 12, batch_first=True)
-        self.out = nn.Linear(12, 4)
-
-    def forward(self, tokens):
-        hidden, _ = self.rnn(self.embed(tokens))
-        return self.out(hidden)
 
 
 def _mlp():
