@@ -54,23 +54,7 @@ def test_drawn_on_a_pseudo_terminal():
     script = (
         "from interop.progress import progress\nfor _ in progress(range(3), desc='pty'): pass\n"
     )
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=follower, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )  # fmt: skip
-    os.close(follower)
-    output = b""
-    while True:
-        try:
-            chunk = os.read(leader, 4096)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        output += chunk
-    os.close(leader)
-    assert proc.wait(timeout=60) == 0
+    output = _stderr_on_a_terminal(script)
     assert b"pty: [" in output and b"3/3" in output
 
 
@@ -85,7 +69,7 @@ def _stderr_on_a_terminal(script: str) -> bytes:
     while True:
         try:
             chunk = os.read(leader, 4096)
-        except OSError:
+        except OSError:  # EIO: the child closed the terminal
             break
         if not chunk:
             break
