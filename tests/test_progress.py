@@ -79,7 +79,7 @@ def _stderr_on_a_terminal(script: str) -> bytes:
     return output
 
 
-def test_emitting_a_large_graph_shows_a_bar_on_a_terminal():
+def test_tracing_and_emitting_show_bars_on_a_terminal():
     script = (
         "import torch, interop\n"
         "net = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()) for _ in range(160)])\n"
@@ -88,4 +88,5 @@ def test_emitting_a_large_graph_shows_a_bar_on_a_terminal():
         "interop.to_torch(g)\n"
     )
     output = _stderr_on_a_terminal(script)
+    assert b"trace Sequential: [" in output and b"3/3" in output
     assert b"emit TorchEmitter: [" in output

@@ -28,6 +28,7 @@ import torch
 from interop import provenance
 from interop.errors import InteropError, TraceError, UnsupportedOpError
 from interop.graph import Graph
+from interop.progress import progress
 from interop.structure import flatten_outputs
 
 from . import IMPORTERS
@@ -120,15 +121,23 @@ def trace_module(
     args, kwargs = _widen_unit_dims(bound, dims)
     dynamic_shapes = _dynamic_shapes(bound, signature, dims)
     output_names: list[str] = []
+    # a three-step bar on a terminal (large models take tens of seconds in torch.export)
+    steps = iter(
+        progress(("export", "translate", "provenance"), desc=f"trace {type(module).__name__}")
+    )
+    next(steps)
     with _eval_mode(module), _flat_forward(module, output_names), _quiet(verbose):
         exported = _export(module, args, kwargs, dynamic_shapes)
+        next(steps)
         program = _to_onnx(exported)
+    next(steps)
     model = program.model
     _record_provenance(model, module)
     _rename_dims(model, dims)
     _name_outputs(model, output_names)
     _restore_dropout(model, module)
     model.graph.name = type(module).__name__
+    next(steps, None)
     return Graph(model)
 
 
