@@ -40,6 +40,9 @@ class Adapter(Protocol):
 
     def run_source(self, model: Any, example_inputs: Any) -> list[tuple[str, np.ndarray]]: ...
 
+    # optional: ``input_feeds(model, example_inputs) -> {graph input name: array}`` lets
+    # interop.verify feed nested example inputs (dicts, lists) by the graph's input names
+
 
 ADAPTERS: Registry[Adapter] = Registry("trace")
 _loaded = False

@@ -108,13 +108,21 @@ def verify(
     from .tracing import adapter_for
 
     graph = graph if isinstance(graph, Graph) else load(graph)
-    expected = adapter_for(model).run_source(model, example_inputs)
-    if isinstance(example_inputs, Mapping):
+    adapter = adapter_for(model)
+    expected = adapter.run_source(model, example_inputs)
+    feeds = getattr(adapter, "input_feeds", None)  # adapters that can name nested inputs
+    names = {spec.name for spec in graph.inputs}
+    named = feeds(model, example_inputs) if feeds is not None else {}
+    if named and names <= set(named):
+        actual = graph.run(
+            {k: v for k, v in named.items() if k in names}, device=device, as_dict=True
+        )
+    elif isinstance(example_inputs, Mapping):
         actual = graph.run(dict(example_inputs), device=device, as_dict=True)
     else:
         args = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
-        feeds = [a for a in args if hasattr(a, "shape")]
-        actual = graph.run(*feeds, device=device, as_dict=True)
+        arrays = [a for a in args if hasattr(a, "shape")]
+        actual = graph.run(*arrays, device=device, as_dict=True)
     report = VerifyReport(rtol=rtol, atol=atol, device=device)
     names = list(actual)
     if len(names) != len(expected):

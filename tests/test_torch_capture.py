@@ -298,3 +298,29 @@ def test_model_without_parameters_counts_zero():
     )
     assert graph.count_params() == 0
     assert "Total params: 0 " in graph.summary(print_fn=None)
+
+
+class NestedInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(3, 2)
+        self.b = torch.nn.Linear(4, 2)
+
+    def forward(self, batch, extra=()):
+        out = self.a(batch["x"]) + self.b(batch["y"])
+        for t in extra:
+            out = out + t
+        return [out]
+
+
+def test_nested_inputs_are_flattened_with_a_dynamic_batch():
+    torch.manual_seed(0)
+    module = NestedInputs().eval()
+    inputs = ({"x": torch.randn(2, 3), "y": torch.randn(2, 4)}, [torch.randn(2, 2)])
+    graph = interop.trace(module, inputs)
+    assert [(s.name, s.shape) for s in graph.inputs] == [
+        ("batch_x", ("batch", 3)), ("batch_y", ("batch", 4)), ("extra_0", ("batch", 2)),
+    ]  # fmt: skip
+    assert interop.verify(module, graph, inputs).ok
+    wider = ({"x": torch.randn(5, 3), "y": torch.randn(5, 4)}, [torch.randn(5, 2)])
+    assert interop.verify(module, graph, wider).ok

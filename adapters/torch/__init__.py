@@ -51,6 +51,11 @@ class TorchAdapter:
 
         return trace_module(model, example_inputs, **options)
 
+    def input_feeds(self, model: Any, example_inputs: Any) -> dict[str, Any]:
+        from .importer import input_feeds
+
+        return input_feeds(model, example_inputs)
+
     def run_source(self, model: Any, example_inputs: Any) -> list[tuple[str, Any]]:
         from .importer import run_module
 

@@ -118,7 +118,7 @@ def trace_module(
             "one value per forward() argument, as a tuple or a dict of named values",
         ) from None
     dims = _dynamic_axes(bound, signature, dynamic_batch, dynamic_dims or {})
-    args, kwargs = _widen_unit_dims(bound, dims)
+    args, kwargs = _widen_unit_dims(bound, signature, dims)
     dynamic_shapes = _dynamic_shapes(bound, signature, dims)
     output_names: list[str] = []
     # a three-step bar on a terminal (large models take tens of seconds in torch.export)
@@ -141,10 +141,10 @@ def trace_module(
     return Graph(model)
 
 
-def _tensor_leaves(
+def _roots(
     bound: inspect.BoundArguments, signature: inspect.Signature
 ) -> Iterator[tuple[str, Any]]:
-    """(input name, value) in the order torch.onnx names graph inputs."""
+    """(name, value) per argument, with ``*args`` and ``**kwargs`` spelled out."""
     for name, value in bound.arguments.items():
         kind = signature.parameters[name].kind
         if kind is inspect.Parameter.VAR_POSITIONAL:
@@ -153,6 +153,61 @@ def _tensor_leaves(
             yield from value.items()
         else:
             yield name, value
+
+
+def _leaves(name: str, value: Any) -> Iterator[tuple[str, Any]]:
+    """Leaves of a nested argument, named as torch.onnx names graph inputs (``batch_x``)."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _leaves(f"{name}_{key}", item)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _leaves(f"{name}_{index}", item)
+    else:
+        yield name, value
+
+
+def _map_leaves(name: str, value: Any, fn: Any) -> Any:
+    """The same structure with every leaf replaced by ``fn(leaf name, leaf)``."""
+    if isinstance(value, Mapping):
+        return {key: _map_leaves(f"{name}_{key}", item, fn) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_map_leaves(f"{name}_{i}", item, fn) for i, item in enumerate(value))
+    return fn(name, value)
+
+
+def _tensor_leaves(
+    bound: inspect.BoundArguments, signature: inspect.Signature
+) -> Iterator[tuple[str, Any]]:
+    """(input name, value) for every leaf, in the order torch.onnx names graph inputs."""
+    for root, value in _roots(bound, signature):
+        yield from _leaves(root, value)
+
+
+def _map_arguments(
+    bound: inspect.BoundArguments, signature: inspect.Signature, fn: Any
+) -> dict[str, Any]:
+    """Per argument, its structure with ``fn`` applied to the leaves (names as in _roots)."""
+    mapped: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            mapped[name] = tuple(_map_leaves(f"{name}_{i}", v, fn) for i, v in enumerate(value))
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            mapped[name] = {k: _map_leaves(k, v, fn) for k, v in value.items()}
+        else:
+            mapped[name] = _map_leaves(name, value, fn)
+    return mapped
+
+
+def input_feeds(module: torch.nn.Module, example_inputs: Any) -> dict[str, np.ndarray]:
+    """The example inputs as the graph's named inputs (nested arguments flattened)."""
+    args, kwargs = normalize_inputs(example_inputs)
+    signature = inspect.signature(module.forward)
+    bound = signature.bind(*args, **kwargs)
+    return {
+        n: v.detach().cpu().numpy() for n, v in _tensor_leaves(bound, signature) if _is_tensor(v)
+    }
 
 
 def _dynamic_axes(bound, signature, dynamic_batch, dynamic_dims) -> dict[str, dict[int, str]]:
@@ -176,7 +231,7 @@ def _dynamic_axes(bound, signature, dynamic_batch, dynamic_dims) -> dict[str, di
     return axes
 
 
-def _widen_unit_dims(bound, dims) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _widen_unit_dims(bound, signature, dims) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """torch.export specialises dims of size 1; trace such examples with size 2 instead."""
 
     def widen(name: str, value: Any) -> Any:
@@ -185,14 +240,7 @@ def _widen_unit_dims(bound, dims) -> tuple[tuple[Any, ...], dict[str, Any]]:
                 value = torch.cat([value, value], dim=axis)
         return value
 
-    for name in list(bound.arguments):
-        value = bound.arguments[name]
-        if isinstance(value, dict):
-            bound.arguments[name] = {k: widen(k, v) for k, v in value.items()}
-        elif isinstance(value, tuple) and name not in dims:
-            bound.arguments[name] = tuple(widen(f"{name}_{i}", v) for i, v in enumerate(value))
-        else:
-            bound.arguments[name] = widen(name, value)
+    bound.arguments.update(_map_arguments(bound, signature, widen))
     return bound.args, bound.kwargs
 
 
@@ -207,16 +255,7 @@ def _dynamic_shapes(bound, signature, dims) -> dict[str, Any] | None:
         # (one batch symbol across inputs); we rename the symbols after export.
         return {axis: torch.export.Dim.DYNAMIC for axis in dims[name]}
 
-    shapes: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        kind = signature.parameters[name].kind
-        if kind is inspect.Parameter.VAR_POSITIONAL:
-            shapes[name] = tuple(spec(f"{name}_{i}", v) for i, v in enumerate(value))
-        elif kind is inspect.Parameter.VAR_KEYWORD:
-            shapes[name] = {k: spec(k, v) for k, v in value.items()}
-        else:
-            shapes[name] = spec(name, value)
-    return shapes
+    return _map_arguments(bound, signature, spec)
 
 
 @contextlib.contextmanager
