@@ -111,11 +111,11 @@ def verify(
     adapter = adapter_for(model)
     expected = adapter.run_source(model, example_inputs)
     feeds = getattr(adapter, "input_feeds", None)  # adapters that can name nested inputs
-    names = {spec.name for spec in graph.inputs}
+    wanted = {spec.name for spec in graph.inputs}
     named = feeds(model, example_inputs) if feeds is not None else {}
-    if named and names <= set(named):
+    if named and wanted <= set(named):
         actual = graph.run(
-            {k: v for k, v in named.items() if k in names}, device=device, as_dict=True
+            {k: v for k, v in named.items() if k in wanted}, device=device, as_dict=True
         )
     elif isinstance(example_inputs, Mapping):
         actual = graph.run(dict(example_inputs), device=device, as_dict=True)
