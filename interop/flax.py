@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from flax import nnx
 
 from .emit import as_graph, to_flax
-from .errors import ShapeError
 from .graph import Graph, TensorSpec
+from .guests import check_guest_inputs
 
 __all__ = ["Module"]
 
@@ -38,30 +37,5 @@ class Module(nnx.Module):
         return self._graph
 
     def __call__(self, *inputs: Any) -> Any:
-        check_arrays(self.guest_name, self.input_specs, inputs)
+        check_guest_inputs(self.guest_name, self.input_specs, inputs)
         return self.net(*inputs)
-
-
-def check_arrays(name: str, specs: tuple[TensorSpec, ...], inputs: tuple[Any, ...]) -> None:
-    """Raise ShapeError when `inputs` do not fit the guest's signature (checked at trace time)."""
-    if len(inputs) != len(specs):
-        raise ShapeError(
-            f"Guest '{name}' got {len(inputs)} inputs",
-            f"{len(specs)}: " + ", ".join(map(str, specs)),
-        )
-    for spec, array in zip(specs, inputs):
-        shape = tuple(array.shape)
-        if spec.shape is not None and (
-            len(shape) != len(spec.shape)
-            or any(isinstance(w, int) and w != g for w, g in zip(spec.shape, shape))
-        ):
-            raise ShapeError(
-                f"Input '{spec.name}' of guest '{name}' got shape {shape}",
-                f"shape {spec.shape} (names are dims that may vary)",
-                "reshape or transpose the input (the guest keeps its own layout, e.g. NCHW for torch)",
-            )
-        if spec.dtype is not None and np.dtype(array.dtype).kind != spec.dtype.kind:
-            raise ShapeError(
-                f"Input '{spec.name}' of guest '{name}' has dtype {array.dtype}",
-                f"dtype {spec.dtype}",
-            )

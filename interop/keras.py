@@ -27,6 +27,7 @@ import numpy as np
 from .emit import as_graph, to_keras
 from .errors import ShapeError
 from .graph import Graph
+from .guests import check_guest_inputs
 from .serialization import load
 
 __all__ = ["Layer"]
@@ -70,7 +71,7 @@ class Layer(keras.layers.Layer):
             if len(inputs) == 1 and isinstance(inputs[0], (list, tuple))
             else list(inputs)
         )
-        sizes = check_symbolic_inputs(self.graph, flat)
+        sizes = check_guest_inputs(self.graph.name, self.graph.inputs, flat)
         outputs = [
             keras.KerasTensor(_resolve(spec.shape, sizes), dtype=str(spec.dtype))
             for spec in self.graph.outputs
@@ -84,41 +85,6 @@ class Layer(keras.layers.Layer):
             {v.path: keras.ops.convert_to_numpy(v) for v in self.net.weights}
         )
         return config
-
-
-def check_symbolic_inputs(graph: Graph, inputs: list[Any]) -> dict[str, int | None]:
-    """Check inputs (shape, dtype) against the graph's signature; return symbolic dim sizes."""
-    specs = graph.inputs
-    if len(inputs) != len(specs):
-        raise ShapeError(
-            f"Guest '{graph.name}' was called with {len(inputs)} inputs",
-            f"{len(specs)}: " + ", ".join(str(s) for s in specs),
-        )
-    sizes: dict[str, int | None] = {}
-    for spec, tensor in zip(specs, inputs):
-        shape = tuple(tensor.shape)
-        if spec.shape is not None:
-            wrong = len(shape) != len(spec.shape) or any(
-                isinstance(w, int) and g is not None and w != g for w, g in zip(spec.shape, shape)
-            )
-            if wrong:
-                raise ShapeError(
-                    f"Input '{spec.name}' of guest '{graph.name}' got shape {shape}",
-                    f"shape {spec.shape} (names are dims that may vary)",
-                    "reshape or permute the input before the layer (the guest keeps its own layout, "
-                    "e.g. NCHW for a PyTorch CNN)",
-                )
-            for want, got in zip(spec.shape, shape):
-                if isinstance(want, str):
-                    sizes[want] = got if sizes.get(want, got) == got else None
-        dtype = np.dtype(str(tensor.dtype)) if getattr(tensor, "dtype", None) is not None else None
-        if spec.dtype is not None and dtype is not None and dtype.kind != spec.dtype.kind:
-            raise ShapeError(
-                f"Input '{spec.name}' of guest '{graph.name}' has dtype {dtype}",
-                f"dtype {spec.dtype}",
-                "cast the input first (keras.ops.cast)",
-            )
-    return sizes
 
 
 def _resolve(shape: tuple[Any, ...] | None, sizes: dict[str, int | None]) -> tuple[int | None, ...]:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from .emit import as_graph, to_torch
-from .errors import ShapeError
 from .graph import Graph
+from .guests import check_guest_inputs
 
 __all__ = ["Module"]
 
@@ -41,37 +40,9 @@ class Module(torch.nn.Module):
 
     def forward(self, *args: Any) -> Any:
         if self.check_inputs:
-            check_tensors(self.graph, args)
+            check_guest_inputs(self.graph.name, self.graph.inputs, args)
         return self.net(*args)
 
     def extra_repr(self) -> str:
         inputs = ", ".join(str(spec) for spec in self.graph.inputs)
         return f"guest={self.graph.name!r} from {self.graph.source.get('framework', 'onnx')}, inputs: {inputs}"
-
-
-def check_tensors(graph: Graph, args: tuple[Any, ...]) -> None:
-    """Raise ShapeError when `args` do not fit the graph's inputs."""
-    specs = graph.inputs
-    if len(args) != len(specs):
-        raise ShapeError(
-            f"Guest '{graph.name}' got {len(args)} inputs",
-            f"{len(specs)}: " + ", ".join(str(s) for s in specs),
-        )
-    for spec, tensor in zip(specs, args):
-        shape = tuple(tensor.shape)
-        if spec.shape is not None and (
-            len(shape) != len(spec.shape)
-            or any(isinstance(w, int) and w != g for w, g in zip(spec.shape, shape))
-        ):
-            raise ShapeError(
-                f"Input '{spec.name}' of guest '{graph.name}' got shape {shape}",
-                f"shape {spec.shape} (names are dims that may vary)",
-                "reshape the input, or trace the guest with dynamic_dims for that axis",
-            )
-        if spec.dtype is not None:
-            dtype = np.dtype(str(tensor.dtype).replace("torch.", ""))
-            if dtype.kind != spec.dtype.kind:
-                raise ShapeError(
-                    f"Input '{spec.name}' of guest '{graph.name}' has dtype {tensor.dtype}",
-                    f"dtype {spec.dtype}",
-                )
