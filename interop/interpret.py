@@ -258,6 +258,24 @@ class Interpreter:
             self.graph = self.model.graph
             self.version = version or opset_of(self.model)
         self.backend = backend
+        model = self.model
+        self.kinds = provenance.read_parameters(model) if model is not None else {}
+        # a file from another tool has no parameter table (an empty table is a model without weights)
+        self.foreign = model is None or provenance.PARAMETERS not in model.metadata_props
+
+    def kind_of(self, value: ir.Value) -> str | None:
+        """ "trainable" / "frozen" / "buffer" for source weights; None for constants."""
+        if value.name in self.kinds:
+            return self.kinds[value.name]
+        const = value.const_value
+        if (
+            self.foreign
+            and const is not None
+            and const.dtype.is_floating_point()
+            and const.size > 1
+        ):
+            return provenance.TRAINABLE  # a plain ONNX file: float weight tensors train
+        return None
 
     # ------------------------------------------------------------------ the loop
     def run(self, *args: Any, **named: Any) -> list[Any]:

@@ -163,7 +163,6 @@ class FlaxEmitter(Interpreter):
 
     def __init__(self, source: Any, *, rngs: nnx.Rngs | None = None, normalized: bool = False):
         super().__init__(source, jax_backend, normalized=normalized)
-        self.kinds = provenance.read_parameters(self.model) if self.model is not None else {}
         self.rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.program = Program()
         self.module = FlaxModule(
@@ -229,20 +228,6 @@ class FlaxEmitter(Interpreter):
         if handle.path is None:  # a weight read by a generic op: an nnx variable now
             handle.path = self.variable(handle.value)
         return (_VARIABLE, handle.path)
-
-    def kind_of(self, value: ir.Value) -> str | None:
-        """ "trainable" / "frozen" / "buffer" for source weights; None for constants."""
-        if value.name in self.kinds:
-            return self.kinds[value.name]
-        const = value.const_value
-        if (
-            not self.kinds
-            and const is not None
-            and const.dtype.is_floating_point()
-            and const.size > 1
-        ):
-            return provenance.TRAINABLE  # a plain ONNX file: float weight tensors train
-        return None
 
     def weight(self, value: ir.Value | None) -> np.ndarray | None:
         """The initializer behind an input, if it may become a native layer's variable."""

@@ -69,7 +69,6 @@ class KerasEmitter(Interpreter):
 
     def __init__(self, source: Any, *, normalized: bool = False):
         super().__init__(source, keras_backend, normalized=normalized)
-        self.kinds = provenance.read_parameters(self.model) if self.model is not None else {}
         self.static: dict[ir.Value, np.ndarray] = {}
         self.variables: dict[ir.Value, keras.Variable] = {}
         self.source_names: dict[str, str] = {}  # keras variable path -> source initializer
@@ -148,14 +147,7 @@ class KerasEmitter(Interpreter):
             return self.kinds[value.name]
         if value.dtype is not None and emulated(value.dtype.numpy()):
             return None  # no Keras variable of a dtype Keras lacks: a host constant
-        if (
-            not self.kinds
-            and value.const_value is not None
-            and value.const_value.dtype.is_floating_point()
-            and value.const_value.size > 1
-        ):
-            return provenance.TRAINABLE  # a plain ONNX file: float weight tensors train
-        return None
+        return super().kind_of(value)
 
     def weight(self, value: ir.Value | None) -> np.ndarray | None:
         """The initializer behind an input, if it may become a native layer's variable.

@@ -59,8 +59,6 @@ class TorchEmitter(Interpreter):
 
     def __init__(self, source: Any, *, normalized: bool = False):
         super().__init__(source, torch_backend, normalized=normalized)
-        model = self.model
-        self.kinds = provenance.read_parameters(model) if model is not None else {}
         self.root = nn.Module()
         self.fx_graph = fx.Graph()
         self.source_names: dict[str, str] = {}  # torch name -> source initializer name
@@ -101,19 +99,6 @@ class TorchEmitter(Interpreter):
         return [self.materialize(r) for r in results]
 
     # ------------------------------------------------------------------ weights
-    def kind_of(self, value: ir.Value) -> str | None:
-        """ "trainable" / "frozen" / "buffer" for source weights; None for constants."""
-        if value.name in self.kinds:
-            return self.kinds[value.name]
-        if (
-            not self.kinds
-            and value.const_value is not None
-            and value.const_value.dtype.is_floating_point()
-            and value.const_value.size > 1
-        ):
-            return provenance.TRAINABLE  # a plain ONNX file: float weight tensors train
-        return None
-
     def weight(self, value: ir.Value | None) -> torch.Tensor | None:
         """The initializer behind an input, if it may become a native layer's parameter."""
         if value is None or value.const_value is None or value.name not in self.graph.initializers:
