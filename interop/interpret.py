@@ -38,6 +38,7 @@ from . import provenance
 from .backend import numpy_backend
 from .errors import InteropError, UnsupportedOpError
 from .ops import SEMANTICS, semantics_key
+from .packing import pack_recurrent_weights
 
 TARGET_OPSET = onnx.defs.onnx_opset_version()
 # before opset 13 several ops changed meaning (Softmax axis coercion, attribute-to-input moves)
@@ -255,8 +256,10 @@ class Interpreter:
             self.version = version or opset_of(source)
         else:
             self.model = as_model(source) if normalized else normalize(as_model(source))
-            self.graph = self.model.graph
             self.version = version or opset_of(self.model)
+            # computed LSTM/GRU weights become initializers, so hosts can build their own layers
+            self.model = pack_recurrent_weights(self.model, self.version)
+            self.graph = self.model.graph
         self.backend = backend
         model = self.model
         self.kinds = provenance.read_parameters(model) if model is not None else {}
