@@ -67,7 +67,7 @@ _EXPRESSION_OPS = frozenset(
 _SHAPE_READERS = ("Shape", "Size")
 
 
-def _candidates(graph: ir.Graph) -> list[tuple[ir.Node, int]]:
+def _candidates(graph: ir.Graph) -> list[tuple[ir.Node, int, ir.Value]]:
     found = []
     for node in graph:
         if node.domain not in ("", "ai.onnx") or node.op_type not in RECURRENT_WEIGHTS:
@@ -75,7 +75,7 @@ def _candidates(graph: ir.Graph) -> list[tuple[ir.Node, int]]:
         for index in RECURRENT_WEIGHTS[node.op_type]:
             value = node.inputs[index] if index < len(node.inputs) else None
             if value is not None and value.producer() is not None:
-                found.append((node, index))
+                found.append((node, index, value))
     return found
 
 
@@ -97,7 +97,8 @@ class _Expression:
             static = value.const_value is not None
         elif node.op_type in _SHAPE_READERS and node.domain in ("", "ai.onnx"):
             # a shape is static where it is recorded; unknown dims get a probe value
-            static = node.inputs[0].shape is not None or self.is_static(node.inputs[0])
+            source = node.inputs[0]
+            static = source is not None and (source.shape is not None or self.is_static(source))
         else:
             static = (
                 node.domain in ("", "ai.onnx")
@@ -125,7 +126,12 @@ class _Expression:
             if node in seen:
                 return
             seen.add(node)
-            if node.op_type not in _SHAPE_READERS or _recorded_shape(node.inputs[0]) is None:
+            first = node.inputs[0] if node.inputs else None
+            if (
+                node.op_type not in _SHAPE_READERS
+                or first is None
+                or _recorded_shape(first) is None
+            ):
                 for u in node.inputs:
                     if u is not None:
                         visit(u)
@@ -196,7 +202,7 @@ def _common_prefix(names: list[str]) -> str:
 
 
 def _kind(kinds: dict[str, str], parameters: list[ir.Value]) -> str:
-    found = {kinds[p.name] for p in parameters}
+    found = {kinds[str(p.name)] for p in parameters}
     for kind in (provenance.TRAINABLE, provenance.FROZEN):
         if kind in found:
             return kind
@@ -212,22 +218,21 @@ def pack_recurrent_weights(model: ir.Model, version: int) -> ir.Model:
     graph = model.graph
     expression = _Expression(graph, kinds)
     plans = []
-    for node, index in _candidates(graph):
-        value = node.inputs[index]
+    for node, index, value in _candidates(graph):
         if not expression.is_static(value):
             continue
         nodes, parameters = expression.cone(value)
         if not parameters:
             continue  # a constant of the graph, not a weight: it folds anyway
-        plans.append((node, index, nodes, parameters))
+        plans.append((node, index, value, nodes, parameters))
     if not plans:
         return model
     # a parameter read outside the recurrent weights (tied to another op) is left alone
-    inside: set[ir.Node] = {n for _, _, nodes, _ in plans for n in nodes}
+    inside: set[ir.Node] = {n for *_, nodes, _ in plans for n in nodes}
     recurrent = {node for node, *_ in plans}
     changed = False
     used_names = set(graph.initializers) | {v.name for n in graph for v in n.outputs}
-    for node, index, nodes, parameters in plans:
+    for node, index, value, nodes, parameters in plans:
         readers = [
             use.node
             for p in parameters
@@ -243,10 +248,10 @@ def pack_recurrent_weights(model: ir.Model, version: int) -> ir.Model:
         ]
         if any(r not in inside for r in readers) or escapes:
             continue
-        array = _evaluate(graph, version, nodes, node.inputs[index])
+        array = _evaluate(graph, version, nodes, value)
         if array is None:
             continue
-        names = [p.name for p in parameters]
+        names = [str(p.name) for p in parameters]
         prefix = _common_prefix(names) or node.name or node.op_type.lower()
         leaf = {1: "W", 2: "R", 3: "B", 7: "P"}[index]
         suffix = "".join(sorted({_layer_tag(n) for n in names}))
