@@ -291,3 +291,75 @@ def test_traced_recurrent_modules_match_source(net):
     flat = [expected[0], *(expected[1] if isinstance(expected[1], tuple) else [expected[1]])]
     for a, e in zip(actual, flat, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+class _Recurrent(nn.Module):
+    """Stacked LSTM and bidirectional GRU: torch.onnx exports each layer as an ONNX node."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(30, 8)
+        self.lstm = nn.LSTM(8, 16, num_layers=2, batch_first=True)
+        self.gru = nn.GRU(16, 12, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, tokens):
+        hidden, _ = self.lstm(self.embed(tokens))
+        hidden, _ = self.gru(hidden)
+        return self.head(hidden.mean(1))
+
+
+def test_traced_recurrent_modules_become_native_layers_with_source_names():
+    torch.manual_seed(0)
+    source = _Recurrent().eval()
+    tokens = torch.randint(0, 30, (2, 7))
+    graph = interop.trace(source, (tokens,))
+    nodes_before = len(list(graph.model.graph))
+    module = to_torch(graph)
+    assert len(list(graph.model.graph)) == nodes_before  # the caller's graph is not rewritten
+    # one module per source module: the two exported LSTM nodes share one nn.LSTM(num_layers=2)
+    assert isinstance(module.lstm, nn.LSTM) and module.lstm.num_layers == 2
+    assert isinstance(module.gru, nn.GRU) and module.gru.bidirectional
+    assert [n for n, _ in module.named_parameters()] == [n for n, _ in source.named_parameters()]
+    assert module.source_names["lstm.weight_hh_l1"] == "lstm.weight_hh_l1"
+    # weight orientation and gate order are the source's: its state dict loads as it is
+    other = _Recurrent().eval()
+    loaded = module.load_state_dict(other.state_dict(), strict=False)
+    assert loaded.unexpected_keys == []  # (missing: the graph's own constants, kept as buffers)
+    assert not set(loaded.missing_keys) & set(dict(module.named_parameters()))
+    for batch, steps in ((2, 7), (3, 4)):
+        x = torch.randint(0, 30, (batch, steps))
+        torch.testing.assert_close(module(x), other(x), rtol=1e-4, atol=1e-5)
+    # trains: one SGD step moves every recurrent weight and lowers the loss
+    module.train()
+    target = torch.randn(2, 3)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    losses = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = ((module(tokens) - target) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[1] < losses[0]
+    for name in ("lstm.weight_ih_l1", "gru.weight_hh_l0_reverse", "gru.bias_ih_l0"):
+        assert not torch.equal(before[name], dict(module.named_parameters())[name])
+
+
+def test_recurrent_weights_tied_elsewhere_stay_generic():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(4, 4, batch_first=True)
+
+        def forward(self, x):
+            y, _ = self.lstm(x)
+            return y @ self.lstm.weight_hh_l0[:4]  # the weight also feeds a MatMul
+
+    torch.manual_seed(1)
+    source = Tied().eval()
+    x = torch.randn(2, 5, 4)
+    module = to_torch(interop.trace(source, (x,)))
+    assert not any(isinstance(m, nn.LSTM) for m in module.modules())
+    torch.testing.assert_close(module(x), source(x), rtol=1e-4, atol=1e-5)

@@ -15,6 +15,7 @@ dict_keys(['conv.weight', 'conv.bias', 'bn.weight', 'bn.bias', 'fc.weight', 'fc.
 
 from __future__ import annotations
 
+import json
 import operator
 import re
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from interop.interpret import (
     fold_on_host,
     node_free_values,
 )
+from interop.packing import PACKED_FROM
 from interop.registry import Registry
 
 from .backend import torch_backend
@@ -70,6 +72,8 @@ class TorchEmitter(Interpreter):
         self.absorbed: dict[ir.Node, list[ir.Node]] = {}  # MatMul node -> Add nodes it absorbs
         self._maybe_dead: list[fx.Node] = []  # nodes only a fusion may have left unused
         self._counter = 0
+        self._placed: dict[int, str] = {}  # id(native layer) -> its path
+        self.recurrent_stacks: dict[str, nn.Module] = {}  # source path -> multi-layer module
 
     # ------------------------------------------------------------------ building
     def build(self) -> fx.GraphModule:
@@ -109,8 +113,15 @@ class TorchEmitter(Interpreter):
             return None
         return torch.from_numpy(np.array(value.const_value.numpy()))
 
-    def register_layer(self, node: ir.Node, layer: nn.Module, sources: dict[str, ir.Value]) -> str:
+    def register_layer(
+        self,
+        node: ir.Node,
+        layer: nn.Module,
+        sources: dict[str, ir.Value],
+        preferred: str | None = None,
+    ) -> str:
         """Place a native layer named after its weights' source (``blocks.0.conv``)."""
+        placed = self._placed.get(id(layer))
         prefixes = {
             name.rsplit(".", 1)[0] if "." in name else ""
             for name in (v.name for v in sources.values())
@@ -119,18 +130,24 @@ class TorchEmitter(Interpreter):
             v.name.rsplit(".", 1)[-1] == attr for attr, v in sources.items()
         )
         path = _attribute_path(prefixes.pop()) if matches and "" not in prefixes else ""
-        if not path or path in self._attribute_names:
+        if placed is not None:
+            path = placed  # one module serving several nodes (the layers of an nn.LSTM)
+        elif preferred and _attribute_path(preferred) not in self._attribute_names:
+            path = _attribute_path(preferred)
+        elif not path or path in self._attribute_names:
             scope = provenance.node_scope(node) or node.op_type.lower()
             path = self._unique(_attribute_path(scope).replace(".", "_"))
         self._attribute_names.add(path)
         for attr, value in sources.items():
             self._owned.add(value)
-            self.source_names[f"{path}.{attr}"] = value.name
+            self.source_names[f"{path}.{attr}"] = _source_name(value, attr)
             tensor = getattr(layer, attr)
             kind = self.kind_of(value)
             if isinstance(tensor, nn.Parameter):
                 tensor.requires_grad_(kind != provenance.FROZEN)
-        _set_path(self.root, path, layer)
+        if placed is None:
+            _set_path(self.root, path, layer)
+            self._placed[id(layer)] = path
         return path
 
     def materialize(self, handle: Any) -> Any:
@@ -171,10 +188,12 @@ class TorchEmitter(Interpreter):
         if layer_builder is not None:
             built = layer_builder(self, node)
             if built is not None:
-                layer, sources, data_inputs = built
-                path = self.register_layer(node, layer, sources)
+                layer, sources, data_inputs, *more = built
+                # optional: a preferred path and call kwargs (a layer of a multi-layer module)
+                options = more[0] if more else {}
+                path = self.register_layer(node, layer, sources, options.get("path"))
                 fx_args = tuple(self.materialize(args[i]) for i in data_inputs)
-                call = self.fx_graph.call_module(path, fx_args)
+                call = self.fx_graph.call_module(path, fx_args, options.get("kwargs"))
                 for add in self.absorbed.pop(node, []):
                     self.fused[add] = call
                 if getattr(layer, "returns_node_outputs", False):  # a tuple of the node's outputs
@@ -264,6 +283,16 @@ class _Deferred:
             kind = self.emitter.kind_of(self.value) if self.array is None else None
             self._node = self.emitter.attribute(self.value, array, kind)
         return self._node
+
+
+def _source_name(value: ir.Value, attribute: str) -> str:
+    """The source parameter behind a layer attribute (a packed weight names its sources)."""
+    packed = value.metadata_props.get(PACKED_FROM)
+    if packed:
+        exact = [n for n in json.loads(packed) if n.rsplit(".", 1)[-1] == attribute]
+        if len(exact) == 1:
+            return exact[0]
+    return str(value.name)
 
 
 def _set_path(root: nn.Module, path: str, obj: Any, persistent: bool = True) -> None:

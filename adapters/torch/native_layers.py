@@ -9,13 +9,16 @@ Weight orientation (Gemm's transB, MatMul's [in, out]) and ONNX->torch conventio
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import _VF, nn
 
 from interop.interpret import schema_defaults
+from interop.packing import PACKED_FROM
 
 from .emitter import LAYERS
 
@@ -303,11 +306,14 @@ class _NodeOutputs:
     onnx_layout = 0
     onnx_outputs = 2
 
-    def forward(self, x, initial_h=None, initial_c=None):
+    def forward(self, x, initial_h=None, initial_c=None, layer=None):
         if self.onnx_layout:
             x = x.transpose(0, 1)
             initial_h = None if initial_h is None else initial_h.transpose(0, 1)
             initial_c = None if initial_c is None else initial_c.transpose(0, 1)
+        directions = 2 if self.bidirectional else 1
+        if layer is not None and initial_h is None:  # _VF needs explicit states
+            initial_h = x.new_zeros(directions, x.shape[1], self.hidden_size)
         if isinstance(self, nn.LSTM) and (initial_h is not None or initial_c is not None):
             zeros = torch.zeros_like(initial_h if initial_c is None else initial_c)
             state = (
@@ -316,14 +322,29 @@ class _NodeOutputs:
             )
         else:
             state = initial_h
-        y, states = super().forward(x, state)  # type: ignore[misc]
+        if layer is None:
+            y, states = super().forward(x, state)  # type: ignore[misc]
+        else:
+            y, states = self._run_layer(x, state, layer)
         states = states if isinstance(states, tuple) else (states,)
-        directions = 2 if self.bidirectional else 1
         y = y.reshape(y.shape[0], y.shape[1], directions, self.hidden_size)
         y = y.permute(1, 0, 2, 3) if self.onnx_layout else y.permute(0, 2, 1, 3)
         if self.onnx_layout:
             states = tuple(s.transpose(0, 1) for s in states)
         return (y, *states)[: self.onnx_outputs]
+
+    def _run_layer(self, x, state, layer):
+        """One layer of a stack: an ONNX node holds one layer of the source's nn.LSTM."""
+        per_layer = (4 if self.bias else 2) * (2 if self.bidirectional else 1)
+        weights = self._flat_weights[layer * per_layer : (layer + 1) * per_layer]
+        args = (weights, self.bias, 1, 0.0, self.training, self.bidirectional, False)
+        if isinstance(self, nn.LSTM):
+            y, h, c = _VF.lstm(x, state, *args)
+            return y, (h, c)
+        if isinstance(self, nn.GRU):
+            return _VF.gru(x, state, *args)
+        run = _VF.rnn_tanh if self.nonlinearity == "tanh" else _VF.rnn_relu
+        return run(x, state, *args)
 
 
 class OnnxLSTM(_NodeOutputs, nn.LSTM):
@@ -384,17 +405,24 @@ def recurrent_layer(emitter: Any, node: Any) -> Any:
     directions, gate_rows, input_size = w.shape
     hidden = r.shape[-1]
     extra = {"nonlinearity": nonlinearity} if op_type == "RNN" else {}
-    layer = _ONNX_RECURRENT[op_type](  # its subclass hides the device arg skip_init needs
-        input_size,
-        hidden,
-        bias=bias is not None,
-        bidirectional=direction == "bidirectional",
-        **extra,
-    )
+    options = {"bias": bias is not None, "bidirectional": direction == "bidirectional", **extra}
+    stack = _source_stack(emitter, node)
+    index, path, kwargs = 0, None, {}
+    if stack is not None:  # one layer of a multi-layer source module: one module for all
+        path, index, layers = stack
+        layer = emitter.recurrent_stacks.get(path)
+        if layer is None:
+            layer = _ONNX_RECURRENT[op_type](input_size, hidden, num_layers=layers, **options)
+            emitter.recurrent_stacks[path] = layer
+        elif layer.hidden_size != hidden or layer.bidirectional != options["bidirectional"]:
+            return None  # not one module after all
+        kwargs = {"layer": index} if layers > 1 else {}
+    else:  # its subclass hides the device arg skip_init needs
+        layer = _ONNX_RECURRENT[op_type](input_size, hidden, **options)
     layer.onnx_layout = attrs.get("layout", 0)
     layer.onnx_outputs = len(node.outputs)
     sources = {}
-    for d, suffix in enumerate(["_l0", "_l0_reverse"][:directions]):
+    for d, suffix in enumerate([f"_l{index}", f"_l{index}_reverse"][:directions]):
         tensors = {"weight_ih": w[d], "weight_hh": r[d]}
         if bias is not None:
             tensors |= {"bias_ih": bias[d, :gate_rows], "bias_hh": bias[d, gate_rows:]}
@@ -402,7 +430,48 @@ def recurrent_layer(emitter: Any, node: Any) -> Any:
             _assign(layer, **{name + suffix: _gates(tensor, op_type)})
             sources[name + suffix] = node.inputs[{"weight_ih": 1, "weight_hh": 2}.get(name, 3)]
     data_inputs = [i for i in (0, 5, 6)[: 3 if op_type == "LSTM" else 2] if i < len(node.inputs)]
-    return layer, sources, data_inputs
+    return layer, sources, data_inputs, {"path": path, "kwargs": kwargs}
+
+
+# torch's names for one layer's weights: lstm.weight_ih_l1, lstm.bias_hh_l0_reverse
+_TORCH_WEIGHT = re.compile(
+    r"^(?P<path>.+)\.(weight_ih|weight_hh|bias_ih|bias_hh)_l(?P<layer>\d+)(_reverse)?$"
+)
+
+
+def _packed_layer(node: Any) -> tuple[str, int] | None:
+    """(module path, layer index) when the node's weights were packed from one torch layer."""
+    names = []
+    for index in (1, 2, 3):
+        if not _absent(node, index):
+            raw = node.inputs[index].metadata_props.get(PACKED_FROM)
+            if raw is None:
+                return None
+            names += json.loads(raw)
+    matches = [_TORCH_WEIGHT.match(name) for name in names]
+    found = {(m["path"], int(m["layer"])) for m in matches if m is not None}
+    return found.pop() if len(found) == 1 and all(matches) else None
+
+
+def _source_stack(emitter: Any, node: Any) -> tuple[str, int, int] | None:
+    """(path, layer index, layer count) when the node is one layer of a multi-layer module.
+
+    A torch nn.LSTM(num_layers=2) exports one ONNX LSTM per layer; giving them one
+    nn.LSTM(num_layers=2) keeps the source's parameter names (lstm.weight_ih_l1). Every
+    layer of the source must be here, as a native-compatible node of the same op.
+    """
+    own = _packed_layer(node)
+    if own is None:
+        return None
+    path = own[0]
+    indices = sorted(
+        found[1]
+        for other in emitter.graph
+        if other.op_type == node.op_type and (found := _packed_layer(other)) and found[0] == path
+    )
+    if indices != list(range(len(indices))):
+        return None  # a layer is missing (not native): one module per node
+    return path, own[1], len(indices)
 
 
 for _op_type in _ONNX_RECURRENT:
