@@ -121,7 +121,8 @@ class Program:
             if layer_path is None:
                 results = function(*values)
             else:
-                results = (function(_lookup(module, layer_path), *values),)
+                results = function(_lookup(module, layer_path), *values)
+                results = results if len(outs) > 1 else (results,)
             for slot, result in zip(outs, results):
                 if slot is not None:
                     env[slot] = result
@@ -199,9 +200,12 @@ class FlaxEmitter(Interpreter):
         native = builder(self, node) if builder is not None else None
         if native is not None:
             path = self.place_layer(node, native)
-            outs = [self.new_slot()] + [None] * (len(node.outputs) - 1)
-            specs = [self.spec(args[i]) for i in native.data_inputs]
-            self.program.steps.append((path, native.call, specs, [outs[0].index]))
+            outs = [self.new_slot() for _ in range(native.outputs)]
+            outs += [None] * (len(node.outputs) - len(outs))
+            specs = [self.spec(args[i] if i < len(args) else None) for i in native.data_inputs]
+            self.program.steps.append(
+                (path, native.call, specs, [o.index for o in outs[: native.outputs]])
+            )
             return outs
         captured = [env[v] for v in node_free_values(node)]
         return self.call_op(node, args, captured)
@@ -274,10 +278,12 @@ class FlaxEmitter(Interpreter):
             scope = provenance.node_scope(node) or node.op_type.lower()
             path = _attribute_path(scope).replace(".", "_")
         path = self.unique_path(path)
-        for attribute, value in native.sources.items():
-            variable = getattr(native.layer, attribute)
+        for attribute, value in native.sources.items():  # attribute: a dotted path in the layer
+            owner_path, _, leaf = attribute.rpartition(".")
+            owner = _lookup(native.layer, owner_path) if owner_path else native.layer
+            variable = getattr(owner, leaf)
             if self.kind_of(value) == provenance.FROZEN and isinstance(variable, nnx.Param):
-                setattr(native.layer, attribute, Frozen(variable[...]))
+                setattr(owner, leaf, Frozen(variable[...]))
             self.module.source_names[f"{path}.{attribute}"] = value.name
         _set_path(self.module, path, native.layer)
         return path
@@ -423,4 +429,4 @@ def to_flax_module(
     return FlaxEmitter(source, rngs=rngs, normalized=normalized).build()
 
 
-from . import native_layers  # noqa: E402,F401  (registers the native layer builders)
+from . import native_layers, native_recurrent  # noqa: E402,F401  (register the layer builders)

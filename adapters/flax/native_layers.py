@@ -28,6 +28,7 @@ class Native:
     sources: dict[str, Any]
     data_inputs: list[int]
     call: Callable[..., Any]
+    outputs: int = 1  # > 1: ``call`` returns a tuple, one per node output
 
 
 # (layer class, configuration) -> (graphdef, abstract state) of an abstract instance
@@ -35,27 +36,37 @@ _TEMPLATES: dict[str, tuple[Any, Any]] = {}
 
 
 def _assemble(cls: type, arrays: dict[str, np.ndarray], **config: Any) -> Any:
-    """``cls(**config)`` holding ``arrays`` as its variables, without its constructor per layer.
+    """``cls(**config)`` holding ``arrays`` as its variables, without its constructor per layer."""
+    key = repr((cls.__qualname__, sorted(config.items())))
+    return assemble(key, lambda: cls(**config, rngs=nnx.Rngs(0)), arrays)
 
-    The constructor runs once per configuration, abstractly (``nnx.eval_shape``: no random
-    init, no arrays), and each layer is ``nnx.merge`` of that graphdef with the source
-    arrays: ~3x cheaper than a constructor, whose per-attribute checks were most of a
-    ResNet50's emission time. Variable types and paths are the constructor's. Arrays go
+
+def assemble(key: str, factory: Callable[[], Any], arrays: dict[str, np.ndarray]) -> Any:
+    """``factory()`` holding ``arrays`` (by dotted state path) as its variables.
+
+    The constructor runs once per configuration ``key``, abstractly (``nnx.eval_shape``: no
+    random init, no arrays), and each layer is ``nnx.merge`` of that graphdef with the
+    source arrays: ~3x cheaper than a constructor, whose per-attribute checks were most of
+    a ResNet50's emission time. Variable types and paths are the constructor's. Arrays go
     through ``jax.device_put``, ~10x faster than ``jnp.asarray`` (which stages a primitive)
     with the same dtype canonicalization (float64 -> float32 without x64); they are fresh
     copies, never aliased by the graph.
     """
-    key = repr((cls.__qualname__, sorted(config.items())))
     if key not in _TEMPLATES:
-        abstract = nnx.eval_shape(lambda: cls(**config, rngs=nnx.Rngs(0)))
-        _TEMPLATES[key] = nnx.split(abstract)
+        _TEMPLATES[key] = nnx.split(nnx.eval_shape(factory))
     graphdef, abstract_state = _TEMPLATES[key]
     state = jax.tree.map(lambda leaf: leaf, abstract_state)  # a copy to fill
-    for name, expected in nnx.to_flat_state(abstract_state):
-        array = arrays[name[0]]
+    nested: dict[str, Any] = {}
+    for path, expected in nnx.to_flat_state(abstract_state):
+        name = ".".join(str(p) for p in path)
+        array = arrays[name]
         if array.shape != expected.shape:
-            raise ValueError(f"{cls.__name__}.{name[0]}: {array.shape} != {expected.shape}")
-    nnx.replace_by_pure_dict(state, {n: jax.device_put(a) for n, a in arrays.items()})
+            raise ValueError(f"{key}: {name} {array.shape} != {expected.shape}")
+        parent = nested
+        for part in path[:-1]:
+            parent = parent.setdefault(part, {})
+        parent[path[-1]] = jax.device_put(array)
+    nnx.replace_by_pure_dict(state, nested)
     return nnx.merge(graphdef, state)
 
 
