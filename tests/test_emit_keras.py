@@ -78,18 +78,26 @@ def test_emitted_model_matches_torch_source(traced, name):
 def test_variables_keep_source_names(traced, name):
     model, graph, _ = traced[name]
     emitted = to_keras(graph)
-    by_source = {source: path for path, source in emitted.source_names.items()}
     variables = {v.path: v for v in emitted.weights}
+    # a variable holding several source parameters (a recurrent bias: ih + hh) names them all
+    by_source = {
+        source: path for path, joined in emitted.source_names.items()
+        for source in joined.split("+")
+    }  # fmt: skip
     kept = {k for k in dict(model.named_parameters()) if k in graph.parameter_kinds}
     assert kept and kept <= set(by_source)
     state = model.state_dict()
     for key in kept:
-        value = keras.ops.convert_to_numpy(variables[by_source[key]])
-        reference = state[key].numpy()
-        if by_source[key].endswith("/kernel"):  # Dense kernels are [in, out], conv kernels HWIO
+        path = by_source[key]
+        value = keras.ops.convert_to_numpy(variables[path])
+        parts = emitted.source_names[path].split("+")
+        reference = sum(state[part].numpy() for part in parts)
+        # Dense / recurrent kernels are [in, out] (torch's ifgo gates are Keras's ifco), conv
+        # kernels HWIO
+        if path.endswith(("/kernel", "/recurrent_kernel")):
             rank = reference.ndim
             value = np.transpose(value, (rank - 1, rank - 2, *range(rank - 2)))
-        np.testing.assert_allclose(value, reference)
+        np.testing.assert_allclose(value, reference, rtol=1e-6)
 
 
 def test_native_layers_and_layout(traced):
@@ -110,6 +118,8 @@ def test_native_layers_and_layout(traced):
     _, graph, _ = traced["lstm_embedding"]
     embedded = {layer.name: layer for layer in to_keras(graph).layers}
     assert isinstance(embedded["embed"], keras.layers.Embedding)
+    # nn.LSTM(num_layers=2): one ONNX LSTM per layer, weights packed into initializers
+    assert [type(embedded[n]) for n in ("lstm", "lstm_1")] == [keras.layers.LSTM] * 2
 
 
 @pytest.mark.parametrize("name", ["resnet_nchw", "mlp", "transformer_encoder"])

@@ -437,3 +437,7 @@ def global_pool_layer(emitter, node, args):
     )  # fmt: skip
     layer = classes[rank - 3](keepdims=True, name=emitter.unique(node.name or "global_pool"))
     return [emitter.channels_first(layer(emitter.channels_last(args[0])))]
+
+
+# recurrent builders register themselves in LAYERS (kept apart: this module's size)
+from . import native_recurrent  # noqa: E402,F401
