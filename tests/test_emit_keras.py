@@ -316,6 +316,97 @@ def test_if_becomes_keras_cond_under_tf_function():
     np.testing.assert_allclose(_run(model, negative), -negative)
 
 
+def _loop_model():
+    """x <- 0.5 x + 1 until sum(x) >= 20, at most 10 times: a data-dependent termination."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def info(name, dtype, shape):
+        return helper.make_tensor_value_info(name, dtype, shape)
+
+    body = helper.make_graph(
+        [helper.make_node("Mul", ["x_in", "half"], ["m"]),
+         helper.make_node("Add", ["m", "one"], ["x_out"]),
+         helper.make_node("ReduceSum", ["x_out"], ["s"], keepdims=0),
+         helper.make_node("Less", ["s", "limit"], ["cond_out"])],
+        "body",
+        [info("i", TensorProto.INT64, []), info("cond_in", TensorProto.BOOL, []),
+         info("x_in", TensorProto.FLOAT, [None, 3])],
+        [info("cond_out", TensorProto.BOOL, []), info("x_out", TensorProto.FLOAT, [None, 3])],
+        initializer=[numpy_helper.from_array(np.float32(0.5), "half"),
+                     numpy_helper.from_array(np.float32(1.0), "one")],
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["M", "c0", "x"], ["y"], body=body)], "loop",
+        [info("x", TensorProto.FLOAT, [None, 3])], [info("y", TensorProto.FLOAT, [None, 3])],
+        initializer=[numpy_helper.from_array(np.int64(10), "M"),
+                     numpy_helper.from_array(np.array(True), "c0"),
+                     numpy_helper.from_array(np.float32(20.0), "limit")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _scan_model():
+    """A running sum over axis 1 read backwards, its tanh stacked on the last axis."""
+    from onnx import TensorProto, helper
+
+    def info(name, shape):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    body = helper.make_graph(
+        [helper.make_node("Add", ["acc_in", "x_t"], ["acc_out"]),
+         helper.make_node("Tanh", ["acc_out"], ["y_t"])],
+        "body", [info("acc_in", [None, 3]), info("x_t", [None, 3])],
+        [info("acc_out", [None, 3]), info("y_t", [None, 3])],
+    )  # fmt: skip
+    scan = helper.make_node(
+        "Scan", ["acc0", "x"], ["acc", "ys"], body=body, num_scan_inputs=1,
+        scan_input_axes=[1], scan_input_directions=[1], scan_output_axes=[-1],
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [scan], "scan", [info("acc0", [None, 3]), info("x", [None, 4, 3])],
+        [info("acc", [None, 3]), info("ys", [None, 3, 4])],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _op_types(function, *args):
+    return {op.type for op in function.get_concrete_function(*args).graph.get_operations()}
+
+
+def test_loop_becomes_keras_while_loop_under_tf_function():
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    proto = _loop_model()
+    model = to_keras(proto)
+    session = ort.InferenceSession(proto.SerializeToString())
+    staged = tf.function(lambda x: model(x))  # the condition is symbolic: keras.ops.while_loop
+    for x in (np.array([[1.0, 2.0, 3.0], [0.1, 0.2, -5.0]], np.float32),
+              np.full((1, 3), 30.0, np.float32)):  # fmt: skip
+        expected = session.run(None, {"x": x})[0]
+        np.testing.assert_allclose(staged(x).numpy(), expected, rtol=1e-5)
+        np.testing.assert_allclose(_run(model, x), expected, rtol=1e-5)  # eager: Python loop
+    assert _op_types(staged, x) & {"While", "StatelessWhile"}
+
+
+def test_scan_becomes_keras_scan_under_tf_function():
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    proto = _scan_model()
+    model = to_keras(proto)
+    rng = np.random.default_rng(0)
+    acc0, x = rng.random((2, 3), np.float32), rng.random((2, 4, 3), np.float32)
+    expected = ort.InferenceSession(proto.SerializeToString()).run(None, {"acc0": acc0, "x": x})
+    staged = tf.function(lambda a, b: model([a, b]))
+    for outputs in (staged(acc0, x), model([acc0, x])):
+        for got, want in zip(outputs, expected):
+            assert tuple(got.shape) == want.shape
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    # one while loop in the graph, not four unrolled steps
+    assert _op_types(staged, acc0, x) & {"While", "StatelessWhile"}
+
+
 _BACKEND_SCRIPT = textwrap.dedent(
     """
     import numpy as np, torch, keras, interop, sys

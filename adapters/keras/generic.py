@@ -1,7 +1,8 @@
 """The generic layer of emitted Keras models: one ONNX node run through its semantics.
 
 `OnnxOp` calls the node's ONNX semantics with the ``keras.ops`` backend; `Transpose` is the
-layout change between layers; `control_function` makes If a ``keras.ops.cond`` when traced.
+layout change between layers; `control_function` makes If / Loop / Scan ``keras.ops.cond`` /
+``while_loop`` / ``scan`` when traced.
 Values of ONNX dtypes Keras lacks (int4, float8 fnuz...) travel between layers in a carrier
 dtype (``backend.CARRIERS``); a node reading or writing one runs on the host with numpy's
 (ml_dtypes') rules, the reference semantics, and hands carriers on.
@@ -219,17 +220,30 @@ for _count in range(1, MAX_INPUTS + 1):  # registered up front, so that a saved 
 
 
 def control_function(emitter, node) -> Any:
-    """If as ``keras.ops.cond`` when its condition is only known at run time (jit, tf.function)."""
-    if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+    """If / Loop / Scan as ``keras.ops`` control flow when their operands are only known at run
+    time (jit, tf.function); eager (concrete) values keep the Python loop of the semantics."""
+    if node.domain not in ("", "ai.onnx"):
         return None
-    eager = emitter.op_function(node)
+    builder = {"If": _if, "Loop": _loop, "Scan": _scan}.get(node.op_type)
+    return None if builder is None else builder(emitter, node)
+
+
+def _subgraph(emitter, node, name, captured):
     outer = node_free_values(node)
-    branches = {name: node.attributes[name].value for name in ("then_branch", "else_branch")}
+    graph = node.attributes[name].value
+    return SubgraphFunction(graph, keras_backend, dict(zip(outer, captured)), emitter.version)
+
+
+def _tensors(values):
+    return tuple(ops.convert_to_tensor(v) for v in values)
+
+
+def _if(emitter, node):
+    """If as ``keras.ops.cond`` when its condition is traced."""
+    eager = emitter.op_function(node)
 
     def branch(name, captured):
-        scope = dict(zip(outer, captured))
-        outputs = SubgraphFunction(branches[name], keras_backend, scope, emitter.version)()
-        return tuple(ops.convert_to_tensor(o) for o in outputs)
+        return _tensors(_subgraph(emitter, node, name, captured)())
 
     def run_if(condition, *captured):
         if _concrete(condition):  # eager: run the taken branch only, whatever its shapes
@@ -241,6 +255,83 @@ def control_function(emitter, node) -> Any:
         return tuple(taken)
 
     return run_if
+
+
+def _loop(emitter, node):
+    """Loop without scan outputs as ``keras.ops.while_loop`` when an operand is traced (a
+    data-dependent condition cannot be read on the host there); loop-carried values keep
+    their shapes and dtypes, as a while loop requires."""
+    eager = emitter.op_function(node)
+    carried = len(node.inputs) - 2
+    body_graph = node.attributes["body"].value
+    if len(body_graph.outputs) != 1 + carried:  # scan outputs grow per step: Python loop
+        return eager
+
+    def run_loop(trip_count, condition, *rest):
+        initial, captured = rest[:carried], rest[carried:]
+        if all(_concrete(v) for v in (trip_count, condition, *rest) if v is not None):
+            return eager(trip_count, condition, *rest)
+        body = _subgraph(emitter, node, "body", captured)
+        limit = None if trip_count is None else ops.reshape(ops.cast(trip_count, "int64"), ())
+        keep = (
+            ops.convert_to_tensor(True)
+            if condition is None
+            else ops.reshape(ops.cast(condition, "bool"), ())
+        )
+        state = _tensors(initial)
+
+        def going(iteration, keep, *state):
+            return keep if limit is None else ops.logical_and(keep, ops.less(iteration, limit))
+
+        def step(iteration, keep, *state):
+            outputs = body(iteration, keep, *state)
+            new = [ops.cast(o, ops.dtype(s)) for o, s in zip(_tensors(outputs[1:]), state)]
+            return (iteration + 1, ops.reshape(ops.cast(outputs[0], "bool"), ()), *new)
+
+        start = ops.convert_to_tensor(np.array(0, np.int64))
+        results = ops.while_loop(going, step, (start, keep, *state))
+        return tuple(results[2:])
+
+    return run_loop
+
+
+def _scan(emitter, node):
+    """Scan as ``keras.ops.scan`` when an operand is traced: scan axes moved to the front,
+    reversed directions flipped, so one forward scan serves every input and output."""
+    eager = emitter.op_function(node)
+    attributes = emitter.attributes(node)[0]
+    count = len(node.inputs)
+    sequences = int(attributes["num_scan_inputs"])
+    carried = count - sequences
+    outputs = len(node.attributes["body"].value.outputs) - carried
+    in_axes = list(attributes.get("scan_input_axes") or [0] * sequences)
+    in_directions = list(attributes.get("scan_input_directions") or [0] * sequences)
+    out_axes = list(attributes.get("scan_output_axes") or [0] * outputs)
+    out_directions = list(attributes.get("scan_output_directions") or [0] * outputs)
+
+    def run_scan(*args):
+        inputs, captured = args[:count], args[count:]
+        if all(_concrete(v) for v in args if v is not None):
+            return eager(*args)
+        body = _subgraph(emitter, node, "body", captured)
+        xs = []
+        for value, axis, direction in zip(_tensors(inputs[carried:]), in_axes, in_directions):
+            value = ops.moveaxis(value, axis, 0)
+            xs.append(ops.flip(value, 0) if direction else value)
+
+        def step(state, x):
+            results = body(*state, *x)
+            new = [ops.cast(o, ops.dtype(s)) for o, s in zip(_tensors(results[:carried]), state)]
+            return tuple(new), _tensors(results[carried:])
+
+        state, ys = ops.scan(step, _tensors(inputs[:carried]), tuple(xs))
+        stacked = []
+        for y, axis, direction in zip(ys, out_axes, out_directions):
+            y = ops.flip(y, 0) if direction else y
+            stacked.append(ops.moveaxis(y, 0, axis if axis >= 0 else axis + len(y.shape)))
+        return (*state, *stacked)
+
+    return run_scan
 
 
 def _concrete(value) -> bool:
