@@ -108,6 +108,9 @@ def test_state_paths_follow_source_names(traced):
     module = to_flax(graph)
     assert isinstance(module.embed, nnx.Embed)
     assert module.source_names["embed.embedding"] == "embed.weight"
+    # the traced nn.LSTM (weights packed from its parameters) is Flax's own layer
+    assert isinstance(module.rnn, nnx.RNN) and isinstance(module.rnn.cell, nnx.OptimizedLSTMCell)
+    assert module.source_names["rnn.cell.dense_h.bias"] == "rnn.bias_ih_l0+rnn.bias_hh_l0"
 
 
 @pytest.mark.parametrize("name", ["residual_cnn", "mlp", "transformer_encoder"])

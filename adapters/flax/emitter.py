@@ -273,7 +273,7 @@ class FlaxEmitter(Interpreter):
         names = [v.name for v in native.sources.values()]
         prefixes = {n.rsplit(".", 1)[0] if "." in n else "" for n in names}
         prefix = prefixes.pop() if len(prefixes) == 1 and names else ""
-        path = _attribute_path(prefix) if prefix else ""
+        path = _attribute_path(native.path or prefix) if native.path or prefix else ""
         if not path or path in self._names:
             scope = provenance.node_scope(node) or node.op_type.lower()
             path = _attribute_path(scope).replace(".", "_")
@@ -284,7 +284,8 @@ class FlaxEmitter(Interpreter):
             variable = getattr(owner, leaf)
             if self.kind_of(value) == provenance.FROZEN and isinstance(variable, nnx.Param):
                 setattr(owner, leaf, Frozen(variable[...]))
-            self.module.source_names[f"{path}.{attribute}"] = value.name
+            names = native.names or {}
+            self.module.source_names[f"{path}.{attribute}"] = names.get(attribute, value.name)
         _set_path(self.module, path, native.layer)
         return path
 

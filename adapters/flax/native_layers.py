@@ -29,6 +29,8 @@ class Native:
     data_inputs: list[int]
     call: Callable[..., Any]
     outputs: int = 1  # > 1: ``call`` returns a tuple, one per node output
+    names: dict[str, str] | None = None  # source names for source_names, if not the inputs'
+    path: str | None = None  # where to place the layer, if not its sources' common prefix
 
 
 # (layer class, configuration) -> (graphdef, abstract state) of an abstract instance

@@ -21,12 +21,16 @@ has no ``b_hn``). Without B, the cells' bias is zeros and has no source name.
 
 from __future__ import annotations
 
+import json
+import re
 from functools import partial
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from interop.packing import PACKED_FROM
 
 from .emitter import LAYERS
 from .native_layers import Native, _attributes, _optional_weight, assemble
@@ -182,16 +186,50 @@ def recurrent_layer(emitter: Any, node: Any) -> Native | None:
     key = repr((op_type, size, activations, bias is not None, str(w.dtype), reverses, layout))
     layer = assemble("recurrent " + key, build, arrays)
     inputs = {"dense_i.kernel": node.inputs[1], "dense_h.kernel": node.inputs[2]}
-    sources = {}
+    sources, names = {}, {}
     for name in arrays:
         leaf = name.split("cell.", 1)[1]
         value = inputs.get(leaf, bias_value)
         if value is not None:
             sources[name] = value
+            direction = int(name.startswith("backward_rnn."))
+            halves = op_type == "GRU" and leaf.endswith("bias")  # GRU keeps Wb and Rb apart
+            names[name] = _source_names(value, direction, len(prefixes), leaf if halves else "")
     data_inputs = [0, 5, 6] if op_type == "LSTM" else [0, 5]
     outputs = min(len(node.outputs), len(data_inputs))
     run = partial(_run, layout=layout, lstm=op_type == "LSTM", outputs=outputs)
-    return Native(layer, sources, data_inputs, run, outputs=outputs)
+    # layer k > 0 of a packed multi-layer source (lstm.W_l1) sits beside layer 0: lstm_l1
+    stacked = re.match(r"^(.+)\.W(_l\d+)$", str(node.inputs[1].name))
+    path = stacked[1] + stacked[2] if stacked else None
+    return Native(layer, sources, data_inputs, run, outputs=outputs, names=names, path=path)
+
+
+# torch's backward-direction names (lstm.weight_ih_l0_reverse), Keras's (backward_lstm/...)
+_BACKWARD = re.compile(r"(_reverse$|(^|/)backward_)")
+
+
+def _source_names(value: Any, direction: int, directions: int, bias_half: str) -> str:
+    """The source parameters behind one direction's variable, joined by ``+``.
+
+    A weight packed from source parameters (`interop.packing`, a traced nn.LSTM) lists them
+    in ``interop.packed_from``: the direction's ones are kept (``lstm.weight_ih_l0`` /
+    ``..._reverse``); a summed LSTM/RNN bias names both (``lstm.bias_ih_l0+lstm.bias_hh_l0``),
+    a GRU bias half its own (``dense_i.bias`` the ``_ih`` one). Otherwise the node input.
+    """
+    packed = value.metadata_props.get(PACKED_FROM)
+    if not packed:
+        return str(value.name)
+    names = json.loads(packed)
+    if directions == 2:
+        backward = [n for n in names if _BACKWARD.search(n)]
+        forward = [n for n in names if not _BACKWARD.search(n)]
+        if backward and forward:
+            names = backward if direction else forward
+    if bias_half:
+        tag = "_ih" if bias_half.startswith("dense_i") else "_hh"
+        own = [n for n in names if tag in n.rsplit(".", 1)[-1]]
+        names = own if len(own) == 1 else names
+    return "+".join(names)
 
 
 def _run(
