@@ -257,6 +257,87 @@ def test_bidirectional_with_masking_layer_and_states():
     assert {"bi_lstm/forward_lstm", "bi_lstm/backward_lstm"} <= {la.path for la in g.layers}
 
 
+def _unmasked_recurrent_model():
+    """Every recurrent configuration the ONNX LSTM / GRU / RNN ops express, without a mask."""
+    keras.utils.set_random_seed(3)
+    i, h0, c0 = keras.Input((None, 4)), keras.Input((5,)), keras.Input((5,))
+    a = layers.LSTM(5, return_sequences=True, name="lstm")(i, initial_state=[h0, c0])
+    b = layers.GRU(6, return_sequences=True, go_backwards=True, name="gru")(a)
+    c = layers.GRU(3, reset_after=False, name="gru_plain")(b)
+    d = layers.Bidirectional(layers.LSTM(4, return_sequences=True), name="bi_lstm")(a)
+    e, *states = layers.Bidirectional(layers.GRU(3, return_state=True), merge_mode="sum",
+                                      name="bi_gru")(d)  # fmt: skip
+    f = layers.SimpleRNN(2, activation="relu", name="rnn")(d)
+    g, h = layers.SimpleRNN(3, return_sequences=True, return_state=True, go_backwards=True,
+                            use_bias=False, name="rnn_back")(a)  # fmt: skip
+    return keras.Model([i, h0, c0], [b, c, d, e, *states, f, g, h])
+
+
+def _sequences(batch, length, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape).astype("float32")
+            for shape in ((batch, length, 4), (batch, 5), (batch, 5))]  # fmt: skip
+
+
+def test_unmasked_recurrent_layers_become_onnx_recurrent_ops():
+    model = _unmasked_recurrent_model()
+    x = _sequences(2, 7, seed=0)
+    g = interop.trace(model, x)
+    op_types = [n.op_type for n in g.model.graph]
+    assert "Scan" not in op_types
+    assert sorted(t for t in op_types if t in ("LSTM", "GRU", "RNN")) == [
+        "GRU", "GRU", "GRU", "LSTM", "LSTM", "RNN", "RNN"
+    ]  # fmt: skip
+    bidirectional = [n for n in g.model.graph if n.attributes.get("direction") is not None
+                     and n.attributes["direction"].value == "bidirectional"]  # fmt: skip
+    assert sorted(n.op_type for n in bidirectional) == ["GRU", "LSTM"]
+    # the weights stay the Keras variables, packed by ONNX nodes in the graph
+    assert model.get_layer("bi_lstm").forward_layer.cell.kernel.path in g.parameter_kinds
+    report = interop.verify(model, g, x)  # onnxruntime against Keras
+    assert report.ok, str(report)
+    other = _sequences(3, 11, seed=1)  # another batch and sequence length
+    for got, want in zip(g.run(other), _keras(model, other), strict=True):
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_captured_recurrent_layers_emit_as_native_layers():
+    model = _unmasked_recurrent_model()
+    x = _sequences(2, 7, seed=0)
+    g = interop.trace(model, x)
+    emitted = interop.to_keras(g)
+    by_name = {layer.name: layer for layer in emitted.layers}
+    expected = {"lstm": layers.LSTM, "gru": layers.GRU, "gru_plain": layers.GRU,
+                "bi_lstm": layers.Bidirectional, "bi_gru": layers.Bidirectional,
+                "rnn": layers.SimpleRNN, "rnn_back": layers.SimpleRNN}  # fmt: skip
+    assert {name: type(by_name[name]) for name in expected} == expected
+    assert by_name["gru"].go_backwards and not by_name["gru_plain"].cell.reset_after
+    # Keras's own variable paths (backward_lstm_<n> when Keras numbered the layer) come back
+    source = model.get_layer("bi_lstm").backward_layer.cell.kernel.path
+    backward = by_name["bi_lstm"].backward_layer.cell.kernel.path
+    assert emitted.source_names[backward] == source
+    other = _sequences(3, 11, seed=1)
+    want = _keras(model, other)
+    for got, ref in zip(emitted(other), want, strict=True):
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=RTOL, atol=ATOL)
+    torch = pytest.importorskip("torch")
+    module = interop.to_torch(g)
+    # torch's own layers where nn.LSTM/GRU/RNN compute the node (forward or bidirectional,
+    # GRU with reset_after); reverse-only and reset_after=False stay the generic recurrence
+    native = sorted(type(m).__name__ for m in module.modules() if isinstance(m, torch.nn.RNNBase))
+    assert native == ["OnnxGRU", "OnnxLSTM", "OnnxLSTM", "OnnxRNN"]
+    with torch.no_grad():
+        outputs = module(*[torch.from_numpy(v) for v in other])
+    for got, ref in zip(outputs, want, strict=True):
+        np.testing.assert_allclose(got.numpy(), ref, rtol=RTOL, atol=ATOL)
+
+
+def test_masked_recurrent_layers_keep_the_scan():
+    model = _sequence_model("LSTM", True)
+    g = interop.trace(model, _tokens(3, 9, seed=5))
+    op_types = {n.op_type for n in g.model.graph}
+    assert "Scan" in op_types and "LSTM" not in op_types
+
+
 class NeedsEagerValues(layers.Layer):
     def call(self, x):
         return x * float(np.asarray(x).sum())  # reads tensor values: not traceable

@@ -14,6 +14,7 @@ the reset product there). "bidirectional" is a ``keras.layers.Bidirectional``,
 from __future__ import annotations
 
 import json
+import os
 import re
 from typing import Any
 
@@ -194,7 +195,7 @@ def recurrent_layer(emitter, node, args):
     hidden = r.shape[-1]
     reset_after = op_type == "GRU" and bool(attrs.get("linear_before_reset", 0))
     sources = [node.inputs[1], node.inputs[2], bias_value]
-    name = emitter.layer_name(node, sources)
+    name = _layer_name(emitter, node, sources)
     dtype = str(w.dtype)
     x = args[0] if layout else emitter.transpose(args[0], (1, 0, 2))  # batch-first for Keras
     if features is None:  # computed upstream (torch's reshapes): Keras sizes the kernel from it
@@ -234,6 +235,20 @@ def _adopt(emitter, op_type, cells, w, r, bias, reset_after, sources):
                 variable = getattr(cell, attribute)
                 names = _source_names(emitter.source_value(value), d, len(cells))
                 emitter.source_names[variable.path] = "+".join(names)
+
+
+def _layer_name(emitter, node, sources) -> str:
+    """A Keras source's layer path (``bi_lstm`` for ``bi_lstm/forward_lstm/lstm_cell/kernel``),
+    else the emitter's rule (``lstm`` for torch's ``lstm.W`` packed from ``lstm.weight_ih_l0``)."""
+    names = [n for v in sources if v is not None
+             for n in _source_names(emitter.source_value(v), 0, 1)]  # fmt: skip
+    if names and all("/" in n for n in names):
+        parts = os.path.commonprefix([n.split("/")[:-1] for n in names])
+        if parts and parts[-1].endswith("_cell"):  # the cell is part of the Keras layer
+            parts = parts[:-1]
+        if parts:
+            return emitter.unique("/".join(parts))
+    return emitter.layer_name(node, sources)
 
 
 def _source_names(value, direction: int, directions: int) -> list[str]:

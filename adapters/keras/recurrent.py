@@ -1,11 +1,14 @@
 """Converters for recurrent layers: SimpleRNN, GRU, LSTM (and ``RNN`` of their cells), Bidirectional.
 
-Each becomes one ONNX ``Scan`` over the time axis, so any sequence length works, with
-the input projection ``x @ kernel + bias`` done once for all steps outside the loop.
+A layer whose configuration the ONNX LSTM / GRU / RNN op expresses (default activations,
+no mask; `recurrent_ops.expressible`) becomes one such node, a Bidirectional pair one
+direction="bidirectional" node. Any other becomes one ONNX ``Scan`` over the time axis, so
+any sequence length works, with the input projection ``x @ kernel + bias`` done once for
+all steps outside the loop.
 Masks follow Keras's backend ``rnn`` exactly: at a masked step the states keep their
 previous value and the output repeats the previous output (or is zero when the
-layer's ``zero_output_for_mask`` is set, as Bidirectional does for sequences). The
-ONNX LSTM/GRU ops are not used: their ``sequence_lens`` only models right padding.
+layer's ``zero_output_for_mask`` is set, as Bidirectional does for sequences). Masked
+layers keep the Scan: the ONNX ops' ``sequence_lens`` only models right padding.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import onnx_ir as ir
 from . import LAYERS
 from .builder import Builder, Tensor
 from .layers import activation
+from .recurrent_ops import expressible, matching_pair, run_onnx_rnn
 
 _FLOAT = ir.TensorType(ir.DataType.FLOAT)
 
@@ -191,7 +195,12 @@ def import_rnn(
     """SimpleRNN / GRU / LSTM / RNN(cell): outputs as Keras returns them (with states if asked)."""
     mask_t = _mask_of(x, mask)
     zero_output = bool(getattr(layer, "zero_output_for_mask", False))
-    sequence, last, states = run_rnn(b, layer, x, mask_t, initial_state, zero_output)
+    if expressible(layer, mask_t):
+        ((sequence, last, states),), _ = run_onnx_rnn(b, [layer], x, [initial_state])
+        if layer.go_backwards:  # Keras returns the steps in the order it processed them
+            sequence = _flip_time(b, sequence)
+    else:
+        sequence, last, states = run_rnn(b, layer, x, mask_t, initial_state, zero_output)
     units = int(layer.cell.units)
     if layer.return_sequences:
         output = Tensor(sequence, (x.shape[0], x.shape[1], units), "float32", mask_t)
@@ -220,22 +229,27 @@ def import_bidirectional(
     if initial_state is not None:
         half = len(initial_state) // 2
         forward_init, backward_init = initial_state[:half], initial_state[half:]
-    results = []
-    for sub, init, _scope in (
-        (layer.forward_layer, forward_init, "forward"),
-        (layer.backward_layer, backward_init, "backward"),
-    ):
-        with b.scoped(f"{b.scope}/{sub.name}" if b.scope else sub.name):
-            zero_output = bool(getattr(sub, "zero_output_for_mask", False))
-            results.append(run_rnn(b, sub, x, mask_t, init, zero_output))
-    (seq_f, last_f, states_f), (seq_b, last_b, states_b) = results
-    if layer.return_sequences:
-        y_f, y_b = seq_f, _flip_time(b, seq_b)
+    subs = (layer.forward_layer, layer.backward_layer)
+    side_by_side = None
+    if all(expressible(sub, mask_t) for sub in subs) and matching_pair(*subs):
+        results, side_by_side = run_onnx_rnn(b, list(subs), x, [forward_init, backward_init])
+        (seq_f, last_f, states_f), (seq_b, last_b, states_b) = results  # both in time order
+    else:
+        results = []
+        for sub, init in zip(subs, (forward_init, backward_init)):
+            with b.scoped(f"{b.scope}/{sub.name}" if b.scope else sub.name):
+                zero_output = bool(getattr(sub, "zero_output_for_mask", False))
+                results.append(run_rnn(b, sub, x, mask_t, init, zero_output))
+        (seq_f, last_f, states_f), (seq_b, last_b, states_b) = results
+    if layer.return_sequences:  # the backward Scan's steps come in processing order
+        y_f, y_b = seq_f, seq_b if side_by_side is not None else _flip_time(b, seq_b)
     else:
         y_f, y_b = last_f, last_b
     mode = layer.merge_mode
-    if mode == "concat":
-        y: Any = b.op("Concat", [y_f, y_b], {"axis": -1})
+    if mode == "concat" and side_by_side is not None and layer.return_sequences:
+        y: Any = side_by_side  # the node's directions are already side by side
+    elif mode == "concat":
+        y = b.op("Concat", [y_f, y_b], {"axis": -1})
     elif mode == "sum":
         y = b.op("Add", [y_f, y_b])
     elif mode == "mul":
