@@ -247,8 +247,78 @@ def test_rnn_with_dynamic_time_axis_runs_any_length():
     assert g.inputs[0].shape == ("batch", "time", 3)
     for x in (f32(2, 6, 3), f32(4, 9, 3), f32(1, 1, 3)):
         assert interop.verify(model, g, (x,), rtol=RTOL, atol=ATOL).ok
-    assert "Loop" in {n.op_type for n in g.model.graph}
+    assert "LSTM" in {n.op_type for n in g.model.graph}  # one node, not a Loop
+    assert "Loop" not in {n.op_type for n in g.model.graph}
     assert g.count_params() == state_count(model)
+
+
+def _bias_everything(model):
+    """Non-zero biases (Flax initializes them to zeros), so the bias mapping is tested."""
+    for path, variable in nnx.iter_graph(model):
+        if isinstance(variable, nnx.Param) and path[-1] == "bias":
+            variable[...] = jax.random.normal(jax.random.key(len(path)), variable[...].shape)
+    return model
+
+
+RECURRENT = {
+    "lstm": (lambda r: nnx.RNN(nnx.LSTMCell(3, 5, rngs=r)), ["LSTM"]),
+    "optimized_lstm_time_major": (
+        lambda r: nnx.RNN(nnx.OptimizedLSTMCell(3, 5, rngs=r), time_major=True),
+        ["LSTM"],
+    ),
+    "gru_reverse": (lambda r: nnx.RNN(nnx.GRUCell(3, 5, rngs=r), reverse=True), ["GRU"]),
+    "simple_reverse_keep_order": (
+        lambda r: nnx.RNN(nnx.SimpleCell(3, 5, rngs=r), reverse=True, keep_order=True),
+        ["RNN"],
+    ),
+    "bidirectional": (
+        lambda r: nnx.Bidirectional(
+            nnx.RNN(nnx.LSTMCell(3, 5, rngs=r)), nnx.RNN(nnx.LSTMCell(3, 5, rngs=r))
+        ),
+        ["LSTM", "LSTM"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(RECURRENT))
+def test_rnn_of_standard_cells_is_one_onnx_recurrent_node(name, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    torch = pytest.importorskip("torch")
+    make, op_types = RECURRENT[name]
+    model = _bias_everything(make(nnx.Rngs(0)))
+    x = f32(2, 6, 3)
+    g = interop.trace(model, (x,))
+    ops = [n.op_type for n in g.model.graph]
+    assert [op for op in ops if op in ("LSTM", "GRU", "RNN", "Loop", "Scan")] == op_types
+    assert g.count_params() == state_count(model)  # the Flax parameters stay the graph's
+    expected = np.asarray(model(jnp.asarray(x)))
+    session = ort.InferenceSession(str(g.save(tmp_path / "rnn.onnx")))
+    for batch in (x, f32(4, 6, 3)):
+        want = np.asarray(model(jnp.asarray(batch)))
+        got = session.run(None, {session.get_inputs()[0].name: batch})[0]
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    # emitted back: Flax's own recurrent layers; torch's for forward LSTM/GRU
+    emitted = interop.to_flax(g)
+    rnns = [m for _, m in nnx.iter_graph(emitted) if isinstance(m, nnx.RNN)]
+    assert len(rnns) == len(op_types)
+    np.testing.assert_allclose(np.asarray(emitted(x)), expected, rtol=RTOL, atol=ATOL)
+    module = interop.to_torch(g)
+    native = [m for m in module.modules() if isinstance(m, torch.nn.RNNBase)]
+    forward = [  # torch's layers run forward only; reverse nodes stay generic there
+        n
+        for n in g.model.graph
+        if n.op_type in op_types and n.attributes["direction"].value == "forward"
+    ]
+    assert len(native) == len(forward) == (0 if "reverse" in name else 1)
+    out = module(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(out, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_rnn_with_custom_gates_keeps_the_scan():
+    model = nnx.RNN(nnx.GRUCell(3, 5, gate_fn=jax.nn.hard_sigmoid, rngs=nnx.Rngs(0)))
+    g = check(model, (f32(2, 6, 3),), (f32(3, 6, 3),))
+    assert "Loop" in {n.op_type for n in g.model.graph}
+    assert "GRU" not in {n.op_type for n in g.model.graph}
 
 
 @pytest.mark.parametrize("make", [CNN, ScannedMLP], ids=["cnn", "scan_loop"])

@@ -31,6 +31,7 @@ from jax.interpreters import mlir
 
 from interop import provenance
 
+from .capture_recurrent import rnn_call
 from .lowering import MARK
 
 # ---------------------------------------------------------------------- dropout marker
@@ -241,6 +242,10 @@ def _scoped_calls(classes: set[type], paths: _PathFinder) -> Iterator[None]:
             with scope:
                 if isinstance(self, nnx.Dropout) and args:
                     return mark_dropout(args[0], self.rate)
+                if isinstance(self, nnx.RNN):  # standard cells: one ONNX LSTM/GRU/RNN node
+                    result = rnn_call(self, args, kwargs)
+                    if result is not NotImplemented:
+                        return result
                 return __original(self, *args, **kwargs)
 
         functools.update_wrapper(wrapper, original)

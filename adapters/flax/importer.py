@@ -24,7 +24,7 @@ from interop.errors import InteropError, TraceError
 from interop.graph import Graph
 from interop.structure import flatten_outputs
 
-from . import is_linen_module, is_nnx_module, ops_basic, ops_control, ops_nn  # noqa: F401  (register the converters)
+from . import capture_recurrent, is_linen_module, is_nnx_module, ops_basic, ops_control, ops_nn  # noqa: F401  (register the converters)
 from .capture import Capture, capture_function, capture_linen, capture_nnx, closure_names
 from .lowering import OPSET, Lowering, walk
 
