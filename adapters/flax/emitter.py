@@ -4,7 +4,8 @@ The emit loop is `interop.interpret.Interpreter`; `FlaxEmitter` overrides its st
 record a *program* once, at emission: graph inputs become slots, initializers become
 nnx variables named after their source (`blocks.0.conv.weight` -> attribute `blocks` >
 `0` > `conv`), weighted ops with constant weights become nnx layers (nnx.Linear,
-nnx.Conv, nnx.ConvTranspose, nnx.BatchNorm, nnx.LayerNorm, nnx.Embed, nnx.Dropout) and
+nnx.Conv, nnx.ConvTranspose, nnx.BatchNorm, nnx.LayerNorm, nnx.Embed, nnx.Dropout,
+nnx.RNN over Flax's LSTM/GRU/simple cells) and
 every other node one call of its ONNX semantics on the JAX backend. Nodes whose inputs
 are all constants are evaluated here, with numpy, and stay numpy constants of the
 program, so shape-like values are static under ``jax.jit``. If/Loop/Scan become
