@@ -232,10 +232,19 @@ def hard_swish(xp, x):
 
 @op("Softplus")
 def softplus(xp, x):
-    # log(1 + exp(x)) without overflow: max(x, 0) + log1p(exp(-|x|))
-    positive = xp.maximum(x, _scalar(xp, 0, x))
-    return xp.add(
-        positive, xp.unary("log1p", xp.unary("exp", xp.unary("negative", xp.unary("abs", x))))
+    # log(1 + exp(x)) without overflow: x + log1p(exp(-x)) for x > 0, log1p(exp(x)) otherwise.
+    # Branches by `where` (not max(x, 0) + log1p(exp(-|x|)), whose two kinks at 0 cancel only
+    # in exact arithmetic: each framework's subgradient of max/abs at 0 gave another slope);
+    # each branch sees a clamped x so neither overflows, and the slope at 0 is sigmoid(0).
+    zero = _scalar(xp, 0, x)
+    positive = xp.compare("greater", x, zero)
+    above, below = xp.where(positive, x, zero), xp.where(positive, zero, x)
+
+    def log1p_exp(t):
+        return xp.unary("log1p", xp.unary("exp", t))
+
+    return xp.where(
+        positive, xp.add(above, log1p_exp(xp.unary("negative", above))), log1p_exp(below)
     )
 
 
