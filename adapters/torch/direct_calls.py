@@ -15,6 +15,7 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from . import fusions
 from .emitter import CALLS
 from .native_layers import _attributes, _bias_add, _input_rank
 
@@ -193,6 +194,9 @@ def gather_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
 def matmul_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
     if not _floats(*node.inputs):
         return None
+    fused = fusions.attention(emitter, node, args, env)
+    if fused is not None:
+        return fused
     transpose = node.inputs[1].producer()
     source = (
         transpose.inputs[0] if transpose is not None and transpose.op_type == "Transpose" else None
@@ -211,10 +215,47 @@ def matmul_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
     emitter._maybe_dead.append(emitter.materialize(args[1]))
     fused = _bias_add(emitter, node, source.const_value.shape[0])
     if fused is None:
-        return F.linear, [args[0], weight], {}
+        return fusions.linear_call(emitter, node, args[0], weight, None, env)
     add, bias = fused
     emitter.absorbed[node] = [add]
-    return F.linear, [args[0], weight, env[bias]], {}
+    return fusions.linear_call(emitter, node, args[0], weight, env[bias], env)
+
+
+def _with_symbolic(builder: Any) -> Any:
+    """Shape arithmetic on `fusions.Sym` values stays Python numbers (fusions.symbolic);
+    a float Sym scalar operand is passed as a Python float; otherwise ``builder``."""
+
+    def build(emitter: Any, node: Any, args: list, env: Any) -> Any:
+        handle = fusions.symbolic(emitter, node, args, env)
+        if handle is not None:
+            return None, [handle], {}
+        call = fusions.scalar_operand(emitter, node, args, env)
+        if call is None and node.op_type == "Reshape":
+            call = fusions.reshape_dims(emitter, node, args)
+        if call is not None:
+            return call
+        return builder(emitter, node, args, env) if builder is not None else None
+
+    return build
+
+
+for _op_type in (
+    "Shape", "Identity", "Gather", "Slice", "Squeeze", "Unsqueeze", "Reshape", "Concat",
+    "Cast", "CastLike", "Sqrt", "Add", "Sub", "Mul", "Div",
+):  # fmt: skip
+    CALLS.register(_op_type, _with_symbolic(CALLS.get(_op_type)), replace=True)
+
+
+_PLAIN_RELU = CALLS.get("Relu")
+
+
+def _relu_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+    if not _floats(*node.inputs, *node.outputs):
+        return None
+    return fusions.relu_call(emitter, node, args, env) or _PLAIN_RELU(emitter, node, args, env)
+
+
+CALLS.register("Relu", _relu_call, replace=True)
 
 
 # ONNX gate blocks -> torch's order: LSTM iofc -> ifco (torch's i, f, g, o), GRU zrh -> rzn

@@ -79,10 +79,10 @@ class TorchEmitter(Interpreter):
     def build(self) -> fx.GraphModule:
         check_supported(self.graph, self.version, self.adapter)
         outputs = self.run(*[None] * len(self.graph.inputs))
-        for dead in reversed(self._maybe_dead):  # e.g. a weight's Transpose read by F.linear now
-            if not dead.users:
-                self.fx_graph.erase_node(dead)
         self.fx_graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+        for dead in reversed(self._maybe_dead):  # e.g. a weight's Transpose read by F.linear now
+            if not dead.users:  # (after the output node: an output has a reader)
+                self.fx_graph.erase_node(dead)
         module = fx.GraphModule(self.root, self.fx_graph, class_name=_class_name(self.graph.name))
         module.input_names = [v.name for v in self.graph.inputs]
         module.output_names = [v.name for v in self.graph.outputs]
