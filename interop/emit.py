@@ -137,6 +137,9 @@ def to_jax(source: Any, example_inputs: Any = None) -> tuple[Any, Any]:
 
         fresh = jax.tree.map(lambda leaf: leaf, state)  # a copy to fill, never the template
         nnx.replace_by_pure_dict(fresh, params)
-        return nnx.merge(graphdef, fresh, rest)(*inputs, **named)
+        # copied too: under jit, nnx.scan (inside nnx.RNN) rejects variables that were
+        # created outside the trace, such as frozen recurrent weights in `rest`
+        bound = jax.tree.map(lambda leaf: leaf, rest)
+        return nnx.merge(graphdef, fresh, bound)(*inputs, **named)
 
     return pure_fn, nnx.to_pure_dict(state)

@@ -189,6 +189,8 @@ def test_expressible_activations_stay_native(op_type, attrs):
             {"activations": ["HardSigmoid"], "activation_alpha": [0.3], "activation_beta": [0.4]},
             None,
         ),
+        # alpha alone: beta keeps HardSigmoid's default 0.5
+        ("RNN", {"activations": ["HardSigmoid"], "activation_alpha": [0.3]}, None),
         ("LSTM", {}, "sequence_lens"),
         ("LSTM", {}, "peepholes"),
     ],
@@ -354,12 +356,6 @@ def test_traced_stacked_lstm_and_frozen_gru():
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="interop.emit.to_jax merges the non-Param state split outside the trace; nnx.scan "
-    "(inside nnx.RNN) rejects variables of another trace level. Fix: copy `rest` like `state` "
-    "(jax.tree.map(lambda leaf: leaf, rest)) inside pure_fn",
-)
 def test_to_jax_jit_with_frozen_recurrent_weights():
     torch, _, Stacked = _torch_models()
     model = Stacked().eval()

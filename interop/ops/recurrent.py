@@ -26,7 +26,8 @@ def _activation(xp, name, x, alpha=None, beta=None):
                 xp.multiply(x, xp.asarray(alpha, xp.dtype(x), like=x)),
                 xp.asarray(beta, xp.dtype(x), like=x),
             )
-        kwargs = {"alpha": alpha, "beta": beta} if alpha is not None else {}
+        # an attribute left out keeps HardSigmoid's own default (alpha 0.2, beta 0.5)
+        kwargs = {k: v for k, v in (("alpha", alpha), ("beta", beta)) if v is not None}
     return SEMANTICS.lookup(name)(xp, x, **kwargs)
 
 
