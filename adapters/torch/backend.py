@@ -392,49 +392,61 @@ class TorchBackend:
         self, kind, x, kernel, strides, pads, dilations, ceil_mode, count_include_pad=False, p=2
     ):
         rank = len(kernel)
-        if kind == "lp" and any(d != 1 for d in dilations) and not ceil_mode:
-            # torch's pools have no dilated sum: a dilated all-ones depthwise convolution is one
-            powered = _pad_spatial(x.abs() ** p, pads)
-            planes = powered.reshape(-1, 1, *powered.shape[2:])
-            ones = torch.ones((1, 1, *kernel), dtype=x.dtype, device=x.device)
-            conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
-            summed = conv(planes, ones, None, strides, 0, dilations)
-            return summed.reshape(*x.shape[:2], *summed.shape[2:]) ** (1.0 / p)
-        if kind == "lp":
-            powered = _pad_spatial(x.abs() ** p, pads)
-            pooled = _POOL[rank][1](powered, kernel, strides, 0, ceil_mode, True)
-            return (pooled * math.prod(kernel)) ** (1.0 / p)
-        symmetric = _symmetric(pads) and all(lo <= k // 2 for (lo, _), k in zip(pads, kernel))
-        if kind == "max":
-            if symmetric:
-                return _POOL[rank][0](
-                    x, kernel, strides, [lo for lo, _ in pads], dilations, ceil_mode
-                )
-            return _POOL[rank][0](
-                _pad_spatial(x, pads, -math.inf), kernel, strides, 0, dilations, ceil_mode
-            )
-        if symmetric and all(d == 1 for d in dilations):
+        # torch's pools take symmetric pads of at most kernel // 2 (and avg_pool no dilations)
+        native = _symmetric(pads) and all(lo <= k // 2 for (lo, _), k in zip(pads, kernel))
+        if kind == "max" and native:
+            return _POOL[rank][0](x, kernel, strides, [lo for lo, _ in pads], dilations, ceil_mode)
+        # (avg_pool3d also refuses an input smaller than the kernel before padding it)
+        whole = all(size >= k for size, k in zip(x.shape[2:], kernel))
+        if kind == "avg" and native and whole and all(d == 1 for d in dilations):
             return _POOL[rank][1](
                 x, kernel, strides, [lo for lo, _ in pads], ceil_mode, count_include_pad
             )
-        from interop.backend import (
-            numpy_backend,  # asymmetric / dilated average pooling: rare in models
-        )
+        # otherwise pad explicitly, the end grown so that ceil_mode's extra windows are whole
+        # windows, and reduce each window with no padding: every op here is differentiable
+        extended = _ceil_pads(x.shape[2:], kernel, strides, pads, dilations, ceil_mode)
+        if kind == "max":
+            low = -math.inf if x.is_floating_point() else torch.iinfo(x.dtype).min
+            padded = _pad_spatial(x, extended, low)
+            return _POOL[rank][0](padded, kernel, strides, 0, dilations, False)
+        if kind == "lp":
+            summed = _window_sum(_pad_spatial(x.abs() ** p, extended), kernel, strides, dilations)
+            return summed ** (1.0 / p)
+        summed = _window_sum(_pad_spatial(x, extended), kernel, strides, dilations)
+        # each window's count: its real inputs, plus the declared pads when count_include_pad
+        # (never the ceil-mode extension, as ONNX and torch count it)
+        ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
+        ones = _pad_spatial(ones, pads, 1.0 if count_include_pad else 0.0)
+        ones = _pad_spatial(ones, [(0, hi - d_hi) for (_, hi), (_, d_hi) in zip(extended, pads)])
+        return summed / _window_sum(ones, kernel, strides, dilations)
 
-        return self.asarray(
-            numpy_backend.pool(
-                kind,
-                self.to_numpy(x),
-                kernel,
-                strides,
-                pads,
-                dilations,
-                ceil_mode,
-                count_include_pad,
-                p,
-            ),
-            like=x,
-        )
+
+def _ceil_pads(spatial, kernel, strides, pads, dilations, ceil_mode):
+    """The pads with each end grown by ceil_mode's extra windows (ONNX: a window must start
+    inside the input or the begin pad)."""
+    pads = [(int(lo), int(hi)) for lo, hi in pads]
+    if not ceil_mode:
+        return pads
+    extended = []
+    for size, k, s, d, (lo, hi) in zip(spatial, kernel, strides, dilations, pads):
+        span = size + lo + hi - ((k - 1) * d + 1)
+        out_floor, out_ceil = span // s + 1, -(-span // s) + 1
+        if (out_ceil - 1) * s >= size + lo:
+            out_ceil -= 1
+        extended.append((lo, hi + (out_ceil - out_floor) * s))
+    return extended
+
+
+def _window_sum(x, kernel, strides, dilations):
+    """The sum of each (dilated) window of x, which has no padding left to apply."""
+    rank = len(kernel)
+    if all(d == 1 for d in dilations):  # every window is whole: mean * size is the sum
+        return _POOL[rank][1](x, kernel, strides, 0, False, True) * math.prod(kernel)
+    # torch's pools have no dilated sum: a dilated all-ones depthwise convolution is one
+    planes = x.reshape(-1, 1, *x.shape[2:])
+    ones = torch.ones((1, 1, *kernel), dtype=x.dtype, device=x.device)
+    summed = (F.conv1d, F.conv2d, F.conv3d)[rank - 1](planes, ones, None, strides, 0, dilations)
+    return summed.reshape(*x.shape[:2], *summed.shape[2:])
 
 
 def _as_index(key, x):
