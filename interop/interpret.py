@@ -38,7 +38,8 @@ from . import provenance
 from .backend import numpy_backend
 from .errors import InteropError, UnsupportedOpError
 from .ops import SEMANTICS, semantics_key
-from .packing import pack_recurrent_weights
+from .packing import pack_weights
+from .simplify import simplify
 
 TARGET_OPSET = onnx.defs.onnx_opset_version()
 # before opset 13 several ops changed meaning (Softmax axis coercion, attribute-to-input moves)
@@ -257,8 +258,9 @@ class Interpreter:
         else:
             self.model = as_model(source) if normalized else normalize(as_model(source))
             self.version = version or opset_of(self.model)
-            # computed LSTM/GRU weights become initializers, so hosts can build their own layers
-            self.model = pack_recurrent_weights(self.model, self.version)
+            # computed or relaid weights become initializers, so hosts can build their own
+            # layers; inverse transposes cancel and missing shapes are inferred
+            self.model = simplify(pack_weights(self.model, self.version))
             self.graph = self.model.graph
         self.backend = backend
         model = self.model

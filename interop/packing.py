@@ -1,4 +1,4 @@
-"""Fold recurrent weights that a graph computes from its parameters into initializers.
+"""Fold layer weights that a graph computes from its parameters into initializers.
 
 ONNX LSTM/GRU/RNN take their weights packed: W [directions, gates * hidden, input] with
 ONNX's gate order. Exporters compute that packing from the source parameters with ONNX
@@ -7,7 +7,7 @@ them (Slice/Concat/Unsqueeze), the Keras capture transposes and splits `lstm/ker
 That keeps the source parameters in the graph, but an emitter sees a computed W, not an
 initializer, so it could not build the host's own LSTM layer.
 
-`pack_recurrent_weights` evaluates such weight expressions once, with numpy, and gives
+`pack_weights` evaluates such weight expressions once, with numpy, and gives
 the recurrent node initializers instead (`lstm.W`, `lstm.R`, `lstm.B`), listed in the
 parameter table with their sources' kind and recording their sources' names under
 ``interop.packed_from`` (JSON list) so an emitter can name its layer after them. The
@@ -15,7 +15,14 @@ rewrite happens on a clone: the caller's model is never changed. An expression i
 folded when its parameters feed nothing else (a weight tied to another op keeps the
 computed path, which is correct and trainable, just not a native layer).
 
->>> packed = pack_recurrent_weights(graph.model)      # doctest: +SKIP
+The same holds for the weights of Conv, ConvTranspose, Gemm, MatMul, the normalizations and
+Gather when they are one parameter laid out anew: the Keras and Flax captures read an HWIO
+kernel through Transpose (and a depthwise one through Reshape). Only layout ops fold there
+(Transpose, Reshape, Squeeze, Unsqueeze, Flatten, Identity: each element kept once), and the
+folded initializer keeps the parameter's name: training moves the same numbers. Arithmetic
+on parameters (weight normalization) keeps its own parametrisation.
+
+>>> packed = pack_weights(graph.model)      # doctest: +SKIP
 >>> [n.inputs[1].name for n in packed.graph if n.op_type == "LSTM"]   # doctest: +SKIP
 ['lstm.W']
 """
@@ -36,6 +43,22 @@ PACKED_FROM = "interop.packed_from"
 
 # the weight inputs of each recurrent op (W, R, B; LSTM's peepholes P)
 RECURRENT_WEIGHTS = {"LSTM": (1, 2, 3, 7), "GRU": (1, 2, 3), "RNN": (1, 2, 3)}
+# the weight inputs of the ops that emitters turn into layers: a weight laid out for ONNX
+# from one source parameter (the Keras and Flax captures transpose HWIO kernels to OIHW
+# in the graph) folds into an initializer of that parameter's name
+LAYER_WEIGHTS = {
+    "Conv": (1, 2),
+    "ConvTranspose": (1, 2),
+    "Gemm": (1, 2),
+    "MatMul": (1,),
+    "BatchNormalization": (1, 2, 3, 4),
+    "LayerNormalization": (1, 2),
+    "InstanceNormalization": (1, 2),
+    "Gather": (0,),
+}
+# ops that only lay a tensor out (every element kept once): folding them keeps the
+# parameter itself, in the layout the op reads, so training moves the same numbers
+_LAYOUT_OPS = frozenset({"Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
 # ops a weight expression may use: pure functions of their inputs, no subgraphs, no randomness
 _EXPRESSION_OPS = frozenset(
     {
@@ -67,12 +90,16 @@ _EXPRESSION_OPS = frozenset(
 _SHAPE_READERS = ("Shape", "Size")
 
 
+def _weight_slots(node: ir.Node) -> tuple[int, ...]:
+    if node.domain not in ("", "ai.onnx"):
+        return ()
+    return RECURRENT_WEIGHTS.get(node.op_type) or LAYER_WEIGHTS.get(node.op_type, ())
+
+
 def _candidates(graph: ir.Graph) -> list[tuple[ir.Node, int, ir.Value]]:
     found = []
     for node in graph:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in RECURRENT_WEIGHTS:
-            continue
-        for index in RECURRENT_WEIGHTS[node.op_type]:
+        for index in _weight_slots(node):
             value = node.inputs[index] if index < len(node.inputs) else None
             if value is not None and value.producer() is not None:
                 found.append((node, index, value))
@@ -209,11 +236,19 @@ def _kind(kinds: dict[str, str], parameters: list[ir.Value]) -> str:
     return provenance.BUFFER
 
 
-def pack_recurrent_weights(model: ir.Model, version: int) -> ir.Model:
-    """The model with computed LSTM/GRU/RNN weights folded into initializers (a clone), or itself."""
+def pack_weights(model: ir.Model, version: int) -> ir.Model:
+    """The model with computed layer weights folded into initializers (a clone), or itself.
+
+    LSTM/GRU/RNN weights packed from several parameters get a name of their own
+    (``lstm.W``); a weight that is one parameter laid out anew keeps that parameter's name.
+    """
     kinds = provenance.read_parameters(model)
     if not kinds or not _candidates(model.graph):
         return model
+    # torch parameters are in ONNX's layout already: one read through a Transpose belongs to
+    # a module that is no layer of that kind (MultiheadAttention's in_proj_weight under
+    # F.linear), and re-emitted in torch it stays the raw parameter it was
+    relay = provenance.read_source(model).get("framework") != "torch"
     model = model.clone()
     graph = model.graph
     expression = _Expression(graph, kinds)
@@ -224,13 +259,19 @@ def pack_recurrent_weights(model: ir.Model, version: int) -> ir.Model:
         nodes, parameters = expression.cone(value)
         if not parameters:
             continue  # a constant of the graph, not a weight: it folds anyway
+        if node.op_type not in RECURRENT_WEIGHTS and (
+            not relay
+            or len(parameters) != 1
+            or any(n.op_type not in _LAYOUT_OPS for n in _weight_dependent(nodes, parameters))
+        ):
+            continue  # arithmetic on weights (weight norm...) keeps its own parametrisation
         plans.append((node, index, value, nodes, parameters))
     if not plans:
         return model
     # a parameter read outside the recurrent weights (tied to another op) is left alone
     inside: set[ir.Node] = {n for *_, nodes, _ in plans for n in nodes}
     recurrent = {node for node, *_ in plans}
-    changed = False
+    folded: list[tuple[ir.Value, str]] = []
     used_names = set(graph.initializers) | {v.name for n in graph for v in n.outputs}
     for node, index, value, nodes, parameters in plans:
         readers = [
@@ -248,26 +289,30 @@ def pack_recurrent_weights(model: ir.Model, version: int) -> ir.Model:
         ]
         if any(r not in inside for r in readers) or escapes:
             continue
+        relaid = node.op_type not in RECURRENT_WEIGHTS
+        if relaid and any(r not in nodes and r is not node for r in readers):
+            continue  # a parameter tied to two layers stays one tensor
         array = _evaluate(graph, version, nodes, value)
-        if array is None:
+        if array is None or relaid and array.size != parameters[0].const_value.size:
             continue
         names = [str(p.name) for p in parameters]
-        prefix = _common_prefix(names) or node.name or node.op_type.lower()
-        leaf = {1: "W", 2: "R", 3: "B", 7: "P"}[index]
-        suffix = "".join(sorted({_layer_tag(n) for n in names}))
-        name = f"{prefix}.{leaf}{suffix}"
-        while name in used_names:
-            name += "_"
-        used_names.add(name)
+        if relaid:
+            name = names[0]  # registered below, once the parameter it replaces is gone
+        else:
+            prefix = _common_prefix(names) or node.name or node.op_type.lower()
+            leaf = {1: "W", 2: "R", 3: "B", 7: "P"}[index]
+            suffix = "".join(sorted({_layer_tag(n) for n in names}))
+            name = f"{prefix}.{leaf}{suffix}"
+            while name in used_names:
+                name += "_"
+            used_names.add(name)
         packed = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
         packed.shape = ir.Shape(array.shape)
         packed.dtype = ir.DataType.from_numpy(array.dtype)
         packed.metadata_props[PACKED_FROM] = json.dumps(names)
-        graph.register_initializer(packed)
         node.replace_input_with(index, packed)
-        kinds[name] = _kind(kinds, parameters)
-        changed = True
-    if not changed:
+        folded.append((packed, _kind(kinds, parameters)))
+    if not folded:
         return model
     for node in reversed(list(graph)):
         if node in inside and not any(out.uses() or out.is_graph_output() for out in node.outputs):
@@ -275,6 +320,13 @@ def pack_recurrent_weights(model: ir.Model, version: int) -> ir.Model:
     for name in [n for n, v in graph.initializers.items() if not v.uses() and n in kinds]:
         if not graph.initializers[name].is_graph_input():
             del graph.initializers[name]
+    for packed, kind in folded:
+        if packed.name in graph.initializers:  # the parameter is still read (by a Shape)
+            packed.name = f"{packed.name}.relaid"
+            assert packed.const_value is not None
+            packed.const_value.name = packed.name
+        graph.register_initializer(packed)
+        kinds[str(packed.name)] = kind
     provenance.write_parameters(model, {k: v for k, v in kinds.items() if k in graph.initializers})
     return model
 

@@ -1,0 +1,158 @@
+"""Weights the Keras and Flax captures lay out for ONNX (Transpose/Reshape of a kernel) become
+the other hosts' own layers, and the transposes a layout change leaves between layers cancel.
+
+Checked on real Keras and Flax models: the emitted torch module holds nn.Conv2d /
+nn.BatchNorm2d / nn.Linear named after the source layers, the Flax module nnx.Conv, outputs
+match the source (rtol 1e-4) and the relaid kernels train.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+keras = pytest.importorskip("keras")
+nnx = pytest.importorskip("flax.nnx")
+nn = torch.nn
+
+import interop  # noqa: E402
+from interop.interpret import evaluate, opset_of  # noqa: E402
+from interop.packing import PACKED_FROM, pack_weights  # noqa: E402
+from interop.simplify import cancel_inverse_transposes  # noqa: E402
+
+
+def _keras_cnn():
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="conv1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    x = keras.layers.Conv2D(4, 1, name="pw")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(5, name="head")(x)
+    model = keras.Model(inputs, outputs)
+    for layer in model.layers:  # non-trivial statistics, so inference mode is tested
+        if isinstance(layer, keras.layers.BatchNormalization):
+            rng = np.random.default_rng(len(layer.name))
+            layer.moving_mean.assign(rng.uniform(-0.5, 0.5, layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 1.5, layer.moving_variance.shape))
+    return model
+
+
+@pytest.fixture(scope="module")
+def keras_traced():
+    model = _keras_cnn()
+    x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    return model, x, interop.trace(model, x)
+
+
+def test_keras_kernels_fold_under_their_own_names(keras_traced):
+    _, _, graph = keras_traced
+    model = graph.model
+    packed = pack_weights(model, opset_of(model))
+    convs = [n for n in packed.graph if n.op_type == "Conv"]
+    assert [n.inputs[1].name for n in convs] == ["conv1/kernel", "dw/kernel", "pw/kernel"]
+    kernel = packed.graph.initializers["conv1/kernel"]
+    assert kernel.const_value.shape == (8, 3, 3, 3)  # OIHW, from Keras's HWIO (3, 3, 3, 8)
+    assert kernel.metadata_props[PACKED_FROM] == '["conv1/kernel"]'
+    source = model.graph.initializers["conv1/kernel"].const_value.numpy()
+    np.testing.assert_array_equal(kernel.const_value.numpy(), source.transpose(3, 2, 0, 1))
+    assert packed.graph.initializers["dw/kernel"].const_value.shape == (8, 1, 3, 3)
+    # the caller's model is untouched (the fold works on a clone)
+    assert model.graph.initializers["conv1/kernel"].const_value.shape == (3, 3, 3, 8)
+    assert any(n.op_type == "Transpose" and n.inputs[0].name == "conv1/kernel" for n in model.graph)
+
+
+def test_keras_cnn_becomes_native_torch_layers(keras_traced):
+    source, x, graph = keras_traced
+    module = interop.to_torch(graph).eval()
+    kinds = {name: type(m).__name__ for name, m in module.named_children()}
+    assert kinds == {
+        "conv1": "Conv2d",
+        "bn1": "BatchNorm2d",
+        "dw": "Conv2d",
+        "bn2": "BatchNorm2d",
+        "pw": "Conv2d",
+        "head": "Linear",
+    }
+    assert module.dw.groups == 8 and tuple(module.dw.weight.shape) == (8, 1, 3, 3)
+    # 3 convs (+bias) + 2 BN (gamma, beta) + Dense: 6 + 4 + 2 trainable tensors
+    assert len([p for p in module.parameters() if p.requires_grad]) == 12
+    assert sum(p.numel() for p in module.parameters()) == sum(
+        int(np.prod(v.shape)) for v in source.trainable_variables
+    )
+    # the NHWC <-> NCHW transposes between layers cancelled: one in, none between
+    permutes = module.code.count("torch.permute")
+    assert permutes <= 2, module.code
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, np.asarray(source(x)), rtol=1e-4, atol=1e-5)
+
+
+def test_relaid_kernels_train_in_torch(keras_traced):
+    _, x, graph = keras_traced
+    module = interop.to_torch(graph).train()
+    before = module.conv1.weight.detach().clone()
+    loss = module(torch.from_numpy(x)).square().mean()
+    loss.backward()
+    torch.optim.SGD(module.parameters(), lr=0.1).step()
+    assert not torch.equal(before, module.conv1.weight)
+    assert module.bn1.num_batches_tracked.item() == 1  # batch statistics in training mode
+
+
+def test_keras_cnn_becomes_native_flax_layers(keras_traced):
+    source, x, graph = keras_traced
+    module = interop.to_flax(graph)
+    convs = [m for _, m in module.iter_modules() if isinstance(m, nnx.Conv)]
+    norms = [m for _, m in module.iter_modules() if isinstance(m, nnx.BatchNorm)]
+    assert len(convs) == 3 and len(norms) == 2
+    module.eval()
+    out = module(x)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    np.testing.assert_allclose(np.asarray(out), np.asarray(source(x)), rtol=1e-4, atol=1e-5)
+
+
+def test_tied_kernel_stays_one_parameter():
+    inputs = keras.Input((8, 8, 3))
+    conv = keras.layers.Conv2D(3, 3, padding="same", name="shared")
+    outputs = conv(conv(inputs))  # one kernel read by two Convs
+    model = keras.Model(inputs, outputs)
+    x = np.random.default_rng(1).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    graph = interop.trace(model, x)
+    packed = pack_weights(graph.model, opset_of(graph.model))
+    assert not any(name.endswith(".relaid") for name in packed.graph.initializers)
+    module = interop.to_torch(graph).eval()
+    assert len([p for p in module.parameters() if p.ndim == 4]) == 1
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, np.asarray(model(x)), rtol=1e-4, atol=1e-5)
+
+
+def test_inverse_transposes_cancel_and_others_stay():
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, None)
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["a"], perm=[0, 2, 3, 1]),
+        helper.make_node("Transpose", ["a"], ["b"], perm=[0, 3, 1, 2]),  # undoes a
+        helper.make_node("Relu", ["b"], ["y"]),
+        helper.make_node("Transpose", ["a"], ["c"], perm=[0, 2, 1, 3]),  # does not
+        helper.make_node("Relu", ["c"], ["z"]),
+    ]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y, z]))
+    model = ir.serde.deserialize_model(proto)
+    assert cancel_inverse_transposes(model.graph) == 1
+    relu = next(n for n in model.graph if n.outputs[0].name == "y")
+    assert relu.inputs[0].name == "x"
+    assert [n.op_type for n in model.graph].count("Transpose") == 2  # a (still read) and c
+    x_value = np.random.default_rng(0).standard_normal((1, 2, 3, 4)).astype(np.float32)
+    y_got, z_got = evaluate(ir.serde.deserialize_model(proto), x_value)  # through simplify
+    np.testing.assert_array_equal(y_got, np.maximum(x_value, 0))
+    np.testing.assert_array_equal(
+        z_got, np.maximum(x_value.transpose(0, 2, 3, 1), 0).transpose(0, 2, 1, 3)
+    )
