@@ -47,27 +47,7 @@ XFAIL: dict[tuple[str, str], str] = {
     ("torch-hf_gpt2", "keras"): _SEQUENCE_IN_KERAS,
 }
 # the same for the optimizer-step test only
-_FOLDED_KERAS_VARIABLES = (
-    "Keras capture (adapters/keras/importer.py _lower_by_symbolic_call): keras ops applied "
-    "to variables alone run eagerly during the symbolic call ({what}), so the graph reads "
-    "folded constants instead of the trainable variables ({weights} stay unread "
-    "initializers): outputs match, but the emitted model has no parameter to train"
-)
-XFAIL_TRAIN: dict[tuple[str, str], str] = {
-    **{
-        ("keras-layer_prelu", target): _FOLDED_KERAS_VARIABLES.format(
-            what="PReLU's -alpha", weights="p_re_lu/alpha"
-        )
-        for target in ("torch", "flax")
-    },
-    **{
-        ("keras-layer_group_norm", target): _FOLDED_KERAS_VARIABLES.format(
-            what="GroupNormalization's reshape of gamma and beta",
-            weights="group_normalization/gamma, beta",
-        )
-        for target in ("torch", "flax")
-    },
-}
+XFAIL_TRAIN: dict[tuple[str, str], str] = {}
 
 
 def _params() -> list:

@@ -15,6 +15,7 @@ import onnx_ir as ir
 from . import LAYERS
 from .builder import Builder, Tensor
 from .layers import activation
+from .layers import weight as kernel_weight
 
 
 def _tuple(value: Any, n: int) -> list[int]:
@@ -63,7 +64,7 @@ def import_conv(b: Builder, layer: Any, x: Tensor, **_: Any) -> ir.Value:
     kernel, strides = _tuple(layer.kernel_size, n), _tuple(layer.strides, n)
     dilation = _tuple(layer.dilation_rate, n)
     perm = [n + 1, n, *range(n)]  # (k..., in, out) -> (out, in, k...)
-    weight = b.transpose(b.variable(layer.kernel), perm)
+    weight = b.transpose(kernel_weight(b, layer, "kernel"), perm)
     y = _channels_first(b, x)
     padding = layer.padding
     if padding == "causal":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,6 +40,7 @@ from . import ops as _ops  # noqa: F401
 from . import ops_more as _ops_more  # noqa: F401
 from . import recurrent as _recurrent  # noqa: F401
 from .builder import OPSET, Builder, Tensor, onnx_dtype
+from .symbolic_variables import SymbolicVariables, used
 
 # Keras's message when a layer cannot be called symbolically names it and its class.
 _FAILED_LAYER = re.compile(r"output shape / dtype of '([^']+)' \(of type (\w+)\)")
@@ -338,11 +340,91 @@ def _lower_op(b: Builder, operation: Any, path: str, args: Any, kwargs: Any) -> 
 
 
 def _lower_by_symbolic_call(b: Builder, layer: Any, path: str, args: list, kwargs: dict) -> Any:
-    """Open up a subclassed model or custom layer by calling ``call`` on KerasTensors."""
+    """Open up a subclassed model or custom layer by calling ``call`` on KerasTensors.
+
+    The variables of the layer and its sub-layers are KerasTensors too during the call
+    (`SymbolicVariables`), fed with their initializers, so that ops on variables alone
+    are recorded rather than folded into constants the emitted models could not train.
+    A call that cannot run so (backend code on a variable, an op on variables alone with
+    no converter) is traced again with concrete variables, and a warning says what folds.
+    """
+    tensors = [x for x in tree.flatten((args, kwargs)) if isinstance(x, Tensor)]
+    try:
+        with SymbolicVariables(layer) as swapped:
+            traced = _symbolic_call(layer, args, kwargs, tensors, swapped.placeholders)
+        return _walk_traced(b, path, traced)
+    except Exception as err:
+        # an error a nested symbolic call raised after its own second try: no third
+        if getattr(err, _RETRIED, False) or (
+            isinstance(err, InteropError) and not isinstance(err, UnsupportedOpError)
+        ):
+            raise
+        first = err
+    try:
+        try:
+            traced = _symbolic_call(layer, args, kwargs, tensors, [])
+        except InteropError:
+            raise
+        except Exception as err:
+            raise _call_failed(layer, path, err) from None
+        result = _walk_traced(b, path, traced)
+    except Exception as err:
+        setattr(err, _RETRIED, True)
+        raise
+    reason = str(first).splitlines()[0][:200] if str(first) else ""
+    warnings.warn(
+        f"interop: Keras layer '{path or layer.name}' ({type(layer).__name__}) cannot be "
+        f"traced with symbolic variables ({type(first).__name__}: {reason}); its computations "
+        "on variables alone are folded into constants, which emitted models cannot train",
+        stacklevel=2,
+    )
+    return result
+
+
+_RETRIED = "_interop_traced_with_concrete_variables"
+
+
+def _call_failed(layer: Any, path: str, err: Exception) -> UnsupportedOpError:
+    cls, where = type(layer).__name__, path
+    inner = _FAILED_LAYER.search(str(err))
+    if inner and inner.group(1) != layer.name:  # a sub-layer of this one failed
+        where, cls = f"{path}/{inner.group(1)}" if path else inner.group(1), inner.group(2)
+    return UnsupportedOpError(
+        cls,
+        direction="import",
+        adapter="keras",
+        layer=where,
+        close_matches=LAYERS.close_matches(cls),
+        detail=f"{cls} has no converter and its call could not be "
+        f"run on symbolic KerasTensors: {str(err).splitlines()[0][:300] if str(err) else type(err).__name__}",
+        fix=_FIX.format(cls=cls),
+    )
+
+
+def _walk_traced(b: Builder, path: str, traced: tuple[Any, Any, list[Any]]) -> Any:
+    function, outputs, feeds = traced
+    if function is None:  # call returns its inputs (identity)
+        return outputs
+    values = [
+        Tensor(b.variable(feed), tuple(feed.shape), str(feed.dtype))
+        if isinstance(feed, keras.Variable)
+        else feed
+        for feed in feeds
+    ]
+    return walk_function(b, function, path, values)
+
+
+def _symbolic_call(
+    layer: Any, args: list, kwargs: dict, tensors: list[Tensor], variables: list[tuple[Any, Any]]
+) -> tuple[Any, Any, list[Any]]:
+    """Call ``layer.call`` on KerasTensors standing for `tensors` (and for the variables of
+    `variables`: pairs of placeholder and Keras variable).
+
+    Returns (Keras Function, None, what feeds its inputs: Tensors and Keras variables), or
+    (None, the outputs, []) when the call hands its inputs back unchanged.
+    """
     from keras.src.ops.function import Function
 
-    flat = tree.flatten((args, kwargs))
-    tensors = [x for x in flat if isinstance(x, Tensor)]
     symbolic = {id(t): keras.KerasTensor(t.shape, dtype=t.dtype) for t in tensors}
     sym_args, sym_kwargs = tree.map_structure(lambda x: symbolic.get(id(x), x), (args, kwargs))
     sym_kwargs = _with_training(layer, dict(sym_kwargs))
@@ -356,34 +438,17 @@ def _lower_by_symbolic_call(b: Builder, layer: Any, path: str, args: list, kwarg
         mask_spec = keras.KerasTensor(masked.mask.shape, dtype="bool")
         sym_kwargs["mask"] = mask_spec
         mask_inputs.append((mask_spec, masked.mask))
-    try:
-        outputs = layer.call(*sym_args, **sym_kwargs)
-        inputs = [symbolic[id(t)] for t in tensors] + [m for m, _ in mask_inputs]
-        flat_out = tree.flatten(outputs)
-        passthrough = {
-            id(s): t for s, t in zip(inputs, tensors + [m for _, m in mask_inputs], strict=False)
-        }
-        if all(id(o) in passthrough for o in flat_out):  # call returns its inputs (identity)
-            return tree.pack_sequence_as(outputs, [passthrough[id(o)] for o in flat_out])
-        function = Function(inputs, outputs)
-    except InteropError:
-        raise
-    except Exception as err:
-        cls, where = type(layer).__name__, path
-        inner = _FAILED_LAYER.search(str(err))
-        if inner and inner.group(1) != layer.name:  # a sub-layer of this one failed
-            where, cls = f"{path}/{inner.group(1)}" if path else inner.group(1), inner.group(2)
-        raise UnsupportedOpError(
-            cls,
-            direction="import",
-            adapter="keras",
-            layer=where,
-            close_matches=LAYERS.close_matches(cls),
-            detail=f"{cls} has no converter and its call could not be "
-            f"run on symbolic KerasTensors: {str(err).splitlines()[0][:300] if str(err) else type(err).__name__}",
-            fix=_FIX.format(cls=cls),
-        ) from None
-    return walk_function(b, function, path, tensors + [m for _, m in mask_inputs])
+    outputs = layer.call(*sym_args, **sym_kwargs)
+    inputs = [symbolic[id(t)] for t in tensors] + [m for m, _ in mask_inputs]
+    feeds: list[Any] = tensors + [m for _, m in mask_inputs]
+    flat_out = tree.flatten(outputs)
+    passthrough = {id(s): t for s, t in zip(inputs, feeds, strict=False)}
+    if all(id(o) in passthrough for o in flat_out):
+        return None, tree.pack_sequence_as(outputs, [passthrough[id(o)] for o in flat_out]), []
+    for placeholder, variable in used(variables, outputs):
+        inputs.append(placeholder)
+        feeds.append(variable)
+    return Function(inputs, outputs), None, feeds
 
 
 # ---------------------------------------------------------------------------- assembly

@@ -147,18 +147,30 @@ def _bias_act(b: Builder, layer: Any, y: ir.Value) -> ir.Value:
     return y
 
 
+def weight(b: Builder, layer: Any, name: str = "kernel") -> ir.Value:
+    """A layer's `kernel` / `embeddings`. With LoRA enabled, Keras's merged weight
+    ``w + (alpha / rank) * a @ b`` as nodes over the three variables: the property's
+    eager value would be a constant, and the emitted model would have nothing to train."""
+    if not getattr(layer, "lora_enabled", False):
+        return b.variable(getattr(layer, name))
+    base = b.variable(getattr(layer, f"_{name}"))
+    low_a, low_b = (b.variable(getattr(layer, f"lora_{name}_{part}")) for part in "ab")
+    scale = b.const(np.float32(layer.lora_alpha / layer.lora_rank))
+    return b.op("Add", [base, b.op("Mul", [scale, b.op("MatMul", [low_a, low_b])])])
+
+
 @register_layer("Dense")
 def import_dense(b: Builder, layer: Any, x: Tensor, **_: Any) -> ir.Value:
     if getattr(layer, "quantization_mode", None):
         raise ValueError("quantized Dense layers are not supported")
-    y = b.op("MatMul", [x, b.variable(layer.kernel)])
+    y = b.op("MatMul", [x, weight(b, layer, "kernel")])
     y = _bias_act(b, layer, y)
     return activation(b, y, layer.activation)
 
 
 @register_layer("EinsumDense")
 def import_einsum_dense(b: Builder, layer: Any, x: Tensor, **_: Any) -> ir.Value:
-    y = b.op("Einsum", [x, b.variable(layer.kernel)], {"equation": layer.equation})
+    y = b.op("Einsum", [x, weight(b, layer, "kernel")], {"equation": layer.equation})
     if getattr(layer, "bias", None) is not None:
         y = b.op("Add", [y, b.variable(layer.bias)])
     return activation(b, y, layer.activation)
@@ -167,7 +179,7 @@ def import_einsum_dense(b: Builder, layer: Any, x: Tensor, **_: Any) -> ir.Value
 @register_layer("Embedding")
 def import_embedding(b: Builder, layer: Any, x: Tensor, **_: Any) -> Tensor:
     indices = b.op("Cast", [x], {"to": ir.DataType.INT64})
-    y = b.op("Gather", [b.variable(layer.embeddings), indices], {"axis": 0})
+    y = b.op("Gather", [weight(b, layer, "embeddings"), indices], {"axis": 0})
     mask = None
     if layer.mask_zero:
         mask = Tensor(
@@ -222,16 +234,21 @@ def import_rescaling(b: Builder, layer: Any, x: Tensor, **_: Any) -> ir.Value:
 
 @register_layer("Normalization")
 def import_normalization(b: Builder, layer: Any, x: Tensor, **_: Any) -> ir.Value:
-    from .builder import _to_numpy
+    import keras
 
-    mean = np.asarray(_to_numpy(layer.mean), np.float32)
-    variance = np.asarray(_to_numpy(layer.variance), np.float32)
+    def statistic(variable: Any, fixed: Any) -> ir.Value:
+        if variable is None:  # mean / variance given to the constructor: constants
+            return b.const(np.asarray(keras.ops.convert_to_numpy(fixed), np.float32))
+        # adapted: the (non-trainable) variables, broadcast as Keras's finalize_state does
+        shape = [int(d) for d in layer._broadcast_shape]
+        return b.op("Reshape", [b.variable(variable), b.ints(shape)])
+
+    mean = statistic(getattr(layer, "adapt_mean", None), layer.mean)
+    variance = statistic(getattr(layer, "adapt_variance", None), layer.variance)
+    std = b.op("Max", [b.op("Sqrt", [variance]), b.const(np.float32(keras.config.epsilon()))])
     if layer.invert:
-        return b.op(
-            "Add", [b.op("Mul", [x, b.const(np.sqrt(np.maximum(variance, 1e-7)))]), b.const(mean)]
-        )
-    centered = b.op("Sub", [x, b.const(mean)])
-    return b.op("Div", [centered, b.const(np.maximum(np.sqrt(variance), 1e-7).astype(np.float32))])
+        return b.op("Add", [mean, b.op("Mul", [x, std])])
+    return b.op("Div", [b.op("Sub", [x, mean]), std])
 
 
 # ---------------------------------------------------------------------------- normalization
