@@ -18,6 +18,15 @@ from keras import ops
 
 from interop.backend import numpy_backend
 
+from .windows import (
+    ceil_pads,
+    pad_channels_first,
+    to_channels_first,
+    to_channels_last,
+    window_reduce,
+    window_sum,
+)
+
 _UNARY = {
     "asin": ops.arcsin,
     "acos": ops.arccos,
@@ -479,7 +488,7 @@ class KerasBackend:
         x = ops.convert_to_tensor(x)
         w = ops.cast(w, x.dtype)
         rank = len(self.shape(w)) - 2
-        x = to_channels_last(_pad_channels_first(x, pads))
+        x = to_channels_last(pad_channels_first(x, pads))
         kernel = ops.transpose(w, (*range(2, 2 + rank), 1, 0))  # spatial..., in/groups, out
         out_channels = self.shape(w)[0]
         if groups == 1:
@@ -560,20 +569,20 @@ class KerasBackend:
         declared = [tuple(int(v) for v in pad) for pad in pads]
         # pad explicitly, the end grown so that ceil_mode's extra windows are whole windows:
         # the reductions below then see no padding and no partial window
-        pads = _ceil_pads(self.shape(x)[2:], kernel, strides, declared, dilations, ceil_mode)
+        pads = ceil_pads(self.shape(x)[2:], kernel, strides, declared, dilations, ceil_mode)
         if kind == "max":
             dtype = np.dtype(_dtype(x))  # the lowest value of an integer pool: dtype's minimum
             low = -math.inf if dtype.kind == "f" else int(np.iinfo(dtype).min)
-            padded = _pad_channels_first(x, pads, low)
+            padded = pad_channels_first(x, pads, low)
             if any(d != 1 for d in dilations):
-                return _window_reduce(ops.max, padded, kernel, strides, dilations)
+                return window_reduce(ops.max, padded, kernel, strides, dilations)
             return to_channels_first(ops.max_pool(to_channels_last(padded), kernel, strides))
         if kind == "lp":
             # exponents in x's dtype: Keras's torch backend makes a Python float a float32
             exponents = [np.asarray(e, keras_dtype(_dtype(x))) for e in (p, 1.0 / p)]
-            powered = _pad_channels_first(ops.power(ops.abs(x), exponents[0]), pads)
-            return ops.power(_window_sum(powered, kernel, strides, dilations), exponents[1])
-        summed = _window_sum(_pad_channels_first(x, pads), kernel, strides, dilations)
+            powered = pad_channels_first(ops.power(ops.abs(x), exponents[0]), pads)
+            return ops.power(window_sum(powered, kernel, strides, dilations), exponents[1])
+        summed = window_sum(pad_channels_first(x, pads), kernel, strides, dilations)
         # the count of each window (a constant, so computed on the host): real inputs plus the
         # declared (not the ceil-mode) padding when count_include_pad
         ones = np.ones((1, 1, *self.shape(x)[2:]), np.float32)
@@ -584,66 +593,6 @@ class KerasBackend:
         counts = numpy_backend.pool("avg", ones, kernel, strides, [(0, 0)] * len(kernel),
                                     dilations, False, True) * math.prod(kernel)  # fmt: skip
         return ops.divide(summed, counts.astype(keras_dtype(_dtype(x))))
-
-
-def _ceil_pads(spatial, kernel, strides, pads, dilations, ceil_mode):
-    """The pads with each end grown by ceil_mode's extra windows (ONNX: a window must start
-    inside the input or the begin pad)."""
-    if not ceil_mode:
-        return list(pads)
-    extended = []
-    for size, k, s, d, (lo, hi) in zip(spatial, kernel, strides, dilations, pads):
-        span = size + lo + hi - ((k - 1) * d + 1)
-        out_floor, out_ceil = span // s + 1, -(-span // s) + 1
-        if (out_ceil - 1) * s >= size + lo:
-            out_ceil -= 1
-        extended.append((lo, hi + (out_ceil - out_floor) * s))
-    return extended
-
-
-def _window_sum(x, kernel, strides, dilations):
-    """The sum of each window of the padded channels-first x (no padding left to apply)."""
-    if any(d != 1 for d in dilations):
-        return _window_reduce(ops.sum, x, kernel, strides, dilations)
-    # every window is whole: the mean times the window size is the sum
-    pooled = ops.average_pool(to_channels_last(x), kernel, strides)
-    return to_channels_first(ops.multiply(pooled, float(math.prod(kernel))))
-
-
-def _window_reduce(reduce, x, kernel, strides, dilations):
-    """reduce over each dilated window of the padded channels-first x.
-
-    keras.ops has no dilated pooling (and TensorFlow no strided dilated convolution), so the
-    windows are gathered: per spatial axis, one take with an (outputs, kernel) index grid
-    then a reduction over the kernel axis; take is differentiable on every Keras backend.
-    """
-    for axis in range(len(kernel)):
-        size = int(ops.shape(x)[2 + axis])
-        k, s, d = kernel[axis], strides[axis], dilations[axis]
-        outputs = (size - (k - 1) * d - 1) // s + 1
-        index = np.arange(outputs)[:, None] * s + np.arange(k)[None, :] * d
-        # one axis at a time (max and sum are separable): the rank stays low, which the
-        # gradient of TensorFlow's reductions needs (its BroadcastTo fails on a 3-D pool's
-        # 8-dim windows)
-        x = reduce(ops.take(x, index.astype(np.int32), axis=2 + axis), axis=3 + axis)
-    return x
-
-
-def _pad_channels_first(x, pads, value=0.0):
-    if not any(lo or hi for lo, hi in pads):
-        return x
-    return ops.pad(x, [(0, 0), (0, 0), *[(int(lo), int(hi)) for lo, hi in pads]], "constant",
-                   constant_values=value)  # fmt: skip
-
-
-def to_channels_last(x):
-    rank = len(ops.shape(x))
-    return ops.transpose(x, (0, *range(2, rank), 1))
-
-
-def to_channels_first(x):
-    rank = len(ops.shape(x))
-    return ops.transpose(x, (0, rank - 1, *range(1, rank - 1)))
 
 
 keras_backend = KerasBackend()
