@@ -36,16 +36,7 @@ CASES = {case.name: case for case in all_cases()}
 
 # (case, target) -> reason: strict xfails, each a failure whose fix lies outside the
 # shared semantics / backends (see the report in the commit that added it).
-_SEQUENCE_IN_KERAS = (
-    "Keras emitter (adapters/keras/generic.py): torch.onnx's SplitToSequence -> SequenceAt "
-    "(GPT2's qkv split) inside a functional model: the generic layer's output spec is the "
-    "stacked sequence (3, batch, 7, 32) but its call returns the list, of which Keras keeps "
-    "the first chunk, so SequenceAt(position 2) indexes a (2, 7, 32) tensor: StridedSlice "
-    "'slice index 2 of dimension 0 out of bounds'"
-)
-XFAIL: dict[tuple[str, str], str] = {
-    ("torch-hf_gpt2", "keras"): _SEQUENCE_IN_KERAS,
-}
+XFAIL: dict[tuple[str, str], str] = {}
 # the same for the optimizer-step test only
 XFAIL_TRAIN: dict[tuple[str, str], str] = {}
 

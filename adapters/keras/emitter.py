@@ -7,6 +7,15 @@ Dense, ConvND(Transpose), BatchNormalization, LayerNormalization, Embedding, Dro
 LSTM/GRU) and every other node one `OnnxOp` layer calling its ONNX semantics with the
 ``keras.ops`` backend. Nodes whose inputs are all constants are evaluated here.
 
+Sequences: a sequence value of statically known length is a Python list of KerasTensors
+(or `Const`s) between layers. SequenceConstruct / SequenceEmpty / SequenceLength and
+SequenceAt / SequenceInsert / SequenceErase at constant positions are list operations at
+emission (no layer); a layer reading a sequence takes its elements, one producing one
+(SplitToSequence with a constant split, SequenceMap) returns them one by one (see
+`generic.OnnxOp.layout`). A sequence whose length is only known at run time (a run-time
+split, a Loop's) makes the graph the interpreted `GraphModel`, as sequence inputs and
+outputs of the graph do.
+
 Layout: values keep ONNX's (the source's) layout; native convolution / pooling /
 normalization layers run channels-last between two permutations, and `transpose`
 cancels a permutation against the one that produced its input, so consecutive
@@ -38,6 +47,7 @@ from interop.interpret import (
 )
 
 from .backend import emulated, keras_backend, keras_dtype
+from .generic import sequence_function
 from .interpreted import graph_model, needs_graph_model
 from .native_layers import (
     LAYERS,
@@ -258,6 +268,12 @@ class KerasEmitter(Interpreter):
         folded = self.fold(node)
         if folded is not None:
             return folded
+        if node.domain in ("", "ai.onnx") and node.op_type in _SEQUENCE_STEPS:
+            if node.op_type in _SEQUENCE_READERS and not isinstance(args[0], list):
+                raise NotImplementedError(f"{node.op_type} of a sequence not known as a list")
+            listed = _SEQUENCE_STEPS[node.op_type](self, node, args)
+            if listed is not None:
+                return listed
         if node.op_type == "Transpose" and not isinstance(args[0], Const):
             rank = len(args[0].shape)
             perm = self.attributes(node)[0].get("perm") or list(range(rank))[::-1]
@@ -316,24 +332,36 @@ class KerasEmitter(Interpreter):
     def call_op(
         self, node: ir.Node, args: list[Any], captured: list[Any], shapes: Any = None
     ) -> Sequence[Any]:
-        function = control_function(self, node) or self.op_function(node)
+        function = control_function(self, node) or sequence_function(node) or self.op_function(node)
         values = [*node.inputs, *node_free_values(node)]
-        count = sum(1 for a in [*args, *captured] if a is not None and not isinstance(a, Const))
+        # a sequence's elements are run-time inputs each (constants flow as Identity outputs)
+        args = [[self.runtime(e) for e in a] if isinstance(a, list) else a for a in args]
+        captured = [[self.runtime(e) for e in a] if isinstance(a, list) else a for a in captured]
+        count = sum(
+            len(a) if isinstance(a, list) else 1
+            for a in [*args, *captured]
+            if a is not None and not isinstance(a, Const)
+        )
         if count > MAX_INPUTS:
             raise NotImplementedError(f"{count} run-time inputs (at most {MAX_INPUTS})")
+        specs = [_spec(self, value, shapes[i] if shapes else None) for i, value in
+                 enumerate(node.outputs)]  # fmt: skip
+        if node.op_type in _SEQUENCE_MAKERS and node.domain in ("", "ai.onnx"):
+            # the layer finds its sequences' lengths and elements by running the op: a shape
+            # on record for a sequence value is its elements' at best
+            specs = [(None, dtype) for _, dtype in specs]
         layer = op_class(max(count, 1))(
-            function,
-            node,
-            [_spec(self, value, shapes[i] if shapes else None) for i, value in
-             enumerate(node.outputs)],
-            self.version,
-            name=self.unique(node.name or node.op_type.lower()),
-        )  # fmt: skip
+            function, node, specs, self.version, name=self.unique(node.name or node.op_type.lower())
+        )
         runtime: list[Any] = []
         for position, (value, arg) in enumerate(zip(values, [*args, *captured], strict=True)):
             if arg is None:
                 continue
-            if isinstance(arg, Const):
+            if isinstance(arg, list):
+                layer.sequences.append(position)
+                layer.positions.extend([position] * len(arg))
+                runtime.extend(arg)
+            elif isinstance(arg, Const):
                 if arg.kind is not None:
                     layer.constants[position] = self.variable(value, arg.array, arg.kind)
                 else:
@@ -350,7 +378,7 @@ class KerasEmitter(Interpreter):
             layer.anchored = True
             runtime = [self.inputs[0]]
         outputs = layer(*runtime)
-        return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+        return layer.group(list(outputs) if isinstance(outputs, (list, tuple)) else [outputs])
 
     def runtime(self, value: Any) -> Any:
         """A KerasTensor for a value (a constant becomes a layer output when it must flow)."""
@@ -363,6 +391,105 @@ class KerasEmitter(Interpreter):
         if value.value.dtype is None:
             node.outputs[0].dtype = ir.DataType.from_numpy(value.array.dtype)
         return self.call_op(node, [value], [])[0]
+
+
+# ------------------------------------------------------------------ sequences as lists
+def _position(arg: Any, length: int, default: int, *, end: bool = False) -> int | None:
+    """A constant position, checked and counted from the front; None when known at run time."""
+    if arg is None:
+        return default
+    if not isinstance(arg, Const) or arg.kind is not None:
+        return None
+    index = int(np.asarray(arg.array).reshape(-1)[0])
+    limit = length + 1 if end else length  # SequenceInsert may append
+    if not -length <= index < limit:
+        raise IndexError(f"position {index} outside a sequence of {length}")
+    return index + length if index < 0 else index
+
+
+def _static(emitter: KerasEmitter, node: ir.Node, items: list[Any]) -> list[Any]:
+    """A list result, remembered as host arrays when its elements are plain constants, so
+    that nodes reading it fold."""
+    if all(isinstance(i, Const) and i.kind is None for i in items):
+        emitter.static[node.outputs[0]] = [i.array for i in items]
+    return [items]
+
+
+def _uniform(node: ir.Node, items: list[Any]) -> None:
+    """A run-time position picks among elements of one shape and dtype only (a gather)."""
+    specs = {
+        (tuple(i.array.shape), str(i.array.dtype))
+        if isinstance(i, Const)
+        else (tuple(i.shape), str(i.dtype))
+        for i in items
+    }
+    if len(specs) > 1:
+        raise NotImplementedError(
+            f"{node.op_type} at a run-time position among tensors of different shapes {specs}"
+        )
+
+
+def _construct(emitter, node, args):
+    return _static(emitter, node, list(args))
+
+
+def _empty(emitter, node, args):
+    return [[]]
+
+
+def _length(emitter, node, args):
+    array = np.array(len(args[0]), np.int64)
+    emitter.static[node.outputs[0]] = array
+    return [Const(node.outputs[0], array, None)]
+
+
+def _at(emitter, node, args):
+    sequence = args[0]
+    index = _position(args[1], len(sequence), 0)
+    if index is None:
+        _uniform(node, sequence)
+        return None  # a layer gathers it (generic.sequence_function)
+    return [sequence[index]]
+
+
+def _insert(emitter, node, args):
+    sequence, tensor = args[0], args[1]
+    index = _position(args[2] if len(args) > 2 else None, len(sequence), len(sequence), end=True)
+    if index is None:
+        _uniform(node, [*sequence, tensor])
+        return None
+    return _static(emitter, node, [*sequence[:index], tensor, *sequence[index:]])
+
+
+def _erase(emitter, node, args):
+    sequence = args[0]
+    index = _position(args[1] if len(args) > 1 else None, len(sequence), len(sequence) - 1)
+    if index is None:
+        _uniform(node, sequence)
+        return None
+    return _static(emitter, node, [*sequence[:index], *sequence[index + 1 :]])
+
+
+def _identity(emitter, node, args):
+    return _static(emitter, node, list(args[0])) if isinstance(args[0], list) else None
+
+
+def _split(emitter, node, args):
+    split = args[1] if len(args) > 1 else None
+    if split is not None and not (isinstance(split, Const) and split.kind is None):
+        raise NotImplementedError("SplitToSequence with a run-time split: a run-time length")
+    return None  # one layer, whose outputs are the chunks
+
+
+# ops whose first input is a sequence
+_SEQUENCE_READERS = frozenset({"SequenceAt", "SequenceInsert", "SequenceErase", "SequenceLength"})
+# ops whose outputs are all sequences, made by a layer
+_SEQUENCE_MAKERS = frozenset({"SplitToSequence", "SequenceInsert", "SequenceErase", "SequenceMap"})
+
+_SEQUENCE_STEPS = {"SequenceConstruct": _construct, "SequenceEmpty": _empty,
+                   "SequenceLength": _length, "SequenceAt": _at, "SequenceInsert": _insert,
+                   "SequenceErase": _erase, "Identity": _identity,
+                   "SplitToSequence": _split}  # fmt: skip
 
 
 def _spec(emitter: KerasEmitter, value: ir.Value, shape: Any = None) -> tuple[Any, Any]:

@@ -3,6 +3,12 @@
 `OnnxOp` calls the node's ONNX semantics with the ``keras.ops`` backend; `Transpose` is the
 layout change between layers; `control_function` makes If / Loop / Scan ``keras.ops.cond`` /
 ``while_loop`` / ``scan`` when traced.
+An ONNX sequence of statically known length flows between layers as a Python list of
+KerasTensors: a layer reading one takes its elements as run-time inputs and hands the
+semantics the list; a layer producing one returns its elements as separate outputs
+(``layout`` records which outputs form which sequence). `sequence_function` makes
+SequenceAt / SequenceInsert / SequenceErase with a run-time position a gather on the
+stacked elements, so they trace.
 Values of ONNX dtypes Keras lacks (int4, float8 fnuz...) travel between layers in a carrier
 dtype (``backend.CARRIERS``); a node reading or writing one runs on the host with numpy's
 (ml_dtypes') rules, the reference semantics, and hands carriers on.
@@ -57,6 +63,9 @@ class OnnxOp(keras.layers.Layer):
         self.constants: dict[int, Any] = {}
         self.positions: list[int] = []
         self.arity, self.anchored, self.exposed = 0, False, False
+        self.sequences: list[int] = []  # positions taking a sequence (their inputs, in order)
+        # per node output: None for a tensor, the (shape, dtype) of each element for a sequence
+        self.layout: list[Any] = [None] * len(specs)
         self.input_dtypes: dict[int, str] = {}  # ONNX dtypes of the carrier inputs, by position
         # ONNX fixes the dtypes: no autocasting of inputs to the layer's float policy
         self._convert_input_args = False
@@ -69,20 +78,15 @@ class OnnxOp(keras.layers.Layer):
     def run(self, inputs):
         if self.emulates():
             return self.run_on_host(inputs)
-        args: list[Any] = [None] * self.arity
-        for position, constant in self.constants.items():
-            args[position] = constant.value if isinstance(constant, keras.Variable) else constant
-        if not self.anchored:
-            for position, tensor in zip(self.positions, inputs):
-                args[position] = tensor
-        results = [
-            ops.zeros((0,)) if r is None else r for r in self.function(*args)
-        ]  # an optional output ONNX leaves empty
+        args = self.arguments(
+            inputs, lambda c: c.value if isinstance(c, keras.Variable) else c, lambda _, t: t
+        )
+        results = self.flatten(self.function(*args))
         if self.exposed:  # a model output: host values (shape arithmetic) become tensors
             results = [
                 ops.convert_to_tensor(r) if isinstance(r, np.ndarray) else r for r in results
             ]
-        return results[0] if len(self.specs) == 1 else results
+        return results[0] if len(results) == 1 else results
 
     def run_on_host(self, inputs):
         """The node on numpy (ml_dtypes' rounding, saturation and wrapping: the reference's),
@@ -92,19 +96,55 @@ class OnnxOp(keras.layers.Layer):
                 f"{self.op_type}: dtypes Keras lacks ({self.input_dtypes or self.specs}) are "
                 "emulated on the host, which needs eager execution"
             )
+        args = self.arguments(
+            inputs,
+            lambda c: keras_backend.to_numpy(c.value if isinstance(c, keras.Variable) else c),
+            lambda position, t: from_carrier(t, self.input_dtypes.get(position)),
+        )
+        results = [ops.convert_to_tensor(to_carrier(r)) for r in self.flatten(self.function(*args))]
+        return results[0] if len(results) == 1 else results
+
+    def arguments(self, inputs, constant, tensor):
+        """The node's inputs in ONNX order: constants (through ``constant``), run-time inputs
+        (through ``tensor(position, value)``), a sequence's elements gathered into a list."""
         args: list[Any] = [None] * self.arity
-        for position, constant in self.constants.items():
-            args[position] = keras_backend.to_numpy(
-                constant.value if isinstance(constant, keras.Variable) else constant
-            )
+        for position, value in self.constants.items():
+            args[position] = constant(value)
+        for position in self.sequences:
+            args[position] = []
         if not self.anchored:
-            for position, tensor in zip(self.positions, inputs):
-                args[position] = from_carrier(tensor, self.input_dtypes.get(position))
-        results = [
-            ops.zeros((0,)) if r is None else ops.convert_to_tensor(to_carrier(r))
-            for r in self.function(*args)
-        ]
-        return results[0] if len(self.specs) == 1 else results
+            for position, value in zip(self.positions, inputs):
+                if position in self.sequences:
+                    args[position].append(tensor(position, value))
+                else:
+                    args[position] = tensor(position, value)
+        return args
+
+    def flatten(self, results):
+        """The node's results as the layer's outputs: a sequence's elements one by one."""
+        flat = []
+        for result, elements in zip(results, self.layout):
+            if elements is None:
+                flat.append(ops.zeros((0,)) if result is None else result)  # an omitted output
+            elif isinstance(result, (list, tuple)) and len(result) == len(elements):
+                flat.extend(result)
+            else:
+                got = len(result) if isinstance(result, (list, tuple)) else "a tensor"
+                raise ValueError(
+                    f"{self.op_type} '{self.name}': built for a sequence of {len(elements)} "
+                    f"tensors, got {got}"
+                )
+        return flat
+
+    def group(self, outputs):
+        """The layer's outputs as the node's: a sequence's elements back in one list."""
+        grouped, start = [], 0
+        for elements in self.layout:
+            count = 1 if elements is None else len(elements)
+            chunk = list(outputs[start : start + count])
+            grouped.append(chunk[0] if elements is None else chunk)
+            start += count
+        return grouped
 
     def get_config(self):
         """The node as ONNX bytes, its constants and wiring; variables are saved as weights."""
@@ -127,6 +167,9 @@ class OnnxOp(keras.layers.Layer):
             "positions": self.positions, "arity": self.arity, "anchored": self.anchored,
             "exposed": self.exposed, "constants": constants, "variables": variables,
             "input_dtypes": {str(k): v for k, v in self.input_dtypes.items()},
+            "sequences": self.sequences,
+            "layout": [None if e is None else [[None if s is None else list(s), d] for s, d in e]
+                       for e in self.layout],
         }  # fmt: skip
 
     @classmethod
@@ -150,8 +193,14 @@ class OnnxOp(keras.layers.Layer):
         specs = [(None if s is None else tuple(s), d) for s, d in config.pop("specs")]
         wiring = {k: config.pop(k) for k in ("positions", "arity", "anchored", "exposed")}
         wiring["input_dtypes"] = {int(k): v for k, v in config.pop("input_dtypes", {}).items()}
+        wiring["sequences"] = list(config.pop("sequences", []))
+        wiring["layout"] = [
+            None if e is None else [(None if s is None else tuple(s), d) for s, d in e]
+            for e in config.pop("layout", [None] * len(specs))
+        ]
         constants, variables = config.pop("constants"), config.pop("variables")
-        layer = cls(interpreter.op_function(node), node, specs, version, **config)
+        function = sequence_function(node) or interpreter.op_function(node)
+        layer = cls(function, node, specs, version, **config)
         for key, value in wiring.items():
             setattr(layer, key, value)
         for position, (values, dtype) in constants.items():
@@ -166,30 +215,70 @@ class OnnxOp(keras.layers.Layer):
         specs = self.specs
         if any(shape is None for shape, _ in specs):
             specs = self._evaluated_specs(inputs)
+        flat = []
+        for spec, elements in zip(specs, self.layout):
+            flat.extend([spec] if elements is None else elements)
+        if not flat:
+            raise NotImplementedError(f"{self.op_type}: only empty sequences out (no tensor)")
         tensors = [
-            keras.KerasTensor(shape, dtype=keras_dtype(dtype or "float32"))
-            for shape, dtype in specs
+            keras.KerasTensor(shape, dtype=keras_dtype(dtype or "float32")) for shape, dtype in flat
         ]
         return tensors[0] if len(tensors) == 1 else tensors
 
     def _evaluated_specs(self, inputs):
-        """Output shapes by running the op on host arrays, twice, to tell dynamic dims apart."""
+        """Output shapes by running the op on host arrays, twice, to tell dynamic dims apart.
+
+        A sequence output must have the same length in both runs (a length that follows a
+        dynamic dim cannot be a fixed set of layer outputs); its elements' specs go to
+        ``layout``.
+        """
         runs = []
         for size in (2, 3):
-            args: list[Any] = [None] * self.arity
-            for position, constant in self.constants.items():
-                args[position] = np.asarray(keras.ops.convert_to_numpy(constant))
-            for position, tensor in zip(self.positions, inputs):
+
+            def dummy(position, tensor, size=size):
                 shape = tuple(size if d is None else d for d in tensor.shape)
                 dtype = self.input_dtypes.get(position) or tensor.dtype
-                args[position] = np.zeros(shape, as_dtype(dtype))
-            runs.append([np.shape(r) for r in self.function(*args)])
+                return np.zeros(shape, as_dtype(dtype))
+
+            args = self.arguments(inputs, lambda c: np.asarray(ops.convert_to_numpy(c)), dummy)
+            runs.append(list(self.function(*args)))
         specs = []
-        for (shape, dtype), first, second in zip(self.specs, runs[0], runs[1]):
-            if shape is None:
-                shape = tuple(a if a == b else None for a, b in zip(first, second))
+        for index, (spec, first, second) in enumerate(zip(self.specs, *runs)):
+            shape, dtype = spec
+            if isinstance(first, (list, tuple)):
+                if self.op_type not in SEQUENCE_OUTPUTS:
+                    raise NotImplementedError(
+                        f"{self.op_type}: a sequence output, whose length may change at run time"
+                    )
+                if not isinstance(second, (list, tuple)) or len(first) != len(second):
+                    raise NotImplementedError(
+                        f"{self.op_type}: the length of its output sequence follows a dynamic dim"
+                    )
+                self.layout[index] = [
+                    (_merged(a, b), dtype or _dtype(a)) for a, b in zip(first, second)
+                ]
+            elif shape is None:
+                shape = _merged(first, second)
             specs.append((shape, dtype))
         return specs
+
+
+def _merged(first, second) -> tuple:
+    """The shape of two runs' results, None where they differ (a dynamic dim)."""
+    return tuple(a if a == b else None for a, b in zip(np.shape(first), np.shape(second)))
+
+
+def _dtype(value) -> str:
+    return keras.backend.standardize_dtype(getattr(value, "dtype", np.asarray(value).dtype))
+
+
+# ops whose output sequences have a length fixed by their inputs' shapes and constants (the
+# emitter checks that SplitToSequence's split is constant); others (Loop, If...) fall back
+# on the interpreted model
+SEQUENCE_OUTPUTS = frozenset(
+    {"SplitToSequence", "SequenceMap", "SequenceInsert", "SequenceErase", "SequenceConstruct",
+     "Identity"}
+)  # fmt: skip
 
 
 # Keras rejects a nested call argument mixing tensors and host arrays, and host arrays must
@@ -340,3 +429,50 @@ def _concrete(value) -> bool:
     except Exception:
         return False
     return True
+
+
+# ------------------------------------------------------------------ sequences, run-time positions
+def sequence_function(node) -> Any:
+    """SequenceAt / SequenceInsert / SequenceErase as a gather on the stacked elements (all of
+    one shape: the emitter checks), so that a run-time position needs no host read (the
+    semantics' ``int(position)``) and the node traces under ``tf.function`` / ``jax.jit``;
+    None for other nodes. The sequence's length is static (the layer's run-time inputs)."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    return {"SequenceAt": _sequence_at, "SequenceInsert": _sequence_insert,
+            "SequenceErase": _sequence_erase}.get(node.op_type)  # fmt: skip
+
+
+def _index(position, length: int, default: int):
+    """A position as a scalar int32 tensor in [0, length] (ONNX counts negatives from the end)."""
+    if position is None:
+        return ops.convert_to_tensor(np.int32(default))
+    index = ops.reshape(ops.cast(ops.convert_to_tensor(position), "int32"), ())
+    return ops.where(index < 0, index + length, index)
+
+
+def _pick(stacked, indices):
+    return [ops.take(stacked, index, axis=0) for index in indices]
+
+
+def _sequence_at(sequence, position):
+    return (_pick(ops.stack(sequence), [_index(position, len(sequence), 0)])[0],)
+
+
+def _sequence_erase(sequence, position=None):
+    length = len(sequence)
+    index = _index(position, length, length - 1)
+    # element i of the result is element i of the input before the erased one, i + 1 after
+    sources = [ops.where(i < index, i, i + 1) for i in range(length - 1)]
+    return (_pick(ops.stack(sequence), sources) if length > 1 else [],)
+
+
+def _sequence_insert(sequence, tensor, position=None):
+    length = len(sequence)
+    index = _index(position, length, length)
+    # the new tensor is stacked last (at `length`); element i of the result is element i
+    # of the input before the insertion point, the new tensor at it, element i - 1 after
+    sources = [
+        ops.where(i < index, i, ops.where(i == index, length, i - 1)) for i in range(length + 1)
+    ]
+    return (_pick(ops.stack([*sequence, tensor]), sources),)
