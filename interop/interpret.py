@@ -188,6 +188,25 @@ def node_free_values(node: ir.Node) -> list[ir.Value]:
     return list(found)
 
 
+def loop_condition_holds(body: ir.Graph) -> bool:
+    """Whether a Loop body hands its condition input back unchanged (directly, through
+    Identity, or as a constant true): then the loop runs its whole trip count, and scan
+    outputs have a length known before it runs (a host scan can take it)."""
+    if len(body.inputs) < 2 or not body.outputs:
+        return False
+    value = body.outputs[0]
+    while (producer := value.producer()) is not None and producer.op_type == "Identity":
+        value = producer.inputs[0]
+    if value is body.inputs[1]:
+        return True
+    if producer is not None and producer.op_type == "Constant":
+        attribute = producer.attributes.get("value")
+        const = None if attribute is None else attribute.value
+    else:
+        const = value.const_value
+    return const is not None and const.size == 1 and bool(const.numpy().reshape(()))
+
+
 class SubgraphFunction:
     """A subgraph attribute as a callable over backend arrays, the outer scope bound."""
 
@@ -260,7 +279,9 @@ class Interpreter:
             self.version = version or opset_of(self.model)
             # computed or relaid weights become initializers, so hosts can build their own
             # layers; inverse transposes cancel and missing shapes are inferred
-            self.model = simplify(pack_weights(self.model, self.version))
+            packed = pack_weights(self.model, self.version)
+            # the clean-up rewrites in place: never the caller's model
+            self.model = simplify(packed if packed is not self.model else packed.clone())
             self.graph = self.model.graph
         self.backend = backend
         model = self.model

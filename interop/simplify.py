@@ -5,7 +5,8 @@ Keras capture turns an NHWC Conv2D into Transpose -> Conv -> Transpose, so two l
 row leave Transpose(NCHW->NHWC) -> Transpose(NHWC->NCHW) between them. Emitted as is, each
 pair costs two copies per call and hides the Conv -> BatchNormalization chain a host layer
 could take. Shapes matter for the same reason: a native BatchNorm needs its input's rank.
-Both run on the emitter's private copy of the model (after `packing.pack_weights`).
+Both run on the emitter's private copy of the model (after `packing.pack_weights`), in
+place: `Interpreter` never hands them the caller's model.
 
 >>> model = simplify(model)   # doctest: +SKIP
 """
@@ -200,9 +201,11 @@ def infer_missing_shapes(model: ir.Model) -> None:
     for node in inferred.graph:
         for value in node.outputs:
             target = missing.get(value.name)
-            if target is None:
+            if target is None or value.type is None:
                 continue
+            if target.type is None:  # the whole type: a sequence stays a sequence
+                target.type = value.type
+            elif target.type != value.type:
+                continue  # the inference disagrees with what is on record: keep the record
             if target.shape is None and value.shape is not None:
                 target.shape = value.shape
-            if target.dtype is None and value.dtype is not None:
-                target.dtype = value.dtype

@@ -156,3 +156,25 @@ def test_inverse_transposes_cancel_and_others_stay():
     np.testing.assert_array_equal(
         z_got, np.maximum(x_value.transpose(0, 2, 3, 1), 0).transpose(0, 2, 1, 3)
     )
+
+
+def test_emission_leaves_the_callers_graph_alone(keras_traced):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [  # nothing to fold, transposes to cancel, shapes to infer
+        helper.make_node("Transpose", ["x"], ["a"], perm=[0, 2, 3, 1]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Transpose", ["r"], ["b"], perm=[0, 3, 1, 2]),
+        helper.make_node("Sigmoid", ["b"], ["y"]),
+    ]
+    plain = interop.load(helper.make_model(helper.make_graph(nodes, "g", [x], [y])))
+    _, _, keras_graph = keras_traced
+    for graph in (plain, keras_graph):
+        before = graph.to_bytes()
+        interop.to_torch(graph)
+        interop.to_flax(graph)
+        assert graph.to_bytes() == before
+    assert [n.op_type for n in plain.model.graph] == ["Transpose", "Relu", "Transpose", "Sigmoid"]
+    assert plain.model.graph.node(1).outputs[0].shape is None

@@ -36,6 +36,7 @@ from interop.interpret import (
     SubgraphFunction,
     check_supported,
     fold_on_host,
+    loop_condition_holds,
     node_free_values,
 )
 from interop.registry import Registry
@@ -345,16 +346,24 @@ class FlaxEmitter(Interpreter):
 
             return run_if
         if node.op_type == "Loop":
-            return _loop_function(eager, bodies, count)
+            return _loop_function(eager, bodies, count, loop_condition_holds(graphs["body"]))
         return _scan_function(eager, bodies, count, values)
 
 
-def _loop_function(eager: Callable, bodies: Callable, count: int) -> Callable:
+def _loop_function(eager: Callable, bodies: Callable, count: int, full: bool) -> Callable:
     def run_loop(*args: Any) -> tuple:
         trip, condition, *initial = args[:count]
         body = bodies(args)["body"]
-        if not _is_tracer(args) or body.num_outputs - 1 != len(initial):
-            return eager(*args)  # eager, or scan outputs (their length would be dynamic)
+        if not _is_tracer(args):
+            return eager(*args)
+        if body.num_outputs - 1 != len(initial):
+            # scan outputs: a fixed-length lax.scan when the loop runs its whole (static)
+            # trip count; otherwise their length would be dynamic, and Python loops
+            if not full or trip is None or _is_tracer(trip) or _is_tracer(condition):
+                return eager(*args)
+            if condition is not None and not bool(np.asarray(condition).reshape(())):
+                return eager(*args)  # runs no iteration
+            return _scan_loop(body, int(np.asarray(trip).reshape(())), initial)
         state = tuple(_as_jax(s) for s in initial)
         keep = jnp.asarray(True) if condition is None else jnp.reshape(condition, ()).astype(bool)
 
@@ -372,6 +381,20 @@ def _loop_function(eager: Callable, bodies: Callable, count: int) -> Callable:
         return tuple(lax.while_loop(more, step, (start, keep, state))[2])
 
     return run_loop
+
+
+def _scan_loop(body: Callable, length: int, initial: Sequence[Any]) -> tuple:
+    """A Loop that runs its whole trip count, with scan outputs, as one lax.scan."""
+    state = tuple(_as_jax(s) for s in initial)
+    counter = jnp.arange(length, dtype=jnp.asarray(np.int64(0)).dtype)
+
+    def step(current: tuple, i: Any) -> tuple:
+        outputs = body(i, jnp.asarray(True), *current)
+        new = tuple(jnp.asarray(o).astype(c.dtype) for o, c in zip(outputs[1:], current))
+        return new, tuple(_as_jax(o) for o in outputs[1 + len(current) :])
+
+    final, stacked = lax.scan(step, state, counter)
+    return (*final, *stacked)
 
 
 def _scan_function(eager: Callable, bodies: Callable, count: int, attrs: dict) -> Callable:

@@ -1,0 +1,146 @@
+"""ONNX Loops with scan outputs become the hosts' own scans when traced.
+
+A Loop whose body hands its condition back unchanged runs its whole trip count, so its scan
+outputs have a known length: under ``jax.jit`` the Flax emitter runs it as one ``lax.scan``
+(not a Python loop unrolled per step). The Flax capture writes every ``lax.scan`` as such a
+Loop, so a Flax model with a scan round-trips into a scan. Outputs are compared with the
+numpy reference evaluator (rtol 1e-5) and with the source model (rtol 1e-4).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+jax = pytest.importorskip("jax")
+nnx = pytest.importorskip("flax.nnx")
+import jax.numpy as jnp  # noqa: E402
+
+import interop  # noqa: E402
+from interop.interpret import evaluate, loop_condition_holds  # noqa: E402
+
+STEPS = 5
+
+
+def _loop_model(condition_from_body: str = "Identity", trip_as_input: bool = False):
+    """y = Loop(n, true, s): s <- s * 0.9 + i per step, scanning out s * 2 (shape [STEPS, 3])."""
+    body_nodes = [
+        helper.make_node("Cast", ["i"], ["i_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["s", "decay"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "i_f"], ["s_out"]),
+        helper.make_node("Add", ["s_out", "s_out"], ["y_out"]),
+    ]
+    if condition_from_body == "Identity":
+        body_nodes.append(helper.make_node("Identity", ["cond_in"], ["cond_out"]))
+    else:  # the condition depends on the state: the length is only known after running
+        body_nodes += [
+            helper.make_node("ReduceSum", ["s_out"], ["total"], keepdims=0),
+            helper.make_node("Less", ["total", "limit"], ["cond_out"]),
+        ]
+    body = helper.make_graph(
+        body_nodes,
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, [3]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [3]),
+            helper.make_tensor_value_info("y_out", TensorProto.FLOAT, [3]),
+        ],
+    )
+    initializers = [
+        numpy_helper.from_array(np.array(0.9, np.float32), "decay"),
+        numpy_helper.from_array(np.array(10.0, np.float32), "limit"),
+        numpy_helper.from_array(np.array(True), "go"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])]
+    if trip_as_input:
+        inputs.insert(0, helper.make_tensor_value_info("n", TensorProto.INT64, []))
+    else:
+        initializers.append(numpy_helper.from_array(np.array(STEPS, np.int64), "n"))
+    loop = helper.make_node("Loop", ["n", "go", "x"], ["final", "ys"], body=body)
+    graph = helper.make_graph(
+        [loop],
+        "g",
+        inputs,
+        [
+            helper.make_tensor_value_info("final", TensorProto.FLOAT, [3]),
+            helper.make_tensor_value_info("ys", TensorProto.FLOAT, None),
+        ],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_condition_analysis():
+    import onnx_ir as ir
+
+    def body_of(model):
+        return ir.serde.deserialize_model(model).graph.node(0).attributes["body"].value
+
+    assert loop_condition_holds(body_of(_loop_model("Identity")))
+    assert not loop_condition_holds(body_of(_loop_model("data")))
+
+
+def test_flax_loop_with_scan_outputs_is_one_lax_scan_under_jit():
+    model = _loop_model()
+    x = np.array([1.0, -2.0, 0.5], np.float32)
+    expected = evaluate(model, x)
+    module = interop.to_flax(model)
+    jitted = jax.jit(lambda v: module(v))
+    for got in (module(x), jitted(x)):
+        for want, have in zip(expected, got):
+            np.testing.assert_allclose(np.asarray(have), want, rtol=1e-5)
+    assert np.asarray(jitted(x)[1]).shape == (STEPS, 3)
+    jaxpr = str(jax.make_jaxpr(lambda v: module(v))(x))
+    assert jaxpr.count("scan[") == 1 and "while[" not in jaxpr
+    # the body runs once in the jaxpr: one Mul by the decay, not STEPS unrolled copies
+    assert jaxpr.count("mul ") == 1, jaxpr
+
+
+def test_flax_loop_that_may_stop_early_runs_eagerly_and_refuses_jit_clearly():
+    from interop.adapters.flax.backend import StaticValueError
+
+    model = _loop_model("data")
+    x = np.array([1.0, 2.0, 0.5], np.float32)
+    expected = evaluate(model, x)
+    module = interop.to_flax(model)
+    for want, have in zip(expected, module(x)):  # eager: the loop stops where the data says
+        np.testing.assert_allclose(np.asarray(have), want, rtol=1e-5)
+    assert expected[1].shape[0] < STEPS  # it did stop early
+    # under jit the number of scan outputs would depend on traced data: no XLA shape for it
+    with pytest.raises(StaticValueError, match="depends on traced values"):
+        jax.jit(lambda v: module(v))(x)
+
+
+def test_flax_model_with_a_scan_round_trips_into_a_scan():
+    class Cumulative(nnx.Module):
+        """A recurrence written with jax.lax.scan that returns every step's output."""
+
+        def __init__(self, rngs):
+            self.cell = nnx.Linear(4, 4, rngs=rngs)
+
+        def __call__(self, xs):  # xs: [time, batch, 4]
+            def step(h, x):
+                h = jnp.tanh(self.cell(h) + x)
+                return h, h * 2.0
+
+            _, ys = jax.lax.scan(step, jnp.zeros_like(xs[0]), xs)
+            return ys
+
+    source = Cumulative(nnx.Rngs(0))
+    xs = np.random.default_rng(0).standard_normal((6, 2, 4)).astype(np.float32)
+    graph = interop.trace(source, (xs,), dynamic_batch=False)
+    assert [n.op_type for n in graph.model.graph].count("Loop") == 1
+    module = interop.to_flax(graph)
+    fn = jax.jit(lambda v: module(v))
+    got = fn(xs)
+    got = got[0] if isinstance(got, (list, tuple)) else got
+    np.testing.assert_allclose(np.asarray(got), np.asarray(source(xs)), rtol=1e-4, atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(lambda v: module(v))(xs))
+    assert jaxpr.count("scan[") == 1
+    assert jaxpr.count("tanh") == 1  # one step body, not six
