@@ -144,3 +144,70 @@ def test_flax_model_with_a_scan_round_trips_into_a_scan():
     jaxpr = str(jax.make_jaxpr(lambda v: module(v))(xs))
     assert jaxpr.count("scan[") == 1
     assert jaxpr.count("tanh") == 1  # one step body, not six
+
+
+def test_keras_loop_with_scan_outputs_is_one_scan_in_tf_function():
+    tf = pytest.importorskip("tensorflow")
+    pytest.importorskip("keras")
+    model = _loop_model()
+    x = np.array([1.0, -2.0, 0.5], np.float32)
+    expected = evaluate(model, x)
+    emitted = interop.to_keras(model)
+    traced = tf.function(lambda v: emitted(v))
+    for got in (emitted(x), traced(tf.constant(x))):
+        for want, have in zip(expected, got):
+            np.testing.assert_allclose(np.asarray(have), want, rtol=1e-5)
+    graph = traced.get_concrete_function(tf.TensorSpec([3], tf.float32)).graph
+    ops = [op.type for op in graph.get_operations()]
+    # one While (keras.ops.scan on TensorFlow), the body inside it: no unrolled Muls outside
+    assert ops.count("While") + ops.count("StatelessWhile") == 1, ops
+    assert ops.count("Mul") == 0, ops
+
+
+def _if_model():
+    then_graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [3])],
+    )
+    else_graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [3])],
+    )
+    node = helper.make_node("If", ["c"], ["y"], then_branch=then_graph, else_branch=else_graph)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_keras_models_with_subgraphs_save_and_load(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    keras = pytest.importorskip("keras")
+    x = np.array([1.0, -2.0, 0.5], np.float32)
+    # both branches read the outer x: one value again after loading
+    emitted = interop.to_keras(_if_model())
+    emitted.save(tmp_path / "if.keras")
+    loaded = keras.models.load_model(tmp_path / "if.keras")
+    for condition in (True, False):
+        want = evaluate(_if_model(), np.array(condition), x)[0]
+        got = loaded([np.array(condition), x])
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+    emitted = interop.to_keras(_loop_model())
+    emitted.save(tmp_path / "loop.keras")
+    loaded = keras.models.load_model(tmp_path / "loop.keras")
+    traced = tf.function(lambda v: loaded(v))
+    for want, have in zip(evaluate(_loop_model(), x), traced(tf.constant(x))):
+        np.testing.assert_allclose(np.asarray(have), want, rtol=1e-5)
+    graph = traced.get_concrete_function(tf.TensorSpec([3], tf.float32)).graph
+    ops = [op.type for op in graph.get_operations()]
+    assert ops.count("While") + ops.count("StatelessWhile") == 1  # still a scan after loading

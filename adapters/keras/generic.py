@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 from keras import ops
 
-from interop.interpret import SubgraphFunction, node_free_values
+from interop.interpret import SubgraphFunction, loop_condition_holds, node_free_values
 
 from .backend import as_dtype, emulated, from_carrier, keras_backend, keras_dtype, to_carrier
 
@@ -147,10 +147,8 @@ class OnnxOp(keras.layers.Layer):
         return grouped
 
     def get_config(self):
-        """The node as ONNX bytes, its constants and wiring; variables are saved as weights."""
-        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-               for a in self.node.attributes.values()):  # fmt: skip
-            raise NotImplementedError(f"saving a {self.op_type} node (subgraphs) is not supported")
+        """The node as ONNX bytes (subgraphs included), its constants and wiring; variables are
+        saved as weights."""
         proto = ir.serde.serialize_node(self.node)
         constants, variables = {}, {}
         for position, constant in self.constants.items():
@@ -168,6 +166,7 @@ class OnnxOp(keras.layers.Layer):
             "exposed": self.exposed, "constants": constants, "variables": variables,
             "input_dtypes": {str(k): v for k, v in self.input_dtypes.items()},
             "sequences": self.sequences,
+            "outer": [v.name for v in node_free_values(self.node)],
             "layout": [None if e is None else [[None if s is None else list(s), d] for s, d in e]
                        for e in self.layout],
         }  # fmt: skip
@@ -180,14 +179,7 @@ class OnnxOp(keras.layers.Layer):
 
         config = dict(config)
         proto = onnx.NodeProto.FromString(base64.b64decode(config.pop("node")))
-        # a lone node's inputs are outside any graph: onnx_ir warns, and creates them as it should
-        logger = logging.getLogger(ir.serde.__name__)
-        level = logger.level
-        logger.setLevel(logging.ERROR)
-        try:
-            node = ir.serde.deserialize_node(proto)
-        finally:
-            logger.setLevel(level)
+        node = _deserialized(proto, config.pop("outer", []))
         version = config.pop("version")
         interpreter = Interpreter(ir.Graph([], [], nodes=[]), keras_backend, version=version)
         specs = [(None if s is None else tuple(s), d) for s, d in config.pop("specs")]
@@ -199,7 +191,11 @@ class OnnxOp(keras.layers.Layer):
             for e in config.pop("layout", [None] * len(specs))
         ]
         constants, variables = config.pop("constants"), config.pop("variables")
-        function = sequence_function(node) or interpreter.op_function(node)
+        function = (
+            sequence_function(node)
+            or control_function(interpreter, node)  # If/Loop/Scan: host control flow again
+            or interpreter.op_function(node)
+        )
         layer = cls(function, node, specs, version, **config)
         for key, value in wiring.items():
             setattr(layer, key, value)
@@ -281,6 +277,24 @@ SEQUENCE_OUTPUTS = frozenset(
 )  # fmt: skip
 
 
+def _deserialized(proto, outer: list[str]) -> ir.Node:
+    """A saved node back, inside a one-node graph whose inputs are the node's inputs and the
+    outer values its subgraphs read: each name is then one value, shared by every branch."""
+    import onnx
+
+    names = list(dict.fromkeys([*[n for n in proto.input if n], *outer]))
+    graph = onnx.helper.make_graph(
+        [proto], "saved_node", [onnx.ValueInfoProto(name=n) for n in names], []
+    )
+    logger = logging.getLogger(ir.serde.__name__)
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # untyped inputs and no outputs: warned about, as meant
+    try:
+        return ir.serde.deserialize_graph(graph).node(0)
+    finally:
+        logger.setLevel(level)
+
+
 # Keras rejects a nested call argument mixing tensors and host arrays, and host arrays must
 # flow (shape arithmetic cannot leave the host under jit): one named parameter per input,
 # in a subclass per input count (Keras binds every declared parameter on every call)
@@ -353,8 +367,10 @@ def _loop(emitter, node):
     eager = emitter.op_function(node)
     carried = len(node.inputs) - 2
     body_graph = node.attributes["body"].value
-    if len(body_graph.outputs) != 1 + carried:  # scan outputs grow per step: Python loop
-        return eager
+    if len(body_graph.outputs) != 1 + carried:
+        # scan outputs: keras.ops.scan when the loop runs its whole trip count, else their
+        # length grows with the data and the Python loop runs
+        return _scan_loop(emitter, node, eager) if loop_condition_holds(body_graph) else eager
 
     def run_loop(trip_count, condition, *rest):
         initial, captured = rest[:carried], rest[carried:]
@@ -380,6 +396,36 @@ def _loop(emitter, node):
         start = ops.convert_to_tensor(np.array(0, np.int64))
         results = ops.while_loop(going, step, (start, keep, *state))
         return tuple(results[2:])
+
+    return run_loop
+
+
+def _scan_loop(emitter, node, eager):
+    """A Loop that runs its whole (host-known) trip count, with scan outputs, as one
+    ``keras.ops.scan`` over the iteration counter when an operand is traced."""
+    carried = len(node.inputs) - 2
+
+    def run_loop(trip_count, condition, *rest):
+        initial, captured = rest[:carried], rest[carried:]
+        values = (trip_count, condition, *rest)
+        if all(_concrete(v) for v in values if v is not None):
+            return eager(*values)
+        if trip_count is None or not all(_concrete(v) for v in (trip_count, condition)):
+            return eager(*values)  # no length known before running
+        if condition is not None and not bool(keras_backend.to_numpy(condition).reshape(())):
+            return eager(*values)  # runs no iteration
+        length = int(keras_backend.to_numpy(trip_count).reshape(()))
+        body = _subgraph(emitter, node, "body", captured)
+        go = ops.convert_to_tensor(True)
+
+        def step(state, iteration):
+            outputs = _tensors(body(iteration, go, *state))
+            new = [ops.cast(o, ops.dtype(s)) for o, s in zip(outputs[1 : 1 + carried], state)]
+            return tuple(new), tuple(outputs[1 + carried :])
+
+        counter = ops.convert_to_tensor(np.arange(length, dtype=np.int64))
+        state, stacked = ops.scan(step, _tensors(initial), counter, length=length)
+        return (*state, *stacked)
 
     return run_loop
 
