@@ -8,9 +8,12 @@ the jaxpr through ``jax.named_scope(MARK + path)`` opened around every module ca
 * nnx: the ``__call__`` of every module class in the model is wrapped for the duration
   of the trace; the wrapper finds the path of ``self`` in a table built from the model
   that `nnx.merge` rebuilt inside the traced function. nnx.Dropout is replaced by a
-  marker primitive (an ONNX Dropout, identity at inference).
+  marker primitive (an ONNX Dropout, identity at inference); nnx.RNN over a standard
+  cell by one recurrent primitive (capture_recurrent.py); BatchNorm, LayerNorm and the
+  bias of Conv / Linear by layer primitives (capture_layers.py).
 * linen: a method interceptor (`flax.linen.intercept_methods`) opens the scope, forces
-  ``use_running_average=True`` on BatchNorm and replaces Dropout by the marker.
+  ``use_running_average=True`` on BatchNorm, replaces Dropout by the marker and
+  BatchNorm, LayerNorm and the Conv / Dense bias by the layer primitives.
 * plain JAX functions: no modules; closed-over arrays are named after the closure
   variables or `functools.partial` arguments that hold them.
 """
@@ -31,6 +34,7 @@ from jax.interpreters import mlir
 
 from interop import provenance
 
+from .capture_layers import linen_layer_call, nnx_layer_call
 from .capture_recurrent import rnn_call
 from .lowering import MARK
 
@@ -227,6 +231,8 @@ def _scoped_calls(classes: set[type], paths: _PathFinder) -> Iterator[None]:
     """Wrap ``__call__`` of the classes defining it so that calls open a named scope."""
     from flax import nnx
 
+    # classes whose own __call__ nnx_layer_call may stand for (capture_layers.py)
+    layer_owners = {nnx.BatchNorm, nnx.LayerNorm, nnx.Conv, nnx.Linear}
     owners = {}
     for cls in classes:
         for klass in cls.__mro__:
@@ -235,7 +241,9 @@ def _scoped_calls(classes: set[type], paths: _PathFinder) -> Iterator[None]:
                 break
     for klass, original in owners.items():
 
-        def wrapper(self: Any, *args: Any, __original: Any = original, **kwargs: Any) -> Any:
+        def wrapper(
+            self: Any, *args: Any, __original: Any = original, __owner: type = klass, **kwargs: Any
+        ) -> Any:
             path = paths.get(self)
             # The root, or a module rebuilt inside an nnx transform: no scope of its own.
             scope = jax.named_scope(MARK + path) if path else contextlib.nullcontext()
@@ -244,6 +252,10 @@ def _scoped_calls(classes: set[type], paths: _PathFinder) -> Iterator[None]:
                     return mark_dropout(args[0], self.rate)
                 if isinstance(self, nnx.RNN):  # standard cells: one ONNX LSTM/GRU/RNN node
                     result = rnn_call(self, args, kwargs)
+                    if result is not NotImplemented:
+                        return result
+                if __owner in layer_owners:  # BatchNorm, LayerNorm, Conv/Linear bias
+                    result = nnx_layer_call(self, __owner, __original, args, kwargs)
                     if result is not NotImplemented:
                         return result
                 return __original(self, *args, **kwargs)
@@ -299,6 +311,10 @@ def capture_linen(module: Any, variables: Any) -> Capture:
         with jax.named_scope(MARK + path) if path else contextlib.nullcontext():
             if isinstance(mod, nn.Dropout) and args:
                 return mark_dropout(args[0], mod.rate)
+            if method == "__call__":  # BatchNorm, LayerNorm, Conv/Dense bias: ONNX layer ops
+                result = linen_layer_call(mod, next_fun, args, kwargs)
+                if result is not NotImplemented:
+                    return result
             return next_fun(*args, **kwargs)
 
     def fn(tree: Any, *args: Any, **kwargs: Any) -> Any:
