@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 keras = pytest.importorskip("keras")
 nnx = pytest.importorskip("flax.nnx")
+jax = pytest.importorskip("jax")
 nn = torch.nn
 
 import interop  # noqa: E402
@@ -108,6 +109,13 @@ def test_keras_cnn_becomes_native_flax_layers(keras_traced):
     convs = [m for _, m in module.iter_modules() if isinstance(m, nnx.Conv)]
     norms = [m for _, m in module.iter_modules() if isinstance(m, nnx.BatchNorm)]
     assert len(convs) == 3 and len(norms) == 2
+    # Dense's MatMul + Add(bias) is one nnx.Linear holding its bias
+    linears = [m for _, m in module.iter_modules() if isinstance(m, nnx.Linear)]
+    assert len(linears) == 1 and linears[0].use_bias
+    params = nnx.state(module, nnx.Param)
+    assert sum(v.size for v in jax.tree.leaves(params)) == sum(
+        int(np.prod(v.shape)) for v in source.trainable_variables
+    )
     module.eval()
     out = module(x)
     out = out[0] if isinstance(out, (list, tuple)) else out

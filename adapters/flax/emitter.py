@@ -172,6 +172,7 @@ class FlaxEmitter(Interpreter):
             self.program, [v.name for v in self.graph.inputs], [v.name for v in self.graph.outputs]
         )
         self.statics: dict[ir.Value, np.ndarray] = {}  # values known at emission
+        self.fused: dict[ir.Node, list[Any]] = {}  # bias Add -> the layer output it is
         self._names: set[str] = set()
         self._counter = 0
 
@@ -195,6 +196,8 @@ class FlaxEmitter(Interpreter):
         return _Weight(value)
 
     def run_node(self, node: ir.Node, args: list[Any], env: Any, caller: Any = None) -> Any:
+        if node in self.fused:  # an Add of a bias that the layer before it holds
+            return self.fused.pop(node)
         folded = self.fold(node, args)
         if folded is not None:
             return folded
@@ -208,6 +211,8 @@ class FlaxEmitter(Interpreter):
             self.program.steps.append(
                 (path, native.call, specs, [o.index for o in outs[: native.outputs]])
             )
+            if native.absorbs is not None:
+                self.fused[native.absorbs] = outs[:1]
             return outs
         captured = [env[v] for v in node_free_values(node)]
         return self.call_op(node, args, captured)

@@ -31,6 +31,7 @@ class Native:
     outputs: int = 1  # > 1: ``call`` returns a tuple, one per node output
     names: dict[str, str] | None = None  # source names for source_names, if not the inputs'
     path: str | None = None  # where to place the layer, if not its sources' common prefix
+    absorbs: Any = None  # an Add node (a bias) the layer computes too: its output is ours
 
 
 # (layer class, configuration) -> (graphdef, abstract state) of an abstract instance
@@ -208,11 +209,32 @@ def gemm_layer(emitter: Any, node: Any) -> Native | None:
 
 @LAYERS.register("MatMul")
 def matmul_layer(emitter: Any, node: Any) -> Native | None:
-    """ONNX MatMul with a constant 2-D right operand -> nnx.Linear without bias."""
+    """ONNX MatMul with a constant 2-D right operand -> nnx.Linear; a bias the exporter adds
+    right after it (MatMul -> Add of a [out] weight) is the layer's bias."""
     weight = emitter.weight(node.inputs[1])
     if weight is None or weight.ndim != 2 or weight.dtype.kind != "f":
         return None
-    return Native(_linear(emitter, weight, None), {"kernel": node.inputs[1]}, [0], _call)
+    add, bias_value = _bias_add(emitter, node, weight.shape[1])
+    bias = emitter.weight(bias_value) if bias_value is not None else None
+    if bias is None or bias.dtype != weight.dtype:
+        return Native(_linear(emitter, weight, None), {"kernel": node.inputs[1]}, [0], _call)
+    sources = {"kernel": node.inputs[1], "bias": bias_value}
+    return Native(_linear(emitter, weight, bias), sources, [0], _call, absorbs=add)
+
+
+def _bias_add(emitter: Any, node: Any, features: int) -> tuple[Any, Any]:
+    """(Add node, bias value) when a MatMul's only reader adds a [features] weight to it."""
+    output = node.outputs[0]
+    uses = list(output.uses())
+    if len(uses) != 1 or output.is_graph_output():
+        return None, None
+    add, index = uses[0]
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None, None
+    bias = add.inputs[1 - index]
+    if bias is None or bias.shape is None or tuple(bias.shape) != (features,):
+        return None, None
+    return add, bias
 
 
 @LAYERS.register("BatchNormalization")
