@@ -66,7 +66,9 @@ class TorchEmitter(Interpreter):
         self.source_names: dict[str, str] = {}  # torch name -> source initializer name
         self.static: dict[ir.Value, np.ndarray] = {}  # constants known at emission time
         self._attribute_names: set[str] = set()
-        self._owned: set[ir.Value] = set()  # initializers held by a native layer
+        # initializer -> path of the one nn.Parameter holding it (a layer's or a plain one)
+        self._parameters: dict[ir.Value, str] = {}
+        self._relaid: set[ir.Value] = set()  # initializers a layer holds transposed / reordered
         # bias Adds folded into the MatMul before them: Add node -> the fx node that replaces it
         self.fused: dict[ir.Node, Any] = {}
         self.absorbed: dict[ir.Node, list[ir.Node]] = {}  # MatMul node -> Add nodes it absorbs
@@ -103,15 +105,50 @@ class TorchEmitter(Interpreter):
         return [self.materialize(r) for r in results]
 
     # ------------------------------------------------------------------ weights
-    def weight(self, value: ir.Value | None) -> torch.Tensor | None:
-        """The initializer behind an input, if it may become a native layer's parameter."""
-        if value is None or value.const_value is None or value.name not in self.graph.initializers:
+    def weight(self, value: ir.Value | None, *, shared: bool = True) -> torch.Tensor | None:
+        """The initializer behind an input, if it may become a native layer's parameter.
+
+        Exporters share one initializer between several nodes: torch.onnx's TorchScript
+        exporter keeps one copy of equal tensors (every freshly initialised BatchNorm's ones
+        and zeros) and reads it through Identity nodes. Such a weight becomes one
+        nn.Parameter held by every layer that reads it as is (`register_layer`), so
+        training moves it once for all, as the file means. ``shared=False`` is for a
+        builder that transposes or reorders the tensor: then a second reader could not
+        hold the same Parameter, and the node stays generic.
+        """
+        root = self.initializer_of(value)
+        if root is None or self.kind_of(root) is None or root in self.graph.inputs:
             return None
-        # reading a weight's shape (Shape / Size, folded away) does not share the weight
-        readers = [use for use in value.uses() if use.node.op_type not in ("Shape", "Size")]
-        if self.kind_of(value) is None or len(readers) != 1 or value in self.graph.inputs:
-            return None
-        return torch.from_numpy(np.array(value.const_value.numpy()))
+        if not shared:
+            if self._readers(root) != 1:
+                return None
+            self._relaid.add(root)  # the layer's tensor is not the initializer as is
+        return torch.from_numpy(np.array(root.const_value.numpy()))
+
+    def initializer_of(self, value: ir.Value | None) -> ir.Value | None:
+        """The initializer a value is, directly or through Identity nodes; else None."""
+        while value is not None and value.name not in self.graph.initializers:
+            producer = value.producer()
+            if (
+                producer is None
+                or producer.op_type != "Identity"
+                or producer.domain not in ("", "ai.onnx")
+            ):
+                return None
+            value = producer.inputs[0]
+        return value if value is not None and value.const_value is not None else None
+
+    def _readers(self, value: ir.Value) -> int:
+        """Nodes reading a value's data, through Identity; reading a weight's shape (Shape /
+        Size, folded away) does not share the weight."""
+        count = int(value.is_graph_output())
+        for use in value.uses():
+            node = use.node
+            if node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
+                count += self._readers(node.outputs[0])
+            elif node.op_type not in ("Shape", "Size"):
+                count += 1
+        return count
 
     def register_layer(
         self,
@@ -134,27 +171,55 @@ class TorchEmitter(Interpreter):
             path = placed  # one module serving several nodes (the layers of an nn.LSTM)
         elif preferred and _attribute_path(preferred) not in self._attribute_names:
             path = _attribute_path(preferred)
-        elif not path or path in self._attribute_names:
+        elif not path or path in self._attribute_names or self._occupied(path, sources):
             scope = provenance.node_scope(node) or node.op_type.lower()
-            path = self._unique(_attribute_path(scope).replace(".", "_"))
+            base = _attribute_path(scope).replace(".", "_")
+            path = self._unique(base)
+            while path in self._attribute_names or self._occupied(path, {}):
+                self._counter += 1
+                path = f"{base}_{self._counter}"
         self._attribute_names.add(path)
         for attr, value in sources.items():
-            self._owned.add(value)
+            root = self.initializer_of(value) or value
             self.source_names[f"{path}.{attr}"] = _source_name(value, attr)
             tensor = getattr(layer, attr)
-            kind = self.kind_of(value)
-            if isinstance(tensor, nn.Parameter):
-                tensor.requires_grad_(kind != provenance.FROZEN)
+            if not isinstance(tensor, nn.Parameter):
+                continue  # a buffer (running statistics): each layer updates its own copy
+            tensor.requires_grad_(self.kind_of(root) != provenance.FROZEN)
+            held = self._parameters.get(root)
+            if held is None:
+                if root not in self._relaid and _as_is(tensor, root):  # others may share it
+                    self._parameters[root] = f"{path}.{attr}"
+                continue
+            existing = self.root.get_parameter(held) if held != f"{path}.{attr}" else tensor
+            if existing.shape == tensor.shape and existing.dtype == tensor.dtype:
+                setattr(layer, attr, existing)  # one Parameter for every reader of the weight
         if placed is None:
             _set_path(self.root, path, layer)
             self._placed[id(layer)] = path
         return path
+
+    def _occupied(self, path: str, sources: dict[str, ir.Value]) -> bool:
+        """Whether placing a layer at ``path`` would replace a module holding attributes a
+        generic op registered first, other than the parameters this layer takes over."""
+        try:
+            module = self.root.get_submodule(path)
+        except AttributeError:
+            return False
+        roots = {attr: self.initializer_of(v) for attr, v in sources.items()}
+        return bool(module._buffers or module._modules) or any(
+            roots.get(name) is None or self._parameters.get(roots[name]) != f"{path}.{name}"
+            for name in module._parameters
+        )
 
     def materialize(self, handle: Any) -> Any:
         """An fx node for a handle (a deferred initializer becomes a get_attr once)."""
         return handle.node() if isinstance(handle, _Deferred) else handle
 
     def attribute(self, value: ir.Value, array: np.ndarray, kind: str | None) -> fx.Node:
+        held = self._parameters.get(value)
+        if held is not None:  # a weight a native layer holds, also read by a generic op
+            return self.fx_graph.get_attr(held)
         path = _attribute_path(value.name) if value.name else self._unique("_const")
         if path in self._attribute_names:
             path = self._unique(path.replace(".", "_"))
@@ -164,6 +229,8 @@ class TorchEmitter(Interpreter):
             _set_path(
                 self.root, path, nn.Parameter(tensor, requires_grad=kind == provenance.TRAINABLE)
             )
+            if value.name in self.graph.initializers:
+                self._parameters[value] = path  # a native layer reading it later shares it
         else:
             _set_path(
                 self.root,
@@ -283,6 +350,15 @@ class _Deferred:
             kind = self.emitter.kind_of(self.value) if self.array is None else None
             self._node = self.emitter.attribute(self.value, array, kind)
         return self._node
+
+
+def _as_is(tensor: torch.Tensor, value: ir.Value) -> bool:
+    """A layer's tensor has the initializer's shape and dtype (not a transposed, cast copy)."""
+    const = value.const_value
+    return (
+        tuple(tensor.shape) == tuple(const.shape)
+        and tensor.dtype == torch.from_numpy(np.zeros(0, const.dtype.numpy())).dtype
+    )
 
 
 def _source_name(value: ir.Value, attribute: str) -> str:

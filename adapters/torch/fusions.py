@@ -240,26 +240,27 @@ def symbolic(emitter: Any, node: ir.Node, args: list, env: Any) -> Sym | None:
 
 
 def scalar_operand(emitter: Any, node: ir.Node, args: list, env: Any) -> Any:
-    """``tensor * s`` (+, -, /) with a float `Sym` scalar ``s`` as a Python float, not a tensor."""
+    """``tensor * s`` (+, -, /) with a one-element float operand ``s`` (a `Sym` or a constant
+    of the graph) as a Python float, not a tensor: torch casts it to the tensor's dtype,
+    which is the constant's own dtype here, so the result is the same."""
     if node.op_type not in ("Add", "Sub", "Mul", "Div") or len(args) != 2:
         return None
     functions = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}
     for index in (0, 1):
         scalar, tensor = args[index], args[1 - index]
+        operand = _operand(emitter, node.inputs[index], scalar)
         dtype, rank = _info(node.inputs[1 - index], env)
+        if operand is None or not isinstance(tensor, fx.Node) or dtype is None:
+            continue
+        items, is_scalar, np_dtype, _ = _parts(operand)
         if (
-            isinstance(scalar, Sym)
-            and len(scalar.items) == 1
-            and (scalar.scalar or (rank or 0) >= 1)  # a [1] operand must not add a dim
-            and scalar.np_dtype in _FLOATS
-            and isinstance(tensor, fx.Node)
-            and dtype is not None
-            and np.dtype(dtype.numpy()) == scalar.np_dtype
+            len(items) == 1
+            and (is_scalar or (rank or 0) >= 1)  # a [1] operand must not add a dim
+            and np_dtype in _FLOATS
+            and np.dtype(dtype.numpy()) == np_dtype
+            and (index == 1 or node.op_type in ("Add", "Mul"))
         ):
-            if index == 1:
-                return functions[node.op_type], [tensor, scalar.items[0]], {}
-            if node.op_type in ("Add", "Mul"):
-                return functions[node.op_type], [tensor, scalar.items[0]], {}
+            return functions[node.op_type], [tensor, items[0]], {}
     return None
 
 

@@ -138,7 +138,8 @@ def conv_transpose_layer(emitter: Any, node: Any) -> Any:
 @LAYERS.register("Gemm")
 def gemm_layer(emitter: Any, node: Any) -> Any:
     attrs = _attributes(emitter, node)
-    weight = emitter.weight(node.inputs[1])
+    # nn.Linear holds Gemm's B as is under transB=1, else its transpose (then not shared)
+    weight = emitter.weight(node.inputs[1], shared=bool(attrs.get("transB", 0)))
     bias_value = node.inputs[2] if len(node.inputs) > 2 else None
     bias = emitter.weight(bias_value) if bias_value is not None else None
     if (
@@ -163,7 +164,7 @@ def gemm_layer(emitter: Any, node: Any) -> Any:
 
 @LAYERS.register("MatMul")
 def matmul_layer(emitter: Any, node: Any) -> Any:
-    weight = emitter.weight(node.inputs[1])
+    weight = emitter.weight(node.inputs[1], shared=False)  # nn.Linear holds its transpose
     if weight is None or weight.dim() != 2:
         return None
     sources = {"weight": node.inputs[1]}
@@ -377,8 +378,9 @@ def recurrent_layer(emitter: Any, node: Any) -> Any:
     """ONNX LSTM/GRU/RNN with constant weights and torch-expressible attributes -> nn.LSTM/GRU/RNN."""
     op_type = node.op_type
     attrs = _attributes(emitter, node)
-    weights = [emitter.weight(node.inputs[i]) for i in (1, 2)]
-    bias = None if _absent(node, 3) else emitter.weight(node.inputs[3])
+    # torch holds each direction's gates reordered: a weight read elsewhere stays generic
+    weights = [emitter.weight(node.inputs[i], shared=False) for i in (1, 2)]
+    bias = None if _absent(node, 3) else emitter.weight(node.inputs[3], shared=False)
     activations = list(attrs.get("activations") or [])
     nonlinearity = "tanh"
     if op_type == "RNN":
