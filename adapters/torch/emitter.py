@@ -212,6 +212,13 @@ class TorchEmitter(Interpreter):
             for name in module._parameters
         )
 
+    def _inside_native_layer(self, path: str) -> bool:
+        """Whether a path names an attribute of a placed layer (a Linear's `bias` slot that
+        a Flax `query.bias`, added after the matmul's reshape, would overwrite)."""
+        placed = set(self._placed.values())
+        parts = path.split(".")
+        return any(".".join(parts[:end]) in placed for end in range(1, len(parts)))
+
     def materialize(self, handle: Any) -> Any:
         """An fx node for a handle (a deferred initializer becomes a get_attr once)."""
         return handle.node() if isinstance(handle, _Deferred) else handle
@@ -221,7 +228,7 @@ class TorchEmitter(Interpreter):
         if held is not None:  # a weight a native layer holds, also read by a generic op
             return self.fx_graph.get_attr(held)
         path = _attribute_path(value.name) if value.name else self._unique("_const")
-        if path in self._attribute_names:
+        if path in self._attribute_names or self._inside_native_layer(path):
             path = self._unique(path.replace(".", "_"))
         self._attribute_names.add(path)
         tensor = torch_backend.asarray(np.array(array))
