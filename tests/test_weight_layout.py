@@ -186,3 +186,27 @@ def test_emission_leaves_the_callers_graph_alone(keras_traced):
         assert graph.to_bytes() == before
     assert [n.op_type for n in plain.model.graph] == ["Transpose", "Relu", "Transpose", "Sigmoid"]
     assert plain.model.graph.node(1).outputs[0].shape is None
+
+
+def test_batchnorm_without_scale_and_bias_is_a_non_affine_torch_layer():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 4, (3, 3), padding=1, rngs=rngs)
+            self.bn = nnx.BatchNorm(4, use_scale=False, use_bias=False, momentum=0.8, rngs=rngs)
+
+        def __call__(self, x):
+            return self.bn(self.conv(x))
+
+    source = Net(nnx.Rngs(0))
+    rng = np.random.default_rng(3)
+    source.bn.mean.value = rng.uniform(-0.5, 0.5, 4).astype(np.float32)
+    source.bn.var.value = rng.uniform(0.5, 1.5, 4).astype(np.float32)
+    source.eval()
+    x = rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
+    module = interop.to_torch(interop.trace(source, (x,))).eval()
+    assert isinstance(module.bn, nn.BatchNorm2d) and not module.bn.affine
+    assert module.bn.momentum == pytest.approx(0.2)
+    np.testing.assert_allclose(module.bn.running_var.numpy(), source.bn.var.value, rtol=1e-6)
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, np.asarray(source(x)), rtol=1e-4, atol=1e-5)

@@ -211,6 +211,12 @@ def batch_norm_layer(emitter: Any, node: Any) -> Any:
     attrs = _attributes(emitter, node)
     tensors = [emitter.weight(v) for v in node.inputs[1:5]]
     rank = _input_rank(node.inputs[0])
+    # constant ones and zeros for scale and bias (a source BN without them): affine=False
+    affine = not (
+        _constant_fill(emitter, node.inputs[1], 1) and _constant_fill(emitter, node.inputs[2], 0)
+    )
+    if not affine:
+        tensors[:2] = [torch.ones(0), torch.zeros(0)]
     if (
         any(t is None for t in tensors)
         or attrs.get("training_mode", 0)
@@ -223,13 +229,28 @@ def batch_norm_layer(emitter: Any, node: Any) -> Any:
     # ONNX keeps `momentum` of the running value; torch the weight of the new batch statistic
     layer = _empty(
         layer_class,
-        scale.numel(),
+        mean.numel(),
         eps=attrs.get("epsilon", 1e-5),
-        momentum=1.0 - attrs.get("momentum", 0.9),
+        # the float32 attribute's 0.9 is 0.89999998: torch's 0.1, not 0.10000002
+        momentum=round(1.0 - attrs.get("momentum", 0.9), 6),
+        affine=affine,
     )
+    if not affine:
+        _assign(layer, running_mean=mean, running_var=var)
+        return layer, {"running_mean": node.inputs[3], "running_var": node.inputs[4]}, [0]
     _assign(layer, weight=scale, bias=bias, running_mean=mean, running_var=var)
     names = ("weight", "bias", "running_mean", "running_var")
     return layer, dict(zip(names, node.inputs[1:5], strict=True)), [0]
+
+
+def _constant_fill(emitter: Any, value: Any, fill: float) -> bool:
+    """Whether an input is a constant (not a weight) whose every element is `fill`."""
+    if value is None or emitter.weight(value) is not None:
+        return False
+    array = emitter.static.get(value)
+    if array is None and value.const_value is not None:
+        array = value.const_value.numpy()
+    return array is not None and array.size > 0 and bool(np.all(array == fill))
 
 
 @LAYERS.register("LayerNormalization")
