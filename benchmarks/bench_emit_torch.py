@@ -7,7 +7,9 @@ installed, onnx2torch's module of the same ONNX file run interleaved in one proc
 forward of each per round, so load from other processes hits all alike); the table gives
 median forward times, the median per-round ratio and its 25-75% range. On a shared
 machine take the ratios, not the milliseconds: every round times all modules back to back,
-so a busy neighbour slows the round, not one module. Without onnx2torch (it is not a
+so a busy neighbour slows the round, not one module; the rounds are spread over fresh sets
+of modules (``--instances``), since at batch 32 a module's speed also depends by a few
+percent on where its weights lie in memory. Without onnx2torch (it is not a
 dependency) its columns say "not installed" and everything else still runs.
 
 The ResNet50 is hand-built here (torchvision is not a dependency) with fresh weights, so
@@ -22,7 +24,9 @@ docs/performance.md (section "emit-torch").
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -198,16 +202,49 @@ def interleaved(modules: list, x: torch.Tensor, rounds: int, grad: bool) -> list
     return times
 
 
+def timed_instances(model, graph, proto, convert, x, count, grad, options):
+    """Per-forward seconds of the original, emitted, opset-17 emitted and onnx2torch modules
+    (the last one when ``convert``), ``count`` interleaved rounds in all, spread over
+    ``options.instances`` fresh sets of modules; and onnx2torch's failure note, if any.
+
+    Each set holds new copies of every weight: at batch 32 a module's speed moves by a few
+    percent with where its weights happen to lie in memory, which rounds interleaved over
+    one set of modules cannot average out."""
+    times: list[list[float]] = []
+    note = ""
+    per_set = max(3, -(-count // options.instances))
+    for _ in range(options.instances):
+        modules = [copy.deepcopy(model), to_torch(graph).eval(), to_torch(proto).eval()]
+        if convert is not None and not note:
+            competitor, note = onnx2torch_module(convert, proto)
+            modules += [competitor] if competitor is not None else []
+        try:
+            found = interleaved(modules, x, per_set, grad)
+        except Exception as error:  # noqa: BLE001  (onnx2torch at run time)
+            note = f"fails at run: {type(error).__name__}"
+            modules = modules[:3]
+            found = interleaved(modules, x, per_set, grad)
+        if len(found) < len(times):
+            times = times[: len(found)]
+        times = [old + new for old, new in zip(times, found)] if times else found
+        del modules
+    return times, note
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the round counts")
     parser.add_argument("--models", nargs="*", help="substrings of the model names to run")
+    parser.add_argument(
+        "--instances", type=int, default=3, help="fresh sets of modules each row is timed over"
+    )
     parser.add_argument("--no-write", action="store_true")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
     torch.manual_seed(0)
     convert = load_onnx2torch()
+    load_before = os.getloadavg()[0]
     models = {
         "mlp": (MLP().eval(), lambda b: torch.randn(b, 256), {1: 400, 32: 300}),
         "transformer_encoder": (
@@ -231,35 +268,28 @@ def main() -> None:
     for name, (model, make_input, rounds) in models.items():
         graph = interop.trace(model, (make_input(2),))
         graphs[name] = graph
-        emitted = to_torch(graph).eval()
         proto = opset17_file(model, make_input(2))
-        emitted17 = to_torch(proto).eval()
-        generic.append(f"{name} {generic_ops(emitted)} / {generic_ops(emitted17)}")
-        competitor, note = None, "not installed"
+        generic.append(f"{name} {generic_ops(to_torch(graph))} / {generic_ops(to_torch(proto))}")
+        note = "not installed"
         if convert is not None:
-            competitor, note = onnx2torch_module(convert, proto)
+            note = onnx2torch_module(convert, proto)[1]
         for batch in (1, 32):
             x = make_input(batch)
             for grad in (False, True):
-                modules = [model, emitted, emitted17] + ([competitor] if competitor else [])
                 count = max(3, int(rounds[batch] * options.scale))
-                try:
-                    times = interleaved(modules, x, count, grad)
-                except Exception as error:  # noqa: BLE001  (onnx2torch at run time)
-                    modules, note = modules[:3], f"fails at run: {type(error).__name__}"
-                    competitor = None
-                    times = interleaved(modules, x, count, grad)
-                ratio = quartiles([e / o for o, e in zip(times[0], times[1])])
+                times, failure = timed_instances(
+                    model, graph, proto, convert if not note else None, x, count, grad, options
+                )
+                note = note or failure
                 row = [name, str(batch), "on" if grad else "off (no_grad)"]
                 row += [f"{statistics.median(times[0]) * 1e3:.2f}"]
-                row += [f"{statistics.median(times[1]) * 1e3:.2f}", _ratio(ratio)]
+                row += [f"{statistics.median(times[1]) * 1e3:.2f}", _ratio(times, 1, 0)]
                 row += [f"{statistics.median(times[2]) * 1e3:.2f}"]
                 if len(times) > 3:
-                    versus = quartiles([e / c for e, c in zip(times[2], times[3])])
-                    row += [f"{statistics.median(times[3]) * 1e3:.2f}", _ratio(versus)]
+                    row += [f"{statistics.median(times[3]) * 1e3:.2f}", _ratio(times, 2, 3)]
                 else:
                     row += [note, "-"]
-                row += [_ratio(quartiles([e / o for o, e in zip(times[0], times[2])]))]
+                row += [_ratio(times, 2, 0)]
                 rows.append(row)
                 print(" | ".join(row), flush=True)
     graph = graphs.get("resnet50 (112x112)") or interop.trace(
@@ -280,8 +310,12 @@ def main() -> None:
             "### Emitted torch module vs original and onnx2torch (benchmarks/bench_emit_torch.py)",
             "",
             f"CPU eager, torch {torch.__version__}, {options.threads} thread(s) for every module, "
-            f"{report.machine()}; interleaved rounds, medians; ratios are medians of per-round "
-            "ratios with their 25-75% range. Targets: emitted/original <= 1.10, "
+            f"{report.machine()}; interleaved rounds (the order rotates each round) over "
+            f"{options.instances} fresh sets of modules (new weight copies), medians; "
+            "ratios are medians of per-round ratios with their 25-75% range. The machine is "
+            f"shared (1-minute load average {load_before:.1f} at the start, "
+            f"{os.getloadavg()[0]:.1f} at the end): read the ratios, not the milliseconds. "
+            "Targets: emitted/original <= 1.10, "
             "emitted/onnx2torch <= 1. *emitted* is `to_torch(interop.trace(model))` (torch.onnx "
             "dynamo file, opset 18+); onnx2torch 1.5 cannot read that file, so *emitted, opset-17 "
             "file* and *onnx2torch* both convert one other file: the TorchScript exporter's "
@@ -317,8 +351,10 @@ def generic_ops(module: torch.fx.GraphModule) -> int:
     )
 
 
-def _ratio(quartile: tuple[float, float, float]) -> str:
-    low, mid, high = quartile
+def _ratio(times: list[list[float]], numerator: int, denominator: int) -> str:
+    """Median and 25-75% range of the per-round ratio of two modules' times."""
+    pairs = zip(times[numerator], times[denominator], strict=True)
+    low, mid, high = quartiles([a / b for a, b in pairs])
     return f"{mid:.2f} ({low:.2f}-{high:.2f})"
 
 
