@@ -450,3 +450,37 @@ def test_other_keras_backends_in_subprocess(backend):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ok" in result.stdout
+
+
+def test_activation_after_dense_or_conv_is_the_layers_own():
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 6)
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x)).mean(dim=(2, 3))
+            h = torch.tanh(self.fc(h))
+            y = self.out(h)
+            return y, torch.sigmoid(y)  # y is read twice: the sigmoid stays its own op
+
+    torch.manual_seed(0)
+    source = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    model = to_keras(interop.trace(source, (x,)))
+    activations = {
+        type(layer).__name__ + ":" + layer.activation.__name__
+        for layer in model.layers
+        if hasattr(layer, "activation")
+    }
+    assert {"Conv2D:relu", "Dense:tanh", "Dense:linear"} <= activations
+    assert "Dense:sigmoid" not in activations
+    with torch.no_grad():
+        expected = [t.numpy() for t in source(x)]
+    got = model(x.numpy())
+    for want, have in zip(expected, got):
+        np.testing.assert_allclose(np.asarray(have), want, rtol=1e-5, atol=1e-6)

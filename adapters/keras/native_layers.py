@@ -138,11 +138,12 @@ def conv_layer(emitter, node, args):
         return None
     name = emitter.layer_name(node, [node.inputs[1], bias_value])
     kernel_size = tuple(weight.shape[2:])
+    activation, activation_node = _following_activation(emitter, node.outputs[0])
     if depthwise:
         multiplier = weight.shape[0] // group
         layer = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)[spatial - 1](
             kernel_size, strides, depth_multiplier=multiplier, dilation_rate=dilations,
-            use_bias=bias is not None, name=name,
+            use_bias=bias is not None, name=name, activation=activation,
         )  # fmt: skip
         # ONNX (C*mult, 1, *K), out channel c*mult+m -> keras (*K, C, mult)
         kernel = weight.reshape(group, multiplier, *kernel_size)
@@ -153,7 +154,7 @@ def conv_layer(emitter, node, args):
         layer = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)[spatial - 1](
             weight.shape[0], kernel_size, strides, dilation_rate=dilations,
             use_bias=bias is not None, name=name, kernel_initializer=_Given(kernel),
-            bias_initializer=_given(bias),
+            bias_initializer=_given(bias), activation=activation,
         )  # fmt: skip
         kernel_attribute = "kernel"
     x = emitter.channels_last(args[0])
@@ -168,7 +169,10 @@ def conv_layer(emitter, node, args):
         layer,
         {kernel_attribute: node.inputs[1]} | ({"bias": bias_value} if bias is not None else {}),
     )
-    return [emitter.channels_first(y)]
+    outputs = [emitter.channels_first(y)]
+    if activation_node is not None:  # the activation is the layer's own now
+        emitter.fused[activation_node] = outputs
+    return outputs
 
 
 @LAYERS.register("ConvTranspose")
@@ -231,7 +235,11 @@ def gemm_layer(emitter, node, args):
     kernel = weight.T if attrs.get("transB", 0) else weight
     if bias is not None and (attrs.get("beta", 1.0) != 1.0 or bias.size != kernel.shape[1]):
         return None
-    return _dense(emitter, node, args[0], kernel, bias, node.inputs[1], bias_value)
+    activation, activation_node = _following_activation(emitter, node.outputs[0])
+    outputs = _dense(emitter, node, args[0], kernel, bias, node.inputs[1], bias_value, activation)
+    if activation_node is not None:
+        emitter.fused[activation_node] = outputs
+    return outputs
 
 
 @LAYERS.register("MatMul")
@@ -246,10 +254,31 @@ def matmul_layer(emitter, node, args):
     ):
         return None
     bias_value, bias, add = _following_bias(emitter, node, weight.shape[1])
-    outputs = _dense(emitter, node, args[0], weight, bias, node.inputs[1], bias_value)
-    if add is not None:  # the Add of the bias is part of the Dense layer now
-        emitter.fused[add] = outputs
+    last = add if add is not None else node
+    activation, activation_node = _following_activation(emitter, last.outputs[0])
+    outputs = _dense(emitter, node, args[0], weight, bias, node.inputs[1], bias_value, activation)
+    for fused in (add, activation_node):  # the bias Add and activation are the Dense's now
+        if fused is not None:
+            emitter.fused[fused] = outputs
     return outputs
+
+
+# ONNX activations a Keras Dense / Conv layer applies itself (same formula, no attributes)
+_ACTIVATIONS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}
+
+
+def _following_activation(emitter, value):
+    """(Keras activation name, node) when a layer output's only reader is a plain activation;
+    the layer then applies it, one layer call fewer, as the source Keras model did."""
+    uses = list(value.uses())
+    if len(uses) != 1 or value in emitter.graph.outputs:
+        return None, None
+    reader = uses[0].node
+    if reader.domain not in ("", "ai.onnx") or reader.op_type not in _ACTIVATIONS:
+        return None, None
+    if reader.outputs[0].dtype != value.dtype:
+        return None, None
+    return _ACTIVATIONS[reader.op_type], reader
 
 
 def _following_bias(emitter, node, size):
@@ -267,10 +296,11 @@ def _following_bias(emitter, node, size):
     return other[0], array, add
 
 
-def _dense(emitter, node, x, kernel, bias, kernel_value, bias_value):
+def _dense(emitter, node, x, kernel, bias, kernel_value, bias_value, activation=None):
     layer = keras.layers.Dense(
         kernel.shape[1], use_bias=bias is not None, name=emitter.layer_name(node, [kernel_value, bias_value]),
         dtype=str(kernel.dtype), kernel_initializer=_Given(kernel), bias_initializer=_given(bias),
+        activation=activation,
     )  # fmt: skip
     y = layer(x)
     emitter.adopt(
