@@ -194,9 +194,16 @@ def loop_condition_holds(body: ir.Graph) -> bool:
     outputs have a length known before it runs (a host scan can take it)."""
     if len(body.inputs) < 2 or not body.outputs:
         return False
-    value = body.outputs[0]
-    while (producer := value.producer()) is not None and producer.op_type == "Identity":
+    value: ir.Value | None = body.outputs[0]
+    while (
+        value is not None
+        and (producer := value.producer()) is not None
+        and producer.op_type == "Identity"
+    ):
         value = producer.inputs[0]
+    if value is None:
+        return False
+    producer = value.producer()
     if value is body.inputs[1]:
         return True
     if producer is not None and producer.op_type == "Constant":

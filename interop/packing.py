@@ -293,7 +293,8 @@ def pack_weights(model: ir.Model, version: int) -> ir.Model:
         if relaid and any(r not in nodes and r is not node for r in readers):
             continue  # a parameter tied to two layers stays one tensor
         array = _evaluate(graph, version, nodes, value)
-        if array is None or relaid and array.size != parameters[0].const_value.size:
+        source = parameters[0].const_value
+        if array is None or relaid and (source is None or array.size != source.size):
             continue
         names = [str(p.name) for p in parameters]
         if relaid:

@@ -110,7 +110,7 @@ def sink_transposes(graph: ir.Graph) -> int:
         for member in members:
             for index, value in enumerate(member.inputs):
                 producer = value.producer() if value is not None else None
-                if producer in entries:
+                if producer is not None and producer in entries:
                     member.replace_input_with(index, producer.inputs[0])
             for out in member.outputs:
                 if out.shape is not None and len(out.shape) == len(perm):
@@ -158,10 +158,12 @@ def _region(start: ir.Node):
                     pending.append(reader)
                     for value in reader.inputs:
                         producer = value.producer() if value is not None else None
-                        if producer not in entries and _is_transpose(producer):
-                            if _perm(producer) == perm:  # another input in this layout
-                                entries.add(producer)
-                                pending.append(producer)
+                        if producer is None or producer in entries:
+                            continue
+                        if _is_transpose(producer) and _perm(producer) == perm:
+                            # another input in this layout (a residual Add's other branch)
+                            entries.add(producer)
+                            pending.append(producer)
                 elif not entry:
                     return None  # a reader that needs the transposed layout
                 if len(members) > 256:
@@ -169,7 +171,10 @@ def _region(start: ir.Node):
     inside = entries | members
     for member in members:  # every input in the region's layout, or a scalar
         for value in member.inputs:
-            if not _scalar(value) and value.producer() not in inside:
+            if _scalar(value):
+                continue
+            assert value is not None  # a missing input counts as a scalar
+            if value.producer() not in inside:
                 return None
     if not members or not exits:
         return None
