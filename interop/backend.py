@@ -41,6 +41,22 @@ def _erf(x: np.ndarray) -> np.ndarray:
     return np.vectorize(math.erf, otypes=[np.float64])(x).astype(x.dtype)
 
 
+def ceil_mode_pads(spatial, kernel, strides, pads, dilations, ceil_mode) -> list:
+    """Pooling pads ``[(begin, end)]`` with each end grown by ceil_mode's extra windows (ONNX:
+    a window must start inside the input or the begin pad); the hosts' pools share it."""
+    pads = [(int(lo), int(hi)) for lo, hi in pads]
+    if not ceil_mode:
+        return pads
+    extended = []
+    for size, k, s, d, (lo, hi) in zip(spatial, kernel, strides, dilations, pads):
+        span = size + lo + hi - ((k - 1) * d + 1)
+        out_floor, out_ceil = span // s + 1, -(-span // s) + 1
+        if (out_ceil - 1) * s >= size + lo:  # the last window must start inside the input
+            out_ceil -= 1
+        extended.append((lo, hi + (out_ceil - out_floor) * s))
+    return extended
+
+
 def _window_view(x: np.ndarray, kernel, strides, dilations) -> np.ndarray:
     """(N, C, *out, *kernel) view of a padded N,C,spatial array."""
     spatial = len(kernel)
@@ -318,16 +334,7 @@ class NumpyBackend:
         """max / avg / lp pooling; pads are ``(begin, end)`` and may be extended for ceil_mode."""
         spatial = x.shape[2:]
         declared = list(pads)
-        pads = list(pads)
-        if ceil_mode:
-            for axis, (size, k, s, d) in enumerate(zip(spatial, kernel, strides, dilations)):
-                lo, hi = pads[axis]
-                effective = (k - 1) * d + 1
-                out_floor = (size + lo + hi - effective) // s + 1
-                out_ceil = -(-(size + lo + hi - effective) // s) + 1
-                if (out_ceil - 1) * s >= size + lo:  # the last window must start inside the input
-                    out_ceil -= 1
-                pads[axis] = (lo, hi + (out_ceil - out_floor) * s)
+        pads = ceil_mode_pads(spatial, kernel, strides, pads, dilations, ceil_mode)
         fill = -np.inf if kind == "max" else 0.0
         padded = np.pad(x.astype(np.float64), [(0, 0), (0, 0), *pads], constant_values=fill)
         windows = _window_view(padded, kernel, strides, dilations)

@@ -16,10 +16,9 @@ import ml_dtypes
 import numpy as np
 from keras import ops
 
-from interop.backend import numpy_backend
+from interop.backend import ceil_mode_pads, numpy_backend
 
 from .windows import (
-    ceil_pads,
     pad_channels_first,
     to_channels_first,
     to_channels_last,
@@ -569,7 +568,7 @@ class KerasBackend:
         declared = [tuple(int(v) for v in pad) for pad in pads]
         # pad explicitly, the end grown so that ceil_mode's extra windows are whole windows:
         # the reductions below then see no padding and no partial window
-        pads = ceil_pads(self.shape(x)[2:], kernel, strides, declared, dilations, ceil_mode)
+        pads = ceil_mode_pads(self.shape(x)[2:], kernel, strides, declared, dilations, ceil_mode)
         if kind == "max":
             dtype = np.dtype(_dtype(x))  # the lowest value of an integer pool: dtype's minimum
             low = -math.inf if dtype.kind == "f" else int(np.iinfo(dtype).min)

@@ -9,21 +9,6 @@ import numpy as np
 from keras import ops
 
 
-def ceil_pads(spatial, kernel, strides, pads, dilations, ceil_mode):
-    """The pads with each end grown by ceil_mode's extra windows (ONNX: a window must start
-    inside the input or the begin pad)."""
-    if not ceil_mode:
-        return list(pads)
-    extended = []
-    for size, k, s, d, (lo, hi) in zip(spatial, kernel, strides, dilations, pads):
-        span = size + lo + hi - ((k - 1) * d + 1)
-        out_floor, out_ceil = span // s + 1, -(-span // s) + 1
-        if (out_ceil - 1) * s >= size + lo:
-            out_ceil -= 1
-        extended.append((lo, hi + (out_ceil - out_floor) * s))
-    return extended
-
-
 def window_sum(x, kernel, strides, dilations):
     """The sum of each window of the padded channels-first x (no padding left to apply)."""
     if any(d != 1 for d in dilations):

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from interop.backend import ceil_mode_pads
+
 _TO_TORCH = {
     np.dtype(np.float32): torch.float32,
     np.dtype(np.float64): torch.float64,
@@ -404,7 +406,7 @@ class TorchBackend:
             )
         # otherwise pad explicitly, the end grown so that ceil_mode's extra windows are whole
         # windows, and reduce each window with no padding: every op here is differentiable
-        extended = _ceil_pads(x.shape[2:], kernel, strides, pads, dilations, ceil_mode)
+        extended = ceil_mode_pads(x.shape[2:], kernel, strides, pads, dilations, ceil_mode)
         if kind == "max":
             low = -math.inf if x.is_floating_point() else torch.iinfo(x.dtype).min
             padded = _pad_spatial(x, extended, low)
@@ -419,22 +421,6 @@ class TorchBackend:
         ones = _pad_spatial(ones, pads, 1.0 if count_include_pad else 0.0)
         ones = _pad_spatial(ones, [(0, hi - d_hi) for (_, hi), (_, d_hi) in zip(extended, pads)])
         return summed / _window_sum(ones, kernel, strides, dilations)
-
-
-def _ceil_pads(spatial, kernel, strides, pads, dilations, ceil_mode):
-    """The pads with each end grown by ceil_mode's extra windows (ONNX: a window must start
-    inside the input or the begin pad)."""
-    pads = [(int(lo), int(hi)) for lo, hi in pads]
-    if not ceil_mode:
-        return pads
-    extended = []
-    for size, k, s, d, (lo, hi) in zip(spatial, kernel, strides, dilations, pads):
-        span = size + lo + hi - ((k - 1) * d + 1)
-        out_floor, out_ceil = span // s + 1, -(-span // s) + 1
-        if (out_ceil - 1) * s >= size + lo:
-            out_ceil -= 1
-        extended.append((lo, hi + (out_ceil - out_floor) * s))
-    return extended
 
 
 def _window_sum(x, kernel, strides, dilations):
