@@ -218,18 +218,23 @@ def nnx_layer_call(module: Any, owner: type, original: Any, args: tuple, kwargs:
             return NotImplemented
         return _bind_batch_norm(x, mean, var, scale, bias, module.epsilon, module.momentum)
     if owner is nnx.LayerNorm:
-        if (
-            kwargs.get("mask") is not None
-            or set(kwargs) - {"mask"}
-            or module.axis_name is not None
-            or not _last_axis(module.reduction_axes, x.ndim)
-            or not _last_axis(module.feature_axes, x.ndim)
-            or not _float32(x, scale, bias)
-            or not _features(x, scale, bias)
-        ):
-            return NotImplemented
-        return _bind_layer_norm(x, scale, bias, module.epsilon, module.use_fast_variance)
+        return _layer_norm(module, x, scale, bias, kwargs)
     return NotImplemented
+
+
+def _layer_norm(module: Any, x: Any, scale: Any, bias: Any, kwargs: dict) -> Any:
+    """LayerNormalization for an nnx or linen LayerNorm over the last axis, or NotImplemented."""
+    if (
+        kwargs.get("mask") is not None
+        or set(kwargs) - {"mask"}
+        or module.axis_name is not None
+        or not _last_axis(module.reduction_axes, x.ndim)
+        or not _last_axis(module.feature_axes, x.ndim)
+        or not _float32(x, scale, bias)
+        or not _features(x, scale, bias)
+    ):
+        return NotImplemented
+    return _bind_layer_norm(x, scale, bias, module.epsilon, module.use_fast_variance)
 
 
 # ---------------------------------------------------------------------- linen
@@ -284,19 +289,8 @@ def linen_layer_call(module: Any, next_fun: Any, args: tuple, kwargs: dict) -> A
         ):
             return NotImplemented
         return _bind_batch_norm(x, mean, var, scale, bias, module.epsilon, module.momentum)
-    if norm is nn.LayerNorm.__call__:
-        if (
-            len(args) != 1
-            or kwargs.get("mask") is not None
-            or set(kwargs) - {"mask"}
-            or module.axis_name is not None
-            or not _last_axis(module.reduction_axes, x.ndim)
-            or not _last_axis(module.feature_axes, x.ndim)
-            or not _float32(x, scale, bias)
-            or not _features(x, scale, bias)
-        ):
-            return NotImplemented
-        return _bind_layer_norm(x, scale, bias, module.epsilon, module.use_fast_variance)
+    if norm is nn.LayerNorm.__call__ and len(args) == 1:
+        return _layer_norm(module, x, scale, bias, kwargs)
     return NotImplemented
 
 
