@@ -210,3 +210,21 @@ def test_batchnorm_without_scale_and_bias_is_a_non_affine_torch_layer():
     with torch.no_grad():
         got = module(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, np.asarray(source(x)), rtol=1e-4, atol=1e-5)
+
+
+def test_same_padding_at_stride_two_is_a_torch_conv():
+    inputs = keras.Input((9, 10, 3))
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="down")(inputs)  # pads (0, 1)
+    outputs = keras.layers.Conv1D(2, 4, strides=3, padding="same", name="seq")(
+        keras.layers.Reshape((5 * 5, 4))(x)
+    )
+    model = keras.Model(inputs, outputs)
+    x_value = np.random.default_rng(5).standard_normal((2, 9, 10, 3)).astype(np.float32)
+    module = interop.to_torch(interop.trace(model, x_value)).eval()
+    assert isinstance(module.down, nn.Conv2d) and isinstance(module.seq, nn.Conv1d)
+    # height 9 pads (1, 1): torch's padding; width 10 pads (0, 1): one more on the right
+    assert module.down.padding == (1, 0) and module.down.extra_pads == (0, 1, 0, 0)
+    assert set(module.down.state_dict()) == {"weight", "bias"}
+    with torch.no_grad():
+        got = module(torch.from_numpy(x_value)).numpy()
+    np.testing.assert_allclose(got, np.asarray(model(x_value)), rtol=1e-4, atol=1e-5)

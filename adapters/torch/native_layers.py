@@ -76,11 +76,19 @@ def conv_layer(emitter: Any, node: Any) -> Any:
         return None
     attrs = _attributes(emitter, node)
     spatial = weight.dim() - 2
-    padding = _symmetric_pads(attrs.get("pads"), spatial)
-    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or padding is None:
+    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         return None
+    pads = list(attrs.get("pads") or [0] * (2 * spatial))
+    padding = [min(lo, hi) for lo, hi in zip(pads[:spatial], pads[spatial:])]
+    # what torch's symmetric padding leaves: TensorFlow's SAME at stride 2 pads (0, 1)
+    extra = [
+        (lo - both, hi - both) for lo, hi, both in zip(pads[:spatial], pads[spatial:], padding)
+    ]
     group = attrs.get("group", 1)
-    layer_class = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spatial - 1]
+    if any(lo or hi for lo, hi in extra):
+        layer_class = (PaddedConv1d, PaddedConv2d, PaddedConv3d)[spatial - 1]
+    else:
+        layer_class = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spatial - 1]
     layer = _empty(
         layer_class,
         weight.shape[1] * group,
@@ -92,8 +100,36 @@ def conv_layer(emitter: Any, node: Any) -> Any:
         groups=group,
         bias=bias is not None,
     )
+    if isinstance(layer, _ExtraPads):
+        # F.pad takes the last dim first: (w_lo, w_hi, h_lo, h_hi, ...)
+        layer.extra_pads = tuple(p for lo_hi in reversed(extra) for p in lo_hi)
     sources = {"weight": node.inputs[1]} | ({"bias": bias_value} if bias is not None else {})
     return _assign(layer, weight=weight, bias=bias), sources, [0]
+
+
+class _ExtraPads:
+    """A convolution that zero-pads one side more than the other first (asymmetric ONNX pads,
+    which torch's `padding` cannot say); weights and state dict are the plain layer's."""
+
+    extra_pads: tuple[int, ...] = ()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.nn.functional.pad(x, self.extra_pads))  # type: ignore[misc]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, extra_pads={self.extra_pads}"  # type: ignore[misc]
+
+
+class PaddedConv1d(_ExtraPads, nn.Conv1d):
+    pass
+
+
+class PaddedConv2d(_ExtraPads, nn.Conv2d):
+    pass
+
+
+class PaddedConv3d(_ExtraPads, nn.Conv3d):
+    pass
 
 
 @LAYERS.register("ConvTranspose")
