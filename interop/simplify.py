@@ -1,4 +1,5 @@
-"""Graph clean-ups before emission: inverse Transpose pairs cancel, missing shapes are inferred.
+"""Graph clean-ups before emission: inverse Transpose pairs cancel (also across elementwise
+ops between them), missing shapes are inferred.
 
 Captures that work in one layout and call ops of another wrap each op in transposes: the
 Keras capture turns an NHWC Conv2D into Transpose -> Conv -> Transpose, so two layers in a
@@ -33,6 +34,14 @@ def _perm(node: ir.Node) -> list[int] | None:
     return None if attribute is None else list(attribute.as_ints())
 
 
+def _drop_unread_transposes(graph: ir.Graph) -> None:
+    for node in reversed(list(graph)):
+        if node.op_type == "Transpose" and not any(
+            out.uses() or out.is_graph_output() for out in node.outputs
+        ):
+            graph.remove(node, safe=True)
+
+
 def cancel_inverse_transposes(graph: ir.Graph) -> int:
     """Readers of Transpose(Transpose(x, p), q) read x when q undoes p; returns how many."""
     cancelled = 0
@@ -52,11 +61,7 @@ def cancel_inverse_transposes(graph: ir.Graph) -> int:
             continue  # the graph's own output value must stay produced under its name
         output.replace_all_uses_with(source)
         cancelled += 1
-    for node in reversed(list(graph)):  # transposes left without readers
-        if node.op_type == "Transpose" and not any(
-            out.uses() or out.is_graph_output() for out in node.outputs
-        ):
-            graph.remove(node, safe=True)
+    _drop_unread_transposes(graph)
     return cancelled
 
 
@@ -122,11 +127,7 @@ def sink_transposes(graph: ir.Graph) -> int:
                 source = producer.inputs[0]
             exit_node.outputs[0].replace_all_uses_with(source)
         moved += 1
-    for node in reversed(list(graph)):
-        if node.op_type == "Transpose" and not any(
-            out.uses() or out.is_graph_output() for out in node.outputs
-        ):
-            graph.remove(node, safe=True)
+    _drop_unread_transposes(graph)
     return moved
 
 
