@@ -188,6 +188,43 @@ def test_emission_leaves_the_callers_graph_alone(keras_traced):
     assert plain.model.graph.node(1).outputs[0].shape is None
 
 
+class _NoAffineNet(nnx.Module):
+    def __init__(self, rngs, use_bias=False):
+        self.conv = nnx.Conv(3, 4, (3, 3), padding=1, rngs=rngs)
+        self.bn = nnx.BatchNorm(4, use_scale=False, use_bias=use_bias, momentum=0.8, rngs=rngs)
+
+    def __call__(self, x):
+        return self.bn(self.conv(x))
+
+
+def _no_affine_source(use_bias):
+    source = _NoAffineNet(nnx.Rngs(0), use_bias)
+    rng = np.random.default_rng(3)
+    source.bn.mean.value = rng.uniform(-0.5, 0.5, 4).astype(np.float32)
+    source.bn.var.value = rng.uniform(0.5, 1.5, 4).astype(np.float32)
+    if use_bias:
+        source.bn.bias.value = rng.uniform(-0.5, 0.5, 4).astype(np.float32)
+    source.eval()
+    return source, rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_batchnorm_without_scale_is_a_keras_and_flax_layer_without_it(use_bias):
+    source, x = _no_affine_source(use_bias)
+    graph = interop.trace(source, (x,))
+    emitted = interop.to_keras(graph)
+    norm = next(la for la in emitted.layers if isinstance(la, keras.layers.BatchNormalization))
+    assert not norm.scale and norm.center == use_bias
+    assert len(norm.trainable_weights) == int(use_bias)
+    np.testing.assert_allclose(np.asarray(emitted(x)), np.asarray(source(x)), rtol=1e-4, atol=1e-5)
+    module = interop.to_flax(graph)
+    bn = next(m for _, m in module.iter_modules() if isinstance(m, nnx.BatchNorm))
+    assert not bn.use_scale and bn.use_bias == use_bias
+    out = module(x)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    np.testing.assert_allclose(np.asarray(out), np.asarray(source(x)), rtol=1e-4, atol=1e-5)
+
+
 def test_batchnorm_without_scale_and_bias_is_a_non_affine_torch_layer():
     class Net(nnx.Module):
         def __init__(self, rngs):

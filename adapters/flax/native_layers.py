@@ -242,24 +242,46 @@ def batch_norm_layer(emitter: Any, node: Any) -> Native | None:
     """Inference-form BatchNormalization -> nnx.BatchNorm on axis 1 (ONNX momentum = Flax's)."""
     attrs = _attributes(emitter, node)
     tensors = [emitter.weight(v) for v in node.inputs[1:5]]
-    if any(t is None or t.ndim != 1 for t in tensors) or attrs.get("training_mode", 0):
+    # constant ones / zeros for scale / bias (a source BN without them): use_scale / use_bias off
+    used = (
+        not _constant_fill(emitter, node.inputs[1], 1.0),
+        not _constant_fill(emitter, node.inputs[2], 0.0),
+        True,
+        True,
+    )
+    if attrs.get("training_mode", 0) or any(
+        t is None or t.ndim != 1 for t, u in zip(tensors, used) if u
+    ):
         return None
-    if len(node.outputs) > 1 or tensors[0].dtype.kind != "f":
+    if len(node.outputs) > 1 or tensors[2].dtype.kind != "f":
         return None
-    scale, bias, mean, var = tensors
+    names = ("scale", "bias", "mean", "var")
+    arrays = {n: t for n, t, u in zip(names, tensors, used) if u}
     layer = _assemble(
         nnx.BatchNorm,
-        {"scale": scale, "bias": bias, "mean": mean, "var": var},
-        num_features=scale.shape[0],
+        arrays,
+        num_features=tensors[2].shape[0],
         use_running_average=True,
+        use_scale=used[0],
+        use_bias=used[1],
         axis=1,
         momentum=attrs.get("momentum", 0.9),
         epsilon=attrs.get("epsilon", 1e-5),
         use_fast_variance=False,
-        param_dtype=scale.dtype,
+        param_dtype=tensors[2].dtype,
     )
-    names = ("scale", "bias", "mean", "var")
-    return Native(layer, dict(zip(names, node.inputs[1:5])), [0], _call)
+    sources = {n: v for n, v, u in zip(names, node.inputs[1:5], used) if u}
+    return Native(layer, sources, [0], _call)
+
+
+def _constant_fill(emitter: Any, value: Any, fill: float) -> bool:
+    """Whether an input is a constant (not a weight) whose every element is `fill`."""
+    if value is None or emitter.weight(value) is not None:
+        return False
+    array = emitter.statics.get(value)
+    if array is None and value.const_value is not None:
+        array = value.const_value.numpy()
+    return array is not None and array.size > 0 and bool(np.all(array == fill))
 
 
 @LAYERS.register("LayerNormalization")

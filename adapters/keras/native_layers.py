@@ -315,8 +315,11 @@ def batch_norm_layer(emitter, node, args):
     attrs = _attributes(emitter, node)
     arrays = [emitter.weight(v) for v in node.inputs[1:5]]
     rank = _rank(node.inputs[0], args[0])
+    # constant ones / zeros for scale / bias (a source BN without them): scale / center off
+    scaled = not _constant_fill(emitter, node.inputs[1], 1.0)
+    centered = not _constant_fill(emitter, node.inputs[2], 0.0)
     if (
-        any(a is None for a in arrays)
+        any(a is None for a, used in zip(arrays, (scaled, centered, True, True)) if used)
         or attrs.get("training_mode", 0)
         or len(node.outputs) > 1
         or rank not in (2, 3, 4, 5)
@@ -327,15 +330,26 @@ def batch_norm_layer(emitter, node, args):
     # ONNX momentum weighs the running value, as Keras's does
     layer = keras.layers.BatchNormalization(
         axis=-1, momentum=attrs.get("momentum", 0.9), epsilon=attrs.get("epsilon", 1e-5),
-        name=emitter.layer_name(node, node.inputs[1:5]), gamma_initializer=_Given(scale),
-        beta_initializer=_Given(bias), moving_mean_initializer=_Given(mean),
-        moving_variance_initializer=_Given(var),
+        name=emitter.layer_name(node, node.inputs[1:5]), scale=scaled, center=centered,
+        gamma_initializer=_given(scale, "ones"), beta_initializer=_given(bias),
+        moving_mean_initializer=_Given(mean), moving_variance_initializer=_Given(var),
     )  # fmt: skip
     x = emitter.channels_last(args[0]) if rank > 2 else args[0]
     y = layer(x)
     names = ("gamma", "beta", "moving_mean", "moving_variance")
-    emitter.adopt(layer, dict(zip(names, node.inputs[1:5])))
+    used = (scaled, centered, True, True)
+    emitter.adopt(layer, {n: v for n, v, u in zip(names, node.inputs[1:5], used) if u})
     return [emitter.channels_first(y) if rank > 2 else y]
+
+
+def _constant_fill(emitter, value, fill) -> bool:
+    """Whether an input is a constant (not a weight) whose every element is `fill`."""
+    if value is None or emitter.weight(value) is not None:
+        return False
+    array = emitter.static.get(value)
+    if array is None and value.const_value is not None:
+        array = value.const_value.numpy()
+    return array is not None and array.size > 0 and bool(np.all(array == fill))
 
 
 @LAYERS.register("LayerNormalization")
