@@ -188,6 +188,18 @@ def node_free_values(node: ir.Node) -> list[ir.Value]:
     return list(found)
 
 
+def is_constant_fill(value: ir.Value | None, fill: float, known: Mapping[Any, Any]) -> bool:
+    """Whether an input is a constant whose every element is `fill`: known at emission
+    (``known``, an emitter's folded values) or an initializer. Emitters ask it of inputs
+    that are not weights (a source BatchNorm without scale reads constant ones)."""
+    if value is None:
+        return False
+    array = known.get(value)
+    if array is None and value.const_value is not None:
+        array = value.const_value.numpy()
+    return array is not None and np.size(array) > 0 and bool(np.all(np.asarray(array) == fill))
+
+
 def loop_condition_holds(body: ir.Graph) -> bool:
     """Whether a Loop body hands its condition input back unchanged (directly, through
     Identity, or as a constant true): then the loop runs its whole trip count, and scan

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from interop.interpret import is_constant_fill
+
 from .emitter import LAYERS
 
 
@@ -275,13 +277,8 @@ def batch_norm_layer(emitter: Any, node: Any) -> Native | None:
 
 
 def _constant_fill(emitter: Any, value: Any, fill: float) -> bool:
-    """Whether an input is a constant (not a weight) whose every element is `fill`."""
-    if value is None or emitter.weight(value) is not None:
-        return False
-    array = emitter.statics.get(value)
-    if array is None and value.const_value is not None:
-        array = value.const_value.numpy()
-    return array is not None and array.size > 0 and bool(np.all(array == fill))
+    """A constant (not a weight) input whose every element is `fill`."""
+    return emitter.weight(value) is None and is_constant_fill(value, fill, emitter.statics)
 
 
 @LAYERS.register("LayerNormalization")

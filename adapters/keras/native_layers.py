@@ -15,6 +15,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from interop.interpret import is_constant_fill
 from interop.registry import Registry
 
 LAYERS: Registry[Any] = Registry("emit", adapter="keras layers")
@@ -343,13 +344,8 @@ def batch_norm_layer(emitter, node, args):
 
 
 def _constant_fill(emitter, value, fill) -> bool:
-    """Whether an input is a constant (not a weight) whose every element is `fill`."""
-    if value is None or emitter.weight(value) is not None:
-        return False
-    array = emitter.static.get(value)
-    if array is None and value.const_value is not None:
-        array = value.const_value.numpy()
-    return array is not None and array.size > 0 and bool(np.all(array == fill))
+    """A constant (not a weight) input whose every element is `fill`."""
+    return emitter.weight(value) is None and is_constant_fill(value, fill, emitter.static)
 
 
 @LAYERS.register("LayerNormalization")

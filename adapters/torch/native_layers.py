@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import _VF, nn
 
-from interop.interpret import schema_defaults
+from interop.interpret import is_constant_fill, schema_defaults
 from interop.packing import PACKED_FROM
 
 from .emitter import LAYERS
@@ -280,13 +280,8 @@ def batch_norm_layer(emitter: Any, node: Any) -> Any:
 
 
 def _constant_fill(emitter: Any, value: Any, fill: float) -> bool:
-    """Whether an input is a constant (not a weight) whose every element is `fill`."""
-    if value is None or emitter.weight(value) is not None:
-        return False
-    array = emitter.static.get(value)
-    if array is None and value.const_value is not None:
-        array = value.const_value.numpy()
-    return array is not None and array.size > 0 and bool(np.all(array == fill))
+    """A constant (not a weight) input whose every element is `fill`."""
+    return emitter.weight(value) is None and is_constant_fill(value, fill, emitter.static)
 
 
 @LAYERS.register("LayerNormalization")
