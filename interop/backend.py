@@ -248,7 +248,9 @@ class NumpyBackend:
 
     # ---------------------------------------------------------------- linear algebra
     def matmul(self, a, b):
-        return _array(np.matmul(a, b))
+        dtype = np.result_type(a, b)
+        # ml_dtypes' matmul loops (bfloat16, float8) answer float32: round back to ONNX's type
+        return _array(np.matmul(a, b)).astype(dtype, copy=False)
 
     def einsum(self, equation, *operands):
         dtype = np.result_type(*operands)
