@@ -57,7 +57,8 @@ def main() -> None:
     print(graph)
     graph.summary(depth=2)
     print("layer blocks.1:", graph.layer("blocks.1"))
-    print("plot:", graph.plot(args.out / "small_resnet.svg", depth=2))
+    for suffix in ("svg", "png"):  # system Graphviz if installed, else the pip graphviz-pure
+        print("plot:", graph.plot(args.out / f"small_resnet.{suffix}", depth=2))
 
     features = graph.submodel(outputs=["blocks.2"])  # intermediate activations as a new graph
     print("features:", features.run(images).shape)

@@ -7,7 +7,12 @@ of the layers it belongs to.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import sysconfig
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +69,13 @@ def build_digraph(graph: Graph, depth: int | None = None, rankdir: str = "TB") -
             units[unit] = (f"{node.op_type}\n{node.name}", layer)
         unit_of[id(node)] = unit
 
+    if len(units) > LARGE_GRAPH_NODES:
+        warnings.warn(
+            f"Plotting {len(units)} boxes: the drawing will be hard to read (raster images are "
+            f"capped at {MAX_RASTER_PIXELS} px on their long side). Pass depth=1 or depth=2 "
+            "to draw layers as single boxes, or plot to .svg.",
+            stacklevel=3,
+        )
     dot = graphviz.Digraph(graph.name, graph_attr={"rankdir": rankdir, "fontname": "Helvetica"},
                            node_attr={"shape": "box", "style": "rounded,filled", "fillcolor": "#eef3fb",
                                       "fontname": "Helvetica", "fontsize": "10"},
@@ -131,14 +143,63 @@ def _has_units(layer: Layer, members: dict[int, list[str]]) -> bool:
     return any(id(sub) in members for sub in layer.walk())
 
 
-def _require_dot() -> None:
-    if shutil.which("dot") is None:
+# Raster images are capped at this many pixels on their long side: a 2,000-node graph
+# drawn top to bottom is otherwise a PNG 200,000 pixels tall that no viewer opens.
+MAX_RASTER_PIXELS = 16_000
+# Past this many drawn boxes a full plot stops being readable: warn and suggest depth=N.
+LARGE_GRAPH_NODES = 1_000
+_RASTER = {"png", "jpg", "jpeg"}
+_DPI = 96  # Graphviz's default for raster output
+
+
+def dot_binary() -> tuple[str, str] | None:
+    """(path, kind) of the Graphviz renderer to use, or None when there is none.
+
+    The system ``dot`` is preferred; otherwise the ``graphviz-pure`` command that pip
+    installs with interop (a static port of Graphviz 16.1, svg/png/jpg but no pdf). It is
+    looked up in this interpreter's scripts folder first, so a venv works without being
+    activated (its bin need not be on PATH).
+    """
+    system = shutil.which("dot")
+    if system:
+        return system, "dot"
+    name = "graphviz-pure.exe" if os.name == "nt" else "graphviz-pure"
+    candidates = [Path(sysconfig.get_path("scripts")) / name, Path(sys.executable).parent / name]
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate), "graphviz-pure"
+    found = shutil.which("graphviz-pure")
+    return (found, "graphviz-pure") if found else None
+
+
+def render(source: str, fmt: str) -> bytes:
+    """The dot source rendered to fmt by the system dot or graphviz-pure."""
+    renderer = dot_binary()
+    if renderer is None:
         raise MissingDependencyError(
-            "graphviz's 'dot' program",
+            "a Graphviz renderer (the system 'dot' or the pip package graphviz-pure)",
             purpose="render plots",
-            fix="install Graphviz (apt-get install graphviz, brew install graphviz or conda "
-            "install graphviz), or plot to a .dot file",
+            fix="pip install 'graphviz-pure>=0.2.2,<0.3' (interop depends on it; it may have "
+            "been uninstalled), install Graphviz (apt-get install graphviz, brew install "
+            "graphviz), or plot to a .dot file",
         )
+    binary, kind = renderer
+    if kind == "graphviz-pure" and fmt == "pdf":
+        raise MissingDependencyError(
+            "the system Graphviz 'dot' program",
+            purpose="plot to PDF (the bundled renderer graphviz-pure writes svg, png and jpg)",
+            fix="plot to .svg or .png, or install Graphviz (apt-get install graphviz, brew "
+            "install graphviz)",
+        )
+    args = [binary, f"-T{fmt}"]
+    if fmt in _RASTER:
+        inches = MAX_RASTER_PIXELS / _DPI  # size only ever scales a drawing down
+        args += [f"-Gsize={inches:g},{inches:g}", f"-Gdpi={_DPI}"]
+    done = subprocess.run(args, input=source.encode("utf-8"), capture_output=True, check=False)
+    if done.returncode != 0 or not done.stdout:
+        message = done.stderr.decode("utf-8", "replace").strip() or f"exit code {done.returncode}"
+        raise RuntimeError(f"{kind} failed to render the plot as {fmt}: {message}")
+    return done.stdout
 
 
 def plot(graph: Graph, path: str | Path | None, depth: int | None = None, **kwargs: Any) -> Any:
@@ -152,12 +213,11 @@ def plot(graph: Graph, path: str | Path | None, depth: int | None = None, **kwar
     if fmt in ("dot", "gv"):
         path.write_text(dot.source)
         return path
-    _require_dot()
-    path.write_bytes(dot.pipe(format=fmt))
+    path.write_bytes(render(dot.source, fmt))
     return path
 
 
 def render_svg(graph: Graph, depth: int | None = 1) -> str | None:
-    if shutil.which("dot") is None:
+    if dot_binary() is None:
         return None
-    return build_digraph(graph, depth=depth).pipe(format="svg").decode("utf-8")
+    return render(build_digraph(graph, depth=depth).source, "svg").decode("utf-8")

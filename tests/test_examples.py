@@ -7,6 +7,7 @@ so a passing test means the printed comparison held, not only that nothing crash
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def run_example(script: str, *args: str, timeout: float = 240) -> str:
+def run_example(script: str, *args: str, timeout: float = 240, path: str | None = None) -> str:
     env = dict(os.environ, JAX_PLATFORMS="cpu", KERAS_BACKEND="tensorflow", PYTHONPATH=str(ROOT))
+    if path is not None:
+        env["PATH"] = path
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / script), *args],
         capture_output=True,
@@ -38,10 +41,19 @@ def test_examples_are_short():
 
 
 def test_inspect_torch_model(tmp_path):
-    out = run_example("inspect_torch_model.py", "--out", str(tmp_path))
+    # PATH holds only this venv's bin: no system Graphviz, as on a fresh machine after pip
+    # install, so the plots come from the graphviz-pure renderer interop depends on
+    out = run_example(
+        "inspect_torch_model.py", "--out", str(tmp_path), path=str(Path(sys.executable).parent)
+    )
     assert "verify" in out and "OK" in out
     assert (tmp_path / "small_resnet.onnx").stat().st_size > 0
-    assert (tmp_path / "small_resnet.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
+    svg = (tmp_path / "small_resnet.svg").read_text()
+    assert svg.lstrip().startswith(("<?xml", "<svg")) and "blocks.1" in svg
+    png = (tmp_path / "small_resnet.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    width, height = struct.unpack(">II", png[16:24])
+    assert 50 < width < 16_000 and 50 < height < 16_000
 
 
 def test_keras_to_torch():
