@@ -30,6 +30,11 @@ from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
+from . import keras_registration as _keras_registration  # noqa: E402
+
+# saved Keras models holding interop layers load after `import interop` alone
+_keras_registration.install()
+
 _EMITTERS = ("to_torch", "to_keras", "to_flax", "to_jax")
 
 

@@ -7,7 +7,8 @@ input checks the input against the guest's signature at definition time and comp
 the output shape from the graph's shape inference. The layer's config carries the
 graph (ONNX bytes) and the current weights, so ``model.save`` /
 ``keras.models.load_model`` work in a process where the guest's framework is not
-installed (``import interop.keras`` first, which registers the class):
+installed (``import interop`` is enough, before or after ``import keras``: it registers the
+class once Keras is imported, see interop/keras_registration.py):
 
 >>> inp = keras.Input((3, 32, 32))                                      # doctest: +SKIP
 >>> x = interop.keras.Layer(torch_backbone, example_inputs=(sample,))(inp)  # doctest: +SKIP

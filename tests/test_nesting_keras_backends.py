@@ -41,17 +41,22 @@ class Block:  # the guest's framework must not be needed to load the host
         if name.split(".")[0] == "torch" and sys.argv[2] != "torch":
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
-import numpy as np, keras, interop.keras
+if sys.argv[3] == "interop-first":  # `import interop` alone registers the layer, in any order
+    import interop, keras
+else:
+    import keras, interop
+import numpy as np
 folder = sys.argv[1]
 model = keras.models.load_model(folder + "/host.keras")
 error = float(np.abs(model.predict(np.load(folder + "/x.npy"), verbose=0) - np.load(folder + "/prediction.npy")).max())
 config = model.get_config()
 rebuilt = keras.Model.from_config(config)
-print(json.dumps({"reload_error": error, "torch_loaded": "torch" in sys.modules, "rebuilt": len(rebuilt.weights)}))
+print(json.dumps({"reload_error": error, "torch_loaded": "torch" in sys.modules, "rebuilt": len(rebuilt.weights),
+                  "layer": type(model.get_layer("guest")).__module__}))
 """
 
 
-def _run(script: str, folder: Path, backend: str) -> dict:
+def _run(script: str, folder: Path, backend: str, order: str = "") -> dict:
     env = {
         **os.environ,
         "KERAS_BACKEND": backend,
@@ -59,7 +64,7 @@ def _run(script: str, folder: Path, backend: str) -> dict:
         "TF_CPP_MIN_LOG_LEVEL": "3",
     }
     done = subprocess.run(
-        [sys.executable, "-c", script, str(folder), backend],
+        [sys.executable, "-c", script, str(folder), backend, order],
         capture_output=True,
         text=True,
         env=env,
@@ -80,8 +85,25 @@ def test_keras_layer_on_every_backend(backend, tmp_path):
     assert built["backend"] == backend
     assert built["guest_error"] < 1e-4
     assert built["after"] < built["before"]
-    loaded = _run(LOAD, tmp_path, backend)
-    assert loaded["reload_error"] < 1e-6
-    assert loaded["rebuilt"] > 0
-    if backend != "torch":
-        assert not loaded["torch_loaded"]
+    for order in ("interop-first", "keras-first"):
+        loaded = _run(LOAD, tmp_path, backend, order)
+        assert loaded["layer"] == "interop.keras", order
+        assert loaded["reload_error"] < 1e-6, order
+        assert loaded["rebuilt"] > 0
+        if backend != "torch":
+            assert not loaded["torch_loaded"], order
+
+
+def test_import_interop_registers_every_saved_interop_class_once_keras_loads():
+    # emitted models save generic ops and recurrent helpers as interop>... classes too
+    script = (
+        "import sys, interop; assert 'keras' not in sys.modules; import keras; "
+        "names = ['interop>Layer', 'interop>OnnxOp1', 'interop>OnnxOp64', 'interop>RecurrentState']; "
+        "print([keras.saving.get_registered_object(n) is not None for n in names])"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[True, True, True, True]"
