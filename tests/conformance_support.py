@@ -13,13 +13,34 @@ An emitter's suite is a runner plus an xfail table:
     @pytest.mark.conformance
     @pytest.mark.parametrize("name", cs.case_params("keras"))
     def test_node_case(name):
-        cs.run_case_with(run_keras, cs.case(name))
+        cs.check_case("keras", run_keras, name)
 
-Known failures live in tests/conformance_xfails_<emitter>.json ({case name: reason});
-they become strict xfails, so a listed case that starts passing fails the suite. A case
-whose result varies between runs (thread count, BLAS) is listed with a reason starting
-"numerically borderline:" instead: a non-strict xfail, kept by table updates.
-Regenerate them with `python tools/gen_ops_doc.py --update-xfails --emitters keras`.
+Known failures live in tests/conformance_xfails_<emitter>.json, one case a line:
+
+    {"test_foo": {"kind": "unsupported", "raises": "UnsupportedOpError", "reason": "No ..."},
+     "test_bar": {"kind": "borderline", "reason": "numerically borderline: ..."}}
+
+The kind says what the failure is:
+
+- "unsupported": the emitter refuses the case with `interop.errors.UnsupportedOpError`.
+- "error": another exception (``raises`` names its type), explicit but not on purpose.
+- "borderline": the result genuinely varies between runs (thread count, BLAS): a non-strict
+  xfail, kept by table updates.
+- "random": the outputs depend on a random generator (training-mode Dropout), so they
+  cannot equal the reference numbers; the suite checks a property instead (`PROPERTIES`),
+  a real, passing check, and the case counts as passing.
+- "mismatch": wrong values (an AssertionError). Never allowed: an expected failure may be
+  an explicit error, never a silent wrong number. The loader accepts such an entry so the
+  rest of the suite runs, but test_conformance.py::test_no_table_lists_wrong_values fails.
+
+"unsupported", "error" (and "mismatch") entries are strict xfails pinned to their exception
+type (``pytest.mark.xfail(raises=..., strict=True)``): a listed case that starts passing, or
+that fails another way (a wrong value where there used to be an error), fails the suite.
+The type is resolved by name (builtins, interop, the frameworks already imported); a name
+that does not resolve is matched on the exception's type names by `check_case`, which
+re-raises it as `RecordedFailure`. A table entry that is still a plain reason string
+("TypeName: message", the old format) is read as its derived entry.
+Regenerate the tables with `python tools/gen_ops_doc.py --update-xfails --emitters keras`.
 """
 
 from __future__ import annotations
@@ -38,9 +59,11 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 RTOL, ATOL = 1e-3, 1e-7  # the onnx backend runner's defaults (cases may override)
 TARGET = 0.95  # pass rate asked by issue 5
-# a table reason with this prefix marks a case whose result genuinely varies (threads, BLAS):
-# it becomes a non-strict xfail, still counted as failing, and table updates keep it
+# the reason of a "borderline" entry starts so (the kind of old string entries is read from it)
 BORDERLINE = "numerically borderline:"
+KINDS = ("unsupported", "error", "borderline", "random", "mismatch")
+# kinds that table updates keep: a fresh run cannot tell them (varying results, random outputs)
+KEPT_KINDS = ("borderline", "random")
 
 Runner = Callable[[Any, list[Any]], list[Any]]
 
@@ -84,16 +107,46 @@ def emitters_with_xfails() -> list[str]:
     return first + sorted(e for e in found if e not in first)
 
 
-def load_xfails(emitter: str) -> dict[str, str]:
-    """{failing case name: reason} of an emitter ({} when it has no table yet)."""
+def kind_of(raises: str) -> str:
+    """The kind of a failure that raised an exception of type name `raises`."""
+    if raises == "AssertionError":
+        return "mismatch"
+    return "unsupported" if raises == "UnsupportedOpError" else "error"
+
+
+def entry(raises: str, reason: str) -> dict[str, str]:
+    """A table entry for a case that raised `raises` (a type name) with message `reason`."""
+    return {"kind": kind_of(raises), "raises": raises, "reason": reason}
+
+
+def _as_entry(value: Any) -> dict[str, str]:
+    if isinstance(value, dict):
+        return value
+    if value.startswith(BORDERLINE):  # the old format: "TypeName: message" or a borderline reason
+        return {"kind": "borderline", "reason": value}
+    raises, _, reason = value.partition(": ")
+    return entry(raises, reason)
+
+
+def load_xfails(emitter: str) -> dict[str, dict[str, str]]:
+    """{listed case name: entry} of an emitter ({} when it has no table yet)."""
     path = xfails_path(emitter)
-    return json.loads(path.read_text()) if path.exists() else {}
+    table = json.loads(path.read_text()) if path.exists() else {}
+    return {name: _as_entry(value) for name, value in table.items()}
 
 
-def write_xfails(emitter: str, failures: dict[str, str]) -> None:
-    xfails_path(emitter).write_text(
-        json.dumps(dict(sorted(failures.items())), indent=1, ensure_ascii=False) + "\n"
-    )
+def failing(emitter: str) -> dict[str, dict[str, str]]:
+    """The entries of the emitter's cases that fail ("random" ones pass their property check)."""
+    return {n: e for n, e in load_xfails(emitter).items() if e["kind"] != "random"}
+
+
+def write_xfails(emitter: str, table: dict[str, dict[str, str]]) -> None:
+    """Write a table, one case a line (diffs stay per case)."""
+    lines = [
+        f"{json.dumps(name)}: {json.dumps(table[name], ensure_ascii=False)}"
+        for name in sorted(table)
+    ]
+    xfails_path(emitter).write_text("{\n " + ",\n ".join(lines) + "\n}\n" if lines else "{}\n")
 
 
 def runner(emitter: str) -> Runner:
@@ -167,28 +220,146 @@ def run_case_with(run: Runner, case: Any) -> None:
                 compare(e, a, case.rtol, case.atol)
 
 
-def outcome(run: Runner, case: Any) -> tuple[bool, str]:
-    """(passed, reason): the reason is what the xfail table records."""
+def check_dropout(run: Runner, case: Any) -> None:
+    """Training-mode Dropout: each output element is 0 or x / (1 - ratio), the mask says which,
+    and the kept fraction is within 4 standard deviations of 1 - ratio."""
+    node = case.model.graph.node[-1]
+    names = [value.name for value in case.model.graph.input]
+    for inputs, expected in case.data_sets:
+        inputs = as_numpy(list(inputs))
+        feeds = dict(zip(names, inputs))
+        x = np.asarray(inputs[0])
+        ratio_name = node.input[1] if len(node.input) > 1 else ""
+        assert not ratio_name or ratio_name in feeds, "the ratio is not a graph input"
+        ratio = float(np.asarray(feeds[ratio_name]).reshape(-1)[0]) if ratio_name else 0.5
+        actual = run(case.model, inputs)
+        assert len(actual) == len(expected), f"{len(actual)} outputs, expected {len(expected)}"
+        y = np.asarray(actual[0])
+        assert y.shape == x.shape and y.dtype == x.dtype, f"output {y.dtype}{y.shape}"
+        scaled = (x.astype(np.float64) / (1 - ratio)).astype(x.dtype)
+        dropped = y == 0
+        kept = np.isclose(y, scaled, rtol=case.rtol, atol=case.atol)
+        assert (dropped | kept).all(), "outputs that are neither 0 nor x / (1 - ratio)"
+        if len(actual) > 1:
+            mask = np.asarray(actual[1])
+            assert mask.dtype == np.bool_ and mask.shape == x.shape, f"mask {mask.dtype}{mask.shape}"
+            assert kept[mask].all() and (dropped | (x == 0))[~mask].all(), "mask disagrees"
+            kept = mask
+        else:
+            kept = kept & ~(x == 0)  # a zero input says nothing
+        count, p = kept.size, 1 - ratio
+        spread = 4 * np.sqrt(count * p * (1 - p)) + 1
+        assert abs(kept.sum() - count * p) <= spread, (
+            f"kept {kept.sum()} of {count}, expected about {count * p:.0f} (ratio {ratio})"
+        )
+
+
+# the property checked instead of the reference numbers for a "random" entry, by op type
+PROPERTIES: dict[str, Callable[[Runner, Any], None]] = {"Dropout": check_dropout}
+
+
+class RecordedFailure(Exception):
+    """A listed case failed with the recorded exception type, one not resolvable by name."""
+
+
+# modules whose exception classes a table may name (frameworks only once already imported)
+_EXCEPTION_MODULES = (
+    "builtins",
+    "interop.errors",
+    "interop.interpret",
+    "tensorflow.errors",
+    "tensorflow.python.framework.errors_impl",
+    "jax.errors",
+    "torch",
+    "keras.errors",
+)
+
+
+def exception_class(name: str) -> type[BaseException] | None:
+    """The exception class a table's ``raises`` names, or None where it does not resolve."""
+    import sys
+
+    for module_name in _EXCEPTION_MODULES:
+        if module_name.startswith("interop") or module_name == "builtins":
+            module = importlib.import_module(module_name)
+        else:
+            module = sys.modules.get(module_name)
+        found = getattr(module, name, None)
+        if isinstance(found, type) and issubclass(found, BaseException):
+            return found
+    return None
+
+
+def check_case(emitter: str, run: Runner, name: str) -> None:
+    """The test of one case: its property for a "random" entry, else the reference numbers
+    (a recorded exception whose type does not resolve is re-raised as `RecordedFailure`)."""
+    case_ = case(name)
+    listed = load_xfails(emitter).get(name)
+    if listed and listed["kind"] == "random":
+        check = PROPERTIES.get(case_op_type(case_))
+        assert check, f"no property to check for a random {case_op_type(case_)} case"
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            return check(run, case_)
     try:
-        run_case_with(run, case)
+        run_case_with(run, case_)
     except Exception as err:
+        raises = (listed or {}).get("raises")
+        names = {t.__name__ for t in type(err).__mro__}
+        if raises and raises in names and exception_class(raises) is None:
+            raise RecordedFailure(f"{type(err).__name__}: {err}") from err
+        raise
+
+
+def outcome(emitter: str, run: Runner, case: Any) -> dict[str, str] | None:
+    """None when the case passes, else the entry the xfail table records for it."""
+    try:
+        check_case(emitter, run, case.name)
+    except Exception as err:
+        err = err.__cause__ if isinstance(err, RecordedFailure) else err
         first_line = (str(err).strip().splitlines() or [""])[0]
-        return False, f"{type(err).__name__}: {first_line}"[:160]
-    return True, ""
+        return entry(type(err).__name__, first_line[:160])
+    listed = load_xfails(emitter).get(case.name)
+    return listed if listed and listed["kind"] == "random" else None
 
 
 def case_params(emitter: str) -> list[Any]:
-    """pytest params (case names): strict xfail where the table lists a case, non-strict if borderline."""
+    """pytest params (case names): strict xfails pinned to the recorded exception type where the
+    table lists a case, non-strict if borderline, none for a "random" case (its property passes)."""
     xfails = load_xfails(emitter)
     params = []
     for c in cases():
-        reason = xfails.get(c.name)
-        strict = not (reason or "").startswith(BORDERLINE)
-        marks = [pytest.mark.xfail(reason=reason, strict=strict)] if reason else []
+        listed = xfails.get(c.name)
+        marks = []
+        if listed and listed["kind"] == "borderline":
+            marks = [pytest.mark.xfail(reason=listed["reason"], strict=False)]
+        elif listed and listed["kind"] != "random":
+            raises = exception_class(listed["raises"]) or RecordedFailure
+            reason = f"{listed['kind']}: {listed['raises']}: {listed['reason']}"
+            marks = [pytest.mark.xfail(reason=reason, raises=raises, strict=True)]
         params.append(pytest.param(c.name, id=f"{emitter}-{c.name}", marks=marks))
     return params
 
 
 def pass_rate(emitter: str) -> float:
     """Fraction of cases not listed as failing in the emitter's xfail table."""
-    return 1 - len(load_xfails(emitter)) / len(cases())
+    return 1 - len(failing(emitter)) / len(cases())
+
+
+def check_table(emitter: str) -> None:
+    """The table lists real cases, with a known kind, a reason, and the type of what they raise;
+    a "random" case has a property to check."""
+    by_name = _by_name()
+    for name, listed in load_xfails(emitter).items():
+        assert name in by_name, f"{emitter}: {name} is not an onnx node test case"
+        assert listed.get("kind") in KINDS, f"{emitter}: {name}: kind {listed.get('kind')!r}"
+        assert str(listed.get("reason", "")).strip(), f"{emitter}: {name} has no reason"
+        if listed["kind"] in ("unsupported", "error", "mismatch"):
+            assert kind_of(listed.get("raises", "")) == listed["kind"], f"{emitter}: {name}"
+        if listed["kind"] == "random":
+            assert case_op_type(by_name[name]) in PROPERTIES, f"{emitter}: {name}: no property"
+
+
+def wrong_values(emitter: str) -> list[str]:
+    """The cases the emitter's table lists as giving wrong values (there must be none)."""
+    return sorted(n for n, e in load_xfails(emitter).items() if e["kind"] == "mismatch")

@@ -3,8 +3,8 @@
 Each case is emitted as an nnx module (by the emitter behind `interop.to_flax`) and called once, eagerly (not jitted: one XLA
 compile per case would take the suite far past its time budget; tests/test_emit_flax.py
 covers jit). 64-bit types are enabled around each case with ``jax.enable_x64`` so int64
-and float64 stay what ONNX says. Known failures are strict xfails with their reason in
-conformance_xfails_flax.json. Run with ``pytest -m conformance tests/test_conformance_flax.py``.
+and float64 stay what ONNX says. Known failures are strict xfails, pinned to their exception
+type, in conformance_xfails_flax.json. Run with ``pytest -m conformance tests/test_conformance_flax.py``.
 """
 
 from __future__ import annotations
@@ -36,15 +36,7 @@ RUNNERS = {"flax": run_flax}
 @pytest.mark.conformance
 @pytest.mark.parametrize("name", cs.case_params("flax"))
 def test_node_case(name: str) -> None:
-    cs.run_case_with(run_flax, cs.case(name))
-
-
-@pytest.mark.conformance
-def test_xfail_table_lists_real_cases_with_reasons() -> None:
-    names = {c.name for c in cs.cases()}
-    table = cs.load_xfails("flax")
-    assert set(table) <= names
-    assert all(reason.strip() for reason in table.values())
+    cs.check_case("flax", run_flax, name)
 
 
 @pytest.mark.conformance

@@ -2,7 +2,7 @@
 
 Each case is emitted as a functional keras.Model (not compiled) and called once, eagerly,
 on the backend the test session runs (TensorFlow, set by conftest.py). Known failures are
-strict xfails with their reason in conformance_xfails_keras.json. Run with
+strict xfails, pinned to their exception type, in conformance_xfails_keras.json. Run with
 ``pytest -m conformance tests/test_conformance_keras.py``.
 """
 
@@ -39,15 +39,7 @@ RUNNERS = {"keras": run_keras}
 @pytest.mark.conformance
 @pytest.mark.parametrize("name", cs.case_params("keras"))
 def test_node_case(name: str) -> None:
-    cs.run_case_with(run_keras, cs.case(name))
-
-
-@pytest.mark.conformance
-def test_xfail_table_lists_real_cases_with_reasons() -> None:
-    names = {c.name for c in cs.cases()}
-    table = cs.load_xfails("keras")
-    assert set(table) <= names
-    assert all(reason.strip() for reason in table.values())
+    cs.check_case("keras", run_keras, name)
 
 
 @pytest.mark.conformance
