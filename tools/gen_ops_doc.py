@@ -3,10 +3,13 @@
     python tools/gen_ops_doc.py                    # every emitter with an xfail table
     python tools/gen_ops_doc.py --update-xfails    # also rewrite tests/conformance_xfails_*.json
     python tools/gen_ops_doc.py --emitters keras --update-xfails   # rerun one emitter only
+    python tools/gen_ops_doc.py --render-only      # docs/ops.md from the tables, no rerun
 
 docs/ops.md has a column per emitter that has tests/conformance_xfails_<emitter>.json;
 emitters not rerun are read from their table. The runners are the test suites' own
 (RUNNERS of tests/test_conformance[_<emitter>].py), so the table and the tests agree.
+Each failing case is listed with its kind (see tests/conformance_support.py); table updates
+keep "borderline" and "random" entries, which a fresh run cannot tell.
 """
 
 from __future__ import annotations
@@ -22,28 +25,36 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import conformance_support as cs  # noqa: E402
 
+Table = dict[str, dict[str, str]]
+# the failing kinds, in the order docs/ops.md counts them
+KINDS = [k for k in cs.KINDS if k != "random"]
 
-def run_emitter(emitter: str) -> dict[str, str]:
-    """{failing case name: reason} from a fresh run."""
+
+def run_emitter(emitter: str) -> Table:
+    """{listed case name: entry} from a fresh run ("random" cases checked for their property)."""
     run = cs.runner(emitter)
     start = time.perf_counter()
-    failures = {}
+    table = {}
     for case in cs.cases():
-        ok, reason = cs.outcome(run, case)
-        if not ok:
-            failures[case.name] = reason
-    print(
-        f"{emitter}: {len(failures)} failing, {time.perf_counter() - start:.1f}s", file=sys.stderr
-    )
-    return failures
+        listed = cs.outcome(emitter, run, case)
+        if listed is not None:
+            table[case.name] = listed
+    failing = sum(e["kind"] != "random" for e in table.values())
+    print(f"{emitter}: {failing} failing, {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    return table
 
 
-def render(failures: dict[str, dict[str, str]]) -> str:
+def render(tables: dict[str, Table]) -> str:
     cases = cs.cases()
     by_op: dict[str, list[str]] = collections.defaultdict(list)
+    op_of = {}
     for case in cases:
-        by_op[cs.case_op_type(case)].append(case.name)
-    emitters = list(failures)
+        op_of[case.name] = cs.case_op_type(case)
+        by_op[op_of[case.name]].append(case.name)
+    emitters = list(tables)
+    failures = {
+        e: {n: t["kind"] for n, t in tables[e].items() if t["kind"] != "random"} for e in emitters
+    }
     total = len(cases)
     lines = [
         "# ONNX op coverage of the emitters",
@@ -52,14 +63,20 @@ def render(failures: dict[str, dict[str, str]]) -> str:
         "`onnx` package (`onnx.backend.test.case.node.collect_testcases`), run with the onnx backend",
         "runner's tolerances (rtol 1e-3, atol 1e-7, same dtypes and shapes). A case is counted under",
         "the op of its last node (the `_expanded` variants test the op's function body).",
-        "Failing cases and their reasons: tests/conformance_xfails_<emitter>.json.",
+        "Failing cases, their kind and reason: tests/conformance_xfails_<emitter>.json. Kinds:",
+        "*unsupported* (the emitter raises `UnsupportedOpError`), *error* (another exception),",
+        "*borderline* (the result varies between runs), *mismatch* (a wrong value: never allowed, the",
+        "suite fails while a table lists one). Cases whose outputs are random (training-mode",
+        "Dropout) pass a property check instead of the reference numbers and count as passing.",
         "",
-        "| emitter | passed | total | pass rate |",
-        "|---|---|---|---|",
+        "| emitter | passed | total | pass rate | " + " | ".join(KINDS) + " |",
+        "|---|---|---|---|" + "---|" * len(KINDS),
     ]
     for emitter in emitters:
         passed = total - len(failures[emitter])
-        lines.append(f"| {emitter} | {passed} | {total} | {passed / total:.1%} |")
+        kinds = collections.Counter(failures[emitter].values())
+        counts = " | ".join(str(kinds[k] or "") for k in KINDS)
+        lines.append(f"| {emitter} | {passed} | {total} | {passed / total:.1%} | {counts} |")
     lines += [
         "",
         "| op | cases | " + " | ".join(emitters) + " |",
@@ -73,6 +90,17 @@ def render(failures: dict[str, dict[str, str]]) -> str:
             mark = "" if passed == len(names) else (" ✗" if passed == 0 else " ~")
             cells.append(f"{passed}/{len(names)}{mark}")
         lines.append(f"| {op_type} | {len(names)} | " + " | ".join(cells) + " |")
+    failing = sorted(set().union(*failures.values()))
+    lines += [
+        "",
+        "## Failing cases by kind",
+        "",
+        "| case | op | " + " | ".join(emitters) + " |",
+        "|---|---|" + "---|" * len(emitters),
+    ]
+    for name in failing:
+        cells = [failures[e].get(name, "") for e in emitters]
+        lines.append(f"| {name} | {op_of[name]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -84,22 +112,26 @@ def main() -> None:
     parser.add_argument(
         "--update-xfails", action="store_true", help="rewrite the rerun emitters' xfail tables"
     )
+    parser.add_argument(
+        "--render-only", action="store_true", help="rerun nothing: docs/ops.md from the tables"
+    )
     parser.add_argument("--output", default=str(ROOT / "docs" / "ops.md"))
     args = parser.parse_args()
     rerun = [e for e in args.emitters.split(",") if e] or cs.emitters_with_xfails()
+    rerun = [] if args.render_only else rerun
     columns = cs.emitters_with_xfails() + [e for e in rerun if e not in cs.emitters_with_xfails()]
-    failures = {e: run_emitter(e) if e in rerun else cs.load_xfails(e) for e in columns}
+    tables = {e: run_emitter(e) if e in rerun else cs.load_xfails(e) for e in columns}
     if args.update_xfails:
         for emitter in rerun:
-            # borderline cases vary between runs: keep them listed (as failing) either way
-            borderline = {
-                name: reason
-                for name, reason in cs.load_xfails(emitter).items()
-                if reason.startswith(cs.BORDERLINE)
+            # borderline and random cases: a fresh run cannot tell them, keep them listed
+            kept = {
+                name: listed
+                for name, listed in cs.load_xfails(emitter).items()
+                if listed["kind"] in cs.KEPT_KINDS and name not in tables[emitter]
             }
-            failures[emitter] = failures[emitter] | borderline
-            cs.write_xfails(emitter, failures[emitter])
-    Path(args.output).write_text(render(failures))
+            tables[emitter] = tables[emitter] | kept
+            cs.write_xfails(emitter, tables[emitter])
+    Path(args.output).write_text(render(tables))
 
 
 if __name__ == "__main__":
