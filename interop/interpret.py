@@ -524,14 +524,21 @@ class FunctionBody:
                     for a in args
                 ]
                 node_proto = ir.serde.serialize_node(self.node)
+                # inside a function body the builder must see the caller's value, not @ref; a
+                # reference the caller leaves unset is an absent attribute (left in, the builder
+                # reads its empty value: SoftmaxCrossEntropyLoss's NLL body got ignore_index 0)
+                attributes = []
                 for attribute in node_proto.attribute:
-                    # inside a function body: the builder must see the caller's value, not @ref
                     if attribute.ref_attr_name and attribute.name in self.attributes:
-                        resolved = onnx.helper.make_attribute(
+                        attribute = onnx.helper.make_attribute(
                             attribute.name, self.attributes[attribute.name]
                         )
-                        attribute.Clear()
-                        attribute.CopyFrom(resolved)
+                    if not attribute.ref_attr_name:
+                        attributes.append(
+                            onnx.AttributeProto.FromString(attribute.SerializeToString())
+                        )
+                del node_proto.attribute[:]
+                node_proto.attribute.extend(attributes)
                 raw = schema.get_context_dependent_function_with_opset_version(
                     schema.since_version,
                     node_proto.SerializeToString(),

@@ -242,7 +242,9 @@ def check_dropout(run: Runner, case: Any) -> None:
         assert (dropped | kept).all(), "outputs that are neither 0 nor x / (1 - ratio)"
         if len(actual) > 1:
             mask = np.asarray(actual[1])
-            assert mask.dtype == np.bool_ and mask.shape == x.shape, f"mask {mask.dtype}{mask.shape}"
+            assert mask.dtype == np.bool_ and mask.shape == x.shape, (
+                f"mask {mask.dtype}{mask.shape}"
+            )
             assert kept[mask].all() and (dropped | (x == 0))[~mask].all(), "mask disagrees"
             kept = mask
         else:
