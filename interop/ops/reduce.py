@@ -28,7 +28,9 @@ def _reduce(xp, name, x, axes, keepdims):
             else [d for i, d in enumerate(dims) if i not in axes]
         )
         value = _EMPTY[name]
-        if xp.dtype(x).kind in "iu" and not np.isfinite(value):
+        if xp.dtype(x).kind == "b":  # -inf / inf cast to bool are both True: use False / True
+            value = name == "min"
+        elif xp.dtype(x).kind in "iu" and not np.isfinite(value):
             info = np.iinfo(xp.dtype(x))
             value = info.min if value < 0 else info.max
         return xp.full(out, value, xp.dtype(x), like=x)
