@@ -38,6 +38,13 @@ def semantics_key(op_type: str, domain: str = "") -> str:
     return op_type if domain in ("", "ai.onnx") else f"{domain}::{op_type}"
 
 
+def unsupported(op_type: str, detail: str, fix: str) -> Exception:
+    """The error for an input or attribute case the semantics refuse instead of computing it."""
+    from interop.errors import UnsupportedOpError
+
+    return UnsupportedOpError(op_type, direction="emit", detail=detail, fix=fix)
+
+
 def normalize_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 

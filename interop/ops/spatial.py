@@ -11,7 +11,7 @@ import itertools
 
 import numpy as np
 
-from . import normalize_axis, op
+from . import normalize_axis, op, unsupported
 
 
 def _ints(xp, value):
@@ -64,18 +64,29 @@ def max_unpool(xp, x, indices, output_shape=None, kernel_shape=None, pads=None, 
     count = len(dims) - 2
     strides = list(strides or [1] * count)
     pads = list(pads or [0] * 2 * count)
-    if output_shape is not None:
-        out_dims = _ints(xp, output_shape)
-    else:
-        spatial = [
-            (d - 1) * s + k - pads[a] - pads[a + count]
-            for a, (d, s, k) in enumerate(zip(dims[2:], strides, kernel_shape))
-        ]
-        out_dims = list(dims[:2]) + spatial
+    spatial = [
+        (d - 1) * s + k - pads[a] - pads[a + count]
+        for a, (d, s, k) in enumerate(zip(dims[2:], strides, kernel_shape))
+    ]
+    inferred = list(dims[:2]) + spatial
     # MaxPool's indices are flat over the whole (N, C, *spatial) output of the unpool
-    out = xp.full([int(np.prod(out_dims))], 0, xp.dtype(x), like=x)
+    out = xp.full([int(np.prod(inferred))], 0, xp.dtype(x), like=x)
     out = xp.setitem(out, (xp.reshape(indices, [-1]),), xp.reshape(x, [-1]))
-    return xp.reshape(out, out_dims)
+    out = xp.reshape(out, inferred)
+    if output_shape is None:
+        return out
+    # as the reference: the indices stay flat over the inferred shape, the result is zero-padded
+    # at the end of each axis up to output_shape
+    wanted = _ints(xp, output_shape)
+    if len(wanted) != len(inferred) or any(w < i for w, i in zip(wanted, inferred)):
+        raise unsupported(
+            "MaxUnpool",
+            f"output_shape {wanted} is smaller than the unpooled shape {inferred}",
+            "give an output_shape at least the unpooled shape (crop the result after)",
+        )
+    if wanted == inferred:
+        return out
+    return xp.pad(out, [(0, w - i) for w, i in zip(wanted, inferred)])
 
 
 @op("TensorScatter")
