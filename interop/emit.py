@@ -37,7 +37,8 @@ def to_torch(source: Any, example_inputs: Any = None) -> Any:
     """Emit a model as a trainable ``torch.nn.Module`` (a torch.fx.GraphModule).
 
     Parameters keep their source names, weighted ops become native layers, constants
-    become buffers; ``train()`` / ``eval()`` switch BatchNorm and Dropout as in torch.
+    become buffers. The module starts in inference mode (``eval()``), computing what the
+    graph computes; ``train()`` switches BatchNorm and Dropout to training as in torch.
 
     >>> import interop, torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
@@ -64,7 +65,10 @@ def to_keras(source: Any, example_inputs: Any = None) -> Any:
 
     Weighted ops become Keras layers (Dense, ConvND, BatchNormalization, Embedding...)
     whose variables map back to the source names in ``model.source_names``; the model
-    keeps the source's layout at its inputs and outputs (a torch CNN stays NCHW).
+    keeps the source's layout at its inputs and outputs (a torch CNN stays NCHW). Like every
+    Keras model it computes in inference mode when called (``model(x)``, ``predict``), as
+    the graph does; ``model(x, training=True)`` and ``fit`` use BatchNorm's batch statistics
+    and Dropout.
 
     >>> import interop, torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())

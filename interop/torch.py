@@ -36,7 +36,9 @@ class Module(torch.nn.Module):
         graph = as_graph(source, example_inputs)
         self.graph: Graph = graph
         self.check_inputs = check_inputs
-        self.net = to_torch(graph)
+        # a submodule follows its host's train()/eval() like any nn.Module: it starts in
+        # training mode as every newly built nn.Module does (to_torch itself starts in eval)
+        self.net = to_torch(graph).train(self.training)
 
     def forward(self, *args: Any) -> Any:
         if self.check_inputs:

@@ -412,7 +412,9 @@ def _class_name(name: str) -> str:
 
 def to_torch_module(source: Any, *, normalized: bool = False) -> fx.GraphModule:
     """Emit a graph as a trainable torch.fx.GraphModule (called by `interop.to_torch`)."""
-    return TorchEmitter(source, normalized=normalized).build()
+    # inference mode, as the captured graph computes (and as to_flax/to_keras start):
+    # BatchNorm reads its running statistics and leaves them alone until .train()
+    return TorchEmitter(source, normalized=normalized).build().eval()
 
 
 from . import direct_calls, native_layers  # noqa: E402,F401  (registers the builders)
