@@ -59,6 +59,13 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 RTOL, ATOL = 1e-3, 1e-7  # the onnx backend runner's defaults (cases may override)
 TARGET = 0.95  # pass rate asked by issue 5
+# (rtol, atol) of cases whose reference numbers carry the rounding noise of how they were made:
+# the inverse DFT's were computed by np.fft.ifft on complex64, which leaves ~2e-7 where the
+# exact value is 0 (the imaginary part of the Nyquist bin of a real signal), above atol 1e-7
+TOLERANCES = {
+    "test_dft_inverse": (RTOL, 1e-6),
+    "test_dft_inverse_opset19": (RTOL, 1e-6),
+}
 # the reason of a "borderline" entry starts so (the kind of old string entries is read from it)
 BORDERLINE = "numerically borderline:"
 KINDS = ("unsupported", "error", "borderline", "random", "mismatch")
@@ -216,8 +223,9 @@ def run_case_with(run: Runner, case: Any) -> None:
             expected = as_numpy(list(expected))
             actual = run(case.model, as_numpy(list(inputs)))
             assert len(actual) == len(expected), f"{len(actual)} outputs, expected {len(expected)}"
+            rtol, atol = TOLERANCES.get(case.name, (case.rtol, case.atol))
             for e, a in zip(expected, actual):
-                compare(e, a, case.rtol, case.atol)
+                compare(e, a, rtol, atol)
 
 
 def check_dropout(run: Runner, case: Any) -> None:

@@ -7,29 +7,56 @@ import numpy as np
 from . import normalize_axis, op
 
 
+def _fit(xp, x, n):
+    """x zero-padded or truncated to n along its last axis (None stays None)."""
+    size = None if x is None else xp.shape(x)[-1]
+    if x is None or size == n:
+        return x
+    if size > n:
+        return xp.getitem(x, (Ellipsis, slice(0, n)))
+    return xp.pad(x, [(0, 0)] * (len(xp.shape(x)) - 1) + [(0, n - size)])
+
+
+def _angles(n, rows, columns, inverse):
+    # k * t reduced mod n before scaling: exact angles for long transforms
+    angle = 2 * np.pi * (np.outer(np.arange(rows), np.arange(columns)) % n) / n
+    return angle if inverse else -angle
+
+
+def _matrix(xp, values, like):
+    return xp.asarray(values.astype(xp.dtype(like)), xp.dtype(like), like=like)
+
+
 def _dft_last(xp, re, im, n, inverse, onesided):
     """DFT along the last axis of (re, im) (im may be None); returns (re, im)."""
-    size = xp.shape(re)[-1]
-    if size != n:  # dft_length: zero-pad or truncate the signal
-        if size > n:
-            re = xp.getitem(re, (Ellipsis, slice(0, n)))
-            im = None if im is None else xp.getitem(im, (Ellipsis, slice(0, n)))
-        else:
-            pad = [(0, 0)] * (len(xp.shape(re)) - 1) + [(0, n - size)]
-            re = xp.pad(re, pad)
-            im = None if im is None else xp.pad(im, pad)
-    bins = n // 2 + 1 if onesided else n
-    angle = 2 * np.pi * np.outer(np.arange(n), np.arange(bins)) / n
-    angle = angle if inverse else -angle
-    dtype = xp.dtype(re)
+    re, im = _fit(xp, re, n), _fit(xp, im, n)  # dft_length: zero-pad or truncate the signal
+    angle = _angles(n, n, n // 2 + 1 if onesided else n, inverse)
     scale = 1.0 / n if inverse else 1.0
-    cos = xp.asarray((np.cos(angle) * scale).astype(dtype), dtype, like=re)
-    sin = xp.asarray((np.sin(angle) * scale).astype(dtype), dtype, like=re)
+    cos, sin = _matrix(xp, np.cos(angle) * scale, re), _matrix(xp, np.sin(angle) * scale, re)
     out_re, out_im = xp.matmul(re, cos), xp.matmul(re, sin)
     if im is not None:  # (re + i im)(cos + i sin)
         out_re = xp.subtract(out_re, xp.matmul(im, sin))
         out_im = xp.add(out_im, xp.matmul(im, cos))
     return out_re, out_im
+
+
+def _irfft_last(xp, re, im, n):
+    """Real inverse DFT of length n from the one-sided spectrum along the last axis (numpy's
+    irfft: bins past n // 2 are dropped, missing ones are zeros, the rest mirror as conjugates)."""
+    bins = n // 2 + 1
+    re, im = _fit(xp, re, bins), _fit(xp, im, bins)
+    # each bin but DC (and Nyquist for even n) stands for itself and its conjugate mirror
+    weight = np.full(bins, 2.0)
+    weight[0] = 1.0
+    if n % 2 == 0:
+        weight[-1] = 1.0
+    angle = _angles(n, bins, n, True)
+    cos = _matrix(xp, np.cos(angle) * weight[:, None] / n, re)
+    out = xp.matmul(re, cos)
+    if im is not None:  # Re((re + i im)(cos + i sin)) = re cos - im sin
+        sin = _matrix(xp, np.sin(angle) * weight[:, None] / n, re)
+        out = xp.subtract(out, xp.matmul(im, sin))
+    return out
 
 
 def _split_complex(xp, x):
@@ -48,9 +75,14 @@ def dft(xp, x, dft_length=None, axis=None, inverse=0, onesided=0):
     order = [a for a in range(rank - 1) if a != axis] + [axis]
     re = xp.permute_dims(re, order)
     im = None if im is None else xp.permute_dims(im, order)
-    n = xp.shape(x)[axis] if dft_length is None else int(np.asarray(xp.to_numpy(dft_length)))
-    out_re, out_im = _dft_last(xp, re, im, n, inverse, onesided)
     back = list(np.argsort(order))
+    size = xp.shape(x)[axis]
+    if inverse and onesided:  # the inverse of a real DFT: a one-sided spectrum to a real signal
+        n = 2 * (size - 1) if dft_length is None else int(np.asarray(xp.to_numpy(dft_length)))
+        out = xp.permute_dims(_irfft_last(xp, re, im, n), back)
+        return xp.reshape(out, [*xp.shape(out), 1])
+    n = size if dft_length is None else int(np.asarray(xp.to_numpy(dft_length)))
+    out_re, out_im = _dft_last(xp, re, im, n, inverse, onesided)
     return xp.stack([xp.permute_dims(out_re, back), xp.permute_dims(out_im, back)], -1)
 
 
