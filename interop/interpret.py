@@ -71,9 +71,21 @@ def normalize(model: ir.Model) -> ir.Model:
         return model
     from onnx import version_converter
 
+    from .upgrade import SCAN_BATCH_OPSET, batched_scans
+
+    proto = ir.serde.serialize_model(model)
+    # the converter's Scan 8 -> 9 scans the batch axis: a Loop over the batch first
+    scans = version < SCAN_BATCH_OPSET and batched_scans(proto)
     try:
-        converted = version_converter.convert_version(ir.serde.serialize_model(model), TARGET_OPSET)
-    except Exception:  # the converter lacks adapters for some ops: keep the original meaning
+        converted = version_converter.convert_version(proto, TARGET_OPSET)
+    except Exception as err:  # the converter lacks adapters for some ops: keep the original meaning
+        if scans:  # the semantics are Scan-9's: an unconverted Scan-8 would scan the batch axis
+            raise UnsupportedOpError(
+                "Scan",
+                direction="emit",
+                detail=f"opset-{version} Scan, which onnx's version converter failed on: {err}",
+                fix="export the model with opset 9 or newer",
+            ) from err
         return model
     return ir.serde.deserialize_model(converted)
 
