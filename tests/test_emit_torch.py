@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from emit_models import MLP, Block, ResidualCNN, Tagger  # noqa: E402,F401
+from interop.adapters.torch.emitter import TorchEmitter  # noqa: E402
 
 import interop  # noqa: E402
 from interop.emit import to_torch  # noqa: E402
@@ -132,12 +133,78 @@ def test_dropout_drops_in_train_and_not_in_eval(traced):
     assert not torch.equal(first, module(x))
 
 
-def test_constants_are_buffers_not_parameters(traced):
+def test_source_weights_are_the_trainable_parameters(traced):
     _, graph, _ = traced["transformer_encoder"]
     module = to_torch(graph)
-    names = set(dict(module.named_parameters()))
-    assert names == set(graph.parameter_kinds) & names
+    trainable = {k for k, v in graph.parameter_kinds.items() if v == "trainable"}
+    assert set(dict(module.named_parameters())) == trainable
     assert all(p.requires_grad for p in module.parameters())
+    assert not dict(module.named_buffers())  # the encoder holds no buffer and no constant
+
+
+class _WithConstants(nn.Module):
+    """A source buffer, BatchNorm running statistics and a literal tensor in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("scale", torch.tensor([0.5, -1.0, 2.0]))
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.bn(self.fc(x)) * self.scale + torch.tensor([1.0, 2.0, 3.0])
+
+
+def test_constants_are_buffers_not_parameters():
+    from models import randomize_batchnorm
+
+    torch.manual_seed(0)
+    source = randomize_batchnorm(_WithConstants()).eval()
+    x = torch.randn(2, 4)
+    graph = interop.trace(source, (x,))
+    module = to_torch(graph).eval()
+    parameters, buffers = dict(module.named_parameters()), dict(module.named_buffers())
+    assert set(parameters) == {"fc.weight", "fc.bias", "bn.weight", "bn.bias"}
+    assert not set(parameters) & set(buffers)
+    # the source's buffers keep their names and values
+    for name in ("scale", "bn.running_mean", "bn.running_var"):
+        assert name in buffers and not isinstance(buffers[name], nn.Parameter)
+        assert not buffers[name].requires_grad
+        torch.testing.assert_close(buffers[name], source.get_buffer(name), rtol=0, atol=0)
+    # the literal tensor of forward is a buffer too, with its value
+    literal = [n for n, b in buffers.items() if b.shape == (3,) and b.tolist() == [1.0, 2.0, 3.0]]
+    assert len(literal) == 1, sorted(buffers)
+    # every tensor the forward reads from the module is a registered parameter or buffer
+    reads = {n.target for n in module.graph.nodes if n.op == "get_attr"}
+    assert reads and reads <= set(parameters) | set(buffers), reads - set(buffers)
+    assert {"scale", literal[0]} <= reads
+    # buffers are in the state dict (with their values) and move with .to()
+    state = module.state_dict()
+    assert set(buffers) <= set(state)
+    for name, value in buffers.items():
+        torch.testing.assert_close(state[name], value, rtol=0, atol=0)
+    with torch.no_grad():
+        expected = source(x)
+        torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-6)
+        moved = to_torch(graph).eval().to(torch.float64)
+        for name, value in moved.named_buffers():
+            if value.is_floating_point():
+                assert value.dtype == torch.float64, name
+        torch.testing.assert_close(  # no float32 constant left behind to promote from
+            moved(x.double()), expected.double(), rtol=1e-5, atol=1e-6
+        )
+        meta = to_torch(graph).to("meta")
+        assert all(b.device.type == "meta" for b in meta.buffers())
+        assert all(p.device.type == "meta" for p in meta.parameters())
+    # a state dict with other buffer values loads into the buffers and changes the output
+    other = dict(state)
+    other["scale"] = state["scale"] * 2
+    other[literal[0]] = state[literal[0]] + 1
+    module.load_state_dict(other)
+    with torch.no_grad():
+        got = module(x)
+        want = source.bn(source.fc(x)) * source.scale * 2 + torch.tensor([2.0, 3.0, 4.0])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -160,8 +227,7 @@ def test_accepts_a_torch_model_and_an_onnx_proto(traced):
         np.testing.assert_allclose(from_proto(x).numpy(), model(x).numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_unsupported_op_fails_before_building():
-    import onnx
+def test_unsupported_op_fails_before_building(monkeypatch):
     from onnx import TensorProto, helper
 
     nodes = [
@@ -178,11 +244,24 @@ def test_unsupported_op_fails_before_building():
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("custom", 1)]
     )
+    before = model.SerializeToString()
+    emitted = []  # nodes the emitter got to: none, the check runs before any is built
+    original = TorchEmitter.run_node
+
+    def recording(self, node, *args, **kwargs):
+        emitted.append(node.op_type)
+        return original(self, node, *args, **kwargs)
+
+    monkeypatch.setattr(TorchEmitter, "run_node", recording)
     with pytest.raises(UnsupportedOpError) as info:
         to_torch(model)
-    message = str(info.value)
+    assert emitted == []  # not even the supported Relu ahead of the unsupported node
+    error = info.value
+    assert (error.op, error.direction, error.adapter) == ("custom::FancyOp", "emit", "torch")
+    assert error.layer == "blocks.3.fancy"
+    message = str(error)
     assert "FancyOp" in message and "blocks.3.fancy" in message
-    assert isinstance(onnx.ModelProto(), onnx.ModelProto)
+    assert model.SerializeToString() == before  # the caller's model is left as it was
 
 
 def test_control_flow_if_becomes_python_control_flow():
@@ -204,13 +283,47 @@ def test_control_flow_if_becomes_python_control_flow():
         ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])],
     )
-    module = to_torch(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    module = to_torch(model)
     x = torch.tensor([-1.0, 2.0], requires_grad=True)
+    for condition in (True, False):
+        want = _onnxruntime(model, {"cond": np.array(condition), "x": x.detach().numpy()})[0]
+        np.testing.assert_array_equal(module(torch.tensor(condition), x).detach().numpy(), want)
     assert module(torch.tensor(True), x).tolist() == [0.0, 2.0]
     y = module(torch.tensor(False), x)
     assert y.tolist() == [1.0, -2.0]
     y.sum().backward()
     assert x.grad.tolist() == [-1.0, -1.0]
+
+
+def _onnxruntime(model, feeds: dict) -> list[np.ndarray]:
+    """ONNX Runtime's outputs (CPU). It has no batch-first (layout=1) LSTM / GRU kernels:
+    such a node runs as its time-major twin on transposed inputs, its outputs transposed
+    back (Y [seq, dirs, batch, hidden] -> [batch, seq, dirs, hidden], states swap 0 / 1)."""
+    import onnx
+    import onnxruntime as ort
+
+    node = model.graph.node[0]
+    layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
+    if layout:
+        twin = onnx.ModelProto()
+        twin.CopyFrom(model)
+        for attribute in twin.graph.node[0].attribute:
+            if attribute.name == "layout":
+                attribute.i = 0
+        for value in twin.graph.input:
+            dims = value.type.tensor_type.shape.dim
+            first, second = dims[0].dim_value, dims[1].dim_value
+            dims[0].dim_value, dims[1].dim_value = second, first
+        feeds = {k: np.ascontiguousarray(np.swapaxes(v, 0, 1)) for k, v in feeds.items()}
+        model = twin
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, feeds)
+    if layout:
+        outputs = [np.transpose(outputs[0], (2, 0, 1, 3))] + [
+            np.swapaxes(o, 0, 1) for o in outputs[1:]
+        ]
+    return outputs
 
 
 def _recurrent_model(op_type, layout, bidirectional, with_initial_h):
@@ -266,9 +379,16 @@ def test_recurrent_nodes_become_native_layers(op_type, layout, bidirectional, wi
     native = [m for m in module.modules() if isinstance(m, getattr(nn, op_type))]
     assert len(native) == 1 and native[0].bidirectional == bidirectional
     outputs = module(*[torch.from_numpy(f) for f in feeds])
-    generic = evaluate(model, *feeds)  # the ONNX recurrence, gate order and layout as specified
-    for actual, expected in zip(outputs, generic, strict=True):
+    names = [i.name for i in model.graph.input]
+    # the ONNX recurrence, gate order and layout as specified, run by ONNX Runtime
+    reference = _onnxruntime(model, dict(zip(names, feeds)))
+    assert len(outputs) == len(reference) == 2
+    for actual, expected in zip(outputs, reference, strict=True):
+        assert tuple(actual.shape) == expected.shape
         np.testing.assert_allclose(actual.detach().numpy(), expected, rtol=1e-4, atol=1e-5)
+    # the project's evaluator agrees too (an extra, not the reference)
+    for actual, generic in zip(outputs, evaluate(model, *feeds), strict=True):
+        np.testing.assert_allclose(actual.detach().numpy(), generic, rtol=1e-4, atol=1e-5)
 
 
 def test_gru_without_linear_before_reset_stays_generic():
@@ -278,8 +398,15 @@ def test_gru_without_linear_before_reset_stays_generic():
     module = to_torch(model)
     assert not any(isinstance(m, nn.GRU) for m in module.modules())
     outputs = module(*[torch.from_numpy(f) for f in feeds])
-    for actual, expected in zip(outputs, evaluate(model, *feeds), strict=True):
+    reference = _onnxruntime(model, {"X": feeds[0]})
+    assert len(outputs) == len(reference) == 2
+    for actual, expected in zip(outputs, reference, strict=True):
+        assert tuple(actual.shape) == expected.shape
         np.testing.assert_allclose(actual.detach().numpy(), expected, rtol=1e-4, atol=1e-5)
+    # and the result differs from the linear_before_reset=1 recurrence it must not take
+    reset.i = 1
+    other = _onnxruntime(model, {"X": feeds[0]})[0]
+    assert not np.allclose(outputs[0].detach().numpy(), other, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("net", [nn.LSTM(4, 6, num_layers=2, bidirectional=True), nn.GRU(4, 6)])
