@@ -7,7 +7,8 @@ the same everywhere.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+from collections.abc import Iterable, Sequence
 
 __all__ = [
     "InteropError",
@@ -19,7 +20,20 @@ __all__ = [
     "DeviceError",
     "MissingDependencyError",
     "LayerNotFoundError",
+    "close_matches",
 ]
+
+
+def close_matches(
+    word: str, candidates: Iterable[str], n: int = 3, cutoff: float = 0.6
+) -> list[str]:
+    """Up to `n` candidates similar to `word`, best first; never `word` itself.
+
+    A name that exists but cannot serve (a layer without outputs) must not come back to
+    the user as the suggested fix.
+    """
+    pool = list(dict.fromkeys(c for c in candidates if c != word))
+    return difflib.get_close_matches(word, pool, n=n, cutoff=cutoff)
 
 
 def _compose(what: str, expected: str | None = None, fix: str | None = None) -> str:
@@ -60,7 +74,8 @@ class UnsupportedOpError(InteropError):
         detail: str | None = None,
     ):
         self.op, self.direction, self.adapter = op, direction, adapter
-        self.layer, self.location, self.close_matches = layer, location, list(close_matches)
+        self.layer, self.location = layer, location
+        self.close_matches = [m for m in dict.fromkeys(close_matches) if m != op]
         where = []
         if layer is not None:
             where.append(f"in layer '{layer or '<root>'}'")

@@ -20,7 +20,7 @@ import onnx
 import onnx_ir as ir
 
 from . import provenance
-from .errors import LayerNotFoundError, ModelLoadError, ShapeError
+from .errors import LayerNotFoundError, ModelLoadError, ShapeError, close_matches
 from .hierarchy import Layer, LayerTree, format_shape
 
 Dim = int | str | None
@@ -120,9 +120,7 @@ class Graph:
         """One layer by its source path, e.g. ``"blocks.0.conv"``."""
         layer = self.tree.by_path.get(path)
         if layer is None:
-            import difflib
-
-            close = difflib.get_close_matches(path, list(self.tree.by_path), n=3)
+            close = close_matches(path, self.tree.by_path)
             raise LayerNotFoundError(
                 f"No layer '{path}' in graph '{self.name}'",
                 "a layer path such as "
@@ -300,8 +298,10 @@ class Graph:
     def submodel(self, outputs: Sequence[str] | str, inputs: Sequence[str] | None = None) -> Graph:
         """A new graph computing the given layers' outputs (or named values).
 
-        Each entry of `outputs` is a layer path (all outputs of that layer, named
-        ``path`` or ``path:i``) or a value name. Nodes that do not feed them are
+        Each entry of `outputs` is a layer path (the values that layer returned, in
+        return order, named ``path`` or ``path:i``; a layer that emits no node gives the
+        value it passes through) or a value name (how to ask for a layer's
+        `side_outputs`, such as a KV-cache write). Nodes that do not feed them are
         dropped, and so are graph inputs they do not need.
 
         >>> feats = g.submodel(outputs=["blocks.0"])   # doctest: +SKIP

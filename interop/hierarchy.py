@@ -3,8 +3,12 @@
 Built once per `Graph` from the provenance metadata (see `interop.provenance`) in
 O(nodes x depth): every node belongs to its innermost layer and to each ancestor.
 A layer's inputs are the values its nodes read that are made outside it (weights
-excluded); its outputs are the values made inside it that are read outside it or are
-graph outputs.
+excluded). Its outputs are the values its calls returned, in return order (recorded by
+the capture as ``returns``, see `interop.provenance`), then its side outputs: values
+made inside it that are read outside it (or are graph outputs) but were not returned,
+such as the key/value cache a Hugging Face attention layer writes. A layer without a
+``returns`` record (a file from another tool) has every such value as a return. A layer
+that emits no node (an identity, eval-mode dropout) returns the value it passes through.
 """
 
 from __future__ import annotations
@@ -105,7 +109,14 @@ class Layer:
     parameters: dict[str, ir.Value] = field(default_factory=dict)  # owned directly
     parameter_kinds: dict[str, str] = field(default_factory=dict)
     inputs: list[ir.Value] = field(default_factory=list)
-    outputs: list[ir.Value] = field(default_factory=list)
+    returns: list[ir.Value] = field(default_factory=list)  # what its calls returned, in order
+    side_outputs: list[ir.Value] = field(default_factory=list)  # read outside, not returned
+    return_names: tuple[str, ...] | None = field(default=None, repr=False)  # as recorded
+
+    @property
+    def outputs(self) -> list[ir.Value]:
+        """The return values, then the side outputs (`side_outputs`)."""
+        return self.returns + self.side_outputs
 
     @property
     def class_name(self) -> str:
@@ -175,8 +186,9 @@ class LayerTree:
         kinds = provenance.read_parameters(model)
         recorded = provenance.PARAMETERS in model.metadata_props
         self.plumbing = plumbing_nodes(model.graph, set(kinds) if recorded else None)
-        for layer in self.root.walk():
-            _compute_boundary(layer, model.graph, self.plumbing)
+        values = _values_by_name(model.graph)
+        for layer in reversed(list(self.root.walk())):  # children first: containers read them
+            _compute_boundary(layer, model.graph, self.plumbing, values)
 
     def resolve(self, scope: str) -> Layer:
         """The layer for a node scope, creating layers for scopes the table lacks."""
@@ -211,7 +223,7 @@ def _build_layers(model: ir.Model) -> tuple[Layer, dict[str, Layer]]:
     records = provenance.read_layers(model)
     by_path: dict[str, Layer] = {}
     for record in records:
-        by_path[record.path] = Layer(record.path, record.class_name)
+        by_path[record.path] = Layer(record.path, record.class_name, return_names=record.returns)
     root = by_path.get("")
     if root is None:
         root = by_path[""] = Layer("", model.graph.name or "Model")
@@ -253,7 +265,17 @@ def _assign_parameters(model: ir.Model, tree: LayerTree) -> None:
         owner.parameter_kinds[name] = kind
 
 
-def _compute_boundary(layer: Layer, graph: ir.Graph, plumbing: set[int]) -> None:
+def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    values = {v.name: v for v in graph.initializers.values() if v.name}
+    values.update({v.name: v for v in graph.inputs if v.name})
+    for node in graph:
+        values.update({v.name: v for v in node.outputs if v.name})
+    return values
+
+
+def _compute_boundary(
+    layer: Layer, graph: ir.Graph, plumbing: set[int], values: dict[str, ir.Value]
+) -> None:
     inside = {id(n) for n in layer.nodes}
     graph_outputs = {id(v) for v in graph.outputs}
     seen: set[int] = set()
@@ -266,6 +288,7 @@ def _compute_boundary(layer: Layer, graph: ir.Graph, plumbing: set[int]) -> None
                 continue
             seen.add(id(value))
             layer.inputs.append(value)
+    escaping: list[ir.Value] = []
     for node in layer.nodes:
         if id(node) in plumbing and not any(id(v) in graph_outputs for v in node.outputs):
             continue
@@ -273,4 +296,38 @@ def _compute_boundary(layer: Layer, graph: ir.Graph, plumbing: set[int]) -> None
             if id(value) in graph_outputs or any(
                 id(use.node) not in inside for use in value.uses()
             ):
-                layer.outputs.append(value)
+                escaping.append(value)
+    returns = _recorded_returns(layer, graph, values)
+    if returns is None:
+        # not called itself (a ModuleList) or nothing recorded: what leaves it is returned,
+        # except what its sub-layers wrote on the side (all of it when nothing is recorded)
+        below = {id(v) for child in layer.children for v in child.returns}
+        side = {id(v) for child in layer.children for v in child.side_outputs} - below
+        layer.returns = [v for v in escaping if id(v) not in side]
+        layer.side_outputs = [v for v in escaping if id(v) in side]
+        return
+    layer.returns = returns
+    returned = {id(v) for v in returns}
+    layer.side_outputs = [v for v in escaping if id(v) not in returned]
+    for value in returns:  # passed through unchanged (an identity layer): an input too
+        producer = value.producer()
+        if id(value) not in seen and (producer is None or id(producer) not in inside):
+            if not value.is_initializer():
+                seen.add(id(value))
+                layer.inputs.append(value)
+
+
+def _recorded_returns(
+    layer: Layer, graph: ir.Graph, values: dict[str, ir.Value]
+) -> list[ir.Value] | None:
+    """The recorded return values that are in the graph, each once; None when none are."""
+    if layer.parent is None:  # the model itself returns the graph outputs
+        return list(graph.outputs)
+    if layer.return_names is None:
+        return None
+    found: dict[int, ir.Value] = {}
+    for name in layer.return_names:
+        value = values.get(name)
+        if value is not None:
+            found.setdefault(id(value), value)
+    return list(found.values()) or None

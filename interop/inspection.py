@@ -2,15 +2,17 @@
 
 One row per layer down to `depth` (indented by depth), plus one row per op that a
 shown layer runs itself outside any child layer (the functional calls in a
-``forward``, which torchinfo does not list). "Connected to" names the rows that
-produce a row's inputs, or the graph inputs. Totals count parameters exactly as the
+``forward``, which torchinfo does not list). A layer's output shapes are those of its
+return values, then ``side:`` and the shapes of its side outputs (values it makes and
+others read but it does not return, e.g. a KV-cache write). "Connected to" names the
+rows that produce a row's inputs, or the graph inputs. Totals count parameters exactly as the
 source framework does; buffers and constants are reported apart.
 """
 
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import onnx_ir as ir
@@ -31,6 +33,7 @@ class Row:
     params: int | None
     inputs: list[ir.Value]
     connected: list[str]
+    side_outputs: list[ir.Value] = field(default_factory=list)
 
 
 def _rows(graph: Graph, depth: int | None) -> list[Row]:
@@ -40,22 +43,25 @@ def _rows(graph: Graph, depth: int | None) -> list[Row]:
     hidden = graph.tree.plumbing
 
     def order(node: ir.Node | None) -> int:
-        return position.get(id(node), 1 << 61) if node is not None else 1 << 62
+        return position.get(id(node), 1 << 61) if node is not None else -1
 
     def add_layer(layer: Layer, level: int) -> None:
         expand = bool(layer.children) and (depth is None or level < depth)
         if layer is not graph.root:
-            rows.append(Row(layer.path, layer.class_name or "?", level - 1, layer.outputs,
-                            layer.param_count, layer.inputs, []))  # fmt: skip
+            rows.append(Row(layer.path, layer.class_name or "?", level - 1, layer.returns,
+                            layer.param_count, layer.inputs, [], layer.side_outputs))  # fmt: skip
             for node in layer.nodes:
                 owner[id(node)] = len(rows) - 1
         if not expand and layer is not graph.root:
             return
         # children and this layer's own ops, interleaved in graph order
-        items: list[tuple[int, object]] = []
+        items: list[tuple[float, object]] = []
         for child in layer.children:
-            first = child.nodes[0] if child.nodes else None
-            items.append((order(first), child))
+            if child.nodes:
+                items.append((order(child.nodes[0]), child))
+            else:  # an identity: right after what it passes through
+                source = child.returns[0].producer() if child.returns else None
+                items.append((order(source) + 0.5 if child.returns else 1 << 62, child))
         for node in layer.direct_nodes:
             if id(node) not in hidden:
                 items.append((order(node), node))
@@ -114,13 +120,20 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _shapes(row: Row) -> str:
+    text = ", ".join(format_shape(v) for v in row.outputs) or "-"
+    if row.side_outputs:
+        text += " side: " + ", ".join(format_shape(v) for v in row.side_outputs)
+    return text
+
+
 def summarize(graph: Graph, depth: int | None = None, line_length: int = 120) -> str:
     rows = _rows(graph, depth)
     headers = ("Layer (type)", "Output Shape", "Param #", "Connected to")
     cells = [
         (
             "  " * r.indent + f"{r.name} ({r.kind})",
-            ", ".join(format_shape(v) for v in r.outputs) or "-",
+            _shapes(r),
             "-" if r.params is None else f"{r.params:,}",
             ", ".join(r.connected) or "-",
         )
@@ -130,7 +143,7 @@ def summarize(graph: Graph, depth: int | None = None, line_length: int = 120) ->
     for row in cells:
         widths = [max(w, len(c)) for w, c in zip(widths, row)]
     widths[0] = min(widths[0], 100)
-    widths[1] = min(widths[1], 40)
+    widths[1] = min(widths[1], 60)
 
     def fmt(row: tuple[str, ...]) -> str:
         return "  ".join(

@@ -9,8 +9,11 @@ Per node (``node.metadata_props``):
     ``interop.location``  ``file:line`` of the user code that produced it, when known
 
 Per model (``model.metadata_props``), JSON values:
-    ``interop.layers``     list of ``{"path", "class", "parent"}`` in definition order,
-                           every layer of the source, including those without nodes
+    ``interop.layers``     list of ``{"path", "class", "parent"[, "returns"]}`` in
+                           definition order, every layer of the source, including those
+                           without nodes; ``returns`` names the values the layer's call
+                           returned, in return order (every call's, in call order), when
+                           the capture knows them
     ``interop.parameters`` ``{initializer name: "trainable" | "frozen" | "buffer"}``;
                            initializers not listed are constants of the graph
     ``interop.source``     ``{"framework", "version", "class", ...}``
@@ -20,7 +23,8 @@ Per model (``model.metadata_props``), JSON values:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import onnx_ir as ir
@@ -44,6 +48,7 @@ class LayerRecord:
     path: str
     class_name: str  # fully qualified, e.g. "torch.nn.modules.conv.Conv2d"
     parent: str | None  # None for the root
+    returns: tuple[str, ...] | None = None  # names of the values its calls returned; None: unknown
 
 
 def _get_json(model: ir.Model, key: str, default: Any) -> Any:
@@ -56,18 +61,48 @@ def _get_json(model: ir.Model, key: str, default: Any) -> Any:
         return default
 
 
+def _returns(item: dict[str, Any]) -> tuple[str, ...] | None:
+    raw = item.get("returns")
+    return tuple(str(name) for name in raw) if isinstance(raw, list) else None
+
+
 def read_layers(model: ir.Model) -> list[LayerRecord]:
     return [
-        LayerRecord(str(item["path"]), str(item["class"]), item.get("parent"))
+        LayerRecord(str(item["path"]), str(item["class"]), item.get("parent"), _returns(item))
         for item in _get_json(model, LAYERS, [])
         if isinstance(item, dict) and "path" in item and "class" in item
     ]
 
 
 def write_layers(model: ir.Model, layers: list[LayerRecord]) -> None:
-    model.metadata_props[LAYERS] = json.dumps(
-        [{"path": r.path, "class": r.class_name, "parent": r.parent} for r in layers]
-    )
+    items = []
+    for r in layers:
+        item: dict[str, Any] = {"path": r.path, "class": r.class_name, "parent": r.parent}
+        if r.returns is not None:
+            item["returns"] = list(r.returns)
+        items.append(item)
+    model.metadata_props[LAYERS] = json.dumps(items)
+
+
+def with_returns(
+    layers: list[LayerRecord], returns: Mapping[str, Sequence[ir.Value | str | None]]
+) -> list[LayerRecord]:
+    """`layers` with ``returns`` set from ``{path: values each call returned, in order}``.
+
+    Values are named by their current name (captures record `ir.Value`s while tracing and
+    write them once names are final); unnamed or missing ones are skipped, and a layer
+    none of whose returns is known keeps ``returns=None``. Paths the table lacks (a second
+    call ``blocks.0@1`` of a layer, kept as its own record by some captures) are left out.
+    """
+    result = []
+    for record in layers:
+        names = [
+            v if isinstance(v, str) else v.name
+            for v in returns.get(record.path, ())
+            if v is not None and (isinstance(v, str) or v.name)
+        ]
+        result.append(replace(record, returns=tuple(names)) if names else record)
+    return result
 
 
 def read_parameters(model: ir.Model) -> dict[str, str]:

@@ -14,11 +14,10 @@ True
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
-from .errors import UnsupportedOpError
+from .errors import UnsupportedOpError, close_matches
 
 T = TypeVar("T")
 
@@ -62,7 +61,8 @@ class Registry(Generic[T]):
             ) from None
 
     def close_matches(self, key: str, n: int = 3) -> list[str]:
-        return difflib.get_close_matches(key, list(self._entries), n=n, cutoff=0.6)
+        """Registered keys similar to `key` (never `key` itself)."""
+        return close_matches(key, self._entries, n=n)
 
     def get(self, key: str, default: T | None = None) -> T | None:
         return self._entries.get(key, default)

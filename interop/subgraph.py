@@ -1,20 +1,23 @@
 """`Graph.submodel`: cut a graph at layer or value boundaries into a new Graph.
 
-Works on a clone, so the original graph is never touched. The new outputs are named
-after the layer (``"blocks.0"``, or ``"blocks.0:1"`` for a second output) so results
-read naturally; dead nodes, initializers and unused inputs are removed.
+Works on a clone, so the original graph is never touched. A layer path stands for the
+values the layer returned (`Layer.returns`, in return order; its side outputs only when
+named as values). The new outputs are named after the layer (``"blocks.0"``, or
+``"blocks.0:1"`` for a second return value) so results read naturally; dead nodes,
+initializers and unused inputs are removed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from . import provenance
-from .errors import LayerNotFoundError
+from .errors import LayerNotFoundError, close_matches
 
 if TYPE_CHECKING:
     from .graph import Graph
@@ -29,18 +32,22 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
 
 def _resolve(target: Graph, name: str, values: dict[str, ir.Value]) -> list[tuple[str, ir.Value]]:
     layer = target.tree.by_path.get(name)
-    if layer is not None and layer.outputs:
-        outs = layer.outputs
-        return [(name if i == 0 else f"{name}:{i}", v) for i, v in enumerate(outs)]
+    if layer is not None and layer.returns:
+        return [(name if i == 0 else f"{name}:{i}", v) for i, v in enumerate(layer.returns)]
     if name in values:
         return [(name, values[name])]
-    import difflib
-
-    close = difflib.get_close_matches(name, list(target.tree.by_path) + list(values), n=3)
+    close = close_matches(name, list(target.tree.by_path) + list(values))
+    suggestion = ": close matches " + ", ".join(map(repr, close)) if close else ""
+    if layer is not None:
+        raise LayerNotFoundError(
+            f"Layer '{name}' of graph '{target.name}' has no outputs here: no value it "
+            "returned is in the graph (it was not called, or nothing uses what it computed)",
+            "a layer path whose outputs the graph computes, or a value name" + suggestion,
+            "pick a child layer or a value; see graph.layer(path).outputs",
+        )
     raise LayerNotFoundError(
         f"'{name}' is neither a layer with outputs nor a value of graph '{target.name}'",
-        "a layer path or value name"
-        + (": close matches " + ", ".join(map(repr, close)) if close else ""),
+        "a layer path or value name" + suggestion,
         "list layers with [l.path for l in graph.layers]",
     )
 
@@ -58,12 +65,21 @@ def extract(graph: Graph, outputs: Sequence[str], inputs: Sequence[str] | None =
         _cut_inputs(new, [_resolve(new, n, values)[0][1] for n in inputs])
     taken = set(values) | set(ir_graph.initializers)
     ir_graph.outputs.clear()
+    renamed: dict[str, str] = {}
     for label, value in chosen:
         if value in ir_graph.outputs:
             continue
-        if label in taken and ":" not in label:  # e.g. a layer named like a graph input
+        if label in taken and ":" not in label and value.name != label:  # e.g. named like an input
             label += ":0"
-        if value.name != label and label not in taken and not value.is_graph_input():
+        if value.name != label and label not in taken:
+            if value.is_graph_input() or value.is_initializer():
+                # an identity layer returning a graph input or weight: a node names the output
+                copy = ir.node("Identity", [value], name=f"{label}/Identity")
+                copy.outputs[0].shape, copy.outputs[0].type = value.shape, value.type
+                ir_graph.append(copy)
+                value = copy.outputs[0]
+            else:
+                renamed[value.name or ""] = label
             value.name = label
             taken.add(label)
         ir_graph.outputs.append(value)
@@ -77,13 +93,19 @@ def extract(graph: Graph, outputs: Sequence[str], inputs: Sequence[str] | None =
     provenance.write_parameters(
         new.model, {n: k for n, k in kinds.items() if n in ir_graph.initializers}
     )
-    _prune_layers(new.model)
+    _prune_layers(new.model, renamed)
     return Graph(new.model, base_dir=graph._base_dir)
 
 
-def _prune_layers(model: ir.Model) -> None:
-    """Keep the layer records that still own nodes or weights, and their ancestors."""
-    records = provenance.read_layers(model)
+def _prune_layers(model: ir.Model, renamed: dict[str, str]) -> None:
+    """Keep the layer records that still own nodes or weights, and their ancestors.
+
+    Recorded return values follow the values renamed after the layers they are outputs of.
+    """
+    records = [
+        replace(r, returns=tuple(renamed.get(n, n) for n in r.returns)) if r.returns else r
+        for r in provenance.read_layers(model)
+    ]
     by_path = {r.path: r for r in records}
     alive = {provenance.node_scope(n) for n in model.graph}
     for name in model.graph.initializers:

@@ -16,6 +16,11 @@ the jaxpr through ``jax.named_scope(MARK + path)`` opened around every module ca
   BatchNorm, LayerNorm and the Conv / Dense bias by the layer primitives.
 * plain JAX functions: no modules; closed-over arrays are named after the closure
   variables or `functools.partial` arguments that hold them.
+
+What each module call returns (the layer's ``returns``, see `interop.provenance`) is
+marked the same way for nnx and linen: the arrays of the result pass through one
+identity primitive (`returns_p`) naming the module path; its converter emits no node and
+notes the ONNX values, which `Capture.finish_layers` writes into the layer table.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ from typing import Any
 import jax
 import numpy as np
 from jax.extend.core import Primitive
-from jax.interpreters import mlir
+from jax.interpreters import ad, batching, mlir
 
 from interop import provenance
 
+from . import register_primitive
 from .capture_layers import linen_layer_call, nnx_layer_call
 from .capture_recurrent import rnn_call
 from .lowering import MARK
@@ -48,6 +54,68 @@ mlir.register_lowering(dropout_p, mlir.lower_fun(lambda x, *, rate: x, multiple_
 def mark_dropout(x: Any, rate: float) -> Any:
     """Identity that records a dropout of `rate` in the jaxpr (inference semantics)."""
     return dropout_p.bind(x, rate=float(rate)) if rate > 0 else x
+
+
+# ---------------------------------------------------------------------- return marker
+returns_p = Primitive("interop_returns")
+returns_p.multiple_results = True
+returns_p.def_impl(lambda *xs, **_: list(xs))
+returns_p.def_abstract_eval(lambda *avals, **_: list(avals))
+mlir.register_lowering(returns_p, mlir.lower_fun(lambda *xs, **_: list(xs), multiple_results=True))
+batching.primitive_batchers[returns_p] = lambda xs, dims, **p: (returns_p.bind(*xs, **p), dims)
+ad.primitive_jvps[returns_p] = lambda xs, ts, **p: (returns_p.bind(*xs, **p), list(ts))
+
+
+class Returns:
+    """The ONNX values each module path's calls returned, noted while the jaxpr is lowered.
+
+    Hashable by identity, so it can ride in the primitive's parameters.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[Any]] = {}
+
+    def layers(self, records: list[provenance.LayerRecord]) -> list[provenance.LayerRecord]:
+        return provenance.with_returns(records, self.values)
+
+
+@register_primitive("interop_returns")
+def _convert_returns(low: Any, eqn: Any, *values: Any) -> list[Any]:
+    eqn.params["sink"].values.setdefault(eqn.params["path"], []).extend(values)
+    return list(values)  # no node: the values themselves
+
+
+def _containers(obj: Any) -> bool:
+    return type(obj) in (dict, list, tuple) or (isinstance(obj, tuple) and hasattr(obj, "_fields"))
+
+
+def mark_returns(result: Any, path: str, sink: Returns) -> Any:
+    """`result` with its traced arrays passed through `returns_p` (in structure order)."""
+    leaves: list[Any] = []
+
+    def collect(obj: Any) -> None:
+        if isinstance(obj, jax.core.Tracer):
+            leaves.append(obj)
+        elif _containers(obj):
+            for item in obj.values() if isinstance(obj, dict) else obj:
+                collect(item)
+
+    collect(result)
+    if not path or not leaves:
+        return result
+    marked = iter(returns_p.bind(*leaves, path=path, sink=sink))
+
+    def rebuild(obj: Any) -> Any:
+        if isinstance(obj, jax.core.Tracer):
+            return next(marked)
+        if not _containers(obj):
+            return obj
+        if isinstance(obj, dict):
+            return {key: rebuild(item) for key, item in obj.items()}
+        items = [rebuild(item) for item in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+
+    return rebuild(result)
 
 
 def qualname(obj: Any) -> str:
@@ -124,9 +192,10 @@ def capture_nnx(model: Any) -> Capture:
         originals = {
             id(n): (p, n) for p, n in nnx.graph.iter_graph(copy) if isinstance(n, nnx.Module)
         }
-        with _scoped_calls(classes, _PathFinder(paths, list(originals.values()))):
+        with _scoped_calls(classes, _PathFinder(paths, list(originals.values())), returns):
             return copy(*args, **kwargs)
 
+    returns = Returns()
     return Capture(
         fn,
         state,
@@ -135,6 +204,7 @@ def capture_nnx(model: Any) -> Capture:
         layers,
         {"framework": "flax", "api": "nnx", "class": qualname(model)},
         _signature(model),
+        lambda: returns.layers(layers),
     )
 
 
@@ -227,8 +297,9 @@ class _PathFinder:
 
 
 @contextlib.contextmanager
-def _scoped_calls(classes: set[type], paths: _PathFinder) -> Iterator[None]:
-    """Wrap ``__call__`` of the classes defining it so that calls open a named scope."""
+def _scoped_calls(classes: set[type], paths: _PathFinder, returns: Returns) -> Iterator[None]:
+    """Wrap ``__call__`` of the classes defining it so that calls open a named scope and
+    mark what they return."""
     from flax import nnx
 
     # classes whose own __call__ nnx_layer_call may stand for (capture_layers.py)
@@ -248,17 +319,16 @@ def _scoped_calls(classes: set[type], paths: _PathFinder) -> Iterator[None]:
             # The root, or a module rebuilt inside an nnx transform: no scope of its own.
             scope = jax.named_scope(MARK + path) if path else contextlib.nullcontext()
             with scope:
+                result = NotImplemented
                 if isinstance(self, nnx.Dropout) and args:
-                    return mark_dropout(args[0], self.rate)
-                if isinstance(self, nnx.RNN):  # standard cells: one ONNX LSTM/GRU/RNN node
+                    result = mark_dropout(args[0], self.rate)
+                elif isinstance(self, nnx.RNN):  # standard cells: one ONNX LSTM/GRU/RNN node
                     result = rnn_call(self, args, kwargs)
-                    if result is not NotImplemented:
-                        return result
-                if __owner in layer_owners:  # BatchNorm, LayerNorm, Conv/Linear bias
+                elif __owner in layer_owners:  # BatchNorm, LayerNorm, Conv/Linear bias
                     result = nnx_layer_call(self, __owner, __original, args, kwargs)
-                    if result is not NotImplemented:
-                        return result
-                return __original(self, *args, **kwargs)
+                if result is NotImplemented:
+                    result = __original(self, *args, **kwargs)
+                return mark_returns(result, path or "", returns)
 
         functools.update_wrapper(wrapper, original)
         klass.__call__ = wrapper
@@ -309,17 +379,20 @@ def capture_linen(module: Any, variables: Any) -> Capture:
             kwargs = {k: v for k, v in kwargs.items() if k != "use_running_average"}
             args = tuple(args[:1]) + (None,) + tuple(args[2:]) if len(args) > 1 else args
         with jax.named_scope(MARK + path) if path else contextlib.nullcontext():
+            result = NotImplemented
             if isinstance(mod, nn.Dropout) and args:
-                return mark_dropout(args[0], mod.rate)
-            if method == "__call__":  # BatchNorm, LayerNorm, Conv/Dense bias: ONNX layer ops
+                result = mark_dropout(args[0], mod.rate)
+            elif method == "__call__":  # BatchNorm, LayerNorm, Conv/Dense bias: ONNX layer ops
                 result = linen_layer_call(mod, next_fun, args, kwargs)
-                if result is not NotImplemented:
-                    return result
-            return next_fun(*args, **kwargs)
+            if result is NotImplemented:
+                result = next_fun(*args, **kwargs)
+            return mark_returns(result, path, returns)
 
     def fn(tree: Any, *args: Any, **kwargs: Any) -> Any:
         with nn.intercept_methods(interceptor):
             return module.apply(tree, *args, **kwargs)
+
+    returns = Returns()
 
     def finish_layers() -> list[provenance.LayerRecord]:
         records = dict(seen)
@@ -331,7 +404,7 @@ def capture_linen(module: Any, variables: Any) -> Capture:
                     records.setdefault(
                         path, provenance.LayerRecord(path, "", ".".join(parts[: i - 1]))
                     )
-        return list(records.values())
+        return returns.layers(list(records.values()))
 
     return Capture(
         fn,

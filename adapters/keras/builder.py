@@ -71,6 +71,7 @@ class Builder:
         self.initializers: dict[str, ir.Value] = {}
         self.kinds: dict[str, str] = {}
         self.scope = ""
+        self.returns: dict[str, list[ir.Value]] = {}  # layer path -> what its calls returned
         self._variables: dict[int, ir.Value] = {}
         self._constants: dict[tuple, ir.Value] = {}
         self._counter = 0

@@ -236,7 +236,22 @@ def _graph_input(
 
 # ---------------------------------------------------------------------------- walking
 def lower_layer(b: Builder, layer: Any, path: str, args: list, kwargs: dict) -> Any:
-    """Lower one call of `layer` on Tensors; returns the outputs in Keras's structure."""
+    """Lower one call of `layer` on Tensors; returns the outputs in Keras's structure.
+
+    The values returned are recorded in ``b.returns[path]`` (the layer's ``returns``).
+    """
+    outputs = _lower_layer(b, layer, path, args, kwargs)
+    if path:
+        leaves = tree.flatten(outputs)
+        b.returns.setdefault(path, []).extend(
+            leaf.value if isinstance(leaf, Tensor) else leaf
+            for leaf in leaves
+            if isinstance(leaf, Tensor | ir.Value)
+        )
+    return outputs
+
+
+def _lower_layer(b: Builder, layer: Any, path: str, args: list, kwargs: dict) -> Any:
     converter = LAYERS.get(type(layer).__name__)
     if converter is not None:
         with b.scoped(path):
@@ -537,7 +552,7 @@ def _children(layer: Any) -> list[Any]:
 
 
 def _record_provenance(model_ir: ir.Model, model: Any, b: Builder) -> None:
-    provenance.write_layers(model_ir, _layer_records(model))
+    provenance.write_layers(model_ir, provenance.with_returns(_layer_records(model), b.returns))
     present = model_ir.graph.initializers
     provenance.write_parameters(model_ir, {n: k for n, k in b.kinds.items() if n in present})
     provenance.write_source(

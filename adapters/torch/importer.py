@@ -32,6 +32,7 @@ from interop.progress import progress
 from interop.structure import flatten_outputs
 
 from . import IMPORTERS
+from .returns import ModuleReturns
 
 _TORCH_DIR = torch.__file__.rsplit("/", 1)[0]
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
@@ -126,16 +127,21 @@ def trace_module(
         progress(("export", "translate", "provenance"), desc=f"trace {type(module).__name__}")
     )
     next(steps)
+    returns = ModuleReturns(module, flatten_module_outputs)
     with _eval_mode(module), _flat_forward(module, output_names), _quiet(verbose):
-        exported = _export(module, args, kwargs, dynamic_shapes)
+        with returns.recording():
+            exported = _export(module, args, kwargs, dynamic_shapes)
         next(steps)
         program = _to_onnx(exported)
     next(steps)
     model = program.model
+    returned = returns.resolve(exported, program)
     _record_provenance(model, module)
     _rename_dims(model, dims)
     _name_outputs(model, output_names)
     _restore_dropout(model, module)
+    # names are final now: each module's return values, recorded during the export
+    provenance.write_layers(model, provenance.with_returns(provenance.read_layers(model), returned))
     model.graph.name = type(module).__name__
     next(steps, None)
     return Graph(model)
