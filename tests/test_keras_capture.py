@@ -238,10 +238,14 @@ def test_bidirectional_with_masking_layer_and_states():
     keras.utils.set_random_seed(6)
     i = keras.Input((None, 4))
     masked = layers.Masking(name="mask")(i)
-    seq = layers.Bidirectional(layers.LSTM(5, return_sequences=True), name="bi_lstm")(masked)
-    last = layers.Bidirectional(layers.GRU(3, reset_after=False), merge_mode="ave", name="bi_gru")(
-        seq
+    # the wrapped layers are named: Bidirectional's sub-layer paths are forward_<name> and
+    # backward_<name>, and an auto-generated name ("lstm_12") depends on what ran before
+    seq = layers.Bidirectional(layers.LSTM(5, return_sequences=True, name="lstm"), name="bi_lstm")(
+        masked
     )
+    last = layers.Bidirectional(
+        layers.GRU(3, reset_after=False, name="gru"), merge_mode="ave", name="bi_gru"
+    )(seq)
     out, h, c = layers.LSTM(4, return_state=True, name="lstm_state")(masked)
     model = keras.Model(i, [seq, last, out, h, c])
     x = _rand(3, 7, 4)
