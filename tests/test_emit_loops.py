@@ -3,8 +3,9 @@
 A Loop whose body hands its condition back unchanged runs its whole trip count, so its scan
 outputs have a known length: under ``jax.jit`` the Flax emitter runs it as one ``lax.scan``
 (not a Python loop unrolled per step). The Flax capture writes every ``lax.scan`` as such a
-Loop, so a Flax model with a scan round-trips into a scan. Outputs are compared with the
-numpy reference evaluator (rtol 1e-5) and with the source model (rtol 1e-4).
+Loop, so a Flax model with a scan round-trips into a scan. Outputs are compared with ONNX
+Runtime (rtol 1e-5, atol 1e-6; the project's numpy evaluator must agree too, as an extra)
+and with the source model (rtol 1e-4, atol 1e-5).
 """
 
 from __future__ import annotations
@@ -20,7 +21,29 @@ import jax.numpy as jnp  # noqa: E402
 import interop  # noqa: E402
 from interop.interpret import evaluate, loop_condition_holds  # noqa: E402
 
+ort = pytest.importorskip("onnxruntime")
+
 STEPS = 5
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _reference(model, *arrays) -> list[np.ndarray]:
+    """ONNX Runtime's outputs for inputs in graph order; the numpy evaluator, an extra
+    check, must agree with them."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    outputs = session.run(None, dict(zip(names, arrays, strict=True)))
+    for want, generic in zip(outputs, evaluate(model, *arrays), strict=True):
+        np.testing.assert_allclose(np.asarray(generic), want, rtol=RTOL, atol=ATOL)
+    return outputs
+
+
+def _check(got, expected) -> None:
+    got = list(got) if isinstance(got, (list, tuple)) else [got]
+    assert len(got) == len(expected)
+    for want, have in zip(expected, got):
+        assert np.shape(have) == want.shape
+        np.testing.assert_allclose(np.asarray(have), want, rtol=RTOL, atol=ATOL)
 
 
 def _loop_model(condition_from_body: str = "Identity", trip_as_input: bool = False):
@@ -89,13 +112,12 @@ def test_condition_analysis():
 def test_flax_loop_with_scan_outputs_is_one_lax_scan_under_jit():
     model = _loop_model()
     x = np.array([1.0, -2.0, 0.5], np.float32)
-    expected = evaluate(model, x)
+    expected = _reference(model, x)
+    assert expected[1].shape == (STEPS, 3)
     module = interop.to_flax(model)
     jitted = jax.jit(lambda v: module(v))
     for got in (module(x), jitted(x)):
-        for want, have in zip(expected, got):
-            np.testing.assert_allclose(np.asarray(have), want, rtol=1e-5)
-    assert np.asarray(jitted(x)[1]).shape == (STEPS, 3)
+        _check(got, expected)
     jaxpr = str(jax.make_jaxpr(lambda v: module(v))(x))
     assert jaxpr.count("scan[") == 1 and "while[" not in jaxpr
     # the body runs once in the jaxpr: one Mul by the decay, not STEPS unrolled copies
@@ -107,11 +129,10 @@ def test_flax_loop_that_may_stop_early_runs_eagerly_and_refuses_jit_clearly():
 
     model = _loop_model("data")
     x = np.array([1.0, 2.0, 0.5], np.float32)
-    expected = evaluate(model, x)
+    expected = _reference(model, x)
+    assert 0 < expected[1].shape[0] < STEPS  # it did stop early
     module = interop.to_flax(model)
-    for want, have in zip(expected, module(x)):  # eager: the loop stops where the data says
-        np.testing.assert_allclose(np.asarray(have), want, rtol=1e-5)
-    assert expected[1].shape[0] < STEPS  # it did stop early
+    _check(module(x), expected)  # eager: the loop stops where the data says
     # under jit the number of scan outputs would depend on traced data: no XLA shape for it
     with pytest.raises(StaticValueError, match="depends on traced values"):
         jax.jit(lambda v: module(v))(x)
@@ -151,12 +172,11 @@ def test_keras_loop_with_scan_outputs_is_one_scan_in_tf_function():
     pytest.importorskip("keras")
     model = _loop_model()
     x = np.array([1.0, -2.0, 0.5], np.float32)
-    expected = evaluate(model, x)
+    expected = _reference(model, x)
     emitted = interop.to_keras(model)
     traced = tf.function(lambda v: emitted(v))
     for got in (emitted(x), traced(tf.constant(x))):
-        for want, have in zip(expected, got):
-            np.testing.assert_allclose(np.asarray(have), want, rtol=1e-5)
+        _check(got, expected)
     graph = traced.get_concrete_function(tf.TensorSpec([3], tf.float32)).graph
     ops = [op.type for op in graph.get_operations()]
     # one While (keras.ops.scan on TensorFlow), the body inside it: no unrolled Muls outside
@@ -198,16 +218,18 @@ def test_keras_models_with_subgraphs_save_and_load(tmp_path):
     emitted = interop.to_keras(_if_model())
     emitted.save(tmp_path / "if.keras")
     loaded = keras.models.load_model(tmp_path / "if.keras")
+    results = []
     for condition in (True, False):
-        want = evaluate(_if_model(), np.array(condition), x)[0]
-        got = loaded([np.array(condition), x])
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+        expected = _reference(_if_model(), np.array(condition), x)
+        _check(emitted([np.array(condition), x]), expected)
+        _check(loaded([np.array(condition), x]), expected)
+        results.append(expected[0])
+    assert not np.allclose(*results)  # the two branches differ: the condition was obeyed
     emitted = interop.to_keras(_loop_model())
     emitted.save(tmp_path / "loop.keras")
     loaded = keras.models.load_model(tmp_path / "loop.keras")
     traced = tf.function(lambda v: loaded(v))
-    for want, have in zip(evaluate(_loop_model(), x), traced(tf.constant(x))):
-        np.testing.assert_allclose(np.asarray(have), want, rtol=1e-5)
+    _check(traced(tf.constant(x)), _reference(_loop_model(), x))
     graph = traced.get_concrete_function(tf.TensorSpec([3], tf.float32)).graph
     ops = [op.type for op in graph.get_operations()]
     assert ops.count("While") + ops.count("StatelessWhile") == 1  # still a scan after loading
