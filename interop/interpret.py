@@ -447,7 +447,7 @@ class Interpreter:
         if semantics is None:
             if not has_function_body(node.op_type, node.domain, self.version):
                 check_supported_node(node, self.version, self.adapter)
-            body = FunctionBody(node, values, self.backend, self.version)
+            body = FunctionBody(node, values, self.backend, self.version, self.adapter)
             if single and len(node.outputs) == 1:
 
                 def call_body(*args: Any) -> Any:
@@ -508,8 +508,16 @@ def check_supported_node(node: ir.Node, version: int, adapter: str) -> None:
 class FunctionBody:
     """An op without direct semantics, run as its ONNX function body (cached per input types)."""
 
-    def __init__(self, node: ir.Node, attributes: dict[str, Any], backend: Any, version: int):
+    def __init__(
+        self,
+        node: ir.Node,
+        attributes: dict[str, Any],
+        backend: Any,
+        version: int,
+        adapter: str = Interpreter.adapter,
+    ):
         self.node, self.attributes, self.backend, self.version = node, attributes, backend, version
+        self.adapter = adapter  # errors in the body name the emitter, not "numpy"
         self.__name__ = f"onnx_{node.op_type}_function"
         self._bodies: dict[tuple, tuple[ir.Function, list[int]]] = {}
 
@@ -574,6 +582,7 @@ class FunctionBody:
             self.backend,
             version=function.opset_imports.get("", self.version),
         )
+        interpreter.adapter = self.adapter
         env = {value: given for value, given in zip(function.inputs, args) if given is not None}
         produced = interpreter.run_graph(function, env, caller=self.attributes)
         results: list[Any] = [None] * len(self.node.outputs)

@@ -45,3 +45,13 @@ def test_node_case(name: str) -> None:
 @pytest.mark.conformance
 def test_pass_rate_meets_target() -> None:
     assert cs.pass_rate("keras") >= cs.TARGET
+
+
+@pytest.mark.conformance
+def test_unsupported_op_inside_a_layer_call_names_the_op() -> None:
+    """Keras rebuilds errors escaping a layer call from their message: UnsupportedOpError keeps its op."""
+    from interop.errors import UnsupportedOpError
+
+    with pytest.raises(UnsupportedOpError) as raised:
+        cs.run_case_with(run_keras, cs.case("test_bernoulli"))
+    assert raised.value.op == "RandomUniformLike" and raised.value.adapter == "keras"

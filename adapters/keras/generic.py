@@ -26,9 +26,30 @@ import numpy as np
 import onnx_ir as ir
 from keras import ops
 
+from interop.errors import InteropError
 from interop.interpret import SubgraphFunction, loop_condition_holds, node_free_values
 
 from .backend import as_dtype, emulated, from_carrier, keras_backend, keras_dtype, to_carrier
+
+
+def interop_errors_as_raised(call):
+    """A layer call whose interop errors reach the caller as they were raised.
+
+    Keras rebuilds an error escaping a layer call as ``type(err)(message + the call's
+    arguments)``; UnsupportedOpError's first parameter is the op, not a message, so the rebuilt
+    error read "No import converter for op 'Exception encountered when calling ...'". Marked as
+    already annotated, Keras re-raises it untouched.
+    """
+
+    @functools.wraps(call)
+    def wrapped(*args, **kwargs):
+        try:
+            return call(*args, **kwargs)
+        except InteropError as err:
+            err._keras_call_info_injected = True  # type: ignore[attr-defined]
+            raise
+
+    return wrapped
 
 
 @keras.saving.register_keras_serializable("interop")
@@ -75,6 +96,7 @@ class OnnxOp(keras.layers.Layer):
         """Whether the node reads or writes a dtype Keras lacks (it runs on the host)."""
         return bool(self.input_dtypes) or any(emulated(d) for _, d in self.specs)
 
+    @interop_errors_as_raised
     def run(self, inputs):
         if self.emulates():
             return self.run_on_host(inputs)

@@ -21,6 +21,7 @@ from keras import ops
 from interop.interpret import Interpreter
 
 from .backend import emulated, from_carrier, keras_backend, to_carrier
+from .generic import interop_errors_as_raised
 
 
 def needs_graph_model(graph: ir.Graph) -> bool:
@@ -85,6 +86,7 @@ class GraphModel(keras.Model):
         self.graph_weights = list(weights.values())
         self.runner = _Runner(emitter, weights)
 
+    @interop_errors_as_raised
     def call(self, inputs: Any = None) -> Any:
         if self.graph_inputs == 1:
             inputs = [inputs]
