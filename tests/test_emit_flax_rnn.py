@@ -125,7 +125,7 @@ def test_native_layer_matches_onnxruntime(op_type, direction, layout, bias, init
     eager = module(**feeds)
     jitted = nnx.jit(lambda m, f: m(**f))(module, feeds)
     assert len(eager) == len(expected)
-    for want, got, got_jit in zip(expected, eager, jitted):
+    for want, got, got_jit in zip(expected, eager, jitted, strict=True):
         assert got.shape == want.shape
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(np.asarray(got_jit), want, rtol=1e-4, atol=1e-5)
@@ -173,7 +173,9 @@ def test_expressible_activations_stay_native(op_type, attrs):
     model, feeds = _model(op_type, bias=True, initial=True, attrs=attrs)
     module = to_flax(model)
     assert len(_rnns(module)) == 1
-    for want, got in zip(_reference(op_type, "forward", 0, True, True, attrs), module(**feeds)):
+    for want, got in zip(
+        _reference(op_type, "forward", 0, True, True, attrs), module(**feeds), strict=True
+    ):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
 
 
@@ -211,7 +213,8 @@ def test_inexpressible_nodes_run_the_generic_recurrence(op_type, attrs, extra):
     expected = session.run(None, feeds)
     module = to_flax(model)
     assert _rnns(module) == []
-    for want, got in zip(expected, module(**feeds)):
+    for want, got in zip(expected, module(**feeds), strict=True):
+        assert got.shape == want.shape
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
 
 
@@ -320,7 +323,7 @@ def test_traced_torch_lstm_gru_become_flax_layers():
     )
     expected = [t.detach().numpy() for t in model(x)]
     for outputs in (module(x.numpy()), nnx.jit(lambda m, v: m(v))(module, x.numpy())):
-        for want, got in zip(expected, outputs):
+        for want, got in zip(expected, outputs, strict=True):
             assert got.shape == want.shape
             np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
 
@@ -347,7 +350,8 @@ def test_traced_stacked_lstm_and_frozen_gru():
     expected = [t.detach().numpy() for t in model(*args)]
     jitted = nnx.jit(lambda m, *a: m(*a))(module, *_numpy(args))
     for outputs in (module(*_numpy(args)), jitted):
-        for want, got in zip(expected, outputs):
+        for want, got in zip(expected, outputs, strict=True):
+            assert got.shape == want.shape
             np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
     fn, params = to_jax(graph)
     assert "dense_h" not in params["gru"]["forward_rnn"]["cell"]  # frozen: not a Param

@@ -145,7 +145,7 @@ def test_native_layer_matches_onnxruntime(op, direction, layout, bias, initial, 
     expected = onnxruntime_outputs(model, feeds)
     actual = call(emitted, feeds)
     assert len(actual) == len(expected)
-    for got, want in zip(actual, expected):
+    for got, want in zip(actual, expected, strict=True):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
@@ -193,7 +193,8 @@ def test_inexpressible_nodes_stay_generic_and_correct(op, attributes, extra_inpu
     assert recurrent_layers(emitted) == []
     assert [layer.op_type for layer in emitted.layers if isinstance(layer, OnnxOp)] == [op]
     expected = ort.InferenceSession(model.SerializeToString()).run(None, feeds)
-    for got, want in zip(call(emitted, feeds), expected):
+    for got, want in zip(call(emitted, feeds), expected, strict=True):
+        assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -225,7 +226,8 @@ def test_save_and_load_round_trip(op, tmp_path):
     loaded = keras.saving.load_model(path)
     assert [type(layer) for layer in recurrent_layers(loaded)] == [NATIVE[op]]
     expected = onnxruntime_outputs(model, feeds)
-    for got, want in zip(call(loaded, feeds), expected):
+    for got, want in zip(call(loaded, feeds), expected, strict=True):
+        assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -273,5 +275,6 @@ def test_traced_torch_lstm_and_gru_become_native_layers():
         with torch.no_grad():
             expected = [t.numpy() for t in source(x)]
         actual = emitted(x.numpy())
-        for got, want in zip(actual, expected):
+        for got, want in zip(actual, expected, strict=True):
+            assert got.shape == want.shape
             np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
