@@ -68,6 +68,10 @@ def render(tables: dict[str, Table]) -> str:
         "*borderline* (the result varies between runs), *mismatch* (a wrong value: never allowed, the",
         "suite fails while a table lists one). Cases whose outputs are random (training-mode",
         "Dropout) pass a property check instead of the reference numbers and count as passing.",
+        "Cases compared with other tolerances, where the reference numbers carry the rounding",
+        "noise of how they were made (tests/conformance_support.py `TOLERANCES`): "
+        + ", ".join(f"{name} (rtol {r:g}, atol {a:g})" for name, (r, a) in cs.TOLERANCES.items())
+        + ".",
         "",
         "| emitter | passed | total | pass rate | " + " | ".join(KINDS) + " |",
         "|---|---|---|---|" + "---|" * len(KINDS),
