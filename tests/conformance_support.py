@@ -40,6 +40,8 @@ The type is resolved by name (builtins, interop, the frameworks already imported
 that does not resolve is matched on the exception's type names by `check_case`, which
 re-raises it as `RecordedFailure`. A table entry that is still a plain reason string
 ("TypeName: message", the old format) is read as its derived entry.
+A case whose reference numbers carry the rounding noise of how they were made (not a
+failure of ours) is compared with the tolerances `TOLERANCES` gives it, with the reason.
 Regenerate the tables with `python tools/gen_ops_doc.py --update-xfails --emitters keras`.
 """
 
