@@ -5,12 +5,16 @@ once with `interop.trace`, emitted with `interop.to_torch` / `to_keras` / `to_fl
 the frameworks other than its source, and
 
 - the emitted model's outputs match the source model's (`run_source` of its adapter)
-  within rtol 1e-4 / atol 1e-5 (atol relative to the outputs' magnitude for the
-  random-weight keras.applications, whose logits are far from 1);
+  within rtol 1e-4 / atol 1e-5 (for the deep keras.applications, atol 1e-5 times the
+  output's largest magnitude: their BatchNorm statistics are calibrated so that the
+  logits are of order 1), and every float output is far enough from zero that an
+  all-zero output would fail the comparison;
 - one optimizer step (torch.optim.SGD / keras SGD through tf.GradientTape / optax SGD
   through nnx.Optimizer) on an MSE loss to random targets (all float outputs, inference
-  mode) lowers the loss and changes every trainable parameter of the emitted model
-  (LoRA's zero-initialized B leaves A's gradient zero: there, at least one).
+  mode) lowers the loss and changes every trainable parameter of the emitted model.
+
+Sources are built so that these checks can fail: BatchNorm statistics and affine weights
+are random (seeded), LoRA's B is random rather than zero.
 
 The default set is a representative fast subset; Hugging Face models, keras.applications
 and the rest of the layer tables are `slow` (CI runs `-m slow` as its own step).
@@ -96,9 +100,8 @@ def test_cross_framework(name, target, check):
         _check_outputs(case, graph, got, expected)
     else:
         loss, after, changed = STEPS[target](native, arrays, _targets(expected), case.lr)
-        assert changed and any(changed), "no parameter changed"
-        if case.every_parameter_moves:
-            assert all(changed), f"{changed.count(False)} of {len(changed)} parameters unchanged"
+        assert changed, "no trainable parameter"
+        assert all(changed), f"{changed.count(False)} of {len(changed)} parameters unchanged"
         assert np.isfinite(after) and after < loss, (loss, after)
 
 
@@ -106,9 +109,28 @@ def _check_outputs(case, graph, got, expected):
     """Outputs of the emitted model (inference mode) equal the source model's."""
     assert len(got) == len(expected)
     for spec, want, have in zip(graph.outputs, expected, got, strict=True):
-        atol = ATOL * max(1.0, float(np.abs(want).max())) if case.atol_scale else ATOL
+        atol = _atol(case, want)
+        assert not _matches_zeros(want, atol), f"{spec.name}: the source output is ~0"
         assert have.shape == want.shape, spec.name
         np.testing.assert_allclose(have, want, rtol=RTOL, atol=atol, err_msg=spec.name)
+
+
+def _atol(case, want) -> float:
+    """ATOL, or ATOL times the output's scale (no floor) for `atol_scale` cases."""
+    if not case.atol_scale:
+        return ATOL
+    scale = float(np.abs(want).max()) if np.size(want) else 0.0
+    assert scale > 1e-2, f"outputs of scale {scale}: too small to compare relative to it"
+    return ATOL * scale
+
+
+def _matches_zeros(want, atol) -> bool:
+    """Whether an all-zero output would pass the comparison against this float output
+    (the check could not fail); non-float and empty outputs are compared exactly."""
+    want = np.asarray(want)
+    if not _is_float(want) or want.size == 0:
+        return False
+    return bool(np.allclose(np.zeros_like(want), want, rtol=RTOL, atol=atol))
 
 
 # ------------------------------------------------------------------ one optimizer step
