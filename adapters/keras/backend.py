@@ -130,6 +130,15 @@ def _is_float(x) -> bool:
     return _dtype(x).kind in "fc" or _dtype(x).name == "bfloat16"
 
 
+def _in_float32(function, x, **kwargs):
+    """function of a float16 / bfloat16 x in float32, rounded once (TensorFlow's CPU softmax
+    runs exp and sum in the half type, most results an ulp off; torch accumulates in float32)."""
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    if dtype not in ("float16", "bfloat16"):
+        return function(x, **kwargs)
+    return ops.cast(function(ops.cast(x, "float32"), **kwargs), dtype)
+
+
 def _trunc_divide(a, b):
     quotient = ops.floor_divide(a, b)
     rest = ops.subtract(a, ops.multiply(quotient, b))
@@ -476,11 +485,11 @@ class KerasBackend:
 
     @_on_host_when_possible
     def softmax(self, x, axis):
-        return ops.softmax(x, axis=axis)
+        return _in_float32(ops.softmax, x, axis=axis)
 
     @_on_host_when_possible
     def log_softmax(self, x, axis):
-        return ops.log_softmax(x, axis=axis)
+        return _in_float32(ops.log_softmax, x, axis=axis)
 
     # ---------------------------------------------------------------- NN extras, channels-last
     def conv(self, x, w, b, strides, pads, dilations, groups):
