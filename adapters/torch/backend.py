@@ -175,6 +175,10 @@ class TorchBackend:
             return self.asarray(self.to_numpy(x).astype(dtype), like=x)
         x = _plain(x)
         target = torch_dtype(dtype)
+        if target == torch.float8_e4m3fn and x.is_floating_point():
+            # torch saturates to ±448; ml_dtypes and ONNX (saturate=0) make what rounds past
+            # it NaN (464, the midpoint to the next step, rounds to even: 448)
+            x = torch.where(x.abs() > 464, torch.nan, x)
         if x.is_floating_point() and not target.is_floating_point and target != torch.bool:
             x = torch.trunc(
                 x

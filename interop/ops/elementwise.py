@@ -156,6 +156,8 @@ def onnx_dtype(to: int) -> np.dtype:
 @op("Cast")
 def cast(xp, x, to, saturate=1, round_mode="up"):
     target = onnx_dtype(to)
+    if target == np.dtype(ml_dtypes.float8_e8m0fnu) and xp.dtype(x).kind == "f":
+        return _to_e8m0(xp, x, saturate, round_mode)
     if saturate and target.name.startswith("float8") and xp.dtype(x).kind == "f":
         # saturate: out-of-range values clamp to ±max of the float8 type
         limit = float(ml_dtypes.finfo(target).max)
@@ -166,8 +168,41 @@ def cast(xp, x, to, saturate=1, round_mode="up"):
 
 @op("CastLike")
 def cast_like(xp, x, like, saturate=1, round_mode="up"):
-    target = xp.dtype(like)
-    return cast(xp, x, onnx.helper.np_dtype_to_tensor_dtype(target), saturate=saturate)
+    target = onnx.helper.np_dtype_to_tensor_dtype(xp.dtype(like))
+    return cast(xp, x, target, saturate=saturate, round_mode=round_mode)
+
+
+def _to_e8m0(xp, x, saturate, round_mode):
+    """Float -> float8e8m0 as ONNX defines it (onnx.numpy_helper.to_float8e8m0): the float32
+    exponent, rounded by round_mode on the significand; the sign is dropped, 0 is 2^-127,
+    NaN and infinity are NaN, and saturate stops rounding up past 2^127 (else NaN). ml_dtypes'
+    cast rounds to nearest and makes 0 NaN."""
+    if round_mode not in ("up", "down", "nearest"):
+        raise ValueError(f"Cast round_mode must be up, down or nearest, not {round_mode!r}")
+
+    def bits_of(value, mask):
+        return xp.compare("bitwise_and", value, xp.asarray(mask, np.int32, like=x))
+
+    def nonzero(value):
+        return xp.compare("not_equal", value, xp.asarray(0, np.int32, like=x))
+
+    bits = xp.bitcast(xp.astype(x, np.float32), np.int32)
+    shifted = xp.compare("bitwise_right_shift", bits, xp.asarray(23, np.int32, like=x))
+    exponent = bits_of(shifted, 0xFF)
+    finite = xp.compare("not_equal", exponent, xp.asarray(0xFF, np.int32, like=x))
+    if round_mode == "up":
+        up = nonzero(bits_of(bits, 0x7FFFFF))
+    elif round_mode == "nearest":  # guard bit set, and round or sticky bits or a normal number
+        low = xp.compare("logical_or", nonzero(bits_of(bits, 0x3FFFFF)), nonzero(exponent))
+        up = xp.compare("logical_and", nonzero(bits_of(bits, 0x400000)), low)
+    if round_mode != "down":
+        up = xp.compare("logical_and", up, finite)
+        if saturate:
+            below_top = xp.compare("not_equal", exponent, xp.asarray(0xFE, np.int32, like=x))
+            up = xp.compare("logical_and", up, below_top)
+        exponent = xp.add(exponent, xp.astype(up, np.int32))
+    exponent = xp.where(finite, exponent, xp.asarray(0xFF, np.int32, like=x))
+    return xp.bitcast(xp.astype(exponent, np.uint8), ml_dtypes.float8_e8m0fnu)
 
 
 # ------------------------------------------------------------------- activations
