@@ -42,11 +42,19 @@ class _Pair(torch.nn.Module):
         return v * 2, u + 1
 
 
+class _Tagged(torch.nn.Module):
+    """Returns a tensor among non-tensors: only the tensor is a return value."""
+
+    def forward(self, x):
+        return {"scale": 3, "value": x * 3.0, "none": None}
+
+
 class _Net(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.identity = torch.nn.Identity()
         self.pair = _Pair()
+        self.tagged = _Tagged()
         self.relu = torch.nn.ReLU(inplace=True)
         self.drop = torch.nn.Dropout(0.1)
         self.act = torch.nn.GELU()  # called twice
@@ -54,6 +62,7 @@ class _Net(torch.nn.Module):
     def forward(self, x):
         x = self.identity(x)
         a, b = self.pair(x)
+        a = self.tagged(a)["value"]
         b = self.drop(self.relu(b))
         return self.act(a).sum(-1) + self.act(b).sum(-1)
 
@@ -97,6 +106,8 @@ def test_torch_layers_without_nodes_pass_their_value_through(torch_net):
     for path in ("relu", "drop"):
         got = _first(g.submodel(outputs=[path]).run(x.numpy()))
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+    tagged = g.submodel(outputs=["tagged"])
+    np.testing.assert_allclose(_first(tagged.run(x.numpy())), a.numpy() * 3, rtol=1e-5, atol=1e-6)
     # a module called twice returns one value per call, in call order
     assert [v.shape[1] for v in g.layer("act").returns] == [3, 4]
     text = g.summary(print_fn=None)

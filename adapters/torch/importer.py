@@ -127,7 +127,7 @@ def trace_module(
         progress(("export", "translate", "provenance"), desc=f"trace {type(module).__name__}")
     )
     next(steps)
-    returns = ModuleReturns(module, flatten_module_outputs)
+    returns = ModuleReturns(module, _expand_cache)
     with _eval_mode(module), _flat_forward(module, output_names), _quiet(verbose):
         with returns.recording():
             exported = _export(module, args, kwargs, dynamic_shapes)

@@ -1,7 +1,7 @@
 """Which graph values each module call returned (``returns`` of `interop.provenance`).
 
 During ``torch.export`` a forward hook on every submodule reads, for each tensor of the
-call's return value (flattened as the model's own outputs are), the FX node the tracer
+call's return value (in the order the model's own outputs are flattened), the FX node the tracer
 holds for it: exact, and free besides one hook call per module call. torch.onnx then
 decomposes the exported program before translating it, which renames nodes; each
 decomposed node names the nodes it came from (``meta["from_node"]``), so a recorded node
@@ -17,7 +17,8 @@ are recorded and layers fall back to the values that leave them (`interop.hierar
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import onnx_ir as ir
@@ -26,11 +27,31 @@ import torch
 _NO_OP_HOPS = 16  # dropped nodes followed back to their first input, at most
 
 
+def returned_tensors(obj: Any, expand: Callable[[Any], Any], depth: int = 0) -> list[Any]:
+    """The tensors of a return value in the order the model's outputs are flattened
+    (`interop.structure`: mappings, dataclasses, tuples, lists); `expand` turns framework
+    objects (a KV cache) into those first, and anything else is skipped, not an error."""
+    obj = expand(obj)
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth > 32:
+        return []
+    if isinstance(obj, Mapping):
+        items: Any = obj.values()
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    elif isinstance(obj, tuple | list):
+        items = obj
+    else:
+        return []
+    return [t for item in items for t in returned_tensors(item, expand, depth + 1)]
+
+
 class ModuleReturns:
     """Records the FX nodes returned by every call of every submodule of `module`."""
 
-    def __init__(self, module: torch.nn.Module, flatten: Callable[[Any], list[tuple[str, Any]]]):
-        self.module, self.flatten = module, flatten
+    def __init__(self, module: torch.nn.Module, expand: Callable[[Any], Any] = lambda x: x):
+        self.module, self.expand = module, expand
         self.calls: dict[str, list[list[Any]]] = {}  # path -> per call, FX node or None per tensor
         self._tracer: Any = None
 
@@ -61,7 +82,7 @@ class ModuleReturns:
                     self._tracer = mode.tracer
                     self.calls.clear()
                 nodes = []
-                for _, tensor in self.flatten(output):
+                for tensor in returned_tensors(output, self.expand):
                     slot = get_proxy_slot(tensor, mode.tracer, None)
                     nodes.append(slot.proxy.node if slot is not None else None)
             except Exception:  # an output structure we cannot read: this call stays unknown
