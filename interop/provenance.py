@@ -96,11 +96,8 @@ def with_returns(
     """
     result = []
     for record in layers:
-        names = [
-            v if isinstance(v, str) else v.name
-            for v in returns.get(record.path, ())
-            if v is not None and (isinstance(v, str) or v.name)
-        ]
+        found = [v if isinstance(v, str) else v.name for v in returns.get(record.path, ()) if v]
+        names = [name for name in found if name]
         result.append(replace(record, returns=tuple(names)) if names else record)
     return result
 

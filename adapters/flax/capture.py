@@ -113,7 +113,8 @@ def mark_returns(result: Any, path: str, sink: Returns) -> Any:
         if isinstance(obj, dict):
             return {key: rebuild(item) for key, item in obj.items()}
         items = [rebuild(item) for item in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+        kind: Any = type(obj)
+        return kind(*items) if hasattr(obj, "_fields") else kind(items)
 
     return rebuild(result)
 
