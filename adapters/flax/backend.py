@@ -141,7 +141,13 @@ class JaxBackend:
         if jnp.issubdtype(self.dtype(a), jnp.integer):  # ONNX integer division truncates
             a, b = jnp.broadcast_arrays(jnp.asarray(a), jnp.asarray(b, self.dtype(a)))
             return lax.div(a, b)
-        return jnp.divide(a, b)
+        # XLA turns a division by a broadcast or constant divisor into a multiplication by its
+        # reciprocal, up to an ulp off IEEE division (QuantizeLinear's round(x / scale) then
+        # lands on the other side of a half): the divisor, at full shape, goes behind a barrier
+        dtype = jnp.result_type(a, b)
+        shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
+        b = lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, dtype), shape))
+        return jnp.divide(jnp.asarray(a, dtype), b)
 
     def remainder(self, a, b):
         return jnp.remainder(a, b)
