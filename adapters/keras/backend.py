@@ -139,6 +139,21 @@ def _in_float32(function, x, **kwargs):
     return ops.cast(function(ops.cast(x, "float32"), **kwargs), dtype)
 
 
+def _add(a, b):
+    """a + b. keras.ops.add on TensorFlow runs a b that squeezes to a vector as tf.nn.bias_add,
+    along the last axis whenever a's last dim has the vector's length, wherever b's axis is:
+    (3, 4, 4) + (1, 4, 1) added b along the last axis. Such a b goes in as a - (-b)."""
+    if keras.backend.backend() == "tensorflow":
+        sa, sb = list(getattr(a, "shape", ())), list(getattr(b, "shape", ()))
+        big = [i - len(sb) + len(sa) for i, d in enumerate(sb) if d is None or d > 1]
+        n = sb[big[0] + len(sb) - len(sa)] if len(big) == 1 else None
+        if n is not None and len(sa) > 1 and n in (sa[1], sa[-1]):
+            picked = len(sa) - 1 if sa[-1] == n else 1  # the axis bias_add would use
+            if len(sb) > len(sa) or big[0] != picked:
+                return ops.subtract(a, ops.negative(b))
+    return ops.add(a, b)
+
+
 def _trunc_divide(a, b):
     quotient = ops.floor_divide(a, b)
     rest = ops.subtract(a, ops.multiply(quotient, b))
@@ -224,7 +239,7 @@ class KerasBackend:
 
     @_on_host_when_possible
     def add(self, a, b):
-        return ops.add(a, b)
+        return _add(a, b)
 
     @_on_host_when_possible
     def subtract(self, a, b):
@@ -518,7 +533,7 @@ class KerasBackend:
             )
         y = to_channels_first(y)
         if b is not None:
-            y = ops.add(y, ops.reshape(ops.cast(b, y.dtype), (1, -1) + (1,) * rank))
+            y = _add(y, ops.reshape(ops.cast(b, y.dtype), (1, -1) + (1,) * rank))
         return y
 
     def conv_transpose(self, x, w, b, strides, pads, dilations, groups, output_padding):
@@ -561,7 +576,7 @@ class KerasBackend:
         ]
         y = self.getitem(y, tuple(crop))
         if b is not None:
-            y = ops.add(y, ops.reshape(ops.cast(b, y.dtype), (1, -1) + (1,) * rank))
+            y = _add(y, ops.reshape(ops.cast(b, y.dtype), (1, -1) + (1,) * rank))
         return y
 
     def pool(
