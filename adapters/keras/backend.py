@@ -17,6 +17,7 @@ import numpy as np
 from keras import ops
 
 from interop.backend import ceil_mode_pads, numpy_backend
+from interop.errors import UnsupportedOpError
 
 from .windows import (
     pad_channels_first,
@@ -103,6 +104,16 @@ def emulated(dtype) -> bool:
 
 def keras_dtype(dtype) -> str:
     dtype = as_dtype(dtype)
+    if dtype.kind == "O":  # ONNX strings: numpy holds them as objects, Keras as "string"
+        if keras.backend.backend() != "tensorflow":
+            raise UnsupportedOpError(
+                "string tensor",
+                direction="emit",
+                adapter="keras",
+                detail=f"Keras has string tensors on TensorFlow only, not {keras.backend.backend()}",
+                fix="emit on KERAS_BACKEND=tensorflow, or keep the string ops out of the model",
+            )
+        return "string"
     return CARRIERS.get(dtype) or dtype.name
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from interop.backend import ceil_mode_pads
+from interop.backend import ceil_mode_pads, numpy_backend
 
 _TO_TORCH = {
     np.dtype(np.float32): torch.float32,
@@ -228,6 +228,8 @@ class TorchBackend:
         return torch.where(condition, a, b)
 
     def compare(self, name, a, b):
+        if any(isinstance(v, np.ndarray) and v.dtype.kind in "OSU" for v in (a, b)):
+            return numpy_backend.compare(name, a, b)  # strings stay host arrays (asarray)
         return (torch.eq if name == "equal" else getattr(torch, name))(a, b)
 
     def isnan(self, x):
