@@ -111,6 +111,9 @@ def build_digraph(graph: Graph, depth: int | None = None, rankdir: str = "TB") -
             fillcolor="#fff3e0",
         )
     graph_inputs = {id(v) for v in graph.model.graph.inputs}
+    # side outputs (a KV-cache write read outside its layer, not returned) draw dashed
+    side = {id(v) for layer in tree.root.walk() for v in layer.side_outputs}
+    side_labels: set[tuple[str, str, str]] = set()
     edges: set[tuple[str, str, str]] = set()
     for node in graph.model.graph:
         target = unit_of.get(id(node))
@@ -129,13 +132,20 @@ def build_digraph(graph: Graph, depth: int | None = None, rankdir: str = "TB") -
             )
             if source and source != target:
                 edges.add((source, target, format_shape(read)))
+                if id(read) in side:
+                    side_labels.add((source, target, format_shape(read)))
     for value in graph.model.graph.outputs:
         producer = value.producer()
         source = unit_of.get(id(producer)) if producer else _io_id("in", value.name)
         if source:
             edges.add((source, _io_id("out", value.name), format_shape(value)))
+            if id(value) in side:
+                side_labels.add((source, _io_id("out", value.name), format_shape(value)))
     for source, target, label in sorted(edges):
-        dot.edge(source, target, label=label)
+        if (source, target, label) in side_labels:
+            dot.edge(source, target, label=f"{label} (side)", style="dashed")
+        else:
+            dot.edge(source, target, label=label)
     return dot
 
 

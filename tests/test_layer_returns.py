@@ -138,6 +138,10 @@ def test_llama_decoder_layer_returns_hidden_state_then_cache_writes():
     summary = g.summary(depth=3, print_fn=None)
     row = next(line for line in summary.splitlines() if "model.layers.1 (" in line)
     assert "(batch, 7, 32) side: (batch, 2, 7, 8), (batch, 2, 7, 8)" in row
+    # the plot draws the cache writes as dashed "side" edges, the returns as plain ones
+    source = g.plot(None, depth=3).source
+    dashed = [line for line in source.splitlines() if "style=dashed" in line]
+    assert len(dashed) == 4 and all("(side)" in line for line in dashed)  # 2 layers x key/value
 
     sub = g.submodel(outputs=["model.layers.1"])
     assert [o.name for o in sub.outputs] == ["model.layers.1"]
