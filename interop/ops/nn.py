@@ -312,6 +312,8 @@ def dropout(xp, x, ratio=None, training_mode=None, seed=None):
 
 # half types whose Attention runs in float32 (see `attention`)
 _HALF_FLOATS = ("float16", "bfloat16")
+# (backend, inputs given, output count, attributes) -> interop.interpret.FunctionBody
+_ATTENTION_BODIES: dict = {}
 
 
 @op("Attention")
@@ -361,6 +363,3 @@ def _attention_body(xp, present, outputs, attributes):
             value.name = f"output_{i}"
         _ATTENTION_BODIES[key] = FunctionBody(node, dict(attributes), xp, TARGET_OPSET)
     return _ATTENTION_BODIES[key]
-
-
-_ATTENTION_BODIES: dict = {}
