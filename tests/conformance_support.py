@@ -67,6 +67,10 @@ TARGET = 0.95  # pass rate asked by issue 5
 TOLERANCES = {
     "test_dft_inverse": (RTOL, 1e-6),
     "test_dft_inverse_opset19": (RTOL, 1e-6),
+    # the expanded body rounds probabilities to fp16 before the last MatMul; the reference
+    # computes every step in fp16 and is itself up to 1.42 fp16 ulps from the exact value
+    # (torch and Keras stay within 1.09 ulps of it), so rtol 1e-3 (~1 ulp) cannot separate them
+    "test_attention_4d_causal_fp16_expanded": (2e-3, ATOL),
 }
 # the reason of a "borderline" entry starts so (the kind of old string entries is read from it)
 BORDERLINE = "numerically borderline:"

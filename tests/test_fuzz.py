@@ -7,8 +7,8 @@
    Expand, Tile, CumSum, ArgMax) and checks each of the numpy reference evaluator
    (`interop.interpret`) and the torch, Keras and Flax emitters (`interop.to_torch`,
    `to_keras`, `to_flax`; Flax eager and under `nnx.jit`) against ONNX Runtime, rtol
-   1e-4, atol 1e-5. Known emitter bugs are listed in `KNOWN_GAPS`, each with a strict
-   xfail repro (`test_known_gaps_still_fail`).
+   1e-4, atol 1e-5. Known emitter bugs would be listed in `KNOWN_GAPS` (none today); the
+   bugs it found are kept as regressions (`test_pad_regressions`).
 2. `test_mutated_models_raise_only_interop_errors`: bit flips, truncations, byte-range
    duplication and protobuf field edits of real models; `interop.load` and then
    `summary`, `plot` and `run` on what loads may raise only `interop.errors`
@@ -281,9 +281,6 @@ def _layout_step(op: str, data: st.DataObject, b: Builder, name: str, shape) -> 
             inputs.append(b.const(np.float32(draw(st.floats(-1, 1, width=32)))))
         out = tuple(d + pads[i] + pads[i + rank] for i, d in enumerate(shape))
         b.add(op, inputs, out, mode=mode)
-        padded = [i for i in range(rank) if pads[i] or pads[i + rank]]
-        if mode != "constant" and (not padded or rank - padded[0] > 3):
-            b.ops.append(TORCH_PAD_BUG)
     elif op == "Expand":
         target = [draw(st.integers(2, 3)) if d == 1 else d for d in shape]
         if draw(st.booleans()):
@@ -352,18 +349,11 @@ def random_graphs(draw):
 
 
 EMITTERS = ("numpy", "torch", "keras", "flax")
-# The label `step` adds to a case's ops for an edge / reflect Pad the torch backend
-# cannot run (KNOWN BUG, see KNOWN_GAPS)
-TORCH_PAD_BUG = "Pad(edge|reflect, no pad or padding more than the last 3 axes)"
 # Ops an emitter gets wrong, with the reason: excluded from its comparison and listed in
-# the report (add entries here rather than weakening the tolerance). Each has a strict
-# xfail repro in test_known_gaps_still_fail: fixing the bug fails it, so the entry goes.
+# the report (add entries here rather than weakening the tolerance), each with a repro.
+# None today: torch's edge / reflect Pad of no axis or of more than the last three axes
+# (NotImplementedError from F.pad) was the last; its repros are in test_pad_regressions.
 KNOWN_GAPS: dict[str, dict[str, str]] = {emitter: {} for emitter in EMITTERS}
-KNOWN_GAPS["torch"][TORCH_PAD_BUG] = (
-    "KNOWN BUG: adapters/torch/backend.py `pad` hands F.pad an empty pad list when no "
-    "axis is padded, and more than 3 padded trailing axes (torch's replicate / reflect "
-    "limit) when an axis before the last three is: NotImplementedError"
-)
 # Cases per emitter, scaled by INTEROP_FUZZ_EXAMPLES (whose DIFFERENTIAL_DEFAULT = 40 gives
 # these): a case costs ~0.01 s on the numpy evaluator and torch, ~0.05 s on Keras, ~0.15 s
 # on Flax (eager and one jit compile) here.
@@ -436,24 +426,27 @@ def _pad_model(shape, pads, mode):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-# (emitter, model, input) repros of KNOWN_GAPS, each expected to fail (strictly)
-GAP_REPROS = {
-    "torch-pad-reflect-none": ("torch", _pad_model((3,), [0, 0], "reflect"), (3,)),
-    "torch-pad-edge-first-of-4": (
-        "torch",
-        _pad_model((2, 2, 2, 2), [1, 0, 0, 0, 0, 0, 0, 0], "edge"),
-        (2, 2, 2, 2),
-    ),
+# the fuzzer's finds, kept as regressions: edge / reflect / wrap Pad of no axis, and of axes
+# before the last three (torch's F.pad pads at most three trailing axes in these modes)
+PAD_REGRESSIONS = {
+    "reflect-none": ((3,), [0, 0], "reflect"),
+    "edge-first-of-4": ((2, 2, 2, 2), [1, 0, 0, 0, 0, 0, 0, 0], "edge"),
+    "reflect-all-4": ((3, 3, 3, 3), [1, 2, 0, 1, 2, 0, 1, 1], "reflect"),
+    "wrap-5d": ((2, 3, 2, 3, 4), [1, 0, 1, 0, 2, 0, 2, 0, 1, 3], "wrap"),
 }
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason="KNOWN BUG (KNOWN_GAPS)")
-@pytest.mark.parametrize("name", list(GAP_REPROS))
-def test_known_gaps_still_fail(name):
-    emitter, model, shape = GAP_REPROS[name]
+@pytest.mark.parametrize("emitter", EMITTERS)
+@pytest.mark.parametrize("name", list(PAD_REGRESSIONS))
+def test_pad_regressions(name, emitter):
+    if emitter in ("keras", "flax"):
+        pytest.importorskip(emitter)
+    shape, pads, mode = PAD_REGRESSIONS[name]
+    model = _pad_model(shape, pads, mode)
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    want = interop.load(model).run(x)
+    want = interop.load(model).run(x)  # ONNX Runtime
     (got,) = _emit(emitter, model, x)
+    assert np.asarray(got).shape == want.shape
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 

@@ -59,6 +59,9 @@ class Transpose(keras.layers.Layer):
     def __init__(self, perm, **kwargs):
         super().__init__(**kwargs)
         self.perm = tuple(int(p) for p in perm)
+        # a permutation keeps its input's dtype (Keras would cast floats to the layer policy:
+        # a float64 / float16 tensor came out float32)
+        self._convert_input_args = False
 
     def call(self, x):
         return ops.transpose(x, self.perm)

@@ -402,8 +402,9 @@ def embedding_layer(emitter, node, args):
 @LAYERS.register("Dropout")
 def dropout_layer(emitter, node, args):
     """Dropout (mask unused, constant ratio) -> keras.layers.Dropout: drops only in training."""
-    if len(node.outputs) > 1 and node.outputs[1].uses():
-        return None
+    mask = node.outputs[1] if len(node.outputs) > 1 else None
+    if mask is not None and (mask.uses() or mask.is_graph_output()):
+        return None  # the mask is read: the generic op computes it
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         return None  # an explicit training_mode input: keep ONNX's meaning
     ratio_value = node.inputs[1] if len(node.inputs) > 1 else None

@@ -327,14 +327,7 @@ class TorchBackend:
         flat = [p for lo_hi in reversed(pad_width) for p in lo_hi]
         if mode == "constant":
             return F.pad(x, flat, value=value)
-        # torch pads only trailing spatial dims in reflect/replicate/circular: pad the needed ones
-        leading = next((i for i, w in enumerate(pad_width) if any(w)), len(pad_width))
-        moved = x.reshape(1, -1, *x.shape[leading:]) if leading else x.unsqueeze(0).unsqueeze(0)
-        torch_mode = {"edge": "replicate", "reflect": "reflect", "wrap": "circular"}[mode]
-        out = F.pad(
-            moved, [p for lo_hi in reversed(pad_width[leading:]) for p in lo_hi], mode=torch_mode
-        )
-        return out.reshape(*x.shape[:leading], *out.shape[2:])
+        return _pad_non_constant(x, pad_width, mode)
 
     def reduce(self, name, x, axes, keepdims):
         if name == "prod":
@@ -450,3 +443,24 @@ def _as_index(key, x):
 
 
 torch_backend = TorchBackend()
+
+
+def _pad_non_constant(x, pad_width, mode):
+    """edge / reflect / wrap padding of any axes: torch's F.pad pads at most the 3 trailing
+    axes of a (batch, channel, ...) tensor in these modes, so the padded axes go last, in
+    groups of up to three, on a (1, rest, *group) view."""
+    padded = [axis for axis, width in enumerate(pad_width) if any(width)]
+    if not padded:
+        return x  # F.pad refuses an empty pad list in these modes
+    torch_mode = {"edge": "replicate", "reflect": "reflect", "wrap": "circular"}[mode]
+    for start in range(0, len(padded), 3):
+        axes = padded[start : start + 3]
+        rest = [axis for axis in range(x.dim()) if axis not in axes]
+        order = rest + axes
+        moved = x.permute(order)
+        kept = moved.shape[: len(rest)]
+        flat = moved.reshape(1, -1, *moved.shape[len(rest) :])
+        out = F.pad(flat, [p for axis in reversed(axes) for p in pad_width[axis]], mode=torch_mode)
+        out = out.reshape(*kept, *out.shape[2:])
+        x = out.permute([order.index(axis) for axis in range(x.dim())])
+    return x
