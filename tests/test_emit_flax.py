@@ -265,10 +265,14 @@ def test_if_and_loop_become_lax_control_flow_under_jit():
     module = to_flax(model)
     x = np.array([-1.0, 2.0, -3.0], np.float32)
     run = jax.jit(lambda c, v: module(c, v))  # the condition is traced: lax.cond
+    outcomes = []
     for condition in (True, False):
-        expected = evaluate(model, np.array(condition), x)[0]
+        expected = _onnxruntime(model, np.array(condition), x)
         np.testing.assert_allclose(np.asarray(run(np.array(condition), x)), expected)
         np.testing.assert_allclose(np.asarray(module(np.array(condition), x)), expected)
+        np.testing.assert_allclose(evaluate(model, np.array(condition), x)[0], expected)
+        outcomes.append(expected)
+    assert not np.allclose(*outcomes)  # the two branches differ, so each was taken
     # Loop with a run-time trip count: doubles x n times (lax.while_loop under jit)
     body = helper.make_graph(
         [
@@ -292,10 +296,20 @@ def test_if_and_loop_become_lax_control_flow_under_jit():
     )
     module = to_flax(model)
     for n in (0, 3):
-        expected = evaluate(model, np.array(n, np.int64), x)[0]
+        expected = _onnxruntime(model, np.array(n, np.int64), x)
+        np.testing.assert_allclose(expected, x * 2**n)  # what the Loop means
         np.testing.assert_allclose(
             np.asarray(jax.jit(lambda k, v: module(k, v))(np.array(n), x)), expected
         )
+
+
+def _onnxruntime(model, *inputs):
+    """The first output of model on ONNX Runtime (CPU)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, dict(zip(names, inputs, strict=True)))[0]
 
 
 def test_shape_arithmetic_stays_static_under_jit(traced):
