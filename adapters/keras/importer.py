@@ -40,6 +40,7 @@ from . import ops as _ops  # noqa: F401
 from . import ops_more as _ops_more  # noqa: F401
 from . import recurrent as _recurrent  # noqa: F401
 from .builder import OPSET, Builder, Tensor, onnx_dtype
+from .dynamic_shapes import dynamic_shapes
 from .symbolic_variables import SymbolicVariables, used
 
 # Keras's message when a layer cannot be called symbolically names it and its class.
@@ -453,7 +454,8 @@ def _symbolic_call(
         mask_spec = keras.KerasTensor(masked.mask.shape, dtype="bool")
         sym_kwargs["mask"] = mask_spec
         mask_inputs.append((mask_spec, masked.mask))
-    outputs = layer.call(*sym_args, **sym_kwargs)
+    with dynamic_shapes():  # ops.shape(x)[i] of a dynamic axis is a graph value, not None
+        outputs = layer.call(*sym_args, **sym_kwargs)
     inputs = [symbolic[id(t)] for t in tensors] + [m for m, _ in mask_inputs]
     feeds: list[Any] = tensors + [m for _, m in mask_inputs]
     flat_out = tree.flatten(outputs)
