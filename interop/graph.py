@@ -81,8 +81,22 @@ class Graph:
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        """The named inputs, with symbolic dims as names (e.g. ``'batch'``)."""
-        return [TensorSpec.of(v) for v in self.model.graph.inputs]
+        """The named inputs, with symbolic dims as names (e.g. ``'batch'``).
+
+        A graph input that is also an initializer (every weight of an IR-version-3 file) is
+        a weight, not an input: it is listed in `weight_inputs` and `run` takes it by name
+        only, to override the stored value.
+        """
+        from .legacy import data_inputs
+
+        return [TensorSpec.of(v) for v in data_inputs(self.model.graph)]
+
+    @property
+    def weight_inputs(self) -> list[TensorSpec]:
+        """Initializer-backed graph inputs: weights `run` accepts by name as overrides."""
+        from .legacy import weight_inputs
+
+        return [TensorSpec.of(v) for v in weight_inputs(self.model.graph)]
 
     @property
     def outputs(self) -> list[TensorSpec]:
@@ -187,8 +201,10 @@ class Graph:
         return render_svg(self, depth=1)
 
     def __repr__(self) -> str:
+        from .legacy import data_inputs
+
         ins = ", ".join(
-            f"{s.name}{format_shape(v)}" for s, v in zip(self.inputs, self.model.graph.inputs)
+            f"{s.name}{format_shape(v)}" for s, v in zip(self.inputs, data_inputs(self.model.graph))
         )
         outs = ", ".join(
             f"{s.name}{format_shape(v)}" for s, v in zip(self.outputs, self.model.graph.outputs)
@@ -323,6 +339,8 @@ class Graph:
 
         Returns one array for a single output, a tuple otherwise (or a dict with
         ``as_dict=True``). `device` is "cpu", "cuda" or "auto" (CUDA when present).
+        Weights listed as graph inputs (`weight_inputs`) are never positional; give one by
+        name to run with another value, ``g.run(x, **{"fc.weight": w})``.
         """
         from .runtime import run
 

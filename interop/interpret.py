@@ -65,29 +65,26 @@ def as_model(source: Any) -> ir.Model:
 
 
 def normalize(model: ir.Model) -> ir.Model:
-    """The model with ONNX semantics at `TARGET_OPSET` (a converted copy when too old)."""
+    """The model with ONNX semantics at `TARGET_OPSET` (a converted copy when too old).
+
+    Weights a file lists as graph inputs become initializers only, and a file from another
+    tool has its constant subgraphs folded (`interop.legacy`), on a copy.
+    """
+    from .legacy import needs_preparing, prepare
+
+    converted = _converted(model)
+    if not needs_preparing(converted):
+        return converted
+    return prepare(converted if converted is not model else model.clone(), opset_of(model))
+
+
+def _converted(model: ir.Model) -> ir.Model:
     version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", TARGET_OPSET))
     if version >= CONVERT_BELOW_OPSET:
         return model
-    from onnx import version_converter
+    from .upgrade import upgrade
 
-    from .upgrade import SCAN_BATCH_OPSET, batched_scans
-
-    proto = ir.serde.serialize_model(model)
-    # the converter's Scan 8 -> 9 scans the batch axis: a Loop over the batch first
-    scans = version < SCAN_BATCH_OPSET and batched_scans(proto)
-    try:
-        converted = version_converter.convert_version(proto, TARGET_OPSET)
-    except Exception as err:  # the converter lacks adapters for some ops: keep the original meaning
-        if scans:  # the semantics are Scan-9's: an unconverted Scan-8 would scan the batch axis
-            raise UnsupportedOpError(
-                "Scan",
-                direction="emit",
-                detail=f"opset-{version} Scan, which onnx's version converter failed on: {err}",
-                fix="export the model with opset 9 or newer",
-            ) from err
-        return model
-    return ir.serde.deserialize_model(converted)
+    return upgrade(model, version, TARGET_OPSET)
 
 
 def opset_of(graph_or_function: Any, domain: str = "") -> int:
@@ -135,17 +132,26 @@ def is_supported(node: ir.Node, version: int) -> bool:
 def check_supported(
     graph: ir.Graph, version: int, adapter: str, extra: Callable[[ir.Node], bool] | None = None
 ) -> None:
-    """Raise `UnsupportedOpError` for the first node (subgraphs included) nothing can emit."""
+    """Raise `UnsupportedOpError` for the first node (subgraphs included) nothing can emit.
+
+    The error names the node, the op, the opset and, for a file of another tool, its
+    producer and the fix (`interop.legacy.unsupported_detail`).
+    """
+    from .legacy import unsupported_detail
+
     for node in ir.traversal.RecursiveGraphIterator(graph):
         if not is_supported(node, version) and not (extra and extra(node)):
+            op = f"{node.domain + '::' if node.domain else ''}{node.op_type}"
+            detail, fix = unsupported_detail(graph, node, op, version)
             raise UnsupportedOpError(
-                f"{node.domain + '::' if node.domain else ''}{node.op_type}",
+                op,
                 direction="emit",
                 adapter=adapter,
                 layer=provenance.node_scope(node),
                 location=provenance.node_location(node),
                 close_matches=SEMANTICS.close_matches(node.op_type),
-                detail=f"node '{node.name}'",
+                detail=detail,
+                fix=fix,
             )
 
 

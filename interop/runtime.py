@@ -19,6 +19,9 @@ from .errors import DeviceError, InteropError, ModelLoadError, ShapeError
 if TYPE_CHECKING:
     from .graph import Graph
 
+# from IR version 4 on, an initializer that is also a graph input is a default a feed overrides
+OVERRIDABLE_IR_VERSION = 4
+
 _PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -51,20 +54,25 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def session_for(graph: Graph, device: str) -> Any:
-    """The graph's ONNX Runtime session for `device`, created once."""
-    session = graph._sessions.get(device)
+def session_for(graph: Graph, device: str, *, overrides: bool = False) -> Any:
+    """The graph's ONNX Runtime session for `device`, created once.
+
+    With `overrides`, a session whose initializer-backed inputs can be fed (ONNX Runtime
+    treats them as constants in an IR-version-3 file: that session reads the model as IR 4).
+    """
+    key = device + ("+weights" if overrides else "")
+    session = graph._sessions.get(key)
     if session is not None:
         return session
     with graph._lock:
-        session = graph._sessions.get(device)
+        session = graph._sessions.get(key)
         if session is None:
-            session = _create_session(graph, device)
-            graph._sessions[device] = session
+            session = _create_session(graph, device, overrides=overrides)
+            graph._sessions[key] = session
     return session
 
 
-def _create_session(graph: Graph, device: str) -> Any:
+def _create_session(graph: Graph, device: str, *, overrides: bool = False) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -73,7 +81,11 @@ def _create_session(graph: Graph, device: str) -> Any:
 
     providers = _PROVIDERS[device]
     try:
-        if weight_bytes(graph.model) < PROTO_LIMIT:
+        if overrides and graph.model.ir_version < OVERRIDABLE_IR_VERSION:
+            proto = graph.to_proto()
+            proto.ir_version = OVERRIDABLE_IR_VERSION
+            session = ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+        elif weight_bytes(graph.model) < PROTO_LIMIT:
             session = ort.InferenceSession(graph.to_bytes(), options, providers=providers)
         else:  # too large for one protobuf: hand ONNX Runtime a file with external data
             with tempfile.TemporaryDirectory(prefix="interop-run-") as tmp:
@@ -116,11 +128,19 @@ def prepare_inputs(
             f"Got {len(args)} positional inputs",
             f"at most {len(specs)}: {', '.join(s.name for s in specs)}",
         )
+    weights = {s.name: s for s in graph.weight_inputs}  # overridable by name only
     feeds: dict[str, Any] = {spec.name: arg for spec, arg in zip(specs, args)}
     for name, value in named.items():
-        if name not in {s.name for s in specs}:
+        if name not in {s.name for s in specs} and name not in weights:
             raise ShapeError(
-                f"Unknown input '{name}'", "one of " + ", ".join(s.name for s in specs)
+                f"Unknown input '{name}'",
+                "one of "
+                + ", ".join(s.name for s in specs)
+                + (
+                    f" or a weight listed in graph.weight_inputs ({len(weights)})"
+                    if weights
+                    else ""
+                ),
             )
         if name in feeds:
             raise ShapeError(f"Input '{name}' was given both by position and by name")
@@ -128,7 +148,10 @@ def prepare_inputs(
     missing = [s.name for s in specs if s.name not in feeds]
     if missing:
         raise ShapeError(f"Missing input(s): {', '.join(missing)}", "one array per graph input")
-    return {spec.name: _check(spec, to_numpy(feeds[spec.name])) for spec in specs}
+    checked = {spec.name: _check(spec, to_numpy(feeds[spec.name])) for spec in specs}
+    for name in feeds.keys() & weights.keys():
+        checked[name] = _check(weights[name], to_numpy(feeds[name]))
+    return checked
 
 
 def _check(spec: Any, array: np.ndarray) -> np.ndarray:
@@ -170,8 +193,9 @@ def run(
     output_names: Sequence[str] | None = None,
     as_dict: bool = False,
 ) -> Any:
-    session = session_for(graph, resolve_device(device))
     feeds = prepare_inputs(graph, args, named)
+    overrides = len(feeds) > len(graph.inputs)  # weights given by name
+    session = session_for(graph, resolve_device(device), overrides=overrides)
     names = list(output_names) if output_names else [s.name for s in graph.outputs]
     try:
         results = session.run(names, feeds)
