@@ -13,7 +13,8 @@ chains, Constant nodes). Both are weights, not inputs:
   their count) and, for files without interop's parameter table, folds every constant
   subgraph into initializers with onnxscript's constant folder and lifts Constant nodes
   (onnx_ir's `LiftConstantsToInitializersPass`), so Conv / Gemm / BatchNormalization read
-  initializers and emitters build native layers.
+  initializers and emitters build native layers; `static_reshapes` turns a Reshape target
+  computed from the data's own dims (`x.view(x.size(0), -1)`) into a constant.
 
 >>> prepared = prepare(model)    # doctest: +SKIP
 """
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from . import provenance
@@ -77,7 +80,19 @@ def prepare(model: ir.Model, file_opset: int | None = None) -> ir.Model:
         )
     if is_foreign(model):
         fold_constants(model)
+        if any(n.op_type == "Reshape" for n in graph):
+            from .simplify import infer_missing_shapes
+
+            infer_missing_shapes(model)  # the data's symbolic dims, for static_reshapes
+            if static_reshapes(model, _opset(model)):
+                from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+                RemoveUnusedNodesPass()(model)
     return model
+
+
+def _opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 
 
 def fold_constants(model: ir.Model) -> None:
@@ -119,3 +134,152 @@ def unsupported_detail(
         "decompose an op into standard ones), or register semantics for it (docs/emit.md)"
     )
     return f"{detail}, file written by {producer}", fix
+
+
+# ops a Reshape's target shape may be computed with for `static_reshapes` to resolve it
+_SHAPE_ARITHMETIC = frozenset(
+    {"Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape"}
+)
+# stand-ins for symbolic dims, one per dim name and run (two runs must agree on constants)
+_PROBES = (1_000_003, 2_000_029)
+
+
+def _shape_cone(value: ir.Value) -> list[ir.Node] | None:
+    """The nodes computing a shape from recorded shapes and constants (topological), or None."""
+    nodes: list[ir.Node] = []
+    seen: set[ir.Node] = set()
+
+    def visit(v: ir.Value | None) -> bool:
+        if v is None or v.const_value is not None:
+            return True
+        node = v.producer()
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return False
+        if node in seen:
+            return True
+        if node.op_type not in _SHAPE_ARITHMETIC or len(nodes) > 64:
+            return False
+        seen.add(node)
+        if node.op_type == "Shape":
+            source = node.inputs[0]
+            if source is None or source.shape is None:
+                return False
+        elif not all(visit(u) for u in node.inputs):
+            return False
+        nodes.append(node)
+        return True
+
+    return nodes if visit(value) else None
+
+
+def _probe_shape(
+    graph: ir.Graph, version: int, nodes: list[ir.Node], value: ir.Value, run: int
+) -> tuple[np.ndarray, dict[str, int]] | None:
+    """The shape `value` computes with symbolic dim number i (first seen) as _PROBES[run] + i,
+    and that numbering."""
+    from .interpret import fold_on_host  # interpret imports this module
+
+    results: dict[ir.Value, np.ndarray] = {}
+    names: dict[str, int] = {}
+    for node in nodes:
+        if node.op_type == "Shape":
+            source = node.inputs[0]
+            assert source is not None and source.shape is not None
+            dims = []
+            for dim in source.shape:
+                if isinstance(dim, int):
+                    dims.append(dim)
+                elif isinstance(dim, ir.SymbolicDim) and dim.value:
+                    dims.append(_PROBES[run] + names.setdefault(dim.value, len(names)))
+                else:
+                    return None  # an anonymous dim: nothing to match it with
+            stand_in = np.lib.stride_tricks.as_strided(
+                np.zeros(1, np.float32), dims, [0] * len(dims)
+            )
+            inputs: list[Any] = [stand_in]
+        else:
+            inputs = [
+                None if v is None else results[v] if v in results else v.const_value.numpy()  # type: ignore[union-attr]
+                for v in node.inputs
+            ]
+        outputs = fold_on_host(graph, version, node, inputs)
+        if outputs is None:
+            return None
+        results.update(zip(node.outputs, outputs))
+    return (results[value], names) if value in results else None
+
+
+def static_reshapes(model: ir.Model, version: int) -> int:
+    """Reshapes to a shape computed from the data's own dims become constant shapes (in place).
+
+    `x.view(x.size(0), -1)` exports as Reshape(x, Concat(Unsqueeze(Gather(Shape(x), 0)), [-1]))
+    (tf2onnx's Flatten likewise): a shape known only when the graph runs, which a symbolic
+    host (Keras) cannot build a layer for. Evaluated with stand-ins for the symbolic dims,
+    each entry is either constant or the data's dim at the same position (the same symbol),
+    which Reshape's 0 copies: the target becomes the constant [0, -1]. Returns the count.
+    """
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        data, target = node.inputs[0], node.inputs[1]
+        if data is None or data.shape is None or target is None or target.const_value is not None:
+            continue
+        allowzero = node.attributes.get("allowzero")
+        if allowzero is not None and allowzero.as_int():
+            continue
+        cone = _shape_cone(target)
+        if not cone:
+            continue
+        runs = [_probe_shape(model.graph, version, cone, target, run) for run in (0, 1)]
+        if runs[0] is None or runs[1] is None:
+            continue
+        (first, names), (second, _) = runs[0], runs[1]
+        if first.shape != second.shape or first.ndim != 1:
+            continue
+        shape = [int(v) for v in first]
+        for k, (a, b) in enumerate(zip(first, second)):
+            if a == b:
+                continue
+            dim = data.shape[k] if k < len(data.shape) else None
+            if not (
+                isinstance(dim, ir.SymbolicDim)
+                and dim.value in names
+                and a == _PROBES[0] + names[dim.value]
+                and b == _PROBES[1] + names[dim.value]
+            ):
+                break
+            shape[k] = 0  # Reshape's 0: the data's dim at k
+        else:
+            name = f"{node.name or 'reshape'}_static_shape"
+            while name in model.graph.initializers:
+                name += "_"
+            constant = ir.Value(
+                name=name, const_value=ir.tensor(np.array(shape, np.int64), name=name)
+            )
+            constant.shape, constant.dtype = ir.Shape([len(shape)]), ir.DataType.INT64
+            model.graph.register_initializer(constant)
+            node.replace_input_with(1, constant)
+            # a shape on record from before ([N, unk]) is weaker than what is known now
+            node.outputs[0].shape = _reshaped(data.shape, shape)
+            count += 1
+    return count
+
+
+def _reshaped(data: ir.Shape, shape: list[int]) -> ir.Shape | None:
+    """Reshape's output shape for a constant target (0 copies, -1 infers), when knowable."""
+    rest = 1
+    for k, dim in enumerate(data):
+        if k < len(shape) and shape[k] == 0:
+            continue  # copied as is, symbolic or not
+        if not isinstance(dim, int):
+            return None
+        rest *= dim
+    if any(v == 0 and k >= len(data) for k, v in enumerate(shape)):
+        return None
+    known = int(np.prod([v for v in shape if v > 0]))
+    if -1 in shape and (known == 0 or rest % known):
+        return None
+    return ir.Shape(
+        [data[k] if v == 0 else v if v > 0 else rest // known for k, v in enumerate(shape)]
+    )

@@ -119,7 +119,8 @@ def _torch_models():
 
         def forward(self, x):
             x = torch.nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
-            return self.fc(torch.flatten(x, 1))
+            # the model zoo's flatten: Reshape to a shape computed from Shape(x)
+            return self.fc(x.view(x.size(0), -1))
 
     torch.manual_seed(0)
     cnn = CNN().eval()
@@ -240,11 +241,11 @@ def test_emitters_match_onnxruntime_with_native_layers(name):
 
     assert list(keras_model.input_names) == ["x"]
     np.testing.assert_allclose(np.asarray(keras_model(x)), expected, rtol=RTOL, atol=ATOL)
-    if name != "tf2onnx13":  # its Flatten is a Reshape to Concat(Shape(x)[:1], [-1]), which
-        # the Keras emitter cannot build symbolically: that file runs node by node
-        assert len(keras_model.inputs) == 1
-        layers = {type(layer).__name__ for layer in keras_model.layers}
-        assert "Dense" in layers and ("mlp" in name or "Conv2D" in layers)
+    # a functional model (the computed Flatten shapes of tf2onnx and x.view(x.size(0), -1)
+    # resolved to constants by interop.legacy.static_reshapes), with native layers
+    assert len(keras_model.inputs) == 1
+    layers = {type(layer).__name__ for layer in keras_model.layers}
+    assert "Dense" in layers and ("mlp" in name or "Conv2D" in layers)
 
     assert tuple(flax_module.input_names) == ("x",)
     np.testing.assert_allclose(np.asarray(flax_module(x)), expected, rtol=RTOL, atol=ATOL)
@@ -283,6 +284,15 @@ def test_unused_initializers_dropped_with_one_warning():
         module = interop.to_torch(legacy_cnn(9).SerializeToString())
     assert not any("unused" in name for name, _ in module.named_buffers())
     assert not any("unused" in name for name, _ in module.named_parameters())
+
+
+def test_computed_flatten_shape_becomes_constant():
+    from interop.interpret import as_model, normalize
+
+    data, _, _ = case("torch_cnn17")
+    reshapes = [n for n in normalize(as_model(data)).graph if n.op_type == "Reshape"]
+    assert len(reshapes) == 1 and reshapes[0].inputs[1].const_value.numpy().tolist() == [0, -1]
+    assert not [n for n in normalize(as_model(data)).graph if n.op_type == "Shape"]
 
 
 # ------------------------------------------------------------------ the version converter's gaps
