@@ -58,7 +58,7 @@ def test_run_time_sizes_stay_symbolic(name):
     if name == "split_slice":
         model = _Split()
     else:
-        i = keras.Input((None, 6))
+        i = keras.Input((None, 6), name="x")
         model = keras.Model(i, layers.Lambda(OPS[name], name="fn")(i))
     x = RS.rand(2, 4, 6).astype("float32")
     model(x)
@@ -67,7 +67,7 @@ def test_run_time_sizes_stay_symbolic(name):
     )
     assert g.inputs[0].shape[:2] == (
         "batch",
-        "seq" if name == "split_slice" else "input_layer_dim1",
+        "seq" if name == "split_slice" else "x_dim1",
     )
     ops_used = {n.op_type for n in g.model.graph}
     assert "Shape" in ops_used, ops_used
@@ -230,3 +230,64 @@ def test_run_time_sizes_on_other_backends(backend):
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------- issue 22 part 2
+class Flatten2(layers.Layer):
+    """Flattens all but the batch axis; its registered converters below bake sizes."""
+
+    def call(self, x):
+        return ops.reshape(x, (ops.shape(x)[0], -1))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], None)
+
+
+def _flatten_model():
+    i = keras.Input((None, 4), name="x")
+    y = Flatten2(name="flat")(layers.Dense(4, name="fc")(i))
+    return keras.Model(i, ops.sum(y, axis=-1, keepdims=True))
+
+
+def _with_converter(shape):
+    from interop.adapters.keras import register_layer
+
+    def convert(b, layer, x):
+        return b.op("Reshape", [x.value, b.ints(shape)])
+
+    register_layer(Flatten2, convert, replace=True)
+
+
+@pytest.mark.parametrize(
+    "baked, static",
+    [([2, -1], {"batch": 2}), ([-1, 12], {"x_dim1": 3}), ([0, -1], {})],
+)
+def test_a_dynamic_dim_that_does_not_hold_is_declared_static(baked, static):
+    _with_converter(baked)
+    model = _flatten_model()
+    x = RS.rand(2, 3, 4).astype("float32")
+    if static:
+        with pytest.warns(UserWarning, match="does not hold") as record:
+            g = interop.trace(model, x)
+        text = " ".join(str(w.message) for w in record)
+        assert all(f"'{name}'" in text for name in static) and "layer 'flat'" in text, text
+    else:
+        g = interop.trace(model, x)
+    declared = dict(zip(("batch", "x_dim1"), g.inputs[0].shape[:2], strict=True))
+    for name, size in declared.items():
+        assert size == static.get(name, name)
+    _close(g, model, x)
+    if not static:
+        _close(g, model, RS.rand(5, 7, 4).astype("float32"))
+
+
+def test_the_check_can_be_turned_off_and_blames_no_dim_for_a_wrong_graph(recwarn):
+    _with_converter([2, -1])
+    model = _flatten_model()
+    x = RS.rand(2, 3, 4).astype("float32")
+    g = interop.trace(model, x, check_dynamic_dims=False)
+    assert g.inputs[0].shape[:2] == ("batch", "x_dim1")
+    _with_converter([0, -1])
+    g = interop.trace(keras.Model(model.input, model.output * 2), x)  # wrong at every size
+    assert g.inputs[0].shape[:2] == ("batch", "x_dim1")
+    assert not [w for w in recwarn if "does not hold" in str(w.message)]

@@ -31,7 +31,7 @@ from interop.errors import InteropError, TraceError, UnsupportedOpError
 from interop.graph import Graph
 from interop.structure import flatten_outputs
 
-from . import LAYERS, OPS
+from . import LAYERS, OPS, dim_check
 from . import attention as _attention  # noqa: F401  (registers the converters)
 from . import conv as _conv  # noqa: F401  (registers the converters)
 from . import layers as _layers  # noqa: F401
@@ -125,6 +125,7 @@ def trace_model(
     *,
     dynamic_batch: bool = True,
     dynamic_dims: Mapping[str, Mapping[int, str]] | None = None,
+    check_dynamic_dims: bool = True,
     verbose: bool = False,
 ) -> Graph:
     """Trace a Keras model or layer on `example_inputs` into a Graph (see `interop.trace`).
@@ -165,7 +166,17 @@ def trace_model(
         graph, ir_version=10, producer_name="interop.keras", producer_version=keras.__version__
     )
     _record_provenance(model_ir, model, b)
-    return Graph(model_ir)
+    traced = Graph(model_ir)
+    if not check_dynamic_dims:
+        return traced
+
+    def run_source(flat: list[np.ndarray]) -> list[tuple[str, np.ndarray]]:
+        call_args, call_kwargs = tree.pack_sequence_as((args, kwargs), flat)
+        outputs = model(*call_args, **_with_training(model, dict(call_kwargs)))
+        return [(n, _to_numpy(v)) for n, v in flatten_outputs(_sorted_dicts(outputs), _is_array)]
+
+    examples = [_to_numpy(e) for e in flat_examples]
+    return dim_check.check_dynamic_dims(traced, run_source, examples, model_name=model.name)
 
 
 def _is_functional(layer: Any) -> bool:
