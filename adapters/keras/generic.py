@@ -60,8 +60,10 @@ class Transpose(keras.layers.Layer):
         super().__init__(**kwargs)
         self.perm = tuple(int(p) for p in perm)
         # a permutation keeps its input's dtype (Keras would cast floats to the layer policy:
-        # a float64 / float16 tensor came out float32)
+        # a float64 / float16 tensor came out float32); a host array (a constant mask) is
+        # transposed as it is
         self._convert_input_args = False
+        self._allow_non_tensor_positional_args = True
 
     def call(self, x):
         return ops.transpose(x, self.perm)
