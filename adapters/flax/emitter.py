@@ -357,7 +357,8 @@ class FlaxEmitter(Interpreter):
 
 def _loop_function(eager: Callable, bodies: Callable, count: int, full: bool) -> Callable:
     def run_loop(*args: Any) -> tuple:
-        trip, condition, *initial = args[:count]
+        # a Loop may omit its trailing optional inputs (no condition, nothing carried)
+        trip, condition, *initial = (*args[:count], None, None)[: max(count, 2)]
         body = bodies(args)["body"]
         if not _is_tracer(args):
             return eager(*args)

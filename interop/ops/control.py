@@ -22,7 +22,7 @@ def if_(xp, condition, then_branch, else_branch):
 
 
 @op("Loop")
-def loop(xp, trip_count, condition, *initial, body):
+def loop(xp, trip_count=None, condition=None, *initial, body):
     limit = None if trip_count is None else int(np.asarray(xp.to_numpy(trip_count)).reshape(-1)[0])
     keep_going = True if condition is None else _truth(xp, condition)
     state = list(initial)
