@@ -11,7 +11,7 @@ chains, Constant nodes). Both are weights, not inputs:
 - `prepare` (part of normalization, on the emitter's private copy) removes the
   initializer-backed inputs, drops initializers that no node reads (one warning with
   their count) and, for files without interop's parameter table, folds every constant
-  subgraph into initializers with onnxscript's constant folder and lifts Constant nodes
+  subgraph into initializers with interop's reference semantics and lifts Constant nodes
   (onnx_ir's `LiftConstantsToInitializersPass`), so Conv / Gemm / BatchNormalization read
   initializers and emitters build native layers; `static_reshapes` turns a Reshape target
   computed from the data's own dims (`x.view(x.size(0), -1)`) into a constant.
