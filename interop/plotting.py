@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import provenance
+from . import legacy, provenance
 from .errors import MissingDependencyError
 from .hierarchy import Layer, format_shape
 
@@ -46,8 +46,10 @@ def build_digraph(graph: Graph, depth: int | None = None, rankdir: str = "TB") -
         return chain[depth - 1] if 0 < depth <= len(chain) else None
 
     hidden = tree.plumbing
+    # weights an old file also lists as graph inputs are weights, not input boxes
+    data_inputs = legacy.data_inputs(graph.model.graph)
     # graphviz reads "a:b" as node a, port b, so ids are positions, never value names
-    io_ids = {("in", v.name): f"in{i}" for i, v in enumerate(graph.model.graph.inputs)}
+    io_ids = {("in", v.name): f"in{i}" for i, v in enumerate(data_inputs)}
     io_ids.update({("out", v.name): f"out{i}" for i, v in enumerate(graph.model.graph.outputs)})
 
     def _io_id(kind: str, name: str | None) -> str:
@@ -96,7 +98,7 @@ def build_digraph(graph: Graph, depth: int | None = None, rankdir: str = "TB") -
                 emit_cluster(cluster, child)
 
     emit_cluster(dot, tree.root)
-    for value in graph.model.graph.inputs:
+    for value in data_inputs:
         dot.node(
             _io_id("in", value.name),
             f"{value.name}\n{format_shape(value)}",
@@ -110,7 +112,7 @@ def build_digraph(graph: Graph, depth: int | None = None, rankdir: str = "TB") -
             shape="ellipse",
             fillcolor="#fff3e0",
         )
-    graph_inputs = {id(v) for v in graph.model.graph.inputs}
+    graph_inputs = {id(v) for v in data_inputs}
     # side outputs (a KV-cache write read outside its layer, not returned) draw dashed
     side = {id(v) for layer in tree.root.walk() for v in layer.side_outputs}
     side_labels: set[tuple[str, str, str]] = set()

@@ -11,6 +11,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper
 
@@ -95,3 +97,22 @@ def test_saved_model_plots_from_the_cli_without_system_dot(only_venv_on_path, tm
     path = chain_graph(3).save(tmp_path / "chain.onnx")
     assert main(["plot", str(path), "-o", str(tmp_path / "chain.png")]) in (0, None)
     assert (tmp_path / "chain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_weights_listed_as_inputs_are_not_drawn_as_inputs(tmp_path):
+    # an IR-version-3 file lists its weights as graph inputs too
+    weight = onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), "fc.weight")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "fc.weight"], ["y"], name="fc")],
+        "ir3",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+            helper.make_tensor_value_info("fc.weight", TensorProto.FLOAT, [4, 4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+    source = interop.load(model).plot(None).source
+    assert 'in0 [label="x\n(1, 4)"' in source and "in1" not in source
+    assert "fc.weight" not in source and "in0 -> N0" in source
