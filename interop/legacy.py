@@ -95,10 +95,12 @@ def _opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 
 
-# ops whose value is not a function of their inputs, or that hold graphs: never folded
+# ops whose value is not a function of their inputs, or that hold graphs: never folded;
+# nor Identity: an exporter shares one weight between layers through Identity nodes, and the
+# emitters resolve those to the one weight (a folded copy per reader would untie it)
 _NOT_FOLDED = {
     "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-    "Bernoulli", "Dropout", "If", "Loop", "Scan", "SequenceMap",
+    "Bernoulli", "Dropout", "If", "Loop", "Scan", "SequenceMap", "Identity",
 }  # fmt: skip
 
 
