@@ -37,6 +37,7 @@ from . import conv as _conv  # noqa: F401  (registers the converters)
 from . import layers as _layers  # noqa: F401
 from . import layers_more as _layers_more  # noqa: F401
 from . import ops as _ops  # noqa: F401
+from . import ops_image as _ops_image  # noqa: F401
 from . import ops_more as _ops_more  # noqa: F401
 from . import recurrent as _recurrent  # noqa: F401
 from .builder import OPSET, Builder, Tensor, onnx_dtype

@@ -1,0 +1,147 @@
+"""Converters for ``keras.ops.image`` operations met inside subclassed models and layers.
+
+Channels-last images of rank 4 ``(batch, height, width, channels)`` with a static
+height, width and channel count; the batch stays dynamic. Covered: ``extract_patches``
+(a Conv with an identity kernel, as Keras computes it), ``rgb_to_grayscale``,
+``crop_images`` / ``pad_images`` (static offsets) and ``resize`` (bilinear / nearest,
+no antialias, no crop or pad to the aspect ratio) as ONNX ``Resize`` with the
+coordinate mode of ``tf.image.resize`` (half-pixel centres).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from interop.errors import UnsupportedOpError
+
+from . import register_op
+from .builder import Builder, Tensor
+from .conv import _padding_attrs
+from .ops import value
+
+
+def _unsupported(op: Any, detail: str) -> UnsupportedOpError:
+    return UnsupportedOpError(
+        f"keras.ops.image.{type(op).__name__}", adapter="keras", detail=detail
+    )
+
+
+def _image(op: Any, x: Any) -> Tensor:
+    """Check the image is a rank-4 channels_last Tensor with static height/width/channels."""
+    if getattr(op, "data_format", "channels_last") != "channels_last":
+        raise _unsupported(op, "only data_format='channels_last' is converted")
+    if not isinstance(x, Tensor) or x.rank != 4 or any(d is None for d in x.shape[1:]):
+        raise _unsupported(op, "only batched images (batch, h, w, c) with static h, w, c")
+    return x
+
+
+def _pair(v: Any) -> list[int]:
+    return [int(i) for i in v] if isinstance(v, list | tuple) else [int(v)] * 2
+
+
+@register_op("ExtractPatches")
+def import_extract_patches(b: Builder, op: Any, images: Any) -> ir.Value:
+    x = _image(op, images)
+    if op.is_3d:
+        raise _unsupported(op, "3D patches are not converted")
+    (ph, pw), strides = _pair(op.size), _pair(op.strides or op.size)
+    dilation, channels = _pair(op.dilation_rate), int(x.shape[-1])
+    out_dim = ph * pw * channels
+    # Keras: conv with eye(out_dim) reshaped to (ph, pw, c, out_dim) (HWIO) -> OIHW.
+    kernel = np.eye(out_dim, dtype=np.dtype(x.dtype)).reshape(ph, pw, channels, out_dim)
+    weight = b.const(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
+    attrs = {
+        "kernel_shape": [ph, pw],
+        "strides": strides,
+        "dilations": dilation,
+        **_padding_attrs(x, str(op.padding).lower(), [ph, pw], strides, dilation),
+    }
+    y = b.op("Conv", [b.to_channels_first(x.value, 4), weight], attrs)
+    return b.to_channels_last(y, 4)
+
+
+@register_op("RGBToGrayscale")
+def import_rgb_to_grayscale(b: Builder, op: Any, images: Any) -> ir.Value:
+    x = _image(op, images)
+    if x.shape[-1] != 3 or x.dtype not in ("float32", "float64", "float16"):
+        raise _unsupported(op, "only float images with 3 channels are converted")
+    weights = b.const(np.asarray([[0.2989], [0.5870], [0.1140]], dtype=np.dtype(x.dtype)))
+    return b.op("MatMul", [x.value, weights])
+
+
+@register_op("CropImages")
+def import_crop_images(b: Builder, op: Any, images: Any) -> ir.Value:
+    x = _image(op, images)
+    height, width = x.shape[1], x.shape[2]
+    top, bottom = op.top_cropping, op.bottom_cropping
+    left, right = op.left_cropping, op.right_cropping
+    th, tw = op.target_height, op.target_width
+    # Same inference as keras.src.ops.image._crop_images.
+    if top is None:
+        top = height - th - bottom
+    if th is None:
+        th = height - bottom - top
+    if left is None:
+        left = width - tw - right
+    if tw is None:
+        tw = width - right - left
+    top, left, th, tw = int(top), int(left), int(th), int(tw)
+    if min(top, left) < 0 or th <= 0 or tw <= 0 or top + th > height or left + tw > width:
+        raise _unsupported(op, "the crop does not fit the image")
+    return b.op(
+        "Slice", [x.value, b.ints([top, left]), b.ints([top + th, left + tw]), b.ints([1, 2])]
+    )
+
+
+@register_op("PadImages")
+def import_pad_images(b: Builder, op: Any, images: Any) -> ir.Value:
+    x = _image(op, images)
+    height, width = x.shape[1], x.shape[2]
+    top, bottom = op.top_padding, op.bottom_padding
+    left, right = op.left_padding, op.right_padding
+    th, tw = op.target_height, op.target_width
+    # Same inference as keras.src.ops.image._pad_images.
+    if top is None:
+        top = th - bottom - height
+    if bottom is None:
+        bottom = th - top - height
+    if left is None:
+        left = tw - right - width
+    if right is None:
+        right = tw - left - width
+    pads = [int(p) for p in (top, left, bottom, right)]
+    if min(pads) < 0:
+        raise _unsupported(op, "negative padding")
+    top, left, bottom, right = pads
+    zero = value(b, 0.0, x.dtype)
+    return b.op("Pad", [x.value, b.ints([0, top, left, 0, 0, bottom, right, 0]), zero])
+
+
+_RESIZE = {
+    # tf.image.resize (TF2): half-pixel centres for both. Nearest takes
+    # floor((i + 0.5) * in / out), which is ONNX half_pixel + round_prefer_ceil.
+    "bilinear": {"mode": "linear", "coordinate_transformation_mode": "half_pixel"},
+    "nearest": {
+        "mode": "nearest",
+        "coordinate_transformation_mode": "half_pixel",
+        "nearest_mode": "round_prefer_ceil",
+    },
+}
+
+
+@register_op("Resize")
+def import_resize(b: Builder, op: Any, images: Any) -> ir.Value:
+    x = _image(op, images)
+    if op.interpolation not in _RESIZE:
+        raise _unsupported(op, f"interpolation={op.interpolation!r} is not converted")
+    if op.antialias or op.crop_to_aspect_ratio or op.pad_to_aspect_ratio:
+        raise _unsupported(op, "antialias / crop_to_aspect_ratio / pad_to_aspect_ratio")
+    if x.dtype not in ("float32", "float64", "float16"):
+        raise _unsupported(op, "only float images are converted")
+    height, width = (int(s) for s in op.size)
+    # Sizes on axes 1 and 2 only (opset 18), so the batch stays dynamic.
+    attrs = {**_RESIZE[op.interpolation], "axes": [1, 2]}
+    return b.op("Resize", [x.value, None, None, b.ints([height, width])], attrs)

@@ -1,0 +1,120 @@
+"""keras.ops.image in subclassed models, checked against Keras (1e-5) at batch 2 and 3."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+from keras import layers, ops  # noqa: E402
+
+import interop  # noqa: E402
+from interop.errors import UnsupportedOpError  # noqa: E402
+
+# Each case maps images of shape (batch, 12, 10, 3) to one float32 tensor.
+CASES = {
+    "patches_valid": lambda x: ops.image.extract_patches(x, 4),
+    "patches_rect": lambda x: ops.image.extract_patches(x, (3, 2)),
+    "patches_strided_same": lambda x: ops.image.extract_patches(x, 3, strides=2, padding="same"),
+    "patches_overlap_valid": lambda x: ops.image.extract_patches(x, (2, 3), strides=(1, 2)),
+    "patches_dilated": lambda x: ops.image.extract_patches(x, 2, strides=1, dilation_rate=2),
+    "grayscale": lambda x: ops.image.rgb_to_grayscale(x),
+    "crop": lambda x: ops.image.crop_images(x, 2, 1, target_height=7, target_width=6),
+    "crop_bottom_right": lambda x: ops.image.crop_images(x, 1, 2, bottom_cropping=3, right_cropping=1),
+    "pad": lambda x: ops.image.pad_images(x, 1, 2, target_height=16, target_width=15),
+    "pad_bottom_right": lambda x: ops.image.pad_images(x, 2, 0, bottom_padding=1, right_padding=3),
+    "resize_bilinear_up": lambda x: ops.image.resize(x, (17, 23)),
+    "resize_bilinear_down": lambda x: ops.image.resize(x, (5, 7)),
+    "resize_nearest_up": lambda x: ops.image.resize(x, (17, 23), interpolation="nearest"),
+    "resize_nearest_down": lambda x: ops.image.resize(x, (5, 7), interpolation="nearest"),
+    "resize_nearest_int": lambda x: ops.image.resize(x, (24, 30), interpolation="nearest"),
+}  # fmt: skip
+
+
+class Net(keras.Model):
+    def __init__(self, fn, **kwargs):
+        super().__init__(**kwargs)
+        self.fn = fn
+        self.conv = layers.Conv2D(3, 1)
+
+    def call(self, x):
+        return self.fn(self.conv(x))
+
+
+class Patches(layers.Layer):
+    """The keras.io ViT (image classification with vision transformer) patch layer."""
+
+    def __init__(self, patch_size, **kwargs):
+        super().__init__(**kwargs)
+        self.patch_size = patch_size
+
+    def call(self, images):
+        input_shape = ops.shape(images)
+        batch_size = input_shape[0]
+        height, width, channels = input_shape[1], input_shape[2], input_shape[3]
+        num_patches_h = height // self.patch_size
+        num_patches_w = width // self.patch_size
+        patches = ops.image.extract_patches(images, size=self.patch_size)
+        patches = ops.reshape(
+            patches,
+            (
+                batch_size,
+                num_patches_h * num_patches_w,
+                self.patch_size * self.patch_size * channels,
+            ),
+        )
+        return patches
+
+
+class PatchModel(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.patches = Patches(4)
+        self.dense = layers.Dense(5)
+
+    def call(self, x):
+        patches = self.patches(x)
+        patch_dims = 4 * 4 * 3
+        flat = ops.reshape(patches, (ops.shape(x)[0], -1, patch_dims))
+        return self.dense(flat)
+
+
+def _check(model, shape):
+    rs = np.random.RandomState(0)
+    x = rs.rand(2, *shape).astype("float32")
+    model(x)
+    g = interop.trace(model, x)
+    for batch in (2, 3):
+        xx = rs.rand(batch, *shape).astype("float32")
+        want = ops.convert_to_numpy(model(xx))
+        got = g.run(xx)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    return g
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_image_op(name):
+    _check(Net(CASES[name]), (12, 10, 3))
+
+
+def test_vit_patches_layer():
+    g = _check(PatchModel(), (16, 12, 3))
+    assert g.inputs[0].shape[0] == "batch"
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x: ops.image.resize(x, (5, 7), interpolation="bicubic"),
+        lambda x: ops.image.resize(x, (5, 7), antialias=True),
+        lambda x: ops.image.extract_patches(x, 2, data_format="channels_first"),
+    ],
+    ids=["bicubic", "antialias", "channels_first"],
+)
+def test_unconverted_arguments_raise(fn):
+    model = Net(fn)
+    x = np.random.RandomState(0).rand(2, 12, 10, 3).astype("float32")
+    model(x)
+    with pytest.raises(UnsupportedOpError):
+        interop.trace(model, x)
