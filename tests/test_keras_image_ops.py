@@ -109,8 +109,11 @@ def test_vit_patches_layer():
         lambda x: ops.image.resize(x, (5, 7), interpolation="bicubic"),
         lambda x: ops.image.resize(x, (5, 7), antialias=True),
         lambda x: ops.image.extract_patches(x, 2, data_format="channels_first"),
+        lambda x: ops.image.affine_transform(
+            x, np.asarray([1, 0, 1, 0, 1, 0, 0, 0], "float32"), interpolation="nearest"
+        ),
     ],
-    ids=["bicubic", "antialias", "channels_first"],
+    ids=["bicubic", "antialias", "channels_first", "affine_nearest"],
 )
 def test_unconverted_arguments_raise(fn):
     model = Net(fn)
@@ -118,3 +121,35 @@ def test_unconverted_arguments_raise(fn):
     model(x)
     with pytest.raises(UnsupportedOpError):
         interop.trace(model, x)
+
+
+class AffineNet(keras.Model):
+    """affine_transform with a transform computed per image, or one constant transform."""
+
+    def __init__(self, transform=None, fill_value=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.transform, self.fill_value = transform, fill_value
+        self.conv = layers.Conv2D(3, 1)
+        self.dense = layers.Dense(8)
+
+    def call(self, x):
+        if self.transform is None:
+            identity = ops.convert_to_tensor(np.asarray([1, 0, 0, 0, 1, 0, 0, 0], "float32"))
+            transform = identity + 0.3 * self.dense(ops.mean(x, axis=(1, 2)))
+        else:
+            transform = np.asarray(self.transform, "float32")
+        return ops.image.affine_transform(self.conv(x), transform, fill_value=self.fill_value)
+
+
+@pytest.mark.parametrize(
+    ("transform", "fill_value"),
+    [
+        (None, 0.0),
+        (None, 0.7),
+        ([0.9, 0.2, 1.3, -0.1, 1.1, -0.7, 0.01, -0.02], 0.0),
+        ([1, 0, 2.5, 0, 1, -1.25, 0, 0], -1.0),
+    ],
+    ids=["per_image", "per_image_fill", "projective", "translate_fill"],
+)
+def test_affine_transform_bilinear(transform, fill_value):
+    _check(AffineNet(transform, fill_value), (12, 10, 3))

@@ -5,7 +5,8 @@ height, width and channel count; the batch stays dynamic. Covered: ``extract_pat
 (a Conv with an identity kernel, as Keras computes it), ``rgb_to_grayscale``,
 ``crop_images`` / ``pad_images`` (static offsets) and ``resize`` (bilinear / nearest,
 no antialias, no crop or pad to the aspect ratio) as ONNX ``Resize`` with the
-coordinate mode of ``tf.image.resize`` (half-pixel centres).
+coordinate mode of ``tf.image.resize`` (half-pixel centres), and ``affine_transform``
+(bilinear, constant fill) as ``GridSample``.
 """
 
 from __future__ import annotations
@@ -145,3 +146,50 @@ def import_resize(b: Builder, op: Any, images: Any) -> ir.Value:
     # Sizes on axes 1 and 2 only (opset 18), so the batch stays dynamic.
     attrs = {**_RESIZE[op.interpolation], "axes": [1, 2]}
     return b.op("Resize", [x.value, None, None, b.ints([height, width])], attrs)
+
+
+@register_op("AffineTransform")
+def import_affine_transform(b: Builder, op: Any, images: Any, transform: Any) -> ir.Value:
+    """ImageProjectiveTransformV3 (bilinear, constant fill) as GridSample.
+
+    Output pixel (x, y) reads the input at ((a0 x + a1 y + a2) / k, (a3 x + a4 y + a5) / k),
+    k = a6 x + a7 y + 1, in pixel units; GridSample with ``align_corners=1`` and zero
+    padding reads the same points, and a non-zero fill value is added where the
+    interpolation weights fall outside the image.
+    """
+    x = _image(op, images)
+    if op.interpolation != "bilinear" or op.fill_mode != "constant":
+        raise _unsupported(op, "only interpolation='bilinear' with fill_mode='constant'")
+    if x.dtype != "float32":
+        raise _unsupported(op, "only float32 images are converted")
+    height, width = int(x.shape[1]), int(x.shape[2])
+    if height < 2 or width < 2:
+        raise _unsupported(op, "images of height or width 1")
+    t = value(b, transform)
+    t = b.op("Reshape", [b.op("Cast", [t], {"to": ir.DataType.FLOAT}), b.ints([-1, 8])])
+    ys, xs = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    points = np.stack([xs.ravel(), ys.ravel(), np.ones(height * width)]).astype(np.float32)
+    affine = b.op("Reshape", [b.op("Slice", [t, b.ints([0]), b.ints([6]), b.ints([1])]),
+                              b.ints([-1, 2, 3])])  # fmt: skip
+    num = b.op("MatMul", [affine, b.const(points)])  # (batch, 2, h*w): x, y
+    proj = b.op("Reshape", [b.op("Slice", [t, b.ints([6]), b.ints([8]), b.ints([1])]),
+                            b.ints([-1, 1, 2])])  # fmt: skip
+    k = b.op("Add", [b.op("MatMul", [proj, b.const(points[:2])]), b.const(np.float32(1.0))])
+    coords = b.op("Div", [num, k])
+    # Pixel -> [-1, 1] with align_corners=1: 2 * p / (size - 1) - 1.
+    scale = b.const(np.asarray([[2.0 / (width - 1)], [2.0 / (height - 1)]], dtype=np.float32))
+    grid = b.op("Sub", [b.op("Mul", [coords, scale]), b.const(np.float32(1.0))])
+    grid = b.op("Reshape", [b.transpose(grid, [0, 2, 1]), b.ints([-1, height, width, 2])])
+    # One transform (shape (8,) or (1, 8)) applies to every image, as in TensorFlow.
+    batch = b.op("Slice", [b.op("Shape", [x.value]), b.ints([0]), b.ints([1])])
+    grid = b.op("Expand", [grid, b.op("Concat", [batch, b.ints([height, width, 2])], {"axis": 0})])
+    attrs = {"mode": "bilinear", "padding_mode": "zeros", "align_corners": 1}
+    y = b.op("GridSample", [b.to_channels_first(x.value, 4), grid], attrs)
+    fill = float(op.fill_value)
+    if fill != 0.0:
+        ones = b.op("Expand", [b.const(np.ones((1, 1, height, width), np.float32)),
+                               b.op("Concat", [batch, b.ints([1, height, width])], {"axis": 0})])  # fmt: skip
+        inside = b.op("GridSample", [ones, grid], attrs)
+        outside = b.op("Sub", [b.const(np.float32(1.0)), inside])
+        y = b.op("Add", [y, b.op("Mul", [outside, b.const(np.float32(fill))])])
+    return b.to_channels_last(y, 4)
