@@ -144,7 +144,15 @@ def _as_entry(value: Any) -> dict[str, str]:
 def load_xfails(emitter: str) -> dict[str, dict[str, str]]:
     """{listed case name: entry} of an emitter ({} when it has no table yet)."""
     path = xfails_path(emitter)
-    table = json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    # every case's test reads its table: parse each version of the file once
+    return dict(_parsed_table(path, path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed_table(path: Path, version: int) -> dict[str, dict[str, str]]:
+    table = json.loads(path.read_text())
     return {name: _as_entry(value) for name, value in table.items()}
 
 
