@@ -20,6 +20,7 @@ __all__ = [
     "DeviceError",
     "MissingDependencyError",
     "LayerNotFoundError",
+    "EmitError",
     "close_matches",
 ]
 
@@ -141,3 +142,7 @@ class LayerNotFoundError(InteropError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message quoted
         return Exception.__str__(self)
+
+
+class EmitError(InteropError, RuntimeError):
+    """A node failed while being emitted or evaluated; the cause is chained."""

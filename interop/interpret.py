@@ -1,18 +1,14 @@
-"""The emit loop: walk a normalized ONNX graph and emit every node with a backend.
+"""The interpreter: walk a normalized ONNX graph and evaluate every node with a backend.
 
 `Interpreter` has the torch.fx Interpreter shape: `run` feeds the graph inputs,
-`run_graph` walks the nodes, `run_node` asks the emitter registry for a native layer
-and falls back to the generic op (`call_op`), and a failure is re-raised as
-`EmitError` "while emitting <node> (<op>)". Evaluated as is, it is the reference
-evaluator of any backend; an adapter's emitter subclasses it and overrides `input`,
-`constant`, `call_op` and `output` to build a host model instead of values.
+`run_graph` walks the nodes, `run_node` calls the node's semantics (`call_op`), and a
+failure is re-raised as `EmitError` "while emitting <node> (<op>)". Run as is, it is the
+reference evaluator of any backend (numpy by default). Emitters build on it through
+`interop.emitter.Emitter`, which adds the dispatch to native layers and folding.
 
-Normalization on entry: ONNX semantics at `TARGET_OPSET`. Models older than opset 13
-(where Softmax, Split, Squeeze, Reduce* changed meaning) go through onnx's version
-converter; newer ones already mean what the semantics implement, which accept both the
-attribute and the input forms. Default attributes come from the op schemas, and ops
-without semantics but with an ONNX function body (Attention, Gelu, SoftmaxCrossEntropyLoss,
-...) are expanded into that body.
+Models are normalized on entry (`interop.normalize`: ONNX semantics at `TARGET_OPSET`).
+Ops without semantics but with an ONNX function body (Attention, Gelu,
+SoftmaxCrossEntropyLoss, ...) run as that body (`FunctionBody`).
 
 >>> import numpy as np, onnx
 >>> from onnx import helper, TensorProto
@@ -25,7 +21,6 @@ without semantics but with an ONNX function body (Attention, Gelu, SoftmaxCrossE
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -36,123 +31,18 @@ import onnx_ir as ir
 
 from . import provenance
 from .backend import numpy_backend
-from .errors import InteropError, UnsupportedOpError
+from .errors import EmitError, InteropError, UnsupportedOpError
+from .normalize import (
+    as_model,
+    check_supported_node,
+    has_function_body,
+    normalize,
+    opset_of,
+    schema_defaults,
+)
 from .ops import SEMANTICS, semantics_key
 from .packing import pack_weights
 from .simplify import simplify
-
-TARGET_OPSET = onnx.defs.onnx_opset_version()
-# before opset 13 several ops changed meaning (Softmax axis coercion, attribute-to-input moves)
-CONVERT_BELOW_OPSET = 13
-DEFAULT_DOMAINS = ("", "ai.onnx")
-
-
-class EmitError(InteropError, RuntimeError):
-    """A node failed while being emitted or evaluated; the cause is chained."""
-
-
-def as_model(source: Any) -> ir.Model:
-    """An `onnx_ir.Model` from an interop.Graph, an onnx_ir.Model, a ModelProto or a path."""
-    if isinstance(source, ir.Model):
-        return source
-    if hasattr(source, "model") and isinstance(source.model, ir.Model):
-        return source.model
-    if isinstance(source, onnx.ModelProto):
-        return ir.serde.deserialize_model(source)
-    from .serialization import load
-
-    return load(source).model
-
-
-def normalize(model: ir.Model) -> ir.Model:
-    """The model with ONNX semantics at `TARGET_OPSET` (a converted copy when too old).
-
-    Weights a file lists as graph inputs become initializers only, and a file from another
-    tool has its constant subgraphs folded (`interop.legacy`), on a copy.
-    """
-    from .legacy import needs_preparing, prepare
-
-    converted = _converted(model)
-    if not needs_preparing(converted):
-        return converted
-    return prepare(converted if converted is not model else model.clone(), opset_of(model))
-
-
-def _converted(model: ir.Model) -> ir.Model:
-    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", TARGET_OPSET))
-    if version >= CONVERT_BELOW_OPSET:
-        return model
-    from .upgrade import upgrade
-
-    return upgrade(model, version, TARGET_OPSET)
-
-
-def opset_of(graph_or_function: Any, domain: str = "") -> int:
-    imports = graph_or_function.opset_imports
-    return imports.get(domain, imports.get("ai.onnx" if domain == "" else domain, TARGET_OPSET))
-
-
-@functools.lru_cache(maxsize=4096)
-def schema_defaults(op_type: str, domain: str, version: int) -> dict[str, Any]:
-    try:
-        schema = onnx.defs.get_schema(op_type, version, domain)
-    except onnx.defs.SchemaError:
-        return {}
-    defaults = {}
-    for name, attribute in schema.attributes.items():
-        if attribute.default_value.type != onnx.AttributeProto.UNDEFINED:
-            defaults[name] = onnx.helper.get_attribute_value(attribute.default_value)
-    return {k: _decoded(v) for k, v in defaults.items()}
-
-
-def _decoded(value: Any) -> Any:
-    # schema defaults hold STRING(S) as bytes; node attributes arrive as str
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, list):
-        return [_decoded(v) for v in value]
-    return value
-
-
-def has_function_body(op_type: str, domain: str, version: int) -> bool:
-    schema: Any  # onnx's stubs lack OpSchema's function accessors
-    try:
-        schema = onnx.defs.get_schema(op_type, version, domain)
-    except onnx.defs.SchemaError:
-        return False
-    return schema.has_function or schema.has_context_dependent_function
-
-
-def is_supported(node: ir.Node, version: int) -> bool:
-    return semantics_key(node.op_type, node.domain) in SEMANTICS or has_function_body(
-        node.op_type, node.domain, version
-    )
-
-
-def check_supported(
-    graph: ir.Graph, version: int, adapter: str, extra: Callable[[ir.Node], bool] | None = None
-) -> None:
-    """Raise `UnsupportedOpError` for the first node (subgraphs included) nothing can emit.
-
-    The error names the node, the op, the opset and, for a file of another tool, its
-    producer and the fix (`interop.legacy.unsupported_detail`).
-    """
-    from .legacy import unsupported_detail
-
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        if not is_supported(node, version) and not (extra and extra(node)):
-            op = f"{node.domain + '::' if node.domain else ''}{node.op_type}"
-            detail, fix = unsupported_detail(graph, node, op, version)
-            raise UnsupportedOpError(
-                op,
-                direction="emit",
-                adapter=adapter,
-                layer=provenance.node_scope(node),
-                location=provenance.node_location(node),
-                close_matches=SEMANTICS.close_matches(node.op_type),
-                detail=detail,
-                fix=fix,
-            )
 
 
 def attribute_value(attribute: ir.Attr) -> Any:
@@ -204,44 +94,6 @@ def node_free_values(node: ir.Node) -> list[ir.Value]:
             for value in free_values(sub):
                 found.setdefault(value)
     return list(found)
-
-
-def is_constant_fill(value: ir.Value | None, fill: float, known: Mapping[Any, Any]) -> bool:
-    """Whether an input is a constant whose every element is `fill`: known at emission
-    (``known``, an emitter's folded values) or an initializer. Emitters ask it of inputs
-    that are not weights (a source BatchNorm without scale reads constant ones)."""
-    if value is None:
-        return False
-    array = known.get(value)
-    if array is None and value.const_value is not None:
-        array = value.const_value.numpy()
-    return array is not None and np.size(array) > 0 and bool(np.all(np.asarray(array) == fill))
-
-
-def loop_condition_holds(body: ir.Graph) -> bool:
-    """Whether a Loop body hands its condition input back unchanged (directly, through
-    Identity, or as a constant true): then the loop runs its whole trip count, and scan
-    outputs have a length known before it runs (a host scan can take it)."""
-    if len(body.inputs) < 2 or not body.outputs:
-        return False
-    value: ir.Value | None = body.outputs[0]
-    while (
-        value is not None
-        and (producer := value.producer()) is not None
-        and producer.op_type == "Identity"
-    ):
-        value = producer.inputs[0]
-    if value is None:
-        return False
-    producer = value.producer()
-    if value is body.inputs[1]:
-        return True
-    if producer is not None and producer.op_type == "Constant":
-        attribute = producer.attributes.get("value")
-        const = None if attribute is None else attribute.value
-    else:
-        const = value.const_value
-    return const is not None and const.size == 1 and bool(const.numpy().reshape(()))
 
 
 class SubgraphFunction:
@@ -496,19 +348,6 @@ class Interpreter:
             call_first.__name__ = call_first.__qualname__ = call.__name__
             return call_first
         return call
-
-
-def check_supported_node(node: ir.Node, version: int, adapter: str) -> None:
-    if not is_supported(node, version):
-        raise UnsupportedOpError(
-            node.op_type,
-            direction="emit",
-            adapter=adapter,
-            layer=provenance.node_scope(node),
-            location=provenance.node_location(node),
-            close_matches=SEMANTICS.close_matches(node.op_type),
-            detail=f"node '{node.name}'",
-        )
 
 
 class FunctionBody:

@@ -39,7 +39,7 @@ import onnx_ir as ir
 
 from . import provenance
 
-PACKED_FROM = "interop.packed_from"
+PACKED_FROM = provenance.PACKED_FROM
 
 # the weight inputs of each recurrent op (W, R, B; LSTM's peepholes P)
 RECURRENT_WEIGHTS = {"LSTM": (1, 2, 3, 7), "GRU": (1, 2, 3), "RNN": (1, 2, 3)}

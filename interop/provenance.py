@@ -18,6 +18,11 @@ Per model (``model.metadata_props``), JSON values:
                            initializers not listed are constants of the graph
     ``interop.source``     ``{"framework", "version", "class", ...}``
     ``interop.version``    version of this key scheme
+
+Per initializer (``value.metadata_props``):
+    ``interop.packed_from`` JSON list of the source parameters a computed weight was
+                           packed from (`interop.packing`: an LSTM's W from a torch
+                           layer's ``weight_ih_l0``), so emitters name them
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ LAYERS = "interop.layers"
 PARAMETERS = "interop.parameters"
 SOURCE = "interop.source"
 VERSION = "interop.version"
+# on an initializer computed from source weights (`interop.packing`): JSON list of their names
+PACKED_FROM = "interop.packed_from"
 SCHEME_VERSION = "1"
 
 # Kinds of initializers listed in PARAMETERS.

@@ -19,7 +19,8 @@ nnx = pytest.importorskip("flax.nnx")
 import jax.numpy as jnp  # noqa: E402
 
 import interop  # noqa: E402
-from interop.interpret import evaluate, loop_condition_holds  # noqa: E402
+from interop.emitter import loop_condition_holds  # noqa: E402
+from interop.interpret import evaluate  # noqa: E402
 
 ort = pytest.importorskip("onnxruntime")
 

@@ -287,7 +287,7 @@ def test_unused_initializers_dropped_with_one_warning():
 
 
 def test_computed_flatten_shape_becomes_constant():
-    from interop.interpret import as_model, normalize
+    from interop.normalize import as_model, normalize
 
     data, _, _ = case("torch_cnn17")
     reshapes = [n for n in normalize(as_model(data)).graph if n.op_type == "Reshape"]

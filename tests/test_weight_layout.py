@@ -18,7 +18,8 @@ jax = pytest.importorskip("jax")
 nn = torch.nn
 
 import interop  # noqa: E402
-from interop.interpret import evaluate, opset_of  # noqa: E402
+from interop.interpret import evaluate  # noqa: E402
+from interop.normalize import opset_of  # noqa: E402
 from interop.packing import PACKED_FROM, pack_weights  # noqa: E402
 from interop.simplify import cancel_inverse_transposes  # noqa: E402
 

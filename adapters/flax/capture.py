@@ -1,473 +1,269 @@
-"""What to trace for each kind of Flax / JAX model, and how its modules are marked.
+"""Flax / JAX model -> interop.Graph: trace a jaxpr with symbolic shapes, then walk it.
 
-Each model kind becomes a `Capture`: a pure function ``fn(params, *inputs)`` whose
-`params` are the weights (so they become named ONNX initializers instead of anonymous
-constants), the name and kind of each weight, and the layer table. Module paths reach
-the jaxpr through ``jax.named_scope(MARK + path)`` opened around every module call:
-
-* nnx: the ``__call__`` of every module class in the model is wrapped for the duration
-  of the trace; the wrapper finds the path of ``self`` in a table built from the model
-  that `nnx.merge` rebuilt inside the traced function. nnx.Dropout is replaced by a
-  marker primitive (an ONNX Dropout, identity at inference); nnx.RNN over a standard
-  cell by one recurrent primitive (capture_recurrent.py); BatchNorm, LayerNorm and the
-  bias of Conv / Linear by layer primitives (capture_layers.py).
-* linen: a method interceptor (`flax.linen.intercept_methods`) opens the scope, forces
-  ``use_running_average=True`` on BatchNorm, replaces Dropout by the marker and
-  BatchNorm, LayerNorm and the Conv / Dense bias by the layer primitives.
-* plain JAX functions: no modules; closed-over arrays are named after the closure
-  variables or `functools.partial` arguments that hold them.
-
-What each module call returns (the layer's ``returns``, see `interop.provenance`) is
-marked the same way for nnx and linen: the arrays of the result pass through one
-identity primitive (`returns_p`) naming the module path; its converter emits no node and
-notes the ONNX values, which `Capture.finish_layers` writes into the layer table.
+1. `capture` turns the model into ``fn(params, *inputs)`` with named weights (capture.py).
+2. ``jax.make_jaxpr`` traces it on `jax.ShapeDtypeStruct`s whose batch axis (and any
+   axis named in ``dynamic_dims``) is a `jax.export` symbolic dim, so the graph is
+   dynamic by construction rather than re-specialised afterwards.
+3. The walk (lowering.py + ops_*.py) emits ONNX nodes with scope and source line.
+4. Provenance (layers, parameter kinds, source) is written with `interop.provenance`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import inspect
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+import onnx_ir as ir
 
 from interop import provenance
-
-from . import register_primitive
-from .capture_layers import linen_layer_call, nnx_layer_call
-from .capture_recurrent import rnn_call
-from .lowering import MARK
-
-# ---------------------------------------------------------------------- dropout marker
-dropout_p = Primitive("interop_dropout")
-dropout_p.def_impl(lambda x, *, rate: x)
-dropout_p.def_abstract_eval(lambda x, *, rate: x)
-mlir.register_lowering(dropout_p, mlir.lower_fun(lambda x, *, rate: x, multiple_results=False))
-
-
-def mark_dropout(x: Any, rate: float) -> Any:
-    """Identity that records a dropout of `rate` in the jaxpr (inference semantics)."""
-    return dropout_p.bind(x, rate=float(rate)) if rate > 0 else x
-
-
-# ---------------------------------------------------------------------- return marker
-returns_p = Primitive("interop_returns")
-returns_p.multiple_results = True
-returns_p.def_impl(lambda *xs, **_: list(xs))
-returns_p.def_abstract_eval(lambda *avals, **_: list(avals))
-mlir.register_lowering(returns_p, mlir.lower_fun(lambda *xs, **_: list(xs), multiple_results=True))
-batching.primitive_batchers[returns_p] = lambda xs, dims, **p: (returns_p.bind(*xs, **p), dims)
-ad.primitive_jvps[returns_p] = lambda xs, ts, **p: (returns_p.bind(*xs, **p), list(ts))
-
-
-class Returns:
-    """The ONNX values each module path's calls returned, noted while the jaxpr is lowered.
-
-    Hashable by identity, so it can ride in the primitive's parameters.
-    """
-
-    def __init__(self) -> None:
-        self.values: dict[str, list[Any]] = {}
-
-    def layers(self, records: list[provenance.LayerRecord]) -> list[provenance.LayerRecord]:
-        return provenance.with_returns(records, self.values)
-
-
-@register_primitive("interop_returns")
-def _convert_returns(low: Any, eqn: Any, *values: Any) -> list[Any]:
-    eqn.params["sink"].values.setdefault(eqn.params["path"], []).extend(values)
-    return list(values)  # no node: the values themselves
-
-
-def _containers(obj: Any) -> bool:
-    return type(obj) in (dict, list, tuple) or (isinstance(obj, tuple) and hasattr(obj, "_fields"))
-
-
-def mark_returns(result: Any, path: str, sink: Returns) -> Any:
-    """`result` with its traced arrays passed through `returns_p` (in structure order)."""
-    leaves: list[Any] = []
-
-    def collect(obj: Any) -> None:
-        if isinstance(obj, jax.core.Tracer):
-            leaves.append(obj)
-        elif _containers(obj):
-            for item in obj.values() if isinstance(obj, dict) else obj:
-                collect(item)
-
-    collect(result)
-    if not path or not leaves:
-        return result
-    marked = iter(returns_p.bind(*leaves, path=path, sink=sink))
-
-    def rebuild(obj: Any) -> Any:
-        if isinstance(obj, jax.core.Tracer):
-            return next(marked)
-        if not _containers(obj):
-            return obj
-        if isinstance(obj, dict):
-            return {key: rebuild(item) for key, item in obj.items()}
-        items = [rebuild(item) for item in obj]
-        kind: Any = type(obj)
-        return kind(*items) if hasattr(obj, "_fields") else kind(items)
-
-    return rebuild(result)
-
-
-def qualname(obj: Any) -> str:
-    cls = obj if isinstance(obj, type) else type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def join_path(parts: Any) -> str:
-    return ".".join(str(p) for p in parts)
-
-
-@dataclass
-class Capture:
-    fn: Callable[..., Any]  # fn(params, *args, **kwargs) -> outputs (any pytree)
-    params: Any  # pytree of arrays passed as the first argument
-    names: list[str]  # one per leaf of params, in tree_leaves order
-    kinds: dict[str, str]  # name -> trainable / buffer / frozen
-    layers: list[provenance.LayerRecord] = field(default_factory=list)
-    source: dict[str, Any] = field(default_factory=dict)
-    signature: inspect.Signature | None = None
-    finish_layers: Callable[[], list[provenance.LayerRecord]] | None = None
-
-
-def _leaf_names(tree: Any) -> list[str]:
-    names = []
-    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        parts = []
-        for key in path:
-            part = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
-            parts.append(str(part))
-        if parts and parts[-1] in ("value", "raw_value"):  # nnx.Variable's own field
-            parts.pop()
-        names.append(".".join(parts))
-    return names
-
-
-def _signature(fn: Any) -> inspect.Signature | None:
-    try:
-        return inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None
-
-
-# ---------------------------------------------------------------------- nnx
-def capture_nnx(model: Any) -> Capture:
-    from flax import nnx
-
-    graphdef, rng_state, state = nnx.split(model, nnx.RngState, ...)
-    names = _leaf_names(state)
-    kinds = {}
-    for name, (_, var) in zip(names, _flat_variables(state), strict=False):
-        kinds[name] = provenance.TRAINABLE if isinstance(var, nnx.Param) else provenance.BUFFER
-    modules = {
-        join_path(p): n for p, n in nnx.graph.iter_graph(model) if isinstance(n, nnx.Module) and p
-    }
-    layers = [provenance.LayerRecord("", qualname(model), None)]
-    for path in _definition_order(model, modules):
-        parent = next((path[:i] for i in range(len(path) - 1, 0, -1) if path[:i] in modules), "")
-        layers.append(provenance.LayerRecord(path, qualname(modules[path]), parent))
-    classes = {
-        type(node) for _, node in nnx.graph.iter_graph(model) if isinstance(node, nnx.Module)
-    }
-
-    def fn(params: Any, *args: Any, **kwargs: Any) -> Any:
-        # merge reuses the Variable objects it is given; RNG state mutated during the
-        # call (nnx.RNN draws a key for its initial carry) must be created in this trace.
-        copy = nnx.merge(graphdef, jax.tree.map(lambda x: x, rng_state), params)
-        _set_inference(copy)
-        paths = {
-            id(node): join_path(path)
-            for path, node in nnx.graph.iter_graph(copy)
-            if isinstance(node, nnx.Module)
-        }
-        originals = {
-            id(n): (p, n) for p, n in nnx.graph.iter_graph(copy) if isinstance(n, nnx.Module)
-        }
-        with _scoped_calls(classes, _PathFinder(paths, list(originals.values())), returns):
-            return copy(*args, **kwargs)
-
-    returns = Returns()
-    return Capture(
-        fn,
-        state,
-        names,
-        kinds,
-        layers,
-        {"framework": "flax", "api": "nnx", "class": qualname(model)},
-        _signature(model),
-        lambda: returns.layers(layers),
-    )
-
-
-def _definition_order(model: Any, modules: dict[str, Any]) -> list[str]:
-    """Module paths in attribute definition order (nnx's graph walk sorts them by name)."""
-    order: list[str] = []
-    seen: set[int] = set()
-
-    def visit(obj: Any, path: str) -> None:
-        if id(obj) in seen:
-            return
-        seen.add(id(obj))
-        if path in modules and modules[path] is obj:
-            order.append(path)
-        if isinstance(obj, dict):
-            items = list(obj.items())
-        elif isinstance(obj, list | tuple):
-            items = list(enumerate(obj))
-        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-            items = [(k, v) for k, v in vars(obj).items() if not str(k).startswith("_")]
-            if hasattr(obj, "__len__") and hasattr(obj, "__getitem__"):  # nnx.List and friends
-                try:
-                    items += list(enumerate(obj))
-                except TypeError:
-                    pass
-        else:
-            return
-        for key, value in items:
-            if isinstance(value, int | float | str | bool | type(None)) or hasattr(value, "shape"):
-                continue
-            visit(value, f"{path}.{key}" if path else str(key))
-
-    visit(model, "")
-    listed = set(order)
-    return order + [p for p in modules if p not in listed]
-
-
-def _flat_variables(state: Any) -> list[tuple[Any, Any]]:
-    """(path, Variable) per leaf of an nnx.State, in tree_leaves order."""
-    from flax import nnx
-
-    return jax.tree_util.tree_flatten_with_path(
-        state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )[0]
-
-
-def _set_inference(module: Any) -> None:
-    """Eval mode on a copy: BatchNorm on running averages, Dropout deterministic."""
-    from flax import nnx
-
-    for _, node in nnx.graph.iter_graph(module):
-        if isinstance(node, nnx.Module):
-            for attr, value in (("use_running_average", True), ("deterministic", True)):
-                if hasattr(node, attr):
-                    object.__setattr__(node, attr, value)
-
-
-def _shapes(module: Any) -> list[tuple[str, tuple[int, ...]]]:
-    from flax import nnx
-
-    flat = jax.tree_util.tree_flatten_with_path(nnx.state(module))[0]
-    return sorted((jax.tree_util.keystr(p), tuple(np.shape(v))) for p, v in flat)
-
-
-class _PathFinder:
-    """Path of a module object; for objects nnx transforms rebuild (the layer inside
-    an nnx.scan / nnx.vmap, the cell inside nnx.RNN), the one module of the same class
-    whose variables have the same shapes, or those shapes with a stacked leading axis."""
-
-    def __init__(self, paths: dict[int, str], modules: list[tuple[tuple[Any, ...], Any]]):
-        self.paths, self.modules = paths, modules
-        self._shapes: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
-
-    def get(self, module: Any) -> str | None:
-        if id(module) in self.paths:
-            return self.paths[id(module)]
-        try:
-            wanted = _shapes(module)
-        except Exception:  # a module nnx cannot read the state of here: no scope
-            return None
-        matches = []
-        for path, node in self.modules:
-            if type(node) is not type(module) or not path:
-                continue
-            key = join_path(path)
-            shapes = self._shapes.setdefault(key, _shapes(node))
-            if shapes == wanted or [(k, s[1:]) for k, s in shapes] == wanted:
-                matches.append(key)
-        return matches[0] if len(matches) == 1 else None
-
-
-@contextlib.contextmanager
-def _scoped_calls(classes: set[type], paths: _PathFinder, returns: Returns) -> Iterator[None]:
-    """Wrap ``__call__`` of the classes defining it so that calls open a named scope and
-    mark what they return."""
-    from flax import nnx
-
-    # classes whose own __call__ nnx_layer_call may stand for (capture_layers.py)
-    layer_owners = {nnx.BatchNorm, nnx.LayerNorm, nnx.Conv, nnx.Linear}
-    owners = {}
-    for cls in classes:
-        for klass in cls.__mro__:
-            if "__call__" in klass.__dict__:
-                owners.setdefault(klass, klass.__dict__["__call__"])
-                break
-    for klass, original in owners.items():
-
-        def wrapper(
-            self: Any, *args: Any, __original: Any = original, __owner: type = klass, **kwargs: Any
-        ) -> Any:
-            path = paths.get(self)
-            # The root, or a module rebuilt inside an nnx transform: no scope of its own.
-            scope = jax.named_scope(MARK + path) if path else contextlib.nullcontext()
-            with scope:
-                result = NotImplemented
-                if isinstance(self, nnx.Dropout) and args:
-                    result = mark_dropout(args[0], self.rate)
-                elif isinstance(self, nnx.RNN):  # standard cells: one ONNX LSTM/GRU/RNN node
-                    result = rnn_call(self, args, kwargs)
-                elif __owner in layer_owners:  # BatchNorm, LayerNorm, Conv/Linear bias
-                    result = nnx_layer_call(self, __owner, __original, args, kwargs)
-                if result is NotImplemented:
-                    result = __original(self, *args, **kwargs)
-                return mark_returns(result, path or "", returns)
-
-        functools.update_wrapper(wrapper, original)
-        klass.__call__ = wrapper
-    try:
-        yield
-    finally:
-        for klass, original in owners.items():
-            klass.__call__ = original
-
-
-# ---------------------------------------------------------------------- linen
-def capture_linen(module: Any, variables: Any) -> Capture:
-    import flax.linen as nn
-
-    variables = dict(variables)
-    params: dict[str, Any] = {}
-    kinds: dict[str, str] = {}
-    names: list[str] = []
-    for collection, tree in sorted(variables.items(), key=lambda kv: kv[0] != "params"):
-        for name in _leaf_names(tree):
-            final = name if name not in kinds else f"{collection}.{name}"
-            kinds[final] = provenance.TRAINABLE if collection == "params" else provenance.BUFFER
-            names.append(final)
-        params[collection] = tree
-    # tree_leaves sorts dict keys: put the names in that order.
-    order = _leaf_names(params)
-    by_path = dict(
-        zip([f"{c}.{n}" for c in params for n in _leaf_names(params[c])], names, strict=False)
-    )
-    names = [by_path[p] for p in order]
-    seen: dict[str, provenance.LayerRecord] = {
-        "": provenance.LayerRecord("", qualname(module), None)
-    }
-
-    def interceptor(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
-        mod = context.module
-        method = context.method_name
-        if method == "setup" or (method.startswith("_") and method != "__call__"):
-            return next_fun(*args, **kwargs)
-        parts = mod.scope.path if mod.scope is not None else ()
-        path = join_path(parts)
-        if path not in seen:
-            seen[path] = provenance.LayerRecord(path, qualname(mod), join_path(parts[:-1]))
-        if isinstance(mod, nn.BatchNorm):
-            # linen merges the attribute with the call argument and rejects both being
-            # set: set the attribute on this apply-time instance and clear the argument.
-            object.__setattr__(mod, "use_running_average", True)
-            kwargs = {k: v for k, v in kwargs.items() if k != "use_running_average"}
-            args = tuple(args[:1]) + (None,) + tuple(args[2:]) if len(args) > 1 else args
-        with jax.named_scope(MARK + path) if path else contextlib.nullcontext():
-            result = NotImplemented
-            if isinstance(mod, nn.Dropout) and args:
-                result = mark_dropout(args[0], mod.rate)
-            elif method == "__call__":  # BatchNorm, LayerNorm, Conv/Dense bias: ONNX layer ops
-                result = linen_layer_call(mod, next_fun, args, kwargs)
-            if result is NotImplemented:
-                result = next_fun(*args, **kwargs)
-            return mark_returns(result, path, returns)
-
-    def fn(tree: Any, *args: Any, **kwargs: Any) -> Any:
-        with nn.intercept_methods(interceptor):
-            return module.apply(tree, *args, **kwargs)
-
-    returns = Returns()
-
-    def finish_layers() -> list[provenance.LayerRecord]:
-        records = dict(seen)
-        for collection in params.values():  # modules with weights that were never called
-            for name in _leaf_names(collection):
-                parts = name.split(".")[:-1]
-                for i in range(1, len(parts) + 1):
-                    path = ".".join(parts[:i])
-                    records.setdefault(
-                        path, provenance.LayerRecord(path, "", ".".join(parts[: i - 1]))
-                    )
-        return returns.layers(list(records.values()))
-
-    return Capture(
-        fn,
-        params,
-        names,
-        kinds,
-        [],
-        {"framework": "flax", "api": "linen", "class": qualname(module)},
-        _signature(module.__call__),
-        finish_layers,
-    )
-
-
-# ---------------------------------------------------------------------- plain JAX
-def capture_function(fn: Any) -> Capture:
-    return Capture(
-        lambda _params, *args, **kwargs: fn(*args, **kwargs),
-        {},
-        [],
-        {},
-        [
-            provenance.LayerRecord(
-                "", qualname(fn) if not inspect.isfunction(fn) else fn.__qualname__, None
+from interop.errors import InteropError, TraceError
+from interop.graph import Graph
+from interop.structure import flatten_outputs
+
+from . import capture_recurrent, is_linen_module, is_nnx_module, ops_basic, ops_control, ops_nn  # noqa: F401  (register the converters)
+from .capture import Capture, capture_function, capture_linen, capture_nnx, closure_names
+from .lowering import OPSET, Lowering, walk
+
+
+def capture(model: Any) -> Capture:
+    if isinstance(model, tuple) and len(model) == 2 and is_linen_module(model[0]):
+        return capture_linen(model[0], model[1])
+    if is_nnx_module(model):
+        return capture_nnx(model)
+    if is_linen_module(model):
+        if getattr(model, "scope", None) is None:
+            raise TraceError(
+                f"The linen module {type(model).__name__} is not bound to variables",
+                "a (module, variables) tuple or a bound module",
+                "call interop.trace((module, variables), inputs)",
             )
-        ],
-        {"framework": "jax", "api": "jax", "class": getattr(fn, "__qualname__", qualname(fn))},
-        _signature(fn),
+        unbound, variables = model.unbind()
+        return capture_linen(unbound, variables)
+    return capture_function(model)
+
+
+def _is_leaf(value: Any) -> bool:
+    return isinstance(value, jax.Array | np.ndarray | jax.core.Tracer)
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(example_inputs, Mapping):
+        return (), {str(k): v for k, v in example_inputs.items()}
+    if isinstance(example_inputs, tuple | list):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def _input_names(cap: Capture, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """One name per positional then keyword input, after the model's signature."""
+    names: list[str] = []
+    params = list(cap.signature.parameters.values()) if cap.signature else []
+    params = [p for p in params if p.name != "self"]
+    for i in range(len(args)):
+        if i < len(params) and params[i].kind in (
+            params[i].POSITIONAL_ONLY,
+            params[i].POSITIONAL_OR_KEYWORD,
+        ):
+            names.append(params[i].name)
+        else:
+            var = next(
+                (p.name for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL), "input"
+            )
+            names.append(f"{var}_{i}")
+    names.extend(kwargs)
+    return [re.sub(r"\W", "_", n) for n in names]
+
+
+def _specs(arrays, names, dynamic_batch, dynamic_dims) -> list[Any]:
+    known = set(names)
+    unknown = sorted(set(dynamic_dims) - known)
+    if unknown:
+        raise TraceError(
+            f"dynamic_dims names unknown inputs: {', '.join(unknown)}",
+            "input names: " + ", ".join(names),
+        )
+    scope = jax.export.SymbolicScope()
+    specs = []
+    for name, array in zip(names, arrays, strict=False):
+        dims: list[str] = [str(d) for d in array.shape]
+        if dynamic_batch and array.ndim > 0:
+            dims[0] = "batch"
+        for axis, dim_name in dynamic_dims.get(name, {}).items():
+            dims[int(axis) % max(array.ndim, 1)] = re.sub(r"\W", "_", str(dim_name))
+        shape = jax.export.symbolic_shape(", ".join(dims), scope=scope) if dims else ()
+        specs.append(jax.ShapeDtypeStruct(shape, jax.dtypes.canonicalize_dtype(array.dtype)))
+    return specs
+
+
+def trace_model(
+    model: Any,
+    example_inputs: Any,
+    *,
+    dynamic_batch: bool = True,
+    dynamic_dims: Mapping[str, Mapping[int, str]] | None = None,
+    name: str | None = None,
+) -> Graph:
+    """Trace a Flax/JAX model on `example_inputs` into a Graph (see `interop.trace`).
+
+    >>> import interop, jax.numpy as jnp                    # doctest: +SKIP
+    >>> from flax import nnx
+    >>> g = interop.trace(nnx.Linear(4, 2, rngs=nnx.Rngs(0)), jnp.ones((3, 4)))
+    >>> g.inputs[0].shape, g.count_params()
+    (('batch', 4), 10)
+    """
+    cap = capture(model)
+    args, kwargs = normalize_inputs(example_inputs)
+    args = tuple(np.asarray(a) if not isinstance(a, jax.Array) else a for a in args)
+    kwargs = {k: np.asarray(v) if not isinstance(v, jax.Array) else v for k, v in kwargs.items()}
+    input_names = _input_names(cap, args, kwargs)
+    arrays = [*args, *kwargs.values()]
+    specs = _specs(arrays, input_names, dynamic_batch, dict(dynamic_dims or {}))
+    n_args = len(args)
+    output_names: list[str] = []
+
+    def flat_fn(params: Any, *flat_inputs: Any) -> tuple[Any, ...]:
+        outputs = cap.fn(
+            params, *flat_inputs[:n_args], **dict(zip(kwargs, flat_inputs[n_args:], strict=False))
+        )
+        flat = flatten_outputs(outputs, _is_leaf)
+        output_names[:] = [n for n, _ in flat]
+        return tuple(t for _, t in flat)
+
+    try:
+        closed = jax.make_jaxpr(flat_fn)(cap.params, *specs)
+    except InteropError:
+        raise
+    except Exception as err:
+        raise _trace_error(model, err, dynamic_batch) from err
+    closed = _dead_code_eliminated(closed)
+    graph = _build(closed, cap, specs, input_names, output_names, model)
+    graph.model.graph.name = name or cap.source["class"].rsplit(".", 1)[-1]
+    return graph
+
+
+def _dead_code_eliminated(closed: Any) -> Any:
+    """Drop equations no output needs (RNG plumbing for initial carries, unused branches)."""
+    from jax._src.interpreters import partial_eval as pe
+
+    jaxpr, used_inputs = pe.dce_jaxpr(
+        closed.jaxpr, [True] * len(closed.jaxpr.outvars), instantiate=True
     )
+    # Keep every input (weights stay listed even when unused) by re-adding dropped invars.
+    if not all(used_inputs):
+        jaxpr = jaxpr.replace(invars=list(closed.jaxpr.invars))
+    # Constants no equation reads any more (PRNG keys among them) are dropped too.
+    read = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+    keep = [i for i, v in enumerate(jaxpr.constvars) if id(v) in read]
+    jaxpr = jaxpr.replace(constvars=[jaxpr.constvars[i] for i in keep])
+    return jax.extend.core.ClosedJaxpr(jaxpr, [closed.consts[i] for i in keep])
 
 
-def closure_names(fn: Any) -> dict[int, str]:
-    """id(array) -> a readable name, for arrays a function closes over."""
-    found: dict[int, str] = {}
+def _trace_error(model: Any, err: Exception, dynamic_batch: bool) -> TraceError:
+    text = " ".join(str(err).split())[:600]
+    if "symbolic" in text.lower() or "InconclusiveDimensionOperation" in type(err).__name__:
+        fix = "the model fixes the size of a dimension that interop made dynamic; pass dynamic_batch=False"
+    else:
+        fix = "make the call traceable by jax.make_jaxpr (no Python control flow on array values)"
+    error = TraceError(
+        f"JAX could not trace {type(model).__name__}: {type(err).__name__}: {text}", None, fix
+    )
+    error.original = err  # type: ignore[attr-defined]
+    return error
 
-    def scan(prefix: str, tree: Any) -> None:
-        try:
-            leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-        except Exception:  # not a pytree; nothing to name
-            return
-        for path, leaf in leaves:
-            if isinstance(leaf, jax.Array | np.ndarray):
-                suffix = ".".join(
-                    str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path
-                )
-                found.setdefault(id(leaf), f"{prefix}.{suffix}" if suffix else prefix)
 
-    target = fn
-    while isinstance(target, functools.partial):
-        for i, arg in enumerate(target.args):
-            scan(f"args.{i}", arg)
-        for key, arg in target.keywords.items():
-            scan(key, arg)
-        target = target.func
-    target = getattr(target, "__wrapped__", target)
-    code = getattr(target, "__code__", None)
-    if code is not None:
-        for name, cell in zip(code.co_freevars, target.__closure__ or (), strict=False):
-            with contextlib.suppress(ValueError):
-                scan(name, cell.cell_contents)
-        for name in code.co_names:
-            if name in getattr(target, "__globals__", {}):
-                value = target.__globals__[name]
-                if not callable(value) and not inspect.ismodule(value):
-                    scan(name, value)
-    return found
+def _build(closed, cap: Capture, specs, input_names, output_names, model) -> Graph:
+    inputs = []
+    dim_sources: dict[str, tuple[ir.Value, int]] = {}
+    for name, spec in zip(input_names, specs, strict=False):
+        value = ir.Value(name=name)
+        Lowering.type_value(value, spec)
+        inputs.append(value)
+        for axis, d in enumerate(spec.shape):
+            if not isinstance(d, int):
+                for var in d._get_vars():
+                    dim_sources.setdefault(var, (value, axis))
+    initializers: list[ir.Value] = []
+    kinds = dict(cap.kinds)
+    for name, leaf in zip(cap.names, jax.tree_util.tree_leaves(cap.params), strict=False):
+        initializers.append(ir.Value(name=name, const_value=ir.tensor(np.asarray(leaf), name=name)))
+    # The jaxpr's own constants: arrays the function closed over (named after the
+    # closure variable when found) and large literals.
+    named = closure_names(model) if not cap.names else {}
+    const_values = []
+    for i, const in enumerate(closed.consts):
+        cname = named.get(id(const)) or f"const_{i}"
+        while any(v.name == cname for v in initializers):
+            cname += "_"
+        value = ir.Value(name=cname, const_value=ir.tensor(np.asarray(const), name=cname))
+        const_values.append(value)
+        if cname in named.values() and np.asarray(const).dtype.kind == "f":
+            kinds[cname] = provenance.TRAINABLE
+    for value in [*const_values, *initializers]:
+        value.dtype = value.const_value.dtype
+        value.shape = ir.Shape(value.const_value.shape)
+    low, outs = walk(closed, [*const_values, *initializers, *inputs], dim_sources)
+    nodes = low.nodes
+    outputs = _finalize_outputs(low, outs, inputs, closed.jaxpr.outvars, output_names)
+    graph = ir.Graph(
+        inputs,
+        outputs,
+        nodes=nodes,
+        initializers=[*const_values, *initializers],
+        opset_imports={"": OPSET},
+    )
+    onnx_model = ir.Model(graph, ir_version=10, producer_name="interop")
+    layers = cap.finish_layers() if cap.finish_layers else cap.layers
+    provenance.write_layers(onnx_model, layers)
+    provenance.write_parameters(onnx_model, kinds)
+    source = dict(cap.source)
+    if source["framework"] == "flax":
+        import flax
+
+        source["version"] = flax.__version__
+    else:
+        source["version"] = jax.__version__
+    weights = [*const_values, *initializers]
+    source["parameters"] = sum(
+        int(np.prod(v.const_value.shape.numpy()))
+        for v in weights
+        if kinds.get(v.name) == provenance.TRAINABLE
+    )
+    provenance.write_source(onnx_model, source)
+    return Graph(onnx_model)
+
+
+def _finalize_outputs(low, outs, inputs, outvars, names) -> list[ir.Value]:
+    """Name graph outputs after the model's output structure; one distinct node output each."""
+    final = []
+    seen: set[int] = set()
+    taken = {v.name for v in inputs}
+    for value, var, name in zip(outs, outvars, names, strict=False):
+        if value.producer() is None or id(value) in seen or value.is_initializer():
+            low.scope, low.location = "", None
+            value = low.op("Identity", [value])
+        seen.add(id(value))
+        low.type_value(value, var.aval)
+        value.name = name if name not in taken else f"{name}_out"
+        taken.add(value.name)
+        final.append(value)
+    return final
+
+
+def run_model(model: Any, example_inputs: Any) -> list[tuple[str, np.ndarray]]:
+    """Run the model in inference mode (jit-compiled); outputs flattened and named as in the graph."""
+    cap = capture(model)
+    args, kwargs = normalize_inputs(example_inputs)
+    names: list[str] = []
+
+    def flat_fn(params: Any, *a: Any, **k: Any) -> tuple[Any, ...]:
+        # Flatten inside the traced function: jit would return dicts with sorted keys.
+        flat = flatten_outputs(cap.fn(params, *a, **k), _is_leaf)
+        names[:] = [n for n, _ in flat]
+        return tuple(t for _, t in flat)
+
+    outputs = jax.jit(flat_fn)(cap.params, *args, **kwargs)
+    return [(n, np.asarray(t)) for n, t in zip(names, outputs, strict=True)]

@@ -30,15 +30,15 @@ from flax import nnx
 from jax import lax
 
 from interop import provenance
+from interop.emitter import loop_condition_holds
 from interop.interpret import (
     RANDOM_OPS,
     Interpreter,
     SubgraphFunction,
-    check_supported,
     fold_on_host,
-    loop_condition_holds,
     node_free_values,
 )
+from interop.normalize import check_supported
 from interop.registry import Registry
 
 from .backend import jax_backend

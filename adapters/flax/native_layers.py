@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from interop.interpret import is_constant_fill
+from interop.emitter import is_constant_fill
 
 from .emitter import LAYERS
 

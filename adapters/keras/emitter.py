@@ -37,14 +37,14 @@ import numpy as np
 import onnx_ir as ir
 
 from interop import provenance
+from interop.errors import EmitError
 from interop.interpret import (
     RANDOM_OPS,
-    EmitError,
     Interpreter,
-    check_supported,
     fold_on_host,
     node_free_values,
 )
+from interop.normalize import check_supported
 
 from .backend import emulated, keras_backend, keras_dtype
 from .generic import sequence_function

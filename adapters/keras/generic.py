@@ -26,8 +26,9 @@ import numpy as np
 import onnx_ir as ir
 from keras import ops
 
+from interop.emitter import loop_condition_holds
 from interop.errors import InteropError
-from interop.interpret import SubgraphFunction, loop_condition_holds, node_free_values
+from interop.interpret import SubgraphFunction, node_free_values
 
 from .backend import as_dtype, emulated, from_carrier, keras_backend, keras_dtype, to_carrier
 

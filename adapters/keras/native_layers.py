@@ -15,7 +15,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from interop.interpret import is_constant_fill
+from interop.emitter import is_constant_fill
 from interop.registry import Registry
 
 LAYERS: Registry[Any] = Registry("emit", adapter="keras layers")

@@ -30,10 +30,10 @@ from interop import provenance
 from interop.interpret import (
     RANDOM_OPS,
     Interpreter,
-    check_supported,
     fold_on_host,
     node_free_values,
 )
+from interop.normalize import check_supported
 from interop.packing import PACKED_FROM
 from interop.registry import Registry
 

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import _VF, nn
 
-from interop.interpret import is_constant_fill, schema_defaults
+from interop.emitter import is_constant_fill
+from interop.normalize import schema_defaults
 from interop.packing import PACKED_FROM
 
 from .emitter import LAYERS

@@ -348,7 +348,8 @@ def _attention_body(xp, present, outputs, attributes):
     if key not in _ATTENTION_BODIES:
         import onnx_ir as ir
 
-        from interop.interpret import TARGET_OPSET, FunctionBody
+        from interop.interpret import FunctionBody
+        from interop.normalize import TARGET_OPSET
 
         # the latest body: Attention 24 and 25 only added inputs and attributes whose
         # defaults keep the meaning of 23's (the reference runs one implementation for all)
