@@ -1,9 +1,10 @@
 """`interop.trace`: find the adapter that accepts a model and let it build the Graph.
 
-Adapters are discovered through the ``interop.adapters`` entry-point group; the
-built-in ones (torch, and later keras and flax) register the same way. An adapter's
-``accepts`` must not import its framework unless the model came from it, so that
-``import interop`` and tracing stay cheap.
+Adapters (the capture side of a framework) are discovered through the
+``interop.adapters`` entry-point group; the built-in torch, keras and flax adapters are
+declared the same way. An adapter's ``accepts`` must not import its framework unless the
+model came from it, so that ``import interop`` and tracing stay cheap. The emit side of a
+framework, its host, is found the same way (`interop.hosts`).
 """
 
 from __future__ import annotations
