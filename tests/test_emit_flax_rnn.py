@@ -14,8 +14,8 @@ ort = pytest.importorskip("onnxruntime")
 
 import jax.numpy as jnp  # noqa: E402
 import onnx  # noqa: E402
+from interop.adapters.flax.emit_recurrent import GRUCellWithHiddenBias  # noqa: E402
 from interop.adapters.flax.emitter import Frozen  # noqa: E402
-from interop.adapters.flax.native_recurrent import GRUCellWithHiddenBias  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from interop.emit import to_flax, to_jax  # noqa: E402

@@ -24,6 +24,9 @@ from interop.registry import Registry
 
 # JAX primitive name -> converter(lowering, eqn, *inputs) -> value or list of values
 CONVERTERS: Registry[Callable[..., Any]] = Registry("import", adapter="flax")
+# ONNX op type -> builder(emitter, node, args) -> interop.emitter.Native or None (emit side:
+# emit_layers.py, emit_recurrent.py; registered when adapters/flax/emitter.py is imported)
+EMIT_LAYERS: Registry[Callable[..., Any]] = Registry("emit", adapter="flax layers")
 
 
 def register_primitive(

@@ -1,17 +1,16 @@
-"""Native nnx layers for ONNX nodes with constant weights (registered in emitter.LAYERS).
+"""Native nnx layers for ONNX nodes with constant weights (registered in `EMIT_LAYERS`).
 
-Each builder gets the emitter and the node and returns a `Native` (the layer, its
-``{layer attribute: source initializer}``, the node inputs it is called with, and the
-call adapting ONNX layout to Flax's), or None to let the generic op emit the node.
-Layout: ONNX convolutions are NCHW with OIHW kernels, Flax's NHWC with HWIO kernels;
-the kernel is transposed once here and the activations around each call, so the
-emitted module keeps the source's NCHW at its inputs and outputs.
+Each builder is ``builder(emitter, node, args) -> interop.emitter.Native | None``: the
+layer, its ``{layer attribute: node input}`` (the source weights it holds), the node
+inputs it is called with, and the call adapting ONNX layout to Flax's; None lets the
+generic op emit the node. Layout: ONNX convolutions are NCHW with OIHW kernels, Flax's
+NHWC with HWIO kernels; the kernel is transposed once here and the activations around
+each call, so the emitted module keeps the source's NCHW at its inputs and outputs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -19,22 +18,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from interop.emitter import is_constant_fill
+from interop.emitter import (
+    Native,
+    constant_fill,
+    dropout_ratio,
+    following_bias_add,
+    onnx_pads,
+    optional_weight,
+    output_read,
+)
 
-from .emitter import LAYERS
-
-
-@dataclass
-class Native:
-    layer: nnx.Module
-    sources: dict[str, Any]
-    data_inputs: list[int]
-    call: Callable[..., Any]
-    outputs: int = 1  # > 1: ``call`` returns a tuple, one per node output
-    names: dict[str, str] | None = None  # source names for source_names, if not the inputs'
-    path: str | None = None  # where to place the layer, if not its sources' common prefix
-    absorbs: Any = None  # an Add node (a bias) the layer computes too: its output is ours
-
+from . import EMIT_LAYERS
 
 # (layer class, configuration) -> (graphdef, abstract state) of an abstract instance
 _TEMPLATES: dict[str, tuple[Any, Any]] = {}
@@ -75,53 +69,21 @@ def assemble(key: str, factory: Callable[[], Any], arrays: dict[str, np.ndarray]
     return nnx.merge(graphdef, state)
 
 
-def _attributes(emitter: Any, node: Any) -> dict[str, Any]:
-    return emitter.attributes(node)[0]
-
-
-def _optional_weight(emitter: Any, node: Any, index: int) -> tuple[Any, Any, bool]:
-    """(value, array, ok) of an optional weight input; exporters spell "no bias" as zeros."""
-    value = node.inputs[index] if len(node.inputs) > index else None
-    if value is None:
-        return None, None, True
-    static = emitter.statics.get(value)
-    if static is not None and not np.any(static):
-        return None, None, True
-    array = emitter.weight(value)
-    return value, array, array is not None
-
-
-def _read(value: Any) -> bool:
-    """Whether an optional output is read: by a node, or as a graph output (no "use" then)."""
-    return value is not None and (bool(value.uses()) or value.is_graph_output())
-
-
-def _call(layer: Any, x: Any) -> Any:
-    return layer(x)
-
-
 def _channels_last(layer: Any, x: Any) -> Any:
     # NCHW in and out; the nnx layer runs NHWC (XLA cancels adjacent transposes)
     return jnp.moveaxis(layer(jnp.moveaxis(x, 1, -1)), -1, 1)
 
 
-def _pads(attrs: dict[str, Any], spatial: int) -> list[tuple[int, int]] | None:
-    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        return None
-    pads = list(attrs.get("pads") or [0] * (2 * spatial))
-    return list(zip(pads[:spatial], pads[spatial:]))
-
-
-@LAYERS.register("Conv")
-def conv_layer(emitter: Any, node: Any) -> Native | None:
+@EMIT_LAYERS.register("Conv")
+def conv_layer(emitter: Any, node: Any, args: list[Any]) -> Native | None:
     """ONNX Conv with a constant kernel -> nnx.Conv (NHWC inside)."""
     weight = emitter.weight(node.inputs[1])
-    bias_value, bias, ok = _optional_weight(emitter, node, 2)
+    bias_value, bias, ok = optional_weight(emitter, node, 2)
     if weight is None or not ok or not 3 <= weight.ndim <= 5 or weight.dtype.kind != "f":
         return None
-    attrs = _attributes(emitter, node)
+    attrs = emitter.node_attributes(node)
     spatial = weight.ndim - 2
-    pads = _pads(attrs, spatial)
+    pads = onnx_pads(attrs, spatial)
     if pads is None:
         return None
     group = attrs.get("group", 1)
@@ -143,16 +105,16 @@ def conv_layer(emitter: Any, node: Any) -> Native | None:
     return Native(layer, sources, [0], _channels_last)
 
 
-@LAYERS.register("ConvTranspose")
-def conv_transpose_layer(emitter: Any, node: Any) -> Native | None:
+@EMIT_LAYERS.register("ConvTranspose")
+def conv_transpose_layer(emitter: Any, node: Any, args: list[Any]) -> Native | None:
     """ONNX ConvTranspose (one group) -> nnx.ConvTranspose with transpose_kernel (NHWC inside)."""
     weight = emitter.weight(node.inputs[1])
-    bias_value, bias, ok = _optional_weight(emitter, node, 2)
+    bias_value, bias, ok = optional_weight(emitter, node, 2)
     if weight is None or not ok or not 3 <= weight.ndim <= 5 or weight.dtype.kind != "f":
         return None
-    attrs = _attributes(emitter, node)
+    attrs = emitter.node_attributes(node)
     spatial = weight.ndim - 2
-    pads = _pads(attrs, spatial)
+    pads = onnx_pads(attrs, spatial)
     if pads is None or attrs.get("group", 1) != 1 or attrs.get("output_shape") is not None:
         return None
     kernel = weight.shape[2:]
@@ -192,12 +154,12 @@ def _linear(emitter: Any, kernel: np.ndarray, bias: np.ndarray | None) -> nnx.Li
     )
 
 
-@LAYERS.register("Gemm")
-def gemm_layer(emitter: Any, node: Any) -> Native | None:
+@EMIT_LAYERS.register("Gemm")
+def gemm_layer(emitter: Any, node: Any, args: list[Any]) -> Native | None:
     """ONNX Gemm with a constant B -> nnx.Linear (kernel [in, out], i.e. B or B^T)."""
-    attrs = _attributes(emitter, node)
+    attrs = emitter.node_attributes(node)
     weight = emitter.weight(node.inputs[1])
-    bias_value, bias, ok = _optional_weight(emitter, node, 2)
+    bias_value, bias, ok = optional_weight(emitter, node, 2)
     if weight is None or weight.ndim != 2 or weight.dtype.kind != "f" or not ok:
         return None
     if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
@@ -206,48 +168,33 @@ def gemm_layer(emitter: Any, node: Any) -> Native | None:
     if bias is not None and (attrs.get("beta", 1.0) != 1.0 or bias.shape != (kernel.shape[1],)):
         return None
     sources = {"kernel": node.inputs[1]} | ({"bias": bias_value} if bias is not None else {})
-    return Native(_linear(emitter, np.ascontiguousarray(kernel), bias), sources, [0], _call)
+    return Native(_linear(emitter, np.ascontiguousarray(kernel), bias), sources, [0])
 
 
-@LAYERS.register("MatMul")
-def matmul_layer(emitter: Any, node: Any) -> Native | None:
+@EMIT_LAYERS.register("MatMul")
+def matmul_layer(emitter: Any, node: Any, args: list[Any]) -> Native | None:
     """ONNX MatMul with a constant 2-D right operand -> nnx.Linear; a bias the exporter adds
     right after it (MatMul -> Add of a [out] weight) is the layer's bias."""
     weight = emitter.weight(node.inputs[1])
     if weight is None or weight.ndim != 2 or weight.dtype.kind != "f":
         return None
-    add, bias_value = _bias_add(emitter, node, weight.shape[1])
+    add, bias_value = following_bias_add(emitter, node, weight.shape[1])
     bias = emitter.weight(bias_value) if bias_value is not None else None
     if bias is None or bias.dtype != weight.dtype:
-        return Native(_linear(emitter, weight, None), {"kernel": node.inputs[1]}, [0], _call)
+        return Native(_linear(emitter, weight, None), {"kernel": node.inputs[1]}, [0])
     sources = {"kernel": node.inputs[1], "bias": bias_value}
-    return Native(_linear(emitter, weight, bias), sources, [0], _call, absorbs=add)
+    return Native(_linear(emitter, weight, bias), sources, [0], absorbs=[add])
 
 
-def _bias_add(emitter: Any, node: Any, features: int) -> tuple[Any, Any]:
-    """(Add node, bias value) when a MatMul's only reader adds a [features] weight to it."""
-    output = node.outputs[0]
-    uses = list(output.uses())
-    if len(uses) != 1 or output.is_graph_output():
-        return None, None
-    add, index = uses[0]
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
-        return None, None
-    bias = add.inputs[1 - index]
-    if bias is None or bias.shape is None or tuple(bias.shape) != (features,):
-        return None, None
-    return add, bias
-
-
-@LAYERS.register("BatchNormalization")
-def batch_norm_layer(emitter: Any, node: Any) -> Native | None:
+@EMIT_LAYERS.register("BatchNormalization")
+def batch_norm_layer(emitter: Any, node: Any, args: list[Any]) -> Native | None:
     """Inference-form BatchNormalization -> nnx.BatchNorm on axis 1 (ONNX momentum = Flax's)."""
-    attrs = _attributes(emitter, node)
+    attrs = emitter.node_attributes(node)
     tensors = [emitter.weight(v) for v in node.inputs[1:5]]
     # constant ones / zeros for scale / bias (a source BN without them): use_scale / use_bias off
     used = (
-        not _constant_fill(emitter, node.inputs[1], 1.0),
-        not _constant_fill(emitter, node.inputs[2], 0.0),
+        not constant_fill(emitter, node.inputs[1], 1.0),
+        not constant_fill(emitter, node.inputs[2], 0.0),
         True,
         True,
     )
@@ -273,25 +220,20 @@ def batch_norm_layer(emitter: Any, node: Any) -> Native | None:
         param_dtype=tensors[2].dtype,
     )
     sources = {n: v for n, v, u in zip(names, node.inputs[1:5], used) if u}
-    return Native(layer, sources, [0], _call)
+    return Native(layer, sources, [0])
 
 
-def _constant_fill(emitter: Any, value: Any, fill: float) -> bool:
-    """A constant (not a weight) input whose every element is `fill`."""
-    return emitter.weight(value) is None and is_constant_fill(value, fill, emitter.statics)
-
-
-@LAYERS.register("LayerNormalization")
-def layer_norm_layer(emitter: Any, node: Any) -> Native | None:
+@EMIT_LAYERS.register("LayerNormalization")
+def layer_norm_layer(emitter: Any, node: Any, args: list[Any]) -> Native | None:
     """LayerNormalization over the last axis -> nnx.LayerNorm."""
-    attrs = _attributes(emitter, node)
+    attrs = emitter.node_attributes(node)
     scale = emitter.weight(node.inputs[1])
-    bias_value, bias, ok = _optional_weight(emitter, node, 2)
+    bias_value, bias, ok = optional_weight(emitter, node, 2)
     rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
     axis = attrs.get("axis", -1)
     if scale is None or not ok or scale.ndim != 1 or rank is None or axis not in (-1, rank - 1):
         return None
-    if any(_read(v) for v in node.outputs[1:]):
+    if any(output_read(v) for v in node.outputs[1:]):
         return None
     layer = _assemble(
         nnx.LayerNorm,
@@ -303,16 +245,16 @@ def layer_norm_layer(emitter: Any, node: Any) -> Native | None:
         param_dtype=scale.dtype,
     )
     sources = {"scale": node.inputs[1]} | ({"bias": bias_value} if bias is not None else {})
-    return Native(layer, sources, [0], _call)
+    return Native(layer, sources, [0])
 
 
-@LAYERS.register("Gather")
-def embedding_layer(emitter: Any, node: Any) -> Native | None:
+@EMIT_LAYERS.register("Gather")
+def embedding_layer(emitter: Any, node: Any, args: list[Any]) -> Native | None:
     """Gather (axis 0) on a constant float table -> nnx.Embed."""
     table = emitter.weight(node.inputs[0])
     if table is None or table.ndim != 2 or table.dtype.kind != "f":
         return None
-    if _attributes(emitter, node).get("axis", 0) != 0:
+    if emitter.node_attributes(node).get("axis", 0) != 0:
         return None
     layer = _assemble(
         nnx.Embed,
@@ -330,19 +272,10 @@ def _embed(layer: Any, indices: Any) -> Any:
     return layer(jnp.where(indices < 0, indices + layer.num_embeddings, indices))
 
 
-@LAYERS.register("Dropout")
-def dropout_layer(emitter: Any, node: Any) -> Native | None:
+@EMIT_LAYERS.register("Dropout")
+def dropout_layer(emitter: Any, node: Any, args: list[Any]) -> Native | None:
     """Dropout without a mask output -> nnx.Dropout (drops in train(), identity in eval())."""
-    if len(node.outputs) > 1 and _read(node.outputs[1]):
+    ratio = dropout_ratio(emitter, node)
+    if ratio is None:
         return None
-    if len(node.inputs) > 2 and node.inputs[2] is not None:
-        return None  # an explicit training_mode input: keep ONNX's meaning
-    ratio_value = node.inputs[1] if len(node.inputs) > 1 else None
-    if ratio_value is not None and ratio_value not in emitter.statics:
-        return None
-    ratio = (
-        0.5
-        if ratio_value is None
-        else float(np.asarray(emitter.statics[ratio_value]).reshape(-1)[0])
-    )
-    return Native(nnx.Dropout(ratio, deterministic=True, rngs=emitter.rngs), {}, [0], _call)
+    return Native(nnx.Dropout(ratio, deterministic=True, rngs=emitter.rngs), {}, [0])

@@ -21,7 +21,6 @@ has no ``b_hn``). Without B, the cells' bias is zeros and has no source name.
 
 from __future__ import annotations
 
-import json
 import re
 from functools import partial
 from typing import Any
@@ -30,10 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from interop.packing import PACKED_FROM
+from interop.emitter import Native, optional_weight, packed_sources
 
-from .emitter import LAYERS
-from .native_layers import Native, _attributes, _optional_weight, assemble
+from . import EMIT_LAYERS
+from .emit_layers import assemble
 
 # ONNX gate blocks in Flax's order: LSTM i,o,f,c -> i,f,c(g),o; GRU z,r,h -> r,z,h(n)
 _GATE_ORDER = {"LSTM": [0, 2, 3, 1], "GRU": [1, 0, 2], "RNN": [0]}
@@ -137,12 +136,12 @@ def _expressible(emitter: Any, node: Any, attrs: dict[str, Any]) -> bool:
     )
 
 
-def recurrent_layer(emitter: Any, node: Any) -> Native | None:
+def recurrent_layer(emitter: Any, node: Any, args: list[Any]) -> Native | None:
     """ONNX LSTM/GRU/RNN with constant weights -> nnx.RNN (or nnx.Bidirectional) of Flax cells."""
     op_type = node.op_type
-    attrs = _attributes(emitter, node)
+    attrs = emitter.node_attributes(node)
     w, r = (emitter.weight(node.inputs[i]) for i in (1, 2))
-    bias_value, bias, ok = _optional_weight(emitter, node, 3)
+    bias_value, bias, ok = optional_weight(emitter, node, 3)
     if w is None or r is None or not ok or w.dtype.kind != "f" or w.ndim != 3:
         return None
     if not _expressible(emitter, node, attrs):
@@ -194,37 +193,26 @@ def recurrent_layer(emitter: Any, node: Any) -> Native | None:
             sources[name] = value
             direction = int(name.startswith("backward_rnn."))
             halves = op_type == "GRU" and leaf.endswith("bias")  # GRU keeps Wb and Rb apart
-            names[name] = _source_names(value, direction, len(prefixes), leaf if halves else "")
+            root = emitter.initializer_of(value) or value
+            names[name] = source_names(root, direction, len(prefixes), leaf if halves else "")
     data_inputs = [0, 5, 6] if op_type == "LSTM" else [0, 5]
     outputs = min(len(node.outputs), len(data_inputs))
     run = partial(_run, layout=layout, lstm=op_type == "LSTM", outputs=outputs)
     # layer k > 0 of a packed multi-layer source (lstm.W_l1) sits beside layer 0: lstm_l1
-    stacked = re.match(r"^(.+)\.W(_l\d+)$", str(node.inputs[1].name))
+    stacked = re.match(r"^(.+)\.W(_l\d+)$", emitter.source_name(node.inputs[1]))
     path = stacked[1] + stacked[2] if stacked else None
     return Native(layer, sources, data_inputs, run, outputs=outputs, names=names, path=path)
 
 
-# torch's backward-direction names (lstm.weight_ih_l0_reverse), Keras's (backward_lstm/...)
-_BACKWARD = re.compile(r"(_reverse$|(^|/)backward_)")
-
-
-def _source_names(value: Any, direction: int, directions: int, bias_half: str) -> str:
+def source_names(value: Any, direction: int, directions: int, bias_half: str) -> str:
     """The source parameters behind one direction's variable, joined by ``+``.
 
     A weight packed from source parameters (`interop.packing`, a traced nn.LSTM) lists them
-    in ``interop.packed_from``: the direction's ones are kept (``lstm.weight_ih_l0`` /
+    (`interop.emitter.packed_sources`: the direction's ones, ``lstm.weight_ih_l0`` /
     ``..._reverse``); a summed LSTM/RNN bias names both (``lstm.bias_ih_l0+lstm.bias_hh_l0``),
     a GRU bias half its own (``dense_i.bias`` the ``_ih`` one). Otherwise the node input.
     """
-    packed = value.metadata_props.get(PACKED_FROM)
-    if not packed:
-        return str(value.name)
-    names = json.loads(packed)
-    if directions == 2:
-        backward = [n for n in names if _BACKWARD.search(n)]
-        forward = [n for n in names if not _BACKWARD.search(n)]
-        if backward and forward:
-            names = backward if direction else forward
+    names = packed_sources(value, direction, directions)
     if bias_half:
         tag = "_ih" if bias_half.startswith("dense_i") else "_hh"
         own = [n for n in names if tag in n.rsplit(".", 1)[-1]]
@@ -279,4 +267,4 @@ def _run(
 
 
 for _op_type in _GATE_ORDER:
-    LAYERS.register(_op_type, recurrent_layer)
+    EMIT_LAYERS.register(_op_type, recurrent_layer)
