@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 from flax import nnx  # noqa: E402
-from interop.adapters.flax.importer import capture  # noqa: E402
+from interop.adapters.flax.capture import capture  # noqa: E402
 
 import interop  # noqa: E402
 

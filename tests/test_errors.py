@@ -67,7 +67,7 @@ def bessel_i0(x):
 
 
 def test_unsupported_op_can_be_registered():
-    from interop.adapters.torch import IMPORTERS, register_op
+    from interop.adapters.torch import CAPTURE_OPS, register_op
 
     x = torch.randn(3, 4) * 2
     with pytest.raises(interop.UnsupportedOpError, match="prims::bessel_i0"):
@@ -79,7 +79,7 @@ def test_unsupported_op_can_be_registered():
         with pytest.raises(ValueError, match="already registered"):
             register_op(torch.ops.prims.bessel_i0.default, bessel_i0)
     finally:
-        IMPORTERS._entries.pop("prims::bessel_i0")
+        CAPTURE_OPS._entries.pop("prims::bessel_i0")
 
 
 class DataDependent(nn.Module):

@@ -173,7 +173,7 @@ def test_nnx_cnn_to_keras_gives_native_layers(cnn):
 def test_capture_function_differentiates_like_the_model(cnn):
     # the layer primitives' jvp rule is Flax's formula, so gradients through the
     # capture (fn(params, x)) equal the inference-mode model's
-    from interop.adapters.flax.importer import capture
+    from interop.adapters.flax.capture import capture
 
     model, _ = cnn
     cap = capture(model)
@@ -371,7 +371,7 @@ def test_vmapped_layers_trace_through_flax_arithmetic():
     graph = interop.trace(model, x)
     check_onnxruntime(model, graph, x)
     # the capture function differentiates like the model (the primitives' jvp rule)
-    from interop.adapters.flax.importer import capture
+    from interop.adapters.flax.capture import capture
 
     cap = capture(model)
     grad = jax.jit(jax.grad(lambda v: cap.fn(cap.params, v).sum()))(jnp.asarray(x))

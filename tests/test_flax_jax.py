@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from interop.adapters.flax import ADAPTER, CONVERTERS, register_primitive
+from interop.adapters.flax import ADAPTER, CAPTURE_PRIMITIVES, register_primitive
 
 import interop
 
@@ -152,7 +152,7 @@ def test_unsupported_primitive_names_primitive_layer_and_line_and_can_be_registe
         g = interop.trace(uses_cummax, f32(2, 5))
         assert interop.verify(uses_cummax, g, (f32(3, 5),), rtol=RTOL, atol=ATOL).ok
     finally:
-        CONVERTERS._entries.pop("cummax")
+        CAPTURE_PRIMITIVES._entries.pop("cummax")
 
 
 def test_unsupported_primitive_inside_a_module_names_its_path():

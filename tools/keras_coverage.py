@@ -1,8 +1,8 @@
-"""Which keras.layers classes and keras.ops functions the Keras importer converts.
+"""Which keras.layers classes and keras.ops functions the Keras capture converts.
 
 Prints a Markdown coverage section (or checks docs/capture-keras.md holds the
 current one with ``--check``). A layer is "converter" when a converter is
-registered for its class; otherwise the importer opens it with a symbolic call,
+registered for its class; otherwise the capture opens it with a symbolic call,
 which works when its ``call`` is made of other layers and supported ``keras.ops``.
 A ``keras.ops`` function is matched to the Operation class it records (``add`` ->
 ``Add``); functions that record none (``ones``, ``shape``) run at trace time on
@@ -42,8 +42,8 @@ def _operation_classes() -> dict[str, type]:
 def layer_rows() -> list[tuple[str, str]]:
     import keras
     from interop.adapters.keras import (
-        LAYERS,
-        importer,  # noqa: F401  (registers converters)
+        CAPTURE_LAYERS,
+        capture,  # noqa: F401  (registers converters)
     )
 
     rows = []
@@ -52,9 +52,9 @@ def layer_rows() -> list[tuple[str, str]]:
         if not (inspect.isclass(obj) and issubclass(obj, keras.layers.Layer)):
             continue
         if obj.__name__ != name:  # aliases (e.g. GroupQueryAttention) share a class
-            status = "converter" if LAYERS.get(obj.__name__) else "symbolic call"
+            status = "converter" if CAPTURE_LAYERS.get(obj.__name__) else "symbolic call"
         else:
-            status = "converter" if LAYERS.get(name) else "symbolic call"
+            status = "converter" if CAPTURE_LAYERS.get(name) else "symbolic call"
         rows.append((name, status))
     return rows
 
@@ -62,8 +62,8 @@ def layer_rows() -> list[tuple[str, str]]:
 def op_rows() -> list[tuple[str, str]]:
     import keras
     from interop.adapters.keras import (
-        OPS,
-        importer,  # noqa: F401
+        CAPTURE_OPS,
+        capture,  # noqa: F401
     )
 
     classes = _operation_classes()
@@ -75,7 +75,7 @@ def op_rows() -> list[tuple[str, str]]:
         if cls is None:
             rows.append((name, "constant (records no op)"))
         else:
-            rows.append((name, "yes" if OPS.get(cls.__name__) else "no"))
+            rows.append((name, "yes" if CAPTURE_OPS.get(cls.__name__) else "no"))
     return rows
 
 

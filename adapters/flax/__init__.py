@@ -2,7 +2,7 @@
 
 Capture is a walk of the jaxpr JAX traces for the call (see docs/capture-flax.md for
 why this beats delegating to jax2onnx here): one converter per JAX primitive, each
-registered in `CONVERTERS`, and module paths taken from named scopes opened around
+registered in `CAPTURE_PRIMITIVES`, and module paths taken from named scopes opened around
 every module call. Importing this package does not import jax or flax.
 
 A primitive without a converter raises `interop.UnsupportedOpError` naming it, the
@@ -23,7 +23,7 @@ from typing import Any
 from interop.registry import Registry
 
 # JAX primitive name -> converter(lowering, eqn, *inputs) -> value or list of values
-CONVERTERS: Registry[Callable[..., Any]] = Registry("import", adapter="flax")
+CAPTURE_PRIMITIVES: Registry[Callable[..., Any]] = Registry("import", adapter="flax")
 # ONNX op type -> builder(emitter, node, args) -> interop.emitter.Native or None (emit side:
 # emit_layers.py, emit_recurrent.py; registered when adapters/flax/emitter.py is imported)
 EMIT_LAYERS: Registry[Callable[..., Any]] = Registry("emit", adapter="flax layers")
@@ -45,7 +45,7 @@ def register_primitive(
     """
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
-        CONVERTERS.register(name, fn, replace=replace)
+        CAPTURE_PRIMITIVES.register(name, fn, replace=replace)
         return fn
 
     return decorator(converter) if converter is not None else decorator
@@ -93,12 +93,12 @@ class FlaxAdapter:
         )
 
     def trace(self, model: Any, example_inputs: Any, **options: Any) -> Any:
-        from .importer import trace_model
+        from .capture import trace_model
 
         return trace_model(model, example_inputs, **options)
 
     def run_source(self, model: Any, example_inputs: Any) -> list[tuple[str, Any]]:
-        from .importer import run_model
+        from .capture import run_model
 
         return run_model(model, example_inputs)
 

@@ -1,10 +1,11 @@
 """Flax / JAX model -> interop.Graph: trace a jaxpr with symbolic shapes, then walk it.
 
-1. `capture` turns the model into ``fn(params, *inputs)`` with named weights (capture.py).
+1. `capture` turns the model into ``fn(params, *inputs)`` with named weights (capture_modules.py).
 2. ``jax.make_jaxpr`` traces it on `jax.ShapeDtypeStruct`s whose batch axis (and any
    axis named in ``dynamic_dims``) is a `jax.export` symbolic dim, so the graph is
    dynamic by construction rather than re-specialised afterwards.
-3. The walk (lowering.py + ops_*.py) emits ONNX nodes with scope and source line.
+3. The walk (capture_lowering.py + capture_ops_*.py) emits ONNX nodes with scope and
+   source line.
 4. Provenance (layers, parameter kinds, source) is written with `interop.provenance`.
 """
 
@@ -24,9 +25,16 @@ from interop.errors import InteropError, TraceError
 from interop.graph import Graph
 from interop.structure import flatten_outputs
 
-from . import capture_recurrent, is_linen_module, is_nnx_module, ops_basic, ops_control, ops_nn  # noqa: F401  (register the converters)
-from .capture import Capture, capture_function, capture_linen, capture_nnx, closure_names
-from .lowering import OPSET, Lowering, walk
+from . import (  # noqa: F401  (register the converters)
+    capture_ops_basic,
+    capture_ops_control,
+    capture_ops_nn,
+    capture_recurrent,
+    is_linen_module,
+    is_nnx_module,
+)
+from .capture_lowering import OPSET, Lowering, walk
+from .capture_modules import Capture, capture_function, capture_linen, capture_nnx, closure_names
 
 
 def capture(model: Any) -> Capture:

@@ -5,7 +5,7 @@ Traced as written, Flax's layers reach the jaxpr as arithmetic: an inference Bat
 its mean/variance reductions, and Conv/Linear add ``reshape(bias)`` after the
 convolution's output transpose. Emitters then see generic ops, not layers. While a model
 is traced, the calls of these modules bind primitives of their own instead (the hooks
-are called from the capture's module wrappers, capture.py), whose converters emit:
+are called from the capture's module wrappers, capture_modules.py), whose converters emit:
 
 * ``nnx.BatchNorm`` / ``nn.BatchNorm`` on running averages, features on the last axis ->
   ``interop_batch_norm`` -> Transpose to channels-first + ONNX ``BatchNormalization``

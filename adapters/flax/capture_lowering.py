@@ -1,12 +1,12 @@
 """The jaxpr walk: one `Lowering` turns a (closed) jaxpr into onnx_ir nodes.
 
 Each equation is handed to the converter registered for its primitive in
-`interop.adapters.flax.CONVERTERS`; converters receive the `Lowering` (to emit nodes and
+`interop.adapters.flax.CAPTURE_PRIMITIVES`; converters receive the `Lowering` (to emit nodes and
 constants), the equation and its inputs as `onnx_ir.Value`s, and return one value per
 equation output. The walk owns what converters should not care about:
 
 * provenance: every node gets ``interop.scope`` (the innermost module marker on the
-  equation's JAX name stack, see `capture.MARK`) and ``interop.location`` (the innermost
+  equation's JAX name stack, see `capture_modules.MARK`) and ``interop.location`` (the innermost
   non-JAX frame JAX recorded for the equation);
 * value types: outputs are typed from the equation's abstract values, with symbolic
   dims (``batch``) kept as ONNX symbolic dims;
@@ -31,9 +31,9 @@ from jax._src import source_info_util
 from interop import provenance
 from interop.errors import TraceError, UnsupportedOpError
 
-from . import CONVERTERS
+from . import CAPTURE_PRIMITIVES
 
-MARK = "interop:"  # prefix of the jax.named_scope that capture.py opens per module call
+MARK = "interop:"  # prefix of the jax.named_scope that capture_modules.py opens per module call
 OPSET = 18
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -234,7 +234,7 @@ class Lowering:
         self.location = self._location_of(eqn)
         name = eqn.primitive.name
         self.primitive = name
-        converter = CONVERTERS.get(name)
+        converter = CAPTURE_PRIMITIVES.get(name)
         if converter is None:
             raise UnsupportedOpError(
                 name,
@@ -242,7 +242,7 @@ class Lowering:
                 adapter="flax",
                 layer=self.scope,
                 location=self.location,
-                close_matches=CONVERTERS.close_matches(name),
+                close_matches=CAPTURE_PRIMITIVES.close_matches(name),
                 detail=f"JAX primitive with params {sorted(eqn.params)}"
                 if eqn.params
                 else "JAX primitive",

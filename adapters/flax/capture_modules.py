@@ -41,8 +41,8 @@ from interop import provenance
 
 from . import register_primitive
 from .capture_layers import linen_layer_call, nnx_layer_call
+from .capture_lowering import MARK
 from .capture_recurrent import rnn_call
-from .lowering import MARK
 
 # ---------------------------------------------------------------------- dropout marker
 dropout_p = Primitive("interop_dropout")

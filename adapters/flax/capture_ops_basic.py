@@ -1,6 +1,6 @@
 """Converters for elementwise, comparison, cast, shape and reduction primitives.
 
-Each converter is ``(low, eqn, *inputs) -> value(s)``; see `lowering.Lowering`. JAX
+Each converter is ``(low, eqn, *inputs) -> value(s)``; see `capture_lowering.Lowering`. JAX
 has already made broadcasting explicit (``broadcast_in_dim``), so binary ops see
 operands of equal shape and ONNX's own broadcasting is never relied on for meaning.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import register_primitive as reg
-from .lowering import is_static
+from .capture_lowering import is_static
 
 _UNARY = {
     "neg": "Neg", "exp": "Exp", "log": "Log", "tanh": "Tanh", "logistic": "Sigmoid",

@@ -1,10 +1,10 @@
 """Keras 3 adapter: any `keras.Model` or `keras.layers.Layer` -> `interop.Graph`.
 
-The importer walks the Keras graph itself (Functional / Sequential graphs as they
+The capture walks the Keras graph itself (Functional / Sequential graphs as they
 are; subclassed models and custom layers by calling their ``call`` on symbolic
 KerasTensors, which records the sub-layer calls and ``keras.ops`` operations they
 make) and lowers each layer with a converter registered here. Importing this
-package does not import Keras; the importer does, on first use.
+package does not import Keras; the capture module does, on first use.
 
 Add a converter for a layer class the adapter does not know (the function receives
 the `Builder`, the layer, then the call's arguments as `Tensor`s):
@@ -22,26 +22,26 @@ from typing import Any
 from interop.registry import Registry
 
 # Keras layer class name ("Conv2D") -> converter(builder, layer, *args, **kwargs)
-LAYERS: Registry[Any] = Registry("import", adapter="keras")
+CAPTURE_LAYERS: Registry[Any] = Registry("import", adapter="keras")
 # keras.ops operation class name ("Matmul") -> converter(builder, op, *args, **kwargs)
-OPS: Registry[Any] = Registry("import", adapter="keras")
+CAPTURE_OPS: Registry[Any] = Registry("import", adapter="keras")
 
 
 def register_layer(class_name: str | type, function: Any = None, *, replace: bool = False) -> Any:
     """Register a converter for a Keras layer class (by class or class name).
 
     The converter is called as ``fn(builder, layer, *args, **kwargs)`` with the
-    layer's call arguments as `interop.adapters.keras.builder.Tensor` values and
+    layer's call arguments as `interop.adapters.keras.capture_lowering.Tensor` values and
     returns an ``onnx_ir.Value`` (or a Tensor, or a list of them for several outputs).
     """
     key = class_name if isinstance(class_name, str) else class_name.__name__
-    return LAYERS.register(key, function, replace=replace)
+    return CAPTURE_LAYERS.register(key, function, replace=replace)
 
 
 def register_op(class_name: str | type, function: Any = None, *, replace: bool = False) -> Any:
     """Register a converter for a ``keras.ops`` operation class (e.g. ``"Matmul"``)."""
     key = class_name if isinstance(class_name, str) else class_name.__name__
-    return OPS.register(key, function, replace=replace)
+    return CAPTURE_OPS.register(key, function, replace=replace)
 
 
 def _is_keras(model: Any) -> bool:
@@ -60,12 +60,12 @@ class KerasAdapter:
         return _is_keras(model)
 
     def trace(self, model: Any, example_inputs: Any, **options: Any) -> Any:
-        from .importer import trace_model
+        from .capture import trace_model
 
         return trace_model(model, example_inputs, **options)
 
     def run_source(self, model: Any, example_inputs: Any) -> list[tuple[str, Any]]:
-        from .importer import run_model
+        from .capture import run_model
 
         return run_model(model, example_inputs)
 

@@ -17,9 +17,17 @@ import numpy as np
 from keras import ops
 
 from interop.backend import ceil_mode_pads, numpy_backend
-from interop.errors import UnsupportedOpError
 
-from .windows import (
+from .backend_dtypes import (  # noqa: F401  (re-exported: the emit side imports them from here)
+    CARRIERS,
+    as_dtype,
+    emulated,
+    from_carrier,
+    is_host,
+    keras_dtype,
+    to_carrier,
+)
+from .backend_windows import (
     pad_channels_first,
     to_channels_first,
     to_channels_last,
@@ -42,12 +50,6 @@ _COMPARE = {"bitwise_left_shift": ops.left_shift, "bitwise_right_shift": ops.rig
 _REDUCE = {"sum": ops.sum, "prod": ops.prod, "max": ops.max, "min": ops.min, "mean": ops.mean}
 
 
-def _host(value) -> bool:
-    return isinstance(value, (np.ndarray, np.generic, int, float, bool)) or (
-        isinstance(value, (list, tuple)) and all(_host(v) for v in value)
-    )
-
-
 def _on_host_when_possible(method):
     """Run the numpy backend's function when every array argument is still a host array."""
     name = method.__name__
@@ -55,7 +57,7 @@ def _on_host_when_possible(method):
     @functools.wraps(method)
     def dispatch(self, *args, **kwargs):
         arrays = [a for a in args if not isinstance(a, (str, type, np.dtype))]  # not dtypes
-        if all(a is None or _host(a) for a in arrays):
+        if all(a is None or is_host(a) for a in arrays):
             return getattr(numpy_backend, name)(*args, **kwargs)
         return method(self, *args, **kwargs)
 
@@ -67,66 +69,6 @@ def _int_or_none(d, keep=False):
         return int(d)
     except TypeError:  # None (static shape) or a symbolic scalar (graph mode)
         return d if keep and d is not None else None
-
-
-# ONNX dtypes Keras lacks: held in a wider carrier dtype whose values are exact (the model's
-# inputs and outputs are carriers too; `model.input_dtypes` / `output_dtypes` name the ONNX
-# dtype, `to_carrier` / `from_carrier` convert at the boundary)
-CARRIERS = {
-    np.dtype(ml_dtypes.int4): "int8",
-    np.dtype(ml_dtypes.int2): "int8",
-    np.dtype(ml_dtypes.uint4): "uint8",
-    np.dtype(ml_dtypes.uint2): "uint8",
-    np.dtype(ml_dtypes.float4_e2m1fn): "float32",
-    np.dtype(ml_dtypes.float8_e8m0fnu): "float32",
-    np.dtype(ml_dtypes.float8_e4m3fnuz): "float32",
-    np.dtype(ml_dtypes.float8_e5m2fnuz): "float32",
-    # Keras's TensorFlow backend computes uint64 arithmetic in uint32: the bits travel in
-    # int64 (numpy's wrapping casts both ways) and uint64 nodes compute on the host
-    np.dtype(np.uint64): "int64",
-}
-
-
-_BY_NAME = {dtype.name: dtype for dtype in CARRIERS}
-
-
-def as_dtype(dtype) -> np.dtype:
-    """A dtype from a dtype or its name ("int4" is ml_dtypes' int4 here, not numpy's int32)."""
-    return (
-        _BY_NAME.get(dtype, None) or np.dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
-    )
-
-
-def emulated(dtype) -> bool:
-    """Whether values of this dtype travel in a carrier (Keras has no such dtype)."""
-    return dtype is not None and as_dtype(dtype) in CARRIERS
-
-
-def keras_dtype(dtype) -> str:
-    dtype = as_dtype(dtype)
-    if dtype.kind == "O":  # ONNX strings: numpy holds them as objects, Keras as "string"
-        if keras.backend.backend() != "tensorflow":
-            raise UnsupportedOpError(
-                "string tensor",
-                direction="emit",
-                adapter="keras",
-                detail=f"Keras has string tensors on TensorFlow only, not {keras.backend.backend()}",
-                fix="emit on KERAS_BACKEND=tensorflow, or keep the string ops out of the model",
-            )
-        return "string"
-    return CARRIERS.get(dtype) or dtype.name
-
-
-def to_carrier(array):
-    """A host array of an ONNX dtype Keras lacks as its carrier (others unchanged)."""
-    array = np.asarray(array)
-    return array.astype(CARRIERS[array.dtype]) if array.dtype in CARRIERS else array
-
-
-def from_carrier(x, dtype):
-    """A carrier tensor (or array) back as a host array of its ONNX dtype."""
-    array = x if _host(x) else np.asarray(ops.convert_to_numpy(x))
-    return np.asarray(array).astype(as_dtype(dtype)) if emulated(dtype) else np.asarray(array)
 
 
 def _float(x):
@@ -185,14 +127,14 @@ class KerasBackend:
     float_dtype = np.dtype("float32")
 
     def asarray(self, value, dtype=None, like=None):
-        if _host(value):
+        if is_host(value):
             return np.asarray(value, dtype=dtype)
         if dtype is not None:
             return ops.cast(value, keras_dtype(dtype))
         return ops.convert_to_tensor(value)
 
     def to_numpy(self, x):
-        if _host(x):
+        if is_host(x):
             return np.asarray(x)
         if keras.backend.standardize_dtype(x.dtype) == "bfloat16":  # numpy cannot take it directly
             return np.asarray(ops.convert_to_numpy(ops.cast(x, "float32"))).astype(
@@ -204,12 +146,12 @@ class KerasBackend:
         # a dim unknown while tracing (tf.function over batches of any size) is a symbolic
         # scalar from ops.shape: ops that need only the rank or known dims work as usual,
         # and the shape ops carry it on as a tensor (interop.ops.shape.concrete)
-        if _host(x):
+        if is_host(x):
             return tuple(int(d) for d in np.shape(x))
         return tuple(d if isinstance(d, int) else _int_or_none(d, keep=True) for d in ops.shape(x))
 
     def is_concrete(self, value):
-        if _host(value):
+        if is_host(value):
             return True
         try:
             ops.convert_to_numpy(value)
@@ -221,7 +163,7 @@ class KerasBackend:
         return ops.stack([ops.cast(d, "int64") for d in dims])
 
     def dtype(self, x):
-        return np.asarray(x).dtype if _host(x) else _dtype(x)
+        return np.asarray(x).dtype if is_host(x) else _dtype(x)
 
     @_on_host_when_possible
     def astype(self, x, dtype):
@@ -330,13 +272,13 @@ class KerasBackend:
         return numpy_backend.arange(start, stop, step, dtype)
 
     def full(self, shape, value, dtype, like=None):
-        if not _host(shape):  # a run-time shape of a graph being traced
+        if not is_host(shape):  # a run-time shape of a graph being traced
             return ops.full(ops.cast(shape, "int32"), value, dtype=keras_dtype(np.dtype(dtype)))
         return numpy_backend.full(shape, value, dtype)
 
     @_on_host_when_possible
     def reshape(self, x, shape):
-        if not _host(shape):  # a run-time shape of a graph being traced
+        if not is_host(shape):  # a run-time shape of a graph being traced
             return ops.reshape(x, ops.cast(shape, "int32"))
         return ops.reshape(x, tuple(int(d) for d in shape))
 
@@ -349,17 +291,17 @@ class KerasBackend:
         return ops.broadcast_to(x, tuple(int(d) for d in shape))
 
     def concat(self, arrays, axis):
-        if _host(list(arrays)):
+        if is_host(list(arrays)):
             return numpy_backend.concat(arrays, axis)
         return ops.concatenate([ops.convert_to_tensor(a) for a in arrays], axis)
 
     def stack(self, arrays, axis):
-        if _host(list(arrays)):
+        if is_host(list(arrays)):
             return numpy_backend.stack(arrays, axis)
         return ops.stack([ops.convert_to_tensor(a) for a in arrays], axis)
 
     def getitem(self, x, key):
-        if _host(x):
+        if is_host(x):
             return numpy_backend.getitem(x, key)
         key = key if isinstance(key, tuple) else (key,)
         dims = self.shape(x)
@@ -392,7 +334,7 @@ class KerasBackend:
         return x
 
     def setitem(self, x, key, value, reduction="none"):
-        if _host(x) and _host(value):
+        if is_host(x) and is_host(value):
             return numpy_backend.setitem(x, key, value, reduction)
         x = ops.convert_to_tensor(x)
         dims = self.shape(x)
@@ -443,7 +385,7 @@ class KerasBackend:
         return ops.tile(x, tuple(int(r) for r in repeats))
 
     def pad(self, x, pad_width, mode="constant", value=0):
-        if _host(x):
+        if is_host(x):
             return numpy_backend.pad(x, pad_width, mode, value)
         width = [(int(lo), int(hi)) for lo, hi in pad_width]
         if mode == "constant":
@@ -501,7 +443,7 @@ class KerasBackend:
         return ops.matmul(a, b)
 
     def einsum(self, equation, *operands):
-        if _host(list(operands)):
+        if is_host(list(operands)):
             return numpy_backend.einsum(equation, *operands)
         return ops.einsum(equation, *operands)
 
@@ -593,7 +535,7 @@ class KerasBackend:
     def pool(
         self, kind, x, kernel, strides, pads, dilations, ceil_mode, count_include_pad=False, p=2
     ):
-        if _host(x):
+        if is_host(x):
             return numpy_backend.pool(
                 kind, x, kernel, strides, pads, dilations, ceil_mode, count_include_pad, p
             )

@@ -18,7 +18,8 @@ import numpy as np
 import onnx_ir as ir
 
 from . import register_layer, register_op
-from .builder import Builder, Tensor
+from .capture_lowering import Builder, Tensor
+from .capture_walk import lower_layer
 
 # Keras's DotProductAttention fills masked logits with -0.7 * float32 max; the Softmax
 # layer (the explicit-scores path) adds -1e9 instead. Both give exp() == 0.
@@ -32,8 +33,6 @@ def _value(x: Any) -> ir.Value:
 
 def _sublayer(b: Builder, layer: Any, x: Any) -> Tensor:
     """Lower a call of a projection sub-layer in its own scope (``<layer>/<sub>``)."""
-    from .importer import lower_layer
-
     path = f"{b.scope}/{layer.name}" if b.scope else layer.name
     x = x if isinstance(x, Tensor) else Tensor(x, (None,))
     out = lower_layer(b, layer, path, [x], {})
@@ -156,7 +155,7 @@ def import_dot_product_attention(
     scale: Any = None,
 ) -> ir.Value:
     """keras.ops.dot_product_attention (bias, mask, causal, scale, soft cap, GQA heads)."""
-    from .ops import value as as_value
+    from .capture_ops import value as as_value
 
     if getattr(op, "flash_attention", None):
         raise ValueError("flash_attention=True cannot be exported; pass flash_attention=False")

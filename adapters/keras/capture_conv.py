@@ -12,17 +12,17 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from . import LAYERS
-from .builder import Builder, Tensor
-from .layers import activation
-from .layers import weight as kernel_weight
+from . import CAPTURE_LAYERS
+from .capture_layers import activation
+from .capture_layers import weight as kernel_weight
+from .capture_lowering import Builder, Tensor
 
 
 def _tuple(value: Any, n: int) -> list[int]:
     return [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)] * n
 
 
-def _padding_attrs(
+def padding_attrs(
     x: Tensor, padding: str, kernel: list[int], strides: list[int], dilation: list[int]
 ) -> dict:
     spatial = list(x.shape[1:-1])
@@ -70,7 +70,7 @@ def import_conv(b: Builder, layer: Any, x: Tensor, **_: Any) -> ir.Value:
     if padding == "causal":
         y, padding = _causal_pad(b, y, layer, kernel, dilation), "valid"
     attrs = {"strides": strides, "dilations": dilation, "group": int(getattr(layer, "groups", 1)),
-             **_padding_attrs(x, padding, kernel, strides, dilation)}  # fmt: skip
+             **padding_attrs(x, padding, kernel, strides, dilation)}  # fmt: skip
     inputs = [y, weight] + ([b.variable(layer.bias)] if layer.use_bias else [])
     y = b.op("Conv", inputs, attrs)
     return activation(b, b.to_channels_last(y, x.rank), layer.activation)
@@ -90,7 +90,7 @@ def import_depthwise_conv(b: Builder, layer: Any, x: Tensor, **_: Any) -> ir.Val
     dilation = _tuple(layer.dilation_rate, n)
     channels = int(x.shape[-1])
     attrs = {"strides": strides, "dilations": dilation, "group": channels,
-             **_padding_attrs(x, layer.padding, kernel, strides, dilation)}  # fmt: skip
+             **padding_attrs(x, layer.padding, kernel, strides, dilation)}  # fmt: skip
     inputs = [_channels_first(b, x), _depthwise_weight(b, layer.kernel, n)]
     if layer.use_bias:
         inputs.append(b.variable(layer.bias))
@@ -105,7 +105,7 @@ def import_separable_conv(b: Builder, layer: Any, x: Tensor, **_: Any) -> ir.Val
     dilation = _tuple(layer.dilation_rate, n)
     channels = int(x.shape[-1])
     attrs = {"strides": strides, "dilations": dilation, "group": channels,
-             **_padding_attrs(x, layer.padding, kernel, strides, dilation)}  # fmt: skip
+             **padding_attrs(x, layer.padding, kernel, strides, dilation)}  # fmt: skip
     y = b.op(
         "Conv", [_channels_first(b, x), _depthwise_weight(b, layer.depthwise_kernel, n)], attrs
     )
@@ -153,11 +153,11 @@ def _transpose_same_pads(kernel: list[int], strides: list[int]) -> list[int]:
 
 
 for _n in (1, 2, 3):
-    LAYERS.register(f"Conv{_n}D", import_conv)
-    LAYERS.register(f"Conv{_n}DTranspose", import_conv_transpose)
+    CAPTURE_LAYERS.register(f"Conv{_n}D", import_conv)
+    CAPTURE_LAYERS.register(f"Conv{_n}DTranspose", import_conv_transpose)
 for _n in (1, 2):
-    LAYERS.register(f"DepthwiseConv{_n}D", import_depthwise_conv)
-    LAYERS.register(f"SeparableConv{_n}D", import_separable_conv)
+    CAPTURE_LAYERS.register(f"DepthwiseConv{_n}D", import_depthwise_conv)
+    CAPTURE_LAYERS.register(f"SeparableConv{_n}D", import_separable_conv)
 
 
 # ---------------------------------------------------------------------------- pooling
@@ -167,7 +167,7 @@ def _pool(op_type: str):
         n = x.rank - 2
         kernel, strides = _tuple(layer.pool_size, n), _tuple(layer.strides or layer.pool_size, n)
         attrs = {"kernel_shape": kernel, "strides": strides,
-                 **_padding_attrs(x, layer.padding, kernel, strides, [1] * n)}  # fmt: skip
+                 **padding_attrs(x, layer.padding, kernel, strides, [1] * n)}  # fmt: skip
         if op_type == "AveragePool":
             attrs["count_include_pad"] = 0  # TF averages over the valid pixels only
         y = b.op(op_type, [_channels_first(b, x)], attrs)
@@ -195,9 +195,9 @@ def _global_pool(reduce: str):
 
 
 for _n in (1, 2, 3):
-    LAYERS.register(f"MaxPooling{_n}D", _pool("MaxPool"))
-    LAYERS.register(f"AveragePooling{_n}D", _pool("AveragePool"))
-    LAYERS.register(f"GlobalAveragePooling{_n}D", _global_pool("ReduceMean"))
-    LAYERS.register(f"GlobalMaxPooling{_n}D", _global_pool("ReduceMax"))
+    CAPTURE_LAYERS.register(f"MaxPooling{_n}D", _pool("MaxPool"))
+    CAPTURE_LAYERS.register(f"AveragePooling{_n}D", _pool("AveragePool"))
+    CAPTURE_LAYERS.register(f"GlobalAveragePooling{_n}D", _global_pool("ReduceMean"))
+    CAPTURE_LAYERS.register(f"GlobalMaxPooling{_n}D", _global_pool("ReduceMax"))
 
 _ = np  # numpy is used by the helpers above through b.ints

@@ -32,9 +32,9 @@ import onnx_ir as ir
 from keras.src.ops.operation import Operation
 
 from . import register_op
-from .builder import Builder, Tensor
-from .ops import value
-from .ops_more import import_arange
+from .capture_lowering import Builder, Tensor, onnx_dtype
+from .capture_ops import value
+from .capture_ops_arrays import import_arange
 
 KerasTensor = keras.KerasTensor
 _BIG = np.iinfo(np.int64).max
@@ -323,8 +323,6 @@ def import_shaped(b: Builder, op: Any, *tensors: Any) -> Any:
 
 
 def _onnx(dtype: str) -> ir.DataType:
-    from .builder import onnx_dtype
-
     return onnx_dtype(dtype)
 
 

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from . import LAYERS, register_layer
-from .builder import Builder, Tensor
+from . import CAPTURE_LAYERS, register_layer
+from .capture_lowering import Builder, Tensor
 
 # ---------------------------------------------------------------------------- activations
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
@@ -214,7 +214,7 @@ for _name in (
     "ActivityRegularization",
     "Identity",
 ):
-    LAYERS.register(_name, _identity)
+    CAPTURE_LAYERS.register(_name, _identity)
 
 
 @register_layer("Dropout")
@@ -309,7 +309,7 @@ def _merge(op_type: str):
 
 
 for _name, _op in (("Add", "Add"), ("Multiply", "Mul"), ("Maximum", "Max"), ("Minimum", "Min")):
-    LAYERS.register(_name, _merge(_op))
+    CAPTURE_LAYERS.register(_name, _merge(_op))
 
 
 @register_layer("Subtract")
@@ -388,8 +388,12 @@ def _crop(b: Builder, layer: Any, x: Tensor, spatial: int) -> ir.Value:
 
 
 for _n in (1, 2, 3):
-    LAYERS.register(f"ZeroPadding{_n}D", lambda b, layer, x, _s=_n, **_: _zero_pad(b, layer, x, _s))
-    LAYERS.register(f"Cropping{_n}D", lambda b, layer, x, _s=_n, **_: _crop(b, layer, x, _s))
+    CAPTURE_LAYERS.register(
+        f"ZeroPadding{_n}D", lambda b, layer, x, _s=_n, **_: _zero_pad(b, layer, x, _s)
+    )
+    CAPTURE_LAYERS.register(
+        f"Cropping{_n}D", lambda b, layer, x, _s=_n, **_: _crop(b, layer, x, _s)
+    )
 
 
 @register_layer("UpSampling2D")

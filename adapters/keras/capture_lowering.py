@@ -1,7 +1,7 @@
 """The lowering context: builds ONNX nodes with onnx_ir while walking a Keras graph.
 
-Converters (see `layers.py`, `ops.py`, `recurrent.py`) receive a `Builder` and
-`Tensor`s and call `b.op("Conv", [x, w], {"group": 2})`. The builder stamps every
+Converters (see `capture_layers.py`, `capture_ops.py`, `capture_recurrent.py`) receive
+a `Builder` and `Tensor`s and call `b.op("Conv", [x, w], {"group": 2})`. The builder stamps every
 node with the current layer scope (``interop.scope``), names weights after their Keras
 variable path, deduplicates constants and cancels Transpose pairs made by the
 NHWC <-> NCHW wrapping of convolutions, so the layout shims cost nothing at run time.
@@ -140,7 +140,7 @@ class Builder:
         """The initializer of a Keras variable, named after its path (made once per variable)."""
         if id(var) in self._variables:
             return self._variables[id(var)]
-        array = np.array(_to_numpy(var))
+        array = np.array(to_numpy(var))
         name = str(getattr(var, "path", None) or getattr(var, "name", "weight"))
         while name in self.initializers:  # two variables built under the same path
             name += "_"
@@ -190,7 +190,8 @@ class Builder:
         return self.transpose(x, [0, *range(2, rank), 1])
 
 
-def _to_numpy(value: Any) -> np.ndarray:
+def to_numpy(value: Any) -> np.ndarray:
+    """A Keras tensor or variable (any backend) as a NumPy array."""
     import keras
 
     if hasattr(value, "value") and hasattr(value, "path"):  # a keras.Variable

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from . import OPS, register_op
-from .builder import Builder, Tensor, _to_numpy, onnx_dtype
-from .layers import activation
+from . import CAPTURE_OPS, register_op
+from .capture_layers import activation
+from .capture_lowering import Builder, Tensor, onnx_dtype, to_numpy
 
 
 def value(b: Builder, arg: Any, dtype: str = "float32") -> ir.Value:
@@ -34,19 +34,32 @@ def value(b: Builder, arg: Any, dtype: str = "float32") -> ir.Value:
             else np.float32
         )
         return b.const(np.asarray(arg, dtype=kind))
-    return b.const(np.asarray(_to_numpy(arg)))
+    return b.const(np.asarray(to_numpy(arg)))
 
 
-def _dtype_of(*args: Any) -> str:
+def dtype_of(*args: Any) -> str:
+    """The dtype of the first Tensor among `args` (float32 when none is)."""
     for a in args:
         if isinstance(a, Tensor):
             return a.dtype
     return "float32"
 
 
+def static_axes(axis: Any) -> list[int] | None:
+    """An op's ``axis`` attribute (None, an int or a sequence) as a list of ints."""
+    if axis is None:
+        return None
+    return [int(a) for a in axis] if isinstance(axis, list | tuple) else [int(axis)]
+
+
+def flat(b: Builder, x: ir.Value) -> ir.Value:
+    """`x` reshaped to one dimension."""
+    return b.op("Reshape", [x, b.ints([-1])])
+
+
 def _binary(op_type: str):
     def convert(b: Builder, op: Any, x: Any, y: Any) -> ir.Value:
-        dtype = _dtype_of(x, y)
+        dtype = dtype_of(x, y)
         return b.op(op_type, [value(b, x, dtype), value(b, y, dtype)])
 
     return convert
@@ -65,7 +78,7 @@ for _name, _op in {
     "Greater": "Greater", "Less": "Less", "Equal": "Equal", "GreaterEqual": "GreaterOrEqual",
     "LessEqual": "LessOrEqual", "LogicalAnd": "And", "LogicalOr": "Or",
 }.items():  # fmt: skip
-    OPS.register(_name, _binary(_op))
+    CAPTURE_OPS.register(_name, _binary(_op))
 
 for _name, _op in {
     "Relu": "Relu", "Sigmoid": "Sigmoid", "Tanh": "Tanh", "Exp": "Exp", "Log": "Log", "Sqrt": "Sqrt",
@@ -73,12 +86,12 @@ for _name, _op in {
     "Softplus": "Softplus", "Sin": "Sin", "Cos": "Cos", "LogicalNot": "Not", "Sign": "Sign",
     "Reciprocal": "Reciprocal",
 }.items():  # fmt: skip
-    OPS.register(_name, _unary(_op))
+    CAPTURE_OPS.register(_name, _unary(_op))
 
 
 @register_op("NotEqual")
 def import_not_equal(b: Builder, op: Any, x: Any, y: Any) -> ir.Value:
-    dtype = _dtype_of(x, y)
+    dtype = dtype_of(x, y)
     return b.op("Not", [b.op("Equal", [value(b, x, dtype), value(b, y, dtype)])])
 
 
@@ -96,8 +109,8 @@ def _reduce_bool(op_type: str):
     return convert
 
 
-OPS.register("Any", _reduce_bool("ReduceMax"))
-OPS.register("All", _reduce_bool("ReduceMin"))
+CAPTURE_OPS.register("Any", _reduce_bool("ReduceMax"))
+CAPTURE_OPS.register("All", _reduce_bool("ReduceMin"))
 
 
 @register_op("Square")
@@ -136,7 +149,7 @@ def import_softmax(b: Builder, op: Any, x: Any) -> ir.Value:
 
 @register_op("Clip")
 def import_clip(b: Builder, op: Any, x: Any) -> ir.Value:
-    dtype = _dtype_of(x)
+    dtype = dtype_of(x)
     return b.op("Clip", [value(b, x), value(b, op.x_min, dtype), value(b, op.x_max, dtype)])
 
 
@@ -147,7 +160,7 @@ def import_cast(b: Builder, op: Any, x: Any) -> ir.Value:
 
 @register_op("Where")
 def import_where(b: Builder, op: Any, condition: Any, x: Any = None, y: Any = None) -> ir.Value:
-    dtype = _dtype_of(x, y)
+    dtype = dtype_of(x, y)
     cond = b.op("Cast", [value(b, condition)], {"to": ir.DataType.BOOL})
     return b.op("Where", [cond, value(b, x, dtype), value(b, y, dtype)])
 
@@ -165,7 +178,7 @@ def _reduce(op_type: str):
 
 for _name, _op in {"Mean": "ReduceMean", "Sum": "ReduceSum", "Max": "ReduceMax", "Min": "ReduceMin",
                    "Prod": "ReduceProd"}.items():  # fmt: skip
-    OPS.register(_name, _reduce(_op))
+    CAPTURE_OPS.register(_name, _reduce(_op))
 
 
 @register_op("Reshape")
@@ -197,7 +210,7 @@ def import_squeeze(b: Builder, op: Any, x: Any) -> ir.Value:
 
 @register_op("Concatenate")
 def import_concatenate(b: Builder, op: Any, xs: Any) -> ir.Value:
-    dtype = _dtype_of(*xs)
+    dtype = dtype_of(*xs)
     return b.op("Concat", [value(b, x, dtype) for x in xs], {"axis": int(op.axis)})
 
 

@@ -19,9 +19,9 @@ import onnx_ir as ir
 from interop.errors import UnsupportedOpError
 
 from . import register_op
-from .builder import Builder, Tensor
-from .conv import _padding_attrs
-from .ops import value
+from .capture_conv import padding_attrs
+from .capture_lowering import Builder, Tensor
+from .capture_ops import value
 
 
 def _unsupported(op: Any, detail: str) -> UnsupportedOpError:
@@ -58,7 +58,7 @@ def import_extract_patches(b: Builder, op: Any, images: Any) -> ir.Value:
         "kernel_shape": [ph, pw],
         "strides": strides,
         "dilations": dilation,
-        **_padding_attrs(x, str(op.padding).lower(), [ph, pw], strides, dilation),
+        **padding_attrs(x, str(op.padding).lower(), [ph, pw], strides, dilation),
     }
     y = b.op("Conv", [b.to_channels_first(x.value, 4), weight], attrs)
     return b.to_channels_last(y, 4)

@@ -1,8 +1,8 @@
 """Converters for recurrent layers: SimpleRNN, GRU, LSTM (and ``RNN`` of their cells), Bidirectional.
 
 A layer whose configuration the ONNX LSTM / GRU / RNN op expresses (default activations,
-no mask; `recurrent_ops.expressible`) becomes one such node, a Bidirectional pair one
-direction="bidirectional" node. Any other becomes one ONNX ``Scan`` over the time axis, so
+no mask; `capture_recurrent_ops.expressible`) becomes one such node, a Bidirectional pair
+one direction="bidirectional" node. Any other becomes one ONNX ``Scan`` over the time axis, so
 any sequence length works, with the input projection ``x @ kernel + bias`` done once for
 all steps outside the loop.
 Masks follow Keras's backend ``rnn`` exactly: at a masked step the states keep their
@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from . import LAYERS
-from .builder import Builder, Tensor
-from .layers import activation
-from .recurrent_ops import expressible, matching_pair, run_onnx_rnn
+from . import CAPTURE_LAYERS
+from .capture_layers import activation
+from .capture_lowering import Builder, Tensor
+from .capture_recurrent_ops import expressible, matching_pair, run_onnx_rnn
 
 _FLOAT = ir.TensorType(ir.DataType.FLOAT)
 
@@ -212,7 +212,7 @@ def import_rnn(
 
 
 for _name in ("SimpleRNN", "GRU", "LSTM", "RNN"):
-    LAYERS.register(_name, import_rnn)
+    CAPTURE_LAYERS.register(_name, import_rnn)
 
 
 def _flip_time(b: Builder, y: ir.Value) -> ir.Value:
@@ -220,7 +220,7 @@ def _flip_time(b: Builder, y: ir.Value) -> ir.Value:
     return b.op("Slice", [y, b.ints([-1]), b.ints([-big]), b.ints([1]), b.ints([-1])])
 
 
-@LAYERS.register("Bidirectional")
+@CAPTURE_LAYERS.register("Bidirectional")
 def import_bidirectional(
     b: Builder, layer: Any, x: Tensor, initial_state: Any = None, mask: Any = None, **_: Any
 ) -> Any:

@@ -2,7 +2,7 @@
 
 Used where the layer's configuration is what the ONNX op computes: the default activations
 (tanh, and sigmoid for the gates; SimpleRNN also relu / sigmoid), no mask, not stateful,
-float32. Everything else keeps the Scan of `recurrent.py`. The node's W / R / B are computed
+float32. Everything else keeps the Scan of `capture_recurrent.py`. The node's W / R / B are computed
 from the Keras variables by ONNX nodes (Split / Concat / Transpose / Unsqueeze), so the
 graph keeps the source variables with their names and kinds; `interop.packing` folds them
 into initializers for the emitters. Gate orders: Keras LSTM i,f,c,o -> ONNX i,o,f,c; GRU
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from .builder import Builder, Tensor
+from .capture_lowering import Builder, Tensor
 
 # cell class -> (ONNX op, gates, ONNX gate blocks as indices into Keras's blocks)
 _CELLS = {

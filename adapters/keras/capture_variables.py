@@ -1,6 +1,6 @@
 """Keras variables as symbolic inputs while a layer's ``call`` runs on KerasTensors.
 
-`importer._lower_by_symbolic_call` opens a layer up by calling its ``call`` on
+`capture_walk._lower_by_symbolic_call` opens a layer up by calling its ``call`` on
 KerasTensors; Keras records an op only when one of its operands is symbolic. An op
 on variables alone (PReLU's ``-self.alpha``, GroupNormalization's
 ``ops.reshape(self.gamma, ...)``) would run eagerly and reach the graph as a folded

@@ -1,6 +1,6 @@
 """PyTorch adapter: `torch.nn.Module` -> `interop.Graph` through torch.onnx's export path.
 
-Importing this package does not import torch; the importer does, on first use.
+Importing this package does not import torch; the capture module does, on first use.
 
 Unsupported aten ops can be given an ONNX translation (an onnxscript function), which
 `interop.trace` passes to torch.onnx as a custom translation:
@@ -17,14 +17,14 @@ from typing import Any
 from interop.registry import Registry
 
 # aten op name ("aten::cummax") -> (op overload, onnxscript function)
-IMPORTERS: Registry[tuple[Any, Any]] = Registry("import", adapter="torch")
+CAPTURE_OPS: Registry[tuple[Any, Any]] = Registry("import", adapter="torch")
 
 
 def register_op(op_overload: Any, function: Any = None, *, replace: bool = False) -> Any:
     """Register an onnxscript function as the ONNX translation of a torch op overload."""
 
     def decorator(fn: Any) -> Any:
-        IMPORTERS.register(str(op_overload.name()), (op_overload, fn), replace=replace)
+        CAPTURE_OPS.register(str(op_overload.name()), (op_overload, fn), replace=replace)
         return fn
 
     return decorator(function) if function is not None else decorator
@@ -47,17 +47,17 @@ class TorchAdapter:
         return _is_torch_module(model) and not _is_keras(model)
 
     def trace(self, model: Any, example_inputs: Any, **options: Any) -> Any:
-        from .importer import trace_module
+        from .capture import trace_module
 
         return trace_module(model, example_inputs, **options)
 
     def input_feeds(self, model: Any, example_inputs: Any) -> dict[str, Any]:
-        from .importer import input_feeds
+        from .capture import input_feeds
 
         return input_feeds(model, example_inputs)
 
     def run_source(self, model: Any, example_inputs: Any) -> list[tuple[str, Any]]:
-        from .importer import run_module
+        from .capture import run_module
 
         return run_module(model, example_inputs)
 

@@ -3,14 +3,13 @@
 torch.export captures the module (non-strict mode, dynamic batch by default);
 torch.onnx translates the exported program with ``optimize=False`` so that
 BatchNormalization stays unfused and every node keeps the module path and class
-that produced it. This module then rewrites that provenance into interop's own key
-scheme, names parameters, outputs and symbolic dims after the source, and turns
-the Identity that eval-mode dropout becomes back into an ONNX Dropout node.
+that produced it. capture_provenance.py then rewrites that provenance into interop's
+own key scheme, names parameters, outputs and symbolic dims after the source, and
+turns the Identity that eval-mode dropout becomes back into an ONNX Dropout node.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import inspect
 import io
@@ -22,7 +21,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
-import onnx_ir as ir
 import torch
 
 from interop import provenance
@@ -31,13 +29,18 @@ from interop.graph import Graph
 from interop.progress import progress
 from interop.structure import flatten_outputs
 
-from . import IMPORTERS
-from .returns import ModuleReturns
+from . import CAPTURE_OPS
+from .capture_provenance import (
+    TORCH_DIR,
+    fx_provenance,
+    name_outputs,
+    record_provenance,
+    rename_dims,
+    restore_dropout,
+)
+from .capture_returns import ModuleReturns
 
-_TORCH_DIR = torch.__file__.rsplit("/", 1)[0]
-_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 _FAILED_TARGET = re.compile(r"target=torch\.ops\.([\w.]+?)\.(\w+)\]?\(|OpOverload\(op='([\w.]+)'")
-_TORCH_KEYS = ("pkg.torch.onnx.", "namespace")
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -136,10 +139,10 @@ def trace_module(
     next(steps)
     model = program.model
     returned = returns.resolve(exported, program)
-    _record_provenance(model, module)
-    _rename_dims(model, dims)
-    _name_outputs(model, output_names)
-    _restore_dropout(model, module)
+    record_provenance(model, module)
+    rename_dims(model, dims)
+    name_outputs(model, output_names)
+    restore_dropout(model, module)
     # names are final now: each module's return values, recorded during the export
     provenance.write_layers(model, provenance.with_returns(provenance.read_layers(model), returned))
     model.graph.name = type(module).__name__
@@ -325,7 +328,7 @@ def _interop_cause(err: BaseException) -> InteropError | None:
 
 def _user_location(err: BaseException) -> str | None:
     frames = [
-        f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(_TORCH_DIR)
+        f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(TORCH_DIR)
     ]
     frames = [
         f for f in frames if "/interop/" not in f.filename and "/adapters/torch/" not in f.filename
@@ -414,7 +417,7 @@ def _cached_torchlib_registry() -> Iterator[None]:
 
 
 def _to_onnx(exported: torch.export.ExportedProgram) -> Any:
-    table = {overload: fn for _, (overload, fn) in IMPORTERS.items()} or None
+    table = {overload: fn for _, (overload, fn) in CAPTURE_OPS.items()} or None
     try:
         with _cached_torchlib_registry():
             return torch.onnx.export(
@@ -430,7 +433,7 @@ def _to_onnx(exported: torch.export.ExportedProgram) -> Any:
         missing = "No ONNX function found" in text or "No decompositions registered" in text
         if match and not missing:  # a translation exists but failed on this node
             op = match.group(3) or f"{match.group(1)}.{match.group(2)}"
-            layer, location = _fx_provenance(exported, op)
+            layer, location = fx_provenance(exported, op)
             where = f" in layer '{layer}'" if layer else ""
             where += f" at {location}" if location else ""
             error: InteropError = TraceError(
@@ -441,7 +444,7 @@ def _to_onnx(exported: torch.export.ExportedProgram) -> Any:
             )
         elif match:
             op = match.group(3) or f"{match.group(1)}.{match.group(2)}"
-            layer, location = _fx_provenance(exported, op)
+            layer, location = fx_provenance(exported, op)
             base = op.rsplit(".", 1)[0] if op.count(".") > 1 else op
             error = UnsupportedOpError(
                 base.replace(".", "::", 1),
@@ -465,201 +468,3 @@ def _to_onnx(exported: torch.export.ExportedProgram) -> Any:
             )
         error.original = err  # type: ignore[attr-defined]
         raise error from None
-
-
-def _fx_provenance(
-    exported: torch.export.ExportedProgram, op: str
-) -> tuple[str | None, str | None]:
-    """Module path and user file:line of the first fx node calling `op`."""
-    for node in exported.graph.nodes:
-        if node.op == "call_function" and str(node.target).startswith(op.split(".default")[0]):
-            stack = node.meta.get("nn_module_stack") or {}
-            path = list(stack.values())[-1][0] if stack else ""
-            return _clean_path(path), _location(node.meta.get("stack_trace"))
-    return None, None
-
-
-def _clean_path(path: str) -> str:
-    path = re.sub(r"^L\['self'\]\.?", "", path)
-    return re.sub(r"\[(\d+)\]", r".\1", path).replace("._modules['", ".").replace("']", "")
-
-
-def _location(stack_trace: str | None) -> str | None:
-    if not stack_trace:
-        return None
-    frames = [(f, line) for f, line in _FRAME.findall(stack_trace) if not f.startswith(_TORCH_DIR)]
-    return f"{frames[-1][0]}:{frames[-1][1]}" if frames else None
-
-
-# ---------------------------------------------------------------------------- provenance
-def _qualname(obj: Any) -> str:
-    cls = type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _layer_records(module: torch.nn.Module) -> list[provenance.LayerRecord]:
-    records = [provenance.LayerRecord("", _qualname(module), None)]
-    stack: list[int] = []
-
-    def visit(parent: torch.nn.Module, path: str) -> None:
-        stack.append(id(parent))
-        for name, child in parent._modules.items():
-            if child is None or id(child) in stack:
-                continue
-            child_path = f"{path}.{name}" if path else name
-            records.append(provenance.LayerRecord(child_path, _qualname(child), path))
-            visit(child, child_path)
-        stack.pop()
-
-    visit(module, "")
-    return records
-
-
-def _parse_list(raw: str | None) -> list[str]:
-    if not raw:
-        return []
-    try:
-        value = ast.literal_eval(raw)  # a repr of a list of strings; literal_eval runs no code
-    except (ValueError, SyntaxError):
-        return []
-    return [str(v) for v in value] if isinstance(value, list) else []
-
-
-def _record_provenance(model: ir.Model, module: torch.nn.Module) -> None:
-    records = _layer_records(module)
-    known = {r.path for r in records}
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        props = node.metadata_props
-        scopes = _parse_list(props.get("pkg.torch.onnx.name_scopes"))
-        classes = _parse_list(props.get("pkg.torch.onnx.class_hierarchy"))
-        location = _location(props.get("pkg.torch.onnx.stack_trace"))
-        for key in [k for k in props if k.startswith(_TORCH_KEYS)]:
-            del props[key]
-        # the last entry names the aten op itself; hook frames are not modules
-        modules = [m for m in scopes[:-1] if not m.startswith("_empty_nn_module_stack")]
-        path = modules[-1] if modules else ""
-        props[provenance.SCOPE] = path
-        if location:
-            props[provenance.LOCATION] = location
-        for depth, scope in enumerate(modules):
-            if scope not in known and depth < len(classes):  # e.g. a second call "blocks.0@1"
-                known.add(scope)
-                parent = modules[depth - 1] if depth else None
-                records.append(provenance.LayerRecord(scope, classes[depth], parent))
-    provenance.write_layers(model, records)
-
-    kinds: dict[str, str] = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
-        kinds[name] = provenance.TRAINABLE if param.requires_grad else provenance.FROZEN
-    for name, _ in module.named_buffers(remove_duplicate=False):
-        kinds[name] = provenance.BUFFER
-    present = model.graph.initializers
-    provenance.write_parameters(model, {n: k for n, k in kinds.items() if n in present})
-    provenance.write_source(
-        model,
-        {
-            "framework": "torch",
-            "version": torch.__version__,
-            "class": _qualname(module),
-            "parameters": sum(p.numel() for p in module.parameters()),
-            "buffers": sum(b.numel() for b in module.buffers()),
-        },
-    )
-
-
-def _rename_dims(model: ir.Model, dims: dict[str, dict[int, str]]) -> None:
-    """Give symbolic dims the names asked for ("batch") instead of torch's ("s77")."""
-    mapping: dict[str, str] = {}
-    for value in model.graph.inputs:
-        for axis, name in dims.get(value.name or "", {}).items():
-            dim = value.shape[axis] if value.shape is not None else None
-            if isinstance(dim, ir.SymbolicDim) and dim.value:
-                mapping[dim.value] = name
-    if not mapping:
-        return
-    pattern = re.compile(r"\b(" + "|".join(re.escape(k) for k in mapping) + r")\b")
-
-    def rename(value: ir.Value) -> None:
-        if value.shape is None:
-            return
-        new_dims = [
-            ir.SymbolicDim(pattern.sub(lambda m: mapping[m.group(1)], d.value))
-            if isinstance(d, ir.SymbolicDim) and d.value
-            else d
-            for d in value.shape
-        ]
-        value.shape = ir.Shape(new_dims)
-
-    for value in model.graph.inputs:
-        rename(value)
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        for value in node.outputs:
-            rename(value)
-
-
-def _name_outputs(model: ir.Model, names: list[str]) -> None:
-    """Name graph outputs after the model's output structure ("logits", "cache.0.key")."""
-    graph = model.graph
-    if len(names) != len(graph.outputs):
-        return
-    seen: set[int] = set()
-    for index, value in enumerate(list(graph.outputs)):
-        if id(value) in seen or value.is_graph_input():
-            # the same tensor returned twice, or an input returned as is: ONNX needs a
-            # distinct value per output name
-            copy = ir.Node(
-                "", "Identity", inputs=[value], num_outputs=1, name=f"output_copy_{index}"
-            )
-            copy.outputs[0].shape, copy.outputs[0].dtype = value.shape, value.dtype
-            graph.append(copy)
-            value = graph.outputs[index] = copy.outputs[0]
-        seen.add(id(value))
-    taken = {v.name: v for v in graph.inputs}
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        for v in node.outputs:
-            taken[v.name or ""] = v
-    for value, name in zip(graph.outputs, names):
-        if value.name == name:
-            continue
-        other = taken.get(name)
-        if other is not None and other is not value and other.is_graph_input():
-            name = f"{name}_output"  # inputs keep their names: they are the signature
-            other = taken.get(name)
-        if other is not None and other is not value:
-            other.name = f"{name}__{len(taken)}"
-            taken[other.name] = other
-        taken.pop(value.name or "", None)
-        value.name = name
-        taken[name] = value
-
-
-def _restore_dropout(model: ir.Model, module: torch.nn.Module) -> None:
-    """Eval-mode dropout exports as Identity; make it an ONNX Dropout (identity at inference)."""
-    dropouts = {
-        path: m
-        for path, m in module.named_modules()
-        if isinstance(m, torch.nn.modules.dropout._DropoutNd)
-    }
-    if not dropouts:
-        return
-    graph = model.graph
-    for node in list(graph):
-        path = node.metadata_props.get(provenance.SCOPE, "")
-        if node.op_type != "Identity" or path not in dropouts:
-            continue
-        ratio = ir.Value(
-            name=f"{path}.ratio", const_value=ir.tensor(np.array(dropouts[path].p, np.float32))
-        )
-        if ratio.name in graph.initializers:
-            ratio = graph.initializers[ratio.name]
-        else:
-            graph.register_initializer(ratio)
-        replacement = ir.Node(
-            "", "Dropout", inputs=[node.inputs[0], ratio], num_outputs=1, name=node.name
-        )
-        replacement.metadata_props.update(node.metadata_props)
-        old, new = node.outputs[0], replacement.outputs[0]
-        new.shape, new.dtype = old.shape, old.dtype
-        name = old.name
-        ir.convenience.replace_nodes_and_values(graph, node, [node], [replacement], [old], [new])
-        new.name = name

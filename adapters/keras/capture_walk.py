@@ -1,0 +1,297 @@
+"""The walk of a Keras graph: each layer call lowered by its converter, or opened up.
+
+`lower_layer` lowers one layer call inside its own scope: with the converter registered
+for its class in `CAPTURE_LAYERS`, by walking its graph when it is a Functional /
+Sequential model (`walk_function`, ``keras.ops`` nodes through `CAPTURE_OPS`), or else by
+calling its ``call`` on symbolic KerasTensors and walking the graph Keras records
+(variables swapped for placeholders, see capture_variables.py). Converters of wrapper
+layers (TimeDistributed, attention sub-layers) call `lower_layer` for the layers they wrap.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import warnings
+from typing import Any
+
+import keras
+import onnx_ir as ir
+from keras import tree
+
+from interop.errors import InteropError, TraceError, UnsupportedOpError
+
+from . import CAPTURE_LAYERS, CAPTURE_OPS
+from .capture_dynamic_shapes import dynamic_shapes
+from .capture_lowering import Builder, Tensor, onnx_dtype
+from .capture_variables import SymbolicVariables, used
+
+# Keras's message when a layer cannot be called symbolically names it and its class.
+_FAILED_LAYER = re.compile(r"output shape / dtype of '([^']+)' \(of type (\w+)\)")
+_FIX = (
+    "register a converter: @interop.adapters.keras.register_layer('{cls}') on a function "
+    "(builder, layer, *inputs) -> onnx_ir.Value, or write the layer's call with keras.ops"
+)
+
+
+def with_training(layer: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` with ``training=False`` when the layer's call takes it."""
+    call = getattr(layer, "call", None)
+    try:
+        params = inspect.signature(call).parameters if call else {}
+    except (TypeError, ValueError):
+        params = {}
+    if "training" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return {**kwargs, "training": False}
+    return kwargs
+
+
+def is_functional(layer: Any) -> bool:
+    """Whether `layer` is a Keras Functional graph (a Functional model or its subclass)."""
+    return hasattr(layer, "_nodes_by_depth") and hasattr(layer, "_outputs_struct")
+
+
+def functional_of(layer: Any) -> Any:
+    """The Functional graph to walk for `layer` (a Sequential's inner one), or None."""
+    if type(layer).__name__ == "Sequential" and getattr(layer, "_functional", None) is not None:
+        return layer._functional
+    return layer if is_functional(layer) and type(layer).call is _functional_call() else None
+
+
+def _functional_call() -> Any:
+    from keras.src.models.functional import Functional
+
+    return Functional.call
+
+
+# ---------------------------------------------------------------------------- walking
+def lower_layer(b: Builder, layer: Any, path: str, args: list, kwargs: dict) -> Any:
+    """Lower one call of `layer` on Tensors; returns the outputs in Keras's structure.
+
+    The values returned are recorded in ``b.returns[path]`` (the layer's ``returns``).
+    """
+    outputs = _lower_layer(b, layer, path, args, kwargs)
+    if path:
+        leaves = tree.flatten(outputs)
+        b.returns.setdefault(path, []).extend(
+            leaf.value if isinstance(leaf, Tensor) else leaf
+            for leaf in leaves
+            if isinstance(leaf, Tensor | ir.Value)
+        )
+    return outputs
+
+
+def _lower_layer(b: Builder, layer: Any, path: str, args: list, kwargs: dict) -> Any:
+    converter = CAPTURE_LAYERS.get(type(layer).__name__)
+    if converter is not None:
+        with b.scoped(path):
+            try:
+                result = converter(b, layer, *args, **kwargs)
+            except InteropError:
+                raise
+            except Exception as err:
+                raise TraceError(
+                    f"Converting Keras layer '{path or layer.name}' ({type(layer).__name__}) failed: {err}",
+                    None,
+                    _FIX.format(cls=type(layer).__name__) + " (or report the failure)",
+                ) from err
+        return result
+    functional = functional_of(layer)
+    if functional is not None:
+        return walk_function(b, functional, path, tree.flatten((args, kwargs)))
+    return _lower_by_symbolic_call(b, layer, path, args, kwargs)
+
+
+def walk_function(b: Builder, function: Any, path: str, inputs: list[Tensor]) -> Any:
+    """Run a Keras Function/Functional graph on Tensors, lowering node by node."""
+    values: dict[int, Any] = {id(x): y for x, y in zip(function.inputs, inputs, strict=False)}
+    for depth in sorted(function._nodes_by_depth, reverse=True):
+        for node in function._nodes_by_depth[depth]:
+            if not node.operation or node.is_input:
+                continue
+            if any(id(x) not in values for x in node.input_tensors):
+                continue
+            args, kwargs = node.arguments.fill_in(values)
+            operation = node.operation
+            if isinstance(operation, keras.layers.Layer):
+                child = f"{path}/{operation.name}" if path else operation.name
+                outputs = lower_layer(b, operation, child, list(args), dict(kwargs))
+            else:
+                outputs = _lower_op(b, operation, path, args, kwargs)
+            flat = tree.flatten(outputs)
+            first = next((a for a in tree.flatten((args, kwargs)) if isinstance(a, Tensor)), None)
+            for spec, value in zip(node.outputs, flat, strict=False):
+                values[id(spec)] = _as_tensor(value, spec, operation, first)
+    outputs = []
+    for x in function.outputs:
+        if id(x) not in values:
+            raise TraceError(
+                f"Output '{x.name}' of '{path or function.name}' is not connected to its inputs"
+            )
+        outputs.append(values[id(x)])
+    return tree.pack_sequence_as(function._outputs_struct, outputs)
+
+
+def _as_tensor(value: Any, spec: Any, operation: Any, first: Tensor | None) -> Tensor:
+    """Attach the Keras shape/dtype of `spec`; propagate the input mask as Keras would."""
+    if isinstance(value, Tensor):
+        _annotate(value.value, spec)
+        return Tensor(value.value, tuple(spec.shape), str(spec.dtype), value.mask)
+    _annotate(value, spec)
+    mask = None
+    if (
+        first is not None
+        and first.mask is not None
+        and getattr(operation, "supports_masking", False)
+    ):
+        if (
+            spec.shape[:2] == first.shape[:2]
+            or len(spec.shape) >= 2
+            and first.shape[1] == spec.shape[1]
+        ):
+            mask = first.mask
+    return Tensor(value, tuple(spec.shape), str(spec.dtype), mask)
+
+
+def _annotate(value: ir.Value, spec: Any) -> None:
+    """Give a layer's output value the shape and type Keras inferred (for summaries)."""
+    if value.shape is None and not value.is_graph_input() and not value.is_initializer():
+        dims = [
+            ("batch" if axis == 0 else None) if d is None else int(d)
+            for axis, d in enumerate(spec.shape)
+        ]
+        value.shape = ir.Shape(
+            [ir.SymbolicDim(d) if isinstance(d, str) or d is None else d for d in dims]
+        )
+    if value.type is None:
+        value.type = ir.TensorType(onnx_dtype(spec.dtype))
+
+
+def _lower_op(b: Builder, operation: Any, path: str, args: Any, kwargs: Any) -> Any:
+    name = type(operation).__name__
+    converter = CAPTURE_OPS.get(name)
+    if converter is None:
+        raise UnsupportedOpError(
+            f"keras.ops.{name}",
+            direction="import",
+            adapter="keras",
+            layer=path,
+            close_matches=CAPTURE_OPS.close_matches(name),
+            fix=f"register a converter: @interop.adapters.keras.register_op('{name}') on a function "
+            "(builder, operation, *args, **kwargs) -> onnx_ir.Value",
+        )
+    with b.scoped(path):
+        return converter(b, operation, *args, **kwargs)
+
+
+def _lower_by_symbolic_call(b: Builder, layer: Any, path: str, args: list, kwargs: dict) -> Any:
+    """Open up a subclassed model or custom layer by calling ``call`` on KerasTensors.
+
+    The variables of the layer and its sub-layers are KerasTensors too during the call
+    (`SymbolicVariables`), fed with their initializers, so that ops on variables alone
+    are recorded rather than folded into constants the emitted models could not train.
+    A call that cannot run so (backend code on a variable, an op on variables alone with
+    no converter) is traced again with concrete variables, and a warning says what folds.
+    """
+    tensors = [x for x in tree.flatten((args, kwargs)) if isinstance(x, Tensor)]
+    try:
+        with SymbolicVariables(layer) as swapped:
+            traced = _symbolic_call(layer, args, kwargs, tensors, swapped.placeholders)
+        return _walk_traced(b, path, traced)
+    except Exception as err:
+        # an error a nested symbolic call raised after its own second try: no third
+        if getattr(err, _RETRIED, False) or (
+            isinstance(err, InteropError) and not isinstance(err, UnsupportedOpError)
+        ):
+            raise
+        first = err
+    try:
+        try:
+            traced = _symbolic_call(layer, args, kwargs, tensors, [])
+        except InteropError:
+            raise
+        except Exception as err:
+            raise _call_failed(layer, path, err) from None
+        result = _walk_traced(b, path, traced)
+    except Exception as err:
+        setattr(err, _RETRIED, True)
+        raise
+    reason = str(first).splitlines()[0][:200] if str(first) else ""
+    warnings.warn(
+        f"interop: Keras layer '{path or layer.name}' ({type(layer).__name__}) cannot be "
+        f"traced with symbolic variables ({type(first).__name__}: {reason}); its computations "
+        "on variables alone are folded into constants, which emitted models cannot train",
+        stacklevel=2,
+    )
+    return result
+
+
+_RETRIED = "_interop_traced_with_concrete_variables"
+
+
+def _call_failed(layer: Any, path: str, err: Exception) -> UnsupportedOpError:
+    cls, where = type(layer).__name__, path
+    inner = _FAILED_LAYER.search(str(err))
+    if inner and inner.group(1) != layer.name:  # a sub-layer of this one failed
+        where, cls = f"{path}/{inner.group(1)}" if path else inner.group(1), inner.group(2)
+    return UnsupportedOpError(
+        cls,
+        direction="import",
+        adapter="keras",
+        layer=where,
+        close_matches=CAPTURE_LAYERS.close_matches(cls),
+        detail=f"{cls} has no converter and its call could not be "
+        f"run on symbolic KerasTensors: {str(err).splitlines()[0][:300] if str(err) else type(err).__name__}",
+        fix=_FIX.format(cls=cls),
+    )
+
+
+def _walk_traced(b: Builder, path: str, traced: tuple[Any, Any, list[Any]]) -> Any:
+    function, outputs, feeds = traced
+    if function is None:  # call returns its inputs (identity)
+        return outputs
+    values = [
+        Tensor(b.variable(feed), tuple(feed.shape), str(feed.dtype))
+        if isinstance(feed, keras.Variable)
+        else feed
+        for feed in feeds
+    ]
+    return walk_function(b, function, path, values)
+
+
+def _symbolic_call(
+    layer: Any, args: list, kwargs: dict, tensors: list[Tensor], variables: list[tuple[Any, Any]]
+) -> tuple[Any, Any, list[Any]]:
+    """Call ``layer.call`` on KerasTensors standing for `tensors` (and for the variables of
+    `variables`: pairs of placeholder and Keras variable).
+
+    Returns (Keras Function, None, what feeds its inputs: Tensors and Keras variables), or
+    (None, the outputs, []) when the call hands its inputs back unchanged.
+    """
+    from keras.src.ops.function import Function
+
+    symbolic = {id(t): keras.KerasTensor(t.shape, dtype=t.dtype) for t in tensors}
+    sym_args, sym_kwargs = tree.map_structure(lambda x: symbolic.get(id(x), x), (args, kwargs))
+    sym_kwargs = with_training(layer, dict(sym_kwargs))
+    mask_inputs: list[tuple[Any, Tensor]] = []
+    masked = next((t for t in tensors if t.mask is not None), None)
+    if (
+        masked is not None
+        and "mask" in inspect.signature(layer.call).parameters
+        and "mask" not in sym_kwargs
+    ):
+        mask_spec = keras.KerasTensor(masked.mask.shape, dtype="bool")
+        sym_kwargs["mask"] = mask_spec
+        mask_inputs.append((mask_spec, masked.mask))
+    with dynamic_shapes():  # ops.shape(x)[i] of a dynamic axis is a graph value, not None
+        outputs = layer.call(*sym_args, **sym_kwargs)
+    inputs = [symbolic[id(t)] for t in tensors] + [m for m, _ in mask_inputs]
+    feeds: list[Any] = tensors + [m for _, m in mask_inputs]
+    flat_out = tree.flatten(outputs)
+    passthrough = {id(s): t for s, t in zip(inputs, feeds, strict=False)}
+    if all(id(o) in passthrough for o in flat_out):
+        return None, tree.pack_sequence_as(outputs, [passthrough[id(o)] for o in flat_out]), []
+    for placeholder, variable in used(variables, outputs):
+        inputs.append(placeholder)
+        feeds.append(variable)
+    return Function(inputs, outputs), None, feeds
