@@ -18,6 +18,13 @@ from interop.registry import Registry
 
 # aten op name ("aten::cummax") -> (op overload, onnxscript function)
 CAPTURE_OPS: Registry[tuple[Any, Any]] = Registry("import", adapter="torch")
+# emit side (emitter.py): op type -> builder(emitter, node, args) giving an
+# `interop.emitter.Native` (a torch layer: emit_layers.py, emit_recurrent.py) or None
+EMIT_LAYERS: Registry[Any] = Registry("emit", adapter="torch layers")
+# op type -> builder(emitter, node, args) giving (torch callable, args, kwargs[, absorbed
+# nodes]) or None: a direct torch call where dtypes and attributes allow (emit_calls.py).
+# The generic op is a closure re-dispatching through the backend on every forward.
+EMIT_CALLS: Registry[Any] = Registry("emit", adapter="torch calls")
 
 
 def register_op(op_overload: Any, function: Any = None, *, replace: bool = False) -> Any:

@@ -1,9 +1,11 @@
-"""Direct torch calls for common ONNX nodes (registered in emitter.CALLS).
+"""Direct torch calls for common ONNX nodes (registered in `EMIT_CALLS`).
 
 The generic op runs a node's ONNX semantics through the backend on every call; for the
 hot, simple ops of real models (activations, layout, shape plumbing, linear algebra) a
-plain torch call is emitted instead, when dtypes and attributes allow it. Each builder
-returns the fx-callable and its arguments, or None to fall back to the generic op.
+plain torch call is emitted instead, when dtypes and attributes allow it. Each builder is
+``builder(emitter, node, args)`` and returns ``(callable, args, kwargs)`` (with a fourth
+item, the nodes after it that the call computes too: a bias Add), or None to fall back
+to the generic op. The handles of other values are ``emitter.env``.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import fx, nn
 
-from . import fusions
-from .emitter import CALLS
-from .native_layers import _attributes, _bias_add, _input_rank, _symmetric_pads
+from interop.emitter import following_bias_add
+from interop.normalize import DEFAULT_DOMAINS
+
+from . import EMIT_CALLS, emit_fusions
+from .emit_layers import input_rank, symmetric_pads
 
 _FLOATS = {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 
@@ -34,12 +38,12 @@ def _floats(*values: Any) -> bool:
 def _register_call(op_types: dict[str, Any]) -> None:
     for op_type, function in op_types.items():
 
-        def build(emitter: Any, node: Any, args: list, env: Any, function: Any = function) -> Any:
+        def build(emitter: Any, node: Any, args: list, function: Any = function) -> Any:
             if len(args) != len(node.inputs) or not _floats(*node.inputs, *node.outputs):
                 return None
             return function, args, {}
 
-        CALLS.register(op_type, build)
+        EMIT_CALLS.register(op_type, build)
 
 
 # same dtype in and out and numpy broadcasting in ONNX and torch alike
@@ -62,38 +66,38 @@ _register_call(
 )
 
 
-@CALLS.register("Gelu")
-def gelu_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+@EMIT_CALLS.register("Gelu")
+def gelu_call(emitter: Any, node: Any, args: list) -> Any:
     if not _floats(node.inputs[0], node.outputs[0]):
         return None
-    return F.gelu, args, {"approximate": _attributes(emitter, node).get("approximate", "none")}
+    return F.gelu, args, {"approximate": emitter.node_attributes(node).get("approximate", "none")}
 
 
-@CALLS.register("Softmax")
-def softmax_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+@EMIT_CALLS.register("Softmax")
+def softmax_call(emitter: Any, node: Any, args: list) -> Any:
     if emitter.version < 13 or not _floats(node.inputs[0]):  # older opsets flatten to 2-D first
         return None
-    return torch.softmax, args, {"dim": _attributes(emitter, node).get("axis", -1)}
+    return torch.softmax, args, {"dim": emitter.node_attributes(node).get("axis", -1)}
 
 
-@CALLS.register("Identity")
-def identity_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+@EMIT_CALLS.register("Identity")
+def identity_call(emitter: Any, node: Any, args: list) -> Any:
     return None if args[0] is None or node.inputs[0].type is None else (None, args, {})
 
 
-@CALLS.register("Transpose")
-def transpose_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
-    perm = _attributes(emitter, node).get("perm")
-    rank = _input_rank(node.inputs[0])
+@EMIT_CALLS.register("Transpose")
+def transpose_call(emitter: Any, node: Any, args: list) -> Any:
+    perm = emitter.node_attributes(node).get("perm")
+    rank = input_rank(node.inputs[0])
     if perm is None and rank is None:
         return None
     return torch.permute, args, {"dims": list(perm if perm is not None else range(rank)[::-1])}
 
 
-@CALLS.register("Flatten")
-def flatten_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
-    rank = _input_rank(node.inputs[0])
-    if _attributes(emitter, node).get("axis", 1) != 1 or rank is None or rank < 2:
+@EMIT_CALLS.register("Flatten")
+def flatten_call(emitter: Any, node: Any, args: list) -> Any:
+    rank = input_rank(node.inputs[0])
+    if emitter.node_attributes(node).get("axis", 1) != 1 or rank is None or rank < 2:
         return None
     return torch.flatten, args, {"start_dim": 1}
 
@@ -111,11 +115,11 @@ def reshape_to(x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
     return torch.reshape(x, shape.tolist())
 
 
-@CALLS.register("Reshape")
-def reshape_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+@EMIT_CALLS.register("Reshape")
+def reshape_call(emitter: Any, node: Any, args: list) -> Any:
     if len(args) != 2 or args[1] is None:
         return None
-    allowzero = _attributes(emitter, node).get("allowzero", 0)
+    allowzero = emitter.node_attributes(node).get("allowzero", 0)
     static = emitter.static.get(node.inputs[1])
     if static is None:
         return (reshape_to if allowzero else onnx_reshape), args, {}
@@ -125,21 +129,21 @@ def reshape_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
     return torch.reshape, args[:1], {"shape": dims}
 
 
-@CALLS.register("Concat")
-def concat_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+@EMIT_CALLS.register("Concat")
+def concat_call(emitter: Any, node: Any, args: list) -> Any:
     if not args or any(a is None for a in args):
         return None
     tensors = [emitter.materialize(a) for a in args]
-    return torch.cat, [tensors], {"dim": _attributes(emitter, node)["axis"]}
+    return torch.cat, [tensors], {"dim": emitter.node_attributes(node)["axis"]}
 
 
 def onnx_shape(x: torch.Tensor) -> torch.Tensor:
     return torch.tensor(x.shape, dtype=torch.int64, device=x.device)
 
 
-@CALLS.register("Shape")
-def shape_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
-    attrs = _attributes(emitter, node)
+@EMIT_CALLS.register("Shape")
+def shape_call(emitter: Any, node: Any, args: list) -> Any:
+    attrs = emitter.node_attributes(node)
     if attrs.get("start", 0) != 0 or attrs.get("end") is not None:
         return None
     return onnx_shape, args, {}
@@ -158,9 +162,9 @@ def _static_axes(emitter: Any, node: Any, rank: int | None) -> list[int] | None:
     return sorted(a + rank if a < 0 else a for a in axes)
 
 
-@CALLS.register("Squeeze")
-def squeeze_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
-    axes = _static_axes(emitter, node, _input_rank(node.inputs[0]))
+@EMIT_CALLS.register("Squeeze")
+def squeeze_call(emitter: Any, node: Any, args: list) -> Any:
+    axes = _static_axes(emitter, node, input_rank(node.inputs[0]))
     return None if not axes else (torch.squeeze, args[:1], {"dim": tuple(axes)})
 
 
@@ -170,9 +174,9 @@ def onnx_unsqueeze(x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
     return x
 
 
-@CALLS.register("Unsqueeze")
-def unsqueeze_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
-    rank = _input_rank(node.inputs[0])
+@EMIT_CALLS.register("Unsqueeze")
+def unsqueeze_call(emitter: Any, node: Any, args: list) -> Any:
+    rank = input_rank(node.inputs[0])
     count = emitter.static.get(node.inputs[1]) if len(node.inputs) > 1 else None
     if count is None:
         return None
@@ -180,29 +184,29 @@ def unsqueeze_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
     return None if not axes else (onnx_unsqueeze, args[:1], {"axes": tuple(axes)})
 
 
-@CALLS.register("Gather")
-def gather_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+@EMIT_CALLS.register("Gather")
+def gather_call(emitter: Any, node: Any, args: list) -> Any:
     index = emitter.static.get(node.inputs[1])
     if index is None or np.ndim(index) != 0 or args[0] is None:
         return None  # a scalar constant index drops the axis: a select
     return (
         torch.select,
         args[:1],
-        {"dim": _attributes(emitter, node).get("axis", 0), "index": int(index)},
+        {"dim": emitter.node_attributes(node).get("axis", 0), "index": int(index)},
     )
 
 
 _MAX_POOLS = (F.max_pool1d, F.max_pool2d, F.max_pool3d)
 
 
-@CALLS.register("MaxPool")
-def max_pool_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+@EMIT_CALLS.register("MaxPool")
+def max_pool_call(emitter: Any, node: Any, args: list) -> Any:
     """F.max_poolNd where torch's own padding means ONNX's: symmetric pads of at most half
     the kernel, floor mode (ceil_mode and other pads stay with the generic op)."""
-    attrs = _attributes(emitter, node)
+    attrs = emitter.node_attributes(node)
     kernel = list(attrs.get("kernel_shape") or [])
     spatial = len(kernel)
-    padding = _symmetric_pads(attrs.get("pads"), spatial)
+    padding = symmetric_pads(attrs.get("pads"), spatial)
     auto_pad = attrs.get("auto_pad", "NOTSET")
     if (
         not 1 <= spatial <= 3
@@ -224,8 +228,8 @@ def max_pool_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
 
 
 def _global_pool(reduce: Any) -> Any:
-    def build(emitter: Any, node: Any, args: list, env: Any) -> Any:
-        rank = _input_rank(node.inputs[0])
+    def build(emitter: Any, node: Any, args: list) -> Any:
+        rank = input_rank(node.inputs[0])
         if rank is None or rank < 3 or not _floats(node.inputs[0], node.outputs[0]):
             return None
         return reduce, args, {"dim": list(range(2, rank)), "keepdim": True}
@@ -233,15 +237,15 @@ def _global_pool(reduce: Any) -> Any:
     return build
 
 
-CALLS.register("GlobalAveragePool", _global_pool(torch.mean))
-CALLS.register("GlobalMaxPool", _global_pool(torch.amax))
+EMIT_CALLS.register("GlobalAveragePool", _global_pool(torch.mean))
+EMIT_CALLS.register("GlobalMaxPool", _global_pool(torch.amax))
 
 
 def _reduce(function: Any) -> Any:
     """ReduceMean / ReduceSum over constant axes (opset 18's input or the older attribute)."""
 
-    def build(emitter: Any, node: Any, args: list, env: Any) -> Any:
-        attrs = _attributes(emitter, node)
+    def build(emitter: Any, node: Any, args: list) -> Any:
+        attrs = emitter.node_attributes(node)
         if len(node.inputs) > 1 and node.inputs[1] is not None:
             static = emitter.static.get(node.inputs[1])
             axes = None if static is None else [int(a) for a in np.asarray(static).reshape(-1)]
@@ -255,15 +259,16 @@ def _reduce(function: Any) -> Any:
     return build
 
 
-CALLS.register("ReduceMean", _reduce(torch.mean))
-CALLS.register("ReduceSum", _reduce(torch.sum))
+EMIT_CALLS.register("ReduceMean", _reduce(torch.mean))
+EMIT_CALLS.register("ReduceSum", _reduce(torch.sum))
 
 
-@CALLS.register("MatMul")
-def matmul_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+@EMIT_CALLS.register("MatMul")
+def matmul_call(emitter: Any, node: Any, args: list) -> Any:
     if not _floats(*node.inputs):
         return None
-    fused = fusions.attention(emitter, node, args, env)
+    env = emitter.env
+    fused = emit_fusions.attention(emitter, node, args, env)
     if fused is not None:
         return fused
     transpose = node.inputs[1].producer()
@@ -272,38 +277,40 @@ def matmul_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
     )
     if (
         source is None
-        or transpose.domain not in ("", "ai.onnx")
+        or transpose.domain not in DEFAULT_DOMAINS
         or source.const_value is None
         or emitter.kind_of(source) is None
         or len(source.const_value.shape) != 2
-        or list(_attributes(emitter, transpose).get("perm") or [1, 0]) != [1, 0]
+        or list(emitter.node_attributes(transpose).get("perm") or [1, 0]) != [1, 0]
     ):
         return torch.matmul, args, {}
     # x @ W.T (+ b) is F.linear on the weight itself: no transpose, bias added inside addmm
     weight = env[source]
-    emitter._maybe_dead.append(emitter.materialize(args[1]))
-    fused = _bias_add(emitter, node, source.const_value.shape[0])
-    if fused is None:
-        return fusions.linear_call(emitter, node, args[0], weight, None, env)
-    add, bias = fused
-    emitter.absorbed[node] = [add]
-    return fusions.linear_call(emitter, node, args[0], weight, env[bias], env)
+    emitter.maybe_dead.append(emitter.materialize(args[1]))
+    add, bias = following_bias_add(emitter, node, source.const_value.shape[0])
+    if add is None:
+        return emit_fusions.linear_call(emitter, node, args[0], weight, None, env)
+    function, fx_args, kwargs = emit_fusions.linear_call(
+        emitter, node, args[0], weight, env[bias], env
+    )
+    return function, fx_args, kwargs, [add]  # the bias Add is this call's output
 
 
 def _with_symbolic(builder: Any) -> Any:
-    """Shape arithmetic on `fusions.Sym` values stays Python numbers (fusions.symbolic);
+    """Shape arithmetic on `emit_fusions.Sym` values stays Python numbers (emit_fusions.symbolic);
     a float Sym scalar operand is passed as a Python float; otherwise ``builder``."""
 
-    def build(emitter: Any, node: Any, args: list, env: Any) -> Any:
-        handle = fusions.symbolic(emitter, node, args, env)
+    def build(emitter: Any, node: Any, args: list) -> Any:
+        env = emitter.env
+        handle = emit_fusions.symbolic(emitter, node, args, env)
         if handle is not None:
             return None, [handle], {}
-        call = fusions.scalar_operand(emitter, node, args, env)
+        call = emit_fusions.scalar_operand(emitter, node, args, env)
         if call is None and node.op_type == "Reshape":
-            call = fusions.reshape_dims(emitter, node, args)
+            call = emit_fusions.reshape_dims(emitter, node, args)
         if call is not None:
             return call
-        return builder(emitter, node, args, env) if builder is not None else None
+        return builder(emitter, node, args) if builder is not None else None
 
     return build
 
@@ -312,7 +319,7 @@ for _op_type in (
     "Shape", "Identity", "Gather", "Slice", "Squeeze", "Unsqueeze", "Reshape", "Concat",
     "Cast", "CastLike", "Sqrt", "Add", "Sub", "Mul", "Div",
 ):  # fmt: skip
-    CALLS.register(_op_type, _with_symbolic(CALLS.get(_op_type)), replace=True)
+    EMIT_CALLS.register(_op_type, _with_symbolic(EMIT_CALLS.get(_op_type)), replace=True)
 
 
 def _scalar(emitter: Any, value: Any, expected: float) -> bool:
@@ -333,11 +340,12 @@ def _only_reader(value: Any, reader: Any, op_type: str) -> Any:
     return node if single else None
 
 
-def erf_gelu(emitter: Any, node: Any, args: list, env: Any) -> Any:
+def erf_gelu(emitter: Any, node: Any, args: list) -> Any:
     """``Mul(Mul(x, Add(Erf(Div(x, sqrt 2)), 1)), 0.5)``, GELU as exporters spell it before
     opset 20 (operands in either order), is one F.gelu(x) when nothing else reads its steps."""
     if not _floats(*node.inputs, *node.outputs):
         return None
+    env = emitter.env
     for half in (0, 1):
         inner = _only_reader(node.inputs[1 - half], node, "Mul")
         if inner is None or not _scalar(emitter, node.inputs[half], 0.5):
@@ -355,24 +363,22 @@ def erf_gelu(emitter: Any, node: Any, args: list, env: Any) -> Any:
                     and isinstance(env[x], fx.Node)
                 ):
                     steps = (div, erf, plus, inner)  # left without readers: erased at build
-                    emitter._maybe_dead.extend(
+                    emitter.maybe_dead.extend(
                         env[n.outputs[0]] for n in steps if isinstance(env[n.outputs[0]], fx.Node)
                     )
                     return F.gelu, [env[x]], {}
     return None
 
 
-_SYMBOLIC_MUL = CALLS.get("Mul")
-CALLS.register(
+_SYMBOLIC_MUL = EMIT_CALLS.get("Mul")
+EMIT_CALLS.register(
     "Mul",
-    lambda emitter, node, args, env: (
-        erf_gelu(emitter, node, args, env) or _SYMBOLIC_MUL(emitter, node, args, env)
-    ),
+    lambda emitter, node, args: erf_gelu(emitter, node, args) or _SYMBOLIC_MUL(emitter, node, args),
     replace=True,
 )
 
 
-_PLAIN_RELU = CALLS.get("Relu")
+_PLAIN_RELU = EMIT_CALLS.get("Relu")
 # producers whose backward does not read their output, so a Relu may overwrite it
 _OVERWRITABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 _OVERWRITABLE_CALLS = (torch.add, torch.sub)
@@ -397,16 +403,13 @@ def _overwritable(emitter: Any, node: Any, source: Any) -> bool:
     return source.op == "call_function" and source.target in _OVERWRITABLE_CALLS
 
 
-def _relu_call(emitter: Any, node: Any, args: list, env: Any) -> Any:
+def _relu_call(emitter: Any, node: Any, args: list) -> Any:
     if not _floats(*node.inputs, *node.outputs):
         return None
-    fused = fusions.relu_call(emitter, node, args, env)
+    fused = emit_fusions.relu_call(emitter, node, args, emitter.env)
     if fused is None and _overwritable(emitter, node, args[0]):
         return torch.relu_, args, {}  # saves a fresh output per Relu: 2-4% of a ResNet50
-    return fused or _PLAIN_RELU(emitter, node, args, env)
+    return fused or _PLAIN_RELU(emitter, node, args)
 
 
-CALLS.register("Relu", _relu_call, replace=True)
-
-
-# ONNX gate blocks -> torch's order: LSTM iofc -> ifco (torch's i, f, g, o), GRU zrh -> rzn
+EMIT_CALLS.register("Relu", _relu_call, replace=True)

@@ -1,4 +1,4 @@
-"""Rewrites of multi-node ONNX patterns into fewer, native torch calls (used by direct_calls).
+"""Rewrites of multi-node ONNX patterns into fewer, native torch calls (used by emit_calls).
 
 Two kinds, both decided at emission from the ONNX graph and kept exact in meaning:
 
@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import fx
 
-from .emitter import _Deferred
+from interop.normalize import DEFAULT_DOMAINS
+
+from .emit_values import Deferred
 
 _INTS = (np.dtype(np.int64), np.dtype(np.int32))
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -46,7 +48,7 @@ def trunc_div(a: int, b: int) -> int:
     return quotient if (a >= 0) == (b >= 0) else -quotient
 
 
-class Sym(_Deferred):
+class Sym(Deferred):
     """A small int or float value (rank 0 or 1) held as Python numbers and fx nodes."""
 
     def __init__(
@@ -76,16 +78,16 @@ class Sym(_Deferred):
 def _pure(emitter: Any, function: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
     """An fx call without side effects; erased at build when nothing reads it."""
     node = emitter.fx_graph.call_function(function, args, kwargs or {})
-    emitter._maybe_dead.append(node)
+    emitter.maybe_dead.append(node)
     return node
 
 
 def _size(emitter: Any, tensor: fx.Node, dim: int) -> fx.Node:
     """``tensor.size(dim)``, one node per (tensor, dim) so equal dims are the same node."""
-    cache = emitter.__dict__.setdefault("_sym_sizes", {})
+    cache = emitter.sym_sizes
     if (tensor, dim) not in cache:
         node = emitter.fx_graph.call_method("size", (tensor, dim))
-        emitter._maybe_dead.append(node)
+        emitter.maybe_dead.append(node)
         cache[tensor, dim] = node
     return cache[tensor, dim]
 
@@ -118,11 +120,6 @@ def _static_ints(emitter: Any, value: ir.Value | None) -> list[int] | None:
     return [int(v) for v in np.asarray(array).reshape(-1)]
 
 
-def _attrs(emitter: Any, node: ir.Node) -> dict[str, Any]:
-    values, _ = emitter.attributes(node)
-    return values
-
-
 def _binary(emitter: Any, op: Any, a: Any, b: Any) -> Any:
     if isinstance(a, fx.Node) or isinstance(b, fx.Node):
         return _pure(emitter, op, (a, b))
@@ -141,7 +138,7 @@ def symbolic(emitter: Any, node: ir.Node, args: list, env: Any) -> Sym | None:
         rank = _rank(node.inputs[0], env)
         if not isinstance(data, fx.Node) or rank is None:
             return None
-        attrs = _attrs(emitter, node)
+        attrs = emitter.node_attributes(node)
         dims = list(range(rank))[attrs.get("start", 0) : attrs.get("end")]
         items = [_size(emitter, data, d) for d in dims]
         return Sym(emitter, out, items, False, np.dtype(np.int64), data)
@@ -154,7 +151,7 @@ def symbolic(emitter: Any, node: ir.Node, args: list, env: Any) -> Sym | None:
         return None
     if op == "Gather":
         index = emitter.static.get(node.inputs[1])
-        if _attrs(emitter, node).get("axis", 0) != 0 or first.scalar or index is None:
+        if emitter.node_attributes(node).get("axis", 0) != 0 or first.scalar or index is None:
             return None
         picked = [first.items[int(i)] for i in np.asarray(index).reshape(-1)]
         return Sym(emitter, out, picked, np.ndim(index) == 0, first.np_dtype, first.ref)
@@ -270,7 +267,7 @@ def reshape_dims(emitter: Any, node: ir.Node, args: list) -> Any:
     if not isinstance(shape, Sym) or shape.scalar or shape.np_dtype not in _INTS:
         return None
     items = list(shape.items)
-    if not _attrs(emitter, node).get("allowzero", 0):  # a 0 keeps the input's dim
+    if not emitter.node_attributes(node).get("allowzero", 0):  # a 0 keeps the input's dim
         if any(isinstance(i, fx.Node) for i in items):
             return onnx_reshape_items, [args[0], items], {}
         items = [_size(emitter, args[0], d) if i == 0 else i for d, i in enumerate(items)]
@@ -329,7 +326,7 @@ def _info(value: ir.Value | None, env: Any = None, depth: int = 0) -> tuple[Any,
         shape = env.get(inputs[1]) if env is not None else None
         if isinstance(shape, Sym):
             length = None if shape.scalar else len(shape.items)
-        elif isinstance(shape, _Deferred):
+        elif isinstance(shape, Deferred):
             array = shape.array if shape.array is not None else shape.value.const_value.numpy()
             length = np.size(array) if np.ndim(array) == 1 else None
         else:
@@ -367,7 +364,7 @@ def _scalar_factor(emitter: Any, value: ir.Value, handle: Any) -> Any:
 
 
 def _default(node: ir.Node | None, op_type: str) -> bool:
-    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
+    return node is not None and node.op_type == op_type and node.domain in DEFAULT_DOMAINS
 
 
 def _peel_scale(emitter: Any, value: ir.Value, reader: ir.Node, env: Any) -> tuple:
@@ -397,7 +394,7 @@ def _key(emitter: Any, kt: ir.Value, rank: int, env: Any) -> tuple[Any, list[ir.
     perm = [*range(rank - 2), rank - 1, rank - 2]
     if (
         _default(transpose, "Transpose")
-        and list(_attrs(emitter, transpose).get("perm") or []) == perm
+        and list(emitter.node_attributes(transpose).get("perm") or []) == perm
     ):
         source = env[transpose.inputs[0]]
         if isinstance(source, fx.Node):
@@ -409,7 +406,7 @@ def _key(emitter: Any, kt: ir.Value, rank: int, env: Any) -> tuple[Any, list[ir.
         inner = transpose.inputs[0].producer() if _default(transpose, "Transpose") else None
         if (
             _default(inner, "Reshape")
-            and list(_attrs(emitter, transpose).get("perm") or []) == [0, 2, 1]
+            and list(emitter.node_attributes(transpose).get("perm") or []) == [0, 2, 1]
             and len(list(outer.inputs[0].uses())) == 1
             and len(list(inner.outputs[0].uses())) == 1
         ):
@@ -433,7 +430,7 @@ def attention(emitter: Any, node: ir.Node, args: list, env: Any) -> Any:
     if not _default(softmax, "Softmax"):
         return None
     dtype, rank = _info(v, env)
-    axis = _attrs(emitter, softmax).get("axis", -1)
+    axis = emitter.node_attributes(softmax).get("axis", -1)
     if (
         emitter.version < 13
         or rank is None
@@ -479,7 +476,7 @@ def attention(emitter: Any, node: ir.Node, args: list, env: Any) -> Any:
     kwargs: dict[str, Any] = {"scale": _binary(emitter, operator.mul, scale, s_scale)}
     if mask is not None:
         kwargs["attn_mask"] = emitter.materialize(env[mask])
-    emitter._maybe_dead.extend(env[d] for d in dead if isinstance(env[d], fx.Node))
+    emitter.maybe_dead.extend(env[d] for d in dead if isinstance(env[d], fx.Node))
     return F.scaled_dot_product_attention, [env[q], key, args[1]], kwargs
 
 
@@ -540,11 +537,11 @@ def linear_call(emitter: Any, node: ir.Node, x: Any, weight: Any, bias: Any, env
     transpose = node.inputs[0].producer()
     rank = _rank(node.inputs[0], env)
     if _default(transpose, "Transpose") and rank is not None:
-        perm = list(_attrs(emitter, transpose).get("perm") or range(rank)[::-1])
+        perm = list(emitter.node_attributes(transpose).get("perm") or range(rank)[::-1])
         source = env[transpose.inputs[0]]
         if perm[-1] == rank - 1 and isinstance(source, fx.Node):
             if len(list(node.inputs[0].uses())) == 1 and not node.inputs[0].is_graph_output():
-                emitter._maybe_dead.append(emitter.materialize(x))
+                emitter.maybe_dead.append(emitter.materialize(x))
             args = [source, weight] + ([] if bias is None else [bias])
             return fused_linear, args, {"dims": perm}
     return F.linear, [x, weight] + ([] if bias is None else [bias]), {}
@@ -562,5 +559,5 @@ def relu_call(emitter: Any, node: ir.Node, args: list, env: Any) -> Any:
         or value.is_graph_output()
     ):
         return None
-    emitter._maybe_dead.append(source)
+    emitter.maybe_dead.append(source)
     return fused_linear, list(source.args), {**source.kwargs, "relu": True}
