@@ -126,7 +126,7 @@ class Emitter(Interpreter):
     # ------------------------------------------------------------------ constants
     def constant(self, value: ir.Value) -> Any:
         kind = self.kind_of(value)
-        array = value.const_value.numpy()
+        array = _array(value)
         if kind is None:  # a constant of the graph: folding may use it
             self.static[value] = array
             return self.static_handle(value, array)
@@ -138,7 +138,7 @@ class Emitter(Interpreter):
 
     def weight_handle(self, value: ir.Value, kind: str) -> Any:
         """The host's handle of a source weight (a variable once a generic op reads it)."""
-        return value.const_value.numpy()
+        return _array(value)
 
     def fold(self, node: ir.Node) -> list[Any] | None:
         """Evaluate a node of constants once, now; None when it depends on run-time values."""
@@ -150,15 +150,16 @@ class Emitter(Interpreter):
         ):
             return None
         inputs = [None if v is None else self.static.get(v) for v in node.inputs]
-        first = node.inputs[0] if node.inputs else None
+        first: Any = node.inputs[0] if node.inputs else None
         if node.op_type in ("Shape", "Size") and inputs[0] is None and first is not None:
             if first.const_value is not None:
                 inputs[0] = first.const_value.numpy()  # a weight's shape is known now
             elif self.fold_static_shapes and _static_shape(first):
                 inputs[0] = np.empty(tuple(first.shape), np.uint8)  # only the shape is read
         if node.op_type == "CastLike" and inputs[0] is not None and inputs[1] is None:
-            if node.inputs[1].dtype is not None:  # only the target's dtype matters
-                inputs[1] = np.zeros(0, node.inputs[1].dtype.numpy())
+            target: Any = node.inputs[1]
+            if target.dtype is not None:  # only the target's dtype matters
+                inputs[1] = np.zeros(0, target.dtype.numpy())
         if any(a is None and v is not None for a, v in zip(inputs, node.inputs, strict=True)):
             return None
         results = fold_on_host(self.graph, self.version, node, inputs)
@@ -196,7 +197,7 @@ class Emitter(Interpreter):
             return None
         if relaid or perm is not None:
             self.relaid.add(root)
-        array = np.array(root.const_value.numpy())
+        array = np.array(_array(root))
         return array if perm is None else np.transpose(array, perm)
 
     def weight_source(self, value: ir.Value | None) -> tuple[ir.Value, Sequence[int] | None] | None:
@@ -271,6 +272,12 @@ class Emitter(Interpreter):
         return self.attributes(node)[0]
 
 
+def _array(value: ir.Value) -> np.ndarray:
+    tensor = value.const_value
+    assert tensor is not None, f"{value.name} is not a constant"
+    return tensor.numpy()
+
+
 def _static_shape(value: ir.Value) -> bool:
     return value.shape is not None and all(isinstance(d, int) for d in value.shape)
 
@@ -335,7 +342,8 @@ def following_bias_add(
     if add.op_type != "Add" or add.domain not in DEFAULT_DOMAINS or len(add.inputs) != 2:
         return None, None
     bias = add.inputs[1 - index]
-    if bias is None or bias in emitter.graph.inputs or bias.dtype != node.inputs[0].dtype:
+    data: Any = node.inputs[0]
+    if bias is None or bias in emitter.graph.inputs or bias.dtype != data.dtype:
         return None, None
     array = emitter.static.get(bias)
     if array is None and bias.const_value is not None:
