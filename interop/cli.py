@@ -3,7 +3,7 @@
 interop inspect model.onnx [--depth N]
 interop plot model.onnx -o model.svg [--depth N]
 interop run model.onnx --random [--dim batch=4] [--repeat 10] [--device cpu]
-interop convert SRC --to onnx|torch|keras|flax -o OUT
+interop convert SRC --to onnx|torch|keras|flax|<installed host> -o OUT
 
 SRC is an .onnx file or a factory ``module:function`` (``path/to/file.py:function``
 works too) whose function takes no arguments and returns ``(model, example_inputs)``,
@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 CONVERT_HELP = """\
-Convert a model into an ONNX file or a native PyTorch, Keras or Flax model.
+Convert a model into an ONNX file or a native PyTorch, Keras or Flax model (or the
+model of any other installed host, see interop.hosts).
 
 SRC is either an .onnx file or a factory "module:function" (or "path/to/file.py:function")
 naming a function that takes no arguments and returns (model, example_inputs): the model
@@ -85,25 +86,38 @@ that load without executing code):
                     state = nnx.state(m); nnx.replace_by_pure_dict(state,
                         flax.serialization.msgpack_restore(open("OUT.msgpack", "rb").read()))
                     nnx.update(m, state)
+  --to NAME   any other installed host (entry-point group "interop.hosts"): OUT in the
+              host's own format (its suffixes are listed below), and OUT.onnx beside it.
 """
 
-_SUFFIXES = {
-    "onnx": (".onnx",),
-    "torch": (".pt", ".pth"),
-    "keras": (".keras", ".weights.h5"),
-    "flax": (".msgpack",),
-}
+
+def _suffixes(target: str) -> tuple[str, ...]:
+    """The output file endings --to `target` accepts (the host's ``suffixes``)."""
+    if target == "onnx":
+        return (".onnx",)
+    from .hosts import host_for
+
+    return tuple(host_for(target).suffixes)
 
 
 def _add_convert_parser(commands: Any) -> None:
+    from .hosts import load_hosts
+
+    hosts = load_hosts()
+    installed = "\n".join(
+        f"  {name:<10}  {', '.join(host.suffixes) or '(no native file format)'}: {host.description}"
+        for name, host in sorted(hosts.items())
+    )
     convert = commands.add_parser(
         "convert",
-        help="convert a model (factory or .onnx file) to onnx, torch, keras or flax",
-        description=CONVERT_HELP,
+        help="convert a model (factory or .onnx file) to onnx, torch, keras, flax or another host",
+        description=CONVERT_HELP + "\nInstalled hosts (--to NAME: OUT suffixes):\n" + installed,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     convert.add_argument("source", metavar="SRC", help="an .onnx file or module:function")
-    convert.add_argument("--to", required=True, choices=sorted(_SUFFIXES), help="target format")
+    convert.add_argument(
+        "--to", required=True, choices=sorted(["onnx", *hosts]), help="target format"
+    )
     convert.add_argument("-o", "--output", required=True, metavar="OUT",
                          help="output file; its suffix must match --to (see above)")  # fmt: skip
     convert.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
@@ -155,42 +169,11 @@ def load_factory(spec: str) -> tuple[Any, Any]:
     return result
 
 
-def _emitter(target: str) -> Any:
-    from . import emit
-
-    name = f"to_{target}"
-    if not hasattr(emit, name):
-        raise InteropError(
-            f"Conversion to {target} is not available in this version of interop",
-            fix="convert --to onnx and load the file with that framework's ONNX tools",
-        )
-    return getattr(emit, name)
-
-
 def _save_native(target: str, native: Any, out: Path) -> list[Path]:
-    """Write the emitted model's weights; returns the paths written."""
-    if target == "torch":
-        import torch
+    """Write the emitted model's weights (the host's ``save``); returns the paths written."""
+    from .hosts import host_for
 
-        torch.save(native.state_dict(), out)
-    elif target == "keras":
-        if out.name.endswith(".weights.h5"):
-            native.save_weights(out)
-        else:
-            try:
-                native.save(out)
-            except (NotImplementedError, TypeError, ValueError) as err:
-                stem = out.name[: -len(".keras")]
-                raise InteropError(
-                    f"Keras cannot serialise this model as a .keras file: {str(err).strip()[:200]}",
-                    fix=f"write the weights instead: -o {out.with_name(stem + '.weights.h5')}",
-                ) from err
-    else:
-        from flax import nnx, serialization
-
-        state = nnx.to_pure_dict(nnx.state(native))
-        out.write_bytes(serialization.msgpack_serialize(state))
-    return [out]
+    return list(host_for(target).save(native, out))
 
 
 def convert_command(args: argparse.Namespace) -> int:
@@ -202,15 +185,21 @@ def convert_command(args: argparse.Namespace) -> int:
     out = Path(args.output)
     verbose = False if args.quiet else None
     try:
-        if not out.name.endswith(_SUFFIXES[args.to]):
+        suffixes = _suffixes(args.to)
+        if not suffixes:
+            raise InteropError(
+                f"The host '{args.to}' has no native file format",
+                fix="convert --to onnx and build the model from the .onnx file",
+            )
+        if not out.name.endswith(suffixes):
             raise InteropError(
                 f"Output '{out}' does not fit --to {args.to}",
-                f"a file name ending in {' or '.join(_SUFFIXES[args.to])}",
+                f"a file name ending in {' or '.join(suffixes)}",
             )
-        emitter = _emitter(args.to) if args.to != "onnx" else None
+        native_target = args.to != "onnx"
         out.parent.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
-        steps = ["read", "emit", "save"] if emitter else ["read", "save"]
+        steps = ["read", "emit", "save"] if native_target else ["read", "save"]
         graph = native = None
         for step in progress(steps, desc=f"convert to {args.to}", verbose=verbose):
             if step == "read":
@@ -220,10 +209,12 @@ def convert_command(args: argparse.Namespace) -> int:
                     model, example_inputs = load_factory(args.source)
                     graph = trace(model, example_inputs)
             elif step == "emit":
-                native = emitter(graph)  # type: ignore[misc]
+                from .emit import to_host
+
+                native = to_host(args.to, graph)
             else:
                 assert graph is not None
-                onnx_path = out if args.to == "onnx" else _graph_path(out)
+                onnx_path = out if args.to == "onnx" else _graph_path(out, suffixes)
                 written.append(graph.save(onnx_path))
                 if native is not None:
                     written[:0] = _save_native(args.to, native, out)
@@ -235,9 +226,10 @@ def convert_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _graph_path(out: Path) -> Path:
+def _graph_path(out: Path, suffixes: Sequence[str]) -> Path:
+    """OUT.onnx beside the native file: `out` without the host's suffix (longest first)."""
     name = out.name
-    for suffix in (".weights.h5", ".keras", ".msgpack", ".pth", ".pt"):
+    for suffix in sorted(suffixes, key=len, reverse=True):
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break

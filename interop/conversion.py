@@ -14,9 +14,19 @@ import numpy as np
 
 from .emit import as_graph
 from .errors import InteropError
+from .hosts import host_for, host_names
 from .verify import VerifyReport, compare
 
-TARGETS = ("torch", "keras", "flax", "onnx")
+
+def targets() -> tuple[str, ...]:
+    """What ``convert(to=...)`` accepts: every registered host (`interop.hosts`) and "onnx"."""
+    return (*host_names(), "onnx")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TARGETS":  # the former constant: now whatever hosts are installed
+        return targets()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def convert(
@@ -32,21 +42,26 @@ def convert(
     """Convert `model` (any framework, an interop.Graph or an ONNX file) to `to`.
 
     ``to`` is "torch" (an ``nn.Module``), "keras" (a ``keras.Model``), "flax" (an
-    ``nnx.Module``) or "onnx" (writes ``path``, default ``<model name>.onnx``, and returns
-    the path). With ``verify=True`` the result is run on `example_inputs` and compared
-    with the source (its own framework, or ONNX Runtime for graphs and files); a
-    mismatch raises `InteropError` carrying the per-output report.
+    ``nnx.Module``), any other registered host (`interop.hosts`) or "onnx" (writes
+    ``path``, default ``<model name>.onnx``, and returns the path). With ``verify=True``
+    the result is run on `example_inputs` (the host's ``run``) and compared with the
+    source (its own framework, or ONNX Runtime for graphs and files); a mismatch raises
+    `InteropError` carrying the per-output report.
     """
-    if to not in TARGETS:
-        raise InteropError(f"Unknown conversion target '{to}'", "one of " + ", ".join(TARGETS))
+    if to not in targets():
+        raise InteropError(
+            f"Unknown conversion target '{to}'",
+            "one of " + ", ".join(targets()),
+            "install the package of that host (entry-point group 'interop.hosts')",
+        )
     graph = as_graph(model, example_inputs)
     if to == "onnx":
         result: Any = graph.save(Path(path) if path is not None else Path(f"{graph.name}.onnx"))
         native = None
     else:
-        from . import emit
+        from .emit import to_host
 
-        native = result = getattr(emit, f"to_{to}")(graph)
+        native = result = to_host(to, graph)
     if verify:
         if example_inputs is None:
             raise InteropError(
@@ -88,31 +103,8 @@ def check_conversion(
 
 
 def run_native(native: Any, to: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
-    """Run an emitted model in inference mode; outputs as numpy arrays, in graph order."""
-    if to == "torch":
-        import torch
-
-        was_training = native.training
-        native.eval()
-        try:
-            with torch.no_grad():
-                out = native(*[torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])
-        finally:
-            native.train(was_training)
-        return [t.detach().cpu().numpy() for t in _as_list(out)]
-    if to == "keras":
-        import keras
-
-        out = native(arrays if len(arrays) > 1 else arrays[0], training=False)
-        return [np.asarray(keras.ops.convert_to_numpy(t)) for t in _as_list(out)]
-    out = native(*arrays)
-    return [np.asarray(t) for t in _as_list(out)]
-
-
-def _as_list(out: Any) -> list[Any]:
-    if isinstance(out, Mapping):
-        return list(out.values())
-    return list(out) if isinstance(out, (list, tuple)) else [out]
+    """Run an emitted model in inference mode (the host's ``run``); numpy outputs, in graph order."""
+    return host_for(to).run(native, arrays)
 
 
 def _split(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

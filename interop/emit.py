@@ -1,17 +1,22 @@
-"""`to_torch`: any model (interop.Graph, ONNX file or proto, framework model) as a native module.
+"""`to_torch` and kin: any model (interop.Graph, ONNX file or proto, framework model) as a native one.
 
-The front is framework-agnostic: it turns what it is given into an ONNX model
-(`interop.load` for files and protos, `interop.trace` for framework models) and hands
-it to the adapter's emitter, which imports the framework.
+The front is framework-agnostic: `to_host` turns what it is given into an ONNX model
+(`interop.load` for files, `interop.trace` for framework models; a ModelProto goes to
+the emitter as is) and hands it to the host registered under that name
+(`interop.hosts`), whose emitter imports the framework. `to_torch`, `to_keras` and
+`to_flax` are `to_host` for the built-in hosts.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from typing import Any
 
 import onnx
 
 from .errors import MissingDependencyError
+from .hosts import host_for
 
 
 def as_graph(source: Any, example_inputs: Any = None) -> Any:
@@ -33,6 +38,37 @@ def as_graph(source: Any, example_inputs: Any = None) -> Any:
     return trace(source, example_inputs)
 
 
+def to_host(name: str, source: Any, example_inputs: Any = None, **options: Any) -> Any:
+    """Emit a model as the native model of the host registered as `name` (`interop.hosts`).
+
+    `options` go to the host's ``emit`` (e.g. ``rngs`` for flax). A missing framework
+    raises `MissingDependencyError`; an unknown name an `InteropError` listing the hosts.
+
+    >>> import interop, torch
+    >>> module = to_host("torch", interop.trace(torch.nn.Linear(4, 3), (torch.randn(2, 4),)))
+    >>> isinstance(module, torch.nn.Module)
+    True
+    """
+    host = host_for(name)
+    for module in host.requires:  # fail before tracing, not after
+        if sys.modules.get(module) is None and importlib.util.find_spec(module) is None:
+            raise MissingDependencyError(
+                module, getattr(host, "extra", None), f"emit {host.description}"
+            )
+    try:
+        if isinstance(source, onnx.ModelProto):
+            # the emitter reads protos itself (load() would vet its domains); its
+            # unsupported-op error names the source layer
+            return host.emit(source, **options)
+        return host.emit(as_graph(source, example_inputs), **options)
+    except ModuleNotFoundError as err:
+        if err.name in host.requires:
+            raise MissingDependencyError(
+                err.name, getattr(host, "extra", None), f"emit {host.description}"
+            ) from err
+        raise
+
+
 def to_torch(source: Any, example_inputs: Any = None) -> Any:
     """Emit a model as a trainable ``torch.nn.Module`` (a torch.fx.GraphModule).
 
@@ -48,16 +84,7 @@ def to_torch(source: Any, example_inputs: Any = None) -> Any:
     >>> module(torch.randn(5, 4)).shape
     torch.Size([5, 3])
     """
-    try:
-        from .adapters.torch.emitter import to_torch_module
-    except ModuleNotFoundError as err:
-        if err.name == "torch":
-            raise MissingDependencyError("torch", "torch", "emit a torch module") from err
-        raise
-    if isinstance(source, onnx.ModelProto):
-        # the emitter reads protos itself; its unsupported-op error names the source layer
-        return to_torch_module(source)
-    return to_torch_module(as_graph(source, example_inputs))
+    return to_host("torch", source, example_inputs)
 
 
 def to_keras(source: Any, example_inputs: Any = None) -> Any:
@@ -78,15 +105,7 @@ def to_keras(source: Any, example_inputs: Any = None) -> Any:
     >>> tuple(model(torch.randn(5, 4).numpy()).shape)
     (5, 3)
     """
-    try:
-        from .adapters.keras.emitter import to_keras_model
-    except ModuleNotFoundError as err:
-        if err.name == "keras":
-            raise MissingDependencyError("keras", "keras", "emit a Keras model") from err
-        raise
-    if isinstance(source, onnx.ModelProto):  # a proto goes in as is (load() would vet its domains)
-        return to_keras_model(source)
-    return to_keras_model(as_graph(source, example_inputs))
+    return to_host("keras", source, example_inputs)
 
 
 def to_flax(source: Any, example_inputs: Any = None, *, rngs: Any = None) -> Any:
@@ -106,15 +125,7 @@ def to_flax(source: Any, example_inputs: Any = None, *, rngs: Any = None) -> Any
     >>> module(torch.randn(5, 4).numpy()).shape
     (5, 3)
     """
-    try:
-        from .adapters.flax.emitter import to_flax_module
-    except ModuleNotFoundError as err:
-        if err.name in ("jax", "flax"):
-            raise MissingDependencyError(err.name, "flax", "emit a Flax module") from err
-        raise
-    if isinstance(source, onnx.ModelProto):  # a proto goes in as is (load() would vet its domains)
-        return to_flax_module(source, rngs=rngs)
-    return to_flax_module(as_graph(source, example_inputs), rngs=rngs)
+    return to_host("flax", source, example_inputs, rngs=rngs)
 
 
 def to_jax(source: Any, example_inputs: Any = None) -> tuple[Any, Any]:

@@ -10,32 +10,8 @@ nnx checkpointing); ``module.graph`` is the guest's Graph, to save beside the st
 
 from __future__ import annotations
 
-from typing import Any
-
-from flax import nnx
-
-from .emit import as_graph, to_flax
-from .graph import Graph, TensorSpec
-from .guests import check_guest_inputs
+# the class lives with its host adapter (interop.adapters.flax.nesting); this module keeps
+# the public name, and the import path that pickles and saved models may refer to
+from .adapters.flax.nesting import Module
 
 __all__ = ["Module"]
-
-
-class Module(nnx.Module):
-    """Wrap a torch / Keras / Flax model, an interop.Graph or an ONNX file as an nnx module."""
-
-    def __init__(self, source: Any, example_inputs: Any = None, *, rngs: nnx.Rngs | None = None):
-        graph = as_graph(source, example_inputs)
-        # static metadata only: nnx keeps non-Variable attributes in the graphdef
-        self.input_specs: tuple[TensorSpec, ...] = tuple(graph.inputs)
-        self.guest_name: str = graph.name
-        self.net = to_flax(graph, rngs=rngs)
-        self._graph = graph
-
-    @property
-    def graph(self) -> Graph:
-        return self._graph
-
-    def __call__(self, *inputs: Any) -> Any:
-        check_guest_inputs(self.guest_name, self.input_specs, inputs)
-        return self.net(*inputs)

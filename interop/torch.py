@@ -12,39 +12,8 @@ Save it with ``state_dict``; rebuild it from the saved Graph:
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
-from .emit import as_graph, to_torch
-from .graph import Graph
-from .guests import check_guest_inputs
+# the class lives with its host adapter (interop.adapters.torch.nesting); this module keeps
+# the public name, and the import path that pickles and saved models may refer to
+from .adapters.torch.nesting import Module
 
 __all__ = ["Module"]
-
-
-class Module(torch.nn.Module):
-    """Wrap a torch / Keras / Flax model, an interop.Graph or an ONNX file as a submodule.
-
-    Inputs are checked against the guest's signature (rank, static dims, dtype kind)
-    before running, so a wrong input names the guest's input instead of failing
-    deep inside the emitted graph.
-    """
-
-    def __init__(self, source: Any, example_inputs: Any = None, *, check_inputs: bool = True):
-        super().__init__()
-        graph = as_graph(source, example_inputs)
-        self.graph: Graph = graph
-        self.check_inputs = check_inputs
-        # a submodule follows its host's train()/eval() like any nn.Module: it starts in
-        # training mode as every newly built nn.Module does (to_torch itself starts in eval)
-        self.net = to_torch(graph).train(self.training)
-
-    def forward(self, *args: Any) -> Any:
-        if self.check_inputs:
-            check_guest_inputs(self.graph.name, self.graph.inputs, args)
-        return self.net(*args)
-
-    def extra_repr(self) -> str:
-        inputs = ", ".join(str(spec) for spec in self.graph.inputs)
-        return f"guest={self.graph.name!r} from {self.graph.source.get('framework', 'onnx')}, inputs: {inputs}"

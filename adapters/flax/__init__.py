@@ -104,3 +104,6 @@ class FlaxAdapter:
 
 
 ADAPTER = FlaxAdapter()
+
+# the host side (emit, run, save, nesting) is in host.py; found through `interop.hosts`
+from .host import HOST as HOST  # noqa: E402

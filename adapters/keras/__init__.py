@@ -71,3 +71,6 @@ class KerasAdapter:
 
 
 ADAPTER = KerasAdapter()
+
+# the host side (emit, run, save, nesting) is in host.py; found through `interop.hosts`
+from .host import HOST as HOST  # noqa: E402

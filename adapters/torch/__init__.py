@@ -74,3 +74,6 @@ def _is_keras(model: Any) -> bool:
 
 
 ADAPTER = TorchAdapter()
+
+# the host side (emit, run, save, nesting) is in host.py; found through `interop.hosts`
+from .host import HOST as HOST  # noqa: E402

@@ -1,0 +1,140 @@
+"""Hosts: the frameworks an `interop.Graph` is emitted into (the other side of adapters).
+
+A host turns a graph into a native model (``emit``), runs that model in inference mode
+(``run``, for ``interop.convert(..., verify=True)``), saves its weights (``save``, for
+``interop convert``) and names its nesting wrapper (``nesting``: ``interop.torch.Module``
+and its kin). Hosts are discovered through the ``interop.hosts`` entry-point group; the
+built-in ones (torch, keras, flax) register the same way. Looking a host up never imports
+its framework: ``emit``, ``run``, ``save`` and ``nesting`` do, on first use.
+
+>>> host_for("torch").suffixes
+('.pt', '.pth')
+>>> all(name in load_hosts() for name in ("torch", "keras", "flax"))
+True
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .errors import InteropError, close_matches
+from .registry import Registry
+
+if TYPE_CHECKING:
+    import numpy as np
+
+ENTRY_POINT_GROUP = "interop.hosts"
+_BUILTIN = {
+    "torch": "interop.adapters.torch:HOST",
+    "keras": "interop.adapters.keras:HOST",
+    "flax": "interop.adapters.flax:HOST",
+}
+
+
+class Host(Protocol):
+    """What a host provides (see docs/design.md, "Writing a host").
+
+    ``requires`` names the modules whose absence makes ``emit`` raise
+    `MissingDependencyError` (e.g. ``("jax", "flax")``); ``suffixes`` the file name endings
+    ``save`` writes (the first one is the default). A host without a native file format
+    raises an `InteropError` from ``save``.
+    """
+
+    name: str
+    description: str  # what it emits, e.g. "torch.nn.Module (a torch.fx.GraphModule)"
+    requires: tuple[str, ...]
+    suffixes: tuple[str, ...]
+
+    def emit(self, source: Any, **options: Any) -> Any:
+        """The native model of an interop.Graph or an onnx.ModelProto (passed as is)."""
+        ...
+
+    def run(self, native: Any, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Run the native model in inference mode; outputs as numpy arrays, in graph order."""
+        ...
+
+    def save(self, native: Any, out: Path) -> list[Path]:
+        """Write the native model's weights to `out`; returns the paths written."""
+        ...
+
+    @property
+    def nesting(self) -> type:
+        """The class that nests a guest of any framework in this host's models."""
+        ...
+
+
+HOSTS: Registry[Host] = Registry("emit")
+_loaded = False
+_load_lock = threading.Lock()
+
+
+def register_host(host: Host, *, replace: bool = False) -> Host:
+    """Register a host object (entry points do this for installed packages)."""
+    return HOSTS.register(host.name, host, replace=replace)
+
+
+def load_hosts() -> Registry[Host]:
+    """Load every host of the entry-point group once (plus the built-ins)."""
+    global _loaded
+    if _loaded:
+        return HOSTS
+    with _load_lock:
+        if _loaded:
+            return HOSTS
+        targets = {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+        for name, target in _BUILTIN.items():  # running from a source tree without metadata
+            targets.setdefault(name, metadata.EntryPoint(name, target, ENTRY_POINT_GROUP))
+        for name, entry_point in targets.items():
+            if name in HOSTS:
+                continue
+            try:
+                host = entry_point.load()
+            except ModuleNotFoundError as err:
+                if (
+                    entry_point.value.startswith("interop.adapters.")
+                    and err.name
+                    and err.name.startswith("interop")
+                ):
+                    continue  # a built-in host this installation does not ship
+                raise
+            except Exception as err:  # a broken third-party plug-in must not break the rest
+                import warnings
+
+                warnings.warn(f"interop: host '{name}' failed to load: {err}", stacklevel=2)
+                continue
+            HOSTS.register(name, host)
+        _loaded = True
+    return HOSTS
+
+
+def output_list(out: Any) -> list[Any]:
+    """A native model's outputs as a list, in graph order (a dict, a sequence or one tensor)."""
+    if isinstance(out, Mapping):
+        return list(out.values())
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def host_names() -> list[str]:
+    """The names of the registered hosts, sorted."""
+    return sorted(load_hosts())
+
+
+def host_for(name: str) -> Host:
+    """The host registered as `name`; an unknown name raises `InteropError` listing them."""
+    hosts = load_hosts()
+    host = hosts.get(name)
+    if host is None:
+        known = host_names()
+        matches = close_matches(name, known)
+        raise InteropError(
+            f"Unknown host '{name}'"
+            + (f" (did you mean {' or '.join(repr(m) for m in matches)}?)" if matches else ""),
+            "one of " + ", ".join(known),
+            "install the package that provides it (entry-point group 'interop.hosts') "
+            "or register it with interop.hosts.register_host",
+        )
+    return host
