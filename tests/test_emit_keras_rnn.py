@@ -9,7 +9,7 @@ import pytest
 keras = pytest.importorskip("keras")
 ort = pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
-from interop.adapters.keras.generic import OnnxOp  # noqa: E402
+from interop.adapters.keras.emit_generic import OnnxOp  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import interop  # noqa: E402

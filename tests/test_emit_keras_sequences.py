@@ -2,7 +2,7 @@
 
 torch.onnx turns ``torch.split`` / ``unbind`` into SplitToSequence -> SequenceAt (GPT2's
 qkv split); the Keras emitter keeps such graphs functional when every sequence has a
-statically known length (`adapters/keras/emitter.py`, `generic.OnnxOp.layout`). Outputs are
+statically known length (`adapters/keras/emitter.py`, `emit_generic.OnnxOp.layout`). Outputs are
 compared with ONNX Runtime (rtol 1e-5) or the ONNX test data; gradients reach the weights
 upstream of the split (compared with torch autograd, rtol 1e-4); a sequence of run-time
 length falls back on the interpreted `GraphModel`.
@@ -24,8 +24,8 @@ keras = pytest.importorskip("keras")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from interop.adapters.keras.generic import OnnxOp  # noqa: E402
-from interop.adapters.keras.interpreted import GraphModel  # noqa: E402
+from interop.adapters.keras.emit_generic import OnnxOp  # noqa: E402
+from interop.adapters.keras.emit_interpreted import GraphModel  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import interop  # noqa: E402
@@ -240,7 +240,7 @@ _BACKEND_SCRIPT = textwrap.dedent(
     import sys, numpy as np, keras, torch, onnxruntime as ort
     sys.path.insert(0, {tests!r})
     import interop
-    from interop.adapters.keras.interpreted import GraphModel
+    from interop.adapters.keras.emit_interpreted import GraphModel
     from test_emit_keras_sequences import Splits, _sequence_graph
     assert keras.backend.backend() == {backend!r}
     proto = _sequence_graph()

@@ -25,6 +25,9 @@ from interop.registry import Registry
 CAPTURE_LAYERS: Registry[Any] = Registry("import", adapter="keras")
 # keras.ops operation class name ("Matmul") -> converter(builder, op, *args, **kwargs)
 CAPTURE_OPS: Registry[Any] = Registry("import", adapter="keras")
+# ONNX op type ("Conv") -> emit builder(emitter, node, args) -> interop.emitter.Native | None
+# (emit_layers.py, emit_recurrent.py; None leaves the node to the generic OnnxOp)
+EMIT_LAYERS: Registry[Any] = Registry("emit", adapter="keras layers")
 
 
 def register_layer(class_name: str | type, function: Any = None, *, replace: bool = False) -> Any:

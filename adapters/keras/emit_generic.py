@@ -33,6 +33,13 @@ from interop.interpret import SubgraphFunction, node_free_values
 from .backend import as_dtype, emulated, from_carrier, keras_backend, keras_dtype, to_carrier
 
 
+class Const:
+    """An initializer or folded constant; a layer that reads it decides what it becomes."""
+
+    def __init__(self, value: ir.Value, array: np.ndarray, kind: str | None):
+        self.value, self.array, self.kind = value, array, kind
+
+
 def interop_errors_as_raised(call):
     """A layer call whose interop errors reach the caller as they were raised.
 

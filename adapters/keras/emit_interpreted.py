@@ -21,7 +21,7 @@ from keras import ops
 from interop.interpret import Interpreter
 
 from .backend import emulated, from_carrier, keras_backend, to_carrier
-from .generic import interop_errors_as_raised
+from .emit_generic import interop_errors_as_raised
 
 
 def needs_graph_model(graph: ir.Graph) -> bool:

@@ -1,8 +1,8 @@
 """ONNX LSTM / GRU / RNN nodes with initializer weights -> keras.layers.LSTM / GRU / SimpleRNN.
 
-Registered in `native_layers.LAYERS` like the other native builders: each returns the
-node's outputs (Y [seq, directions, batch, hidden], Y_h, Y_c in the node's layout) or None
-to leave the node to the generic recurrence (sequence_lens, peepholes, clip, input_forget,
+Registered in `EMIT_LAYERS` like the other native builders: each returns a `Native` whose
+call gives the node's outputs (Y [seq, directions, batch, hidden], Y_h, Y_c in the node's
+layout) or None to leave the node to the generic recurrence (sequence_lens, peepholes, clip, input_forget,
 activations Keras's layers do not have). Gate orders go from ONNX's (LSTM i,o,f,c; GRU
 z,r,h) to Keras's (LSTM i,f,c,o; GRU z,r,h), kernels are transposed ([in, gates*hidden])
 and ONNX's two biases Wb + Rb become Keras's one bias, except for GRU with
@@ -13,26 +13,24 @@ the reset product there). "bidirectional" is a ``keras.layers.Bidirectional``,
 
 from __future__ import annotations
 
-import json
+import functools
 import os
-import re
 from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
-from interop.packing import PACKED_FROM
+from interop.emitter import Native, optional_weight, packed_sources
 
-from .native_layers import LAYERS, _assign, _attributes, _keras_tensor, _optional_weight
+from . import EMIT_LAYERS
+from .emit_layers import assign, keras_tensor
 
 # ONNX gate blocks in Keras's order: LSTM iofc -> ifco; GRU zrh is Keras's order already
 _GATE_ORDER = {"LSTM": [0, 2, 3, 1], "GRU": [0, 1, 2], "RNN": [0]}
 _DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"]}
 _RNN_ACTIVATIONS = {"Tanh": "tanh", "Relu": "relu", "Sigmoid": "sigmoid"}
 _STATE_INPUTS = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}
-# a backward direction's parameter: torch's lstm.weight_ih_l0_reverse, Keras's backward_lstm/...
-_BACKWARD = re.compile(r"(_reverse$|(^|/)backward_)")
 
 
 @keras.saving.register_keras_serializable("interop")
@@ -109,9 +107,7 @@ def _expressible(emitter, node, attrs) -> bool:
             return False
     elif activations not in ([], _DEFAULT_ACTIVATIONS[op_type], _DEFAULT_ACTIVATIONS[op_type] * 2):
         return False
-    peepholes = (
-        None if _absent(node, 7) or op_type != "LSTM" else _optional_weight(emitter, node, 7)
-    )
+    peepholes = None if _absent(node, 7) or op_type != "LSTM" else optional_weight(emitter, node, 7)
     return not (
         not _absent(node, 4)  # sequence_lens: per-row lengths Keras's layers cannot take
         or (peepholes is not None and peepholes[0] is not None)  # zero peepholes are none
@@ -174,10 +170,10 @@ def _initial_states(emitter, node, args, directions, layout):
 def recurrent_layer(emitter, node, args):
     """LSTM / GRU / RNN with initializer weights -> keras.layers.LSTM / GRU / SimpleRNN."""
     op_type = node.op_type
-    attrs = _attributes(emitter, node)
+    attrs = emitter.node_attributes(node)
     w, r = emitter.weight(node.inputs[1]), emitter.weight(node.inputs[2])
-    bias_value, bias = _optional_weight(emitter, node, 3)
-    if w is None or r is None or bias is False or not _keras_tensor(args[0]):
+    bias_value, bias, usable = optional_weight(emitter, node, 3)
+    if w is None or r is None or not usable or not keras_tensor(args[0]):
         return None
     if not _expressible(emitter, node, attrs) or w.ndim != 3 or r.ndim != 3:
         return None
@@ -194,77 +190,75 @@ def recurrent_layer(emitter, node, args):
         return None
     hidden = r.shape[-1]
     reset_after = op_type == "GRU" and bool(attrs.get("linear_before_reset", 0))
-    sources = [node.inputs[1], node.inputs[2], bias_value]
-    name = _layer_name(emitter, node, sources)
+    values = dict(zip(("kernel", "recurrent_kernel", "bias"), (node.inputs[1], node.inputs[2],
+                                                               bias_value)))  # fmt: skip
     dtype = str(w.dtype)
-    x = args[0] if layout else emitter.transpose(args[0], (1, 0, 2))  # batch-first for Keras
-    if features is None:  # computed upstream (torch's reshapes): Keras sizes the kernel from it
-        x = keras.layers.Reshape((-1, w.shape[-1]), name=emitter.unique(f"{name}_input"))(x)
     if direction == "bidirectional":
         inner = _layer(op_type, hidden, attrs, bias is not None, dtype, op_type.lower())
-        layer: Any = keras.layers.Bidirectional(inner, merge_mode=None, name=name)
-        cells = [layer.forward_layer.cell, layer.backward_layer.cell]
+        layer: Any = keras.layers.Bidirectional(inner, merge_mode=None)
+        cells = ["forward_layer.cell", "backward_layer.cell"]
     else:
-        layer = _layer(op_type, hidden, attrs, bias is not None, dtype, name,
+        layer = _layer(op_type, hidden, attrs, bias is not None, dtype, None,
                        go_backwards=direction == "reverse")  # fmt: skip
-        cells = [layer.cell]
-    results = layer(x, initial_state=states) if states else layer(x)
-    _adopt(emitter, op_type, cells, w, r, bias, reset_after, sources)
-    kinds = 2 if op_type == "LSTM" else 1
-    if directions == 2:  # Bidirectional: y_f, y_b, then each direction's states
-        sequences = list(results[:2])
-        per_direction = [results[2 : 2 + kinds], results[2 + kinds :]]
-    else:
-        sequences, per_direction = [results[0]], [results[1:]]
-    grouped = [per_direction[d][k] for k in range(kinds) for d in range(directions)]
-    outputs = RecurrentOutputs(
-        directions, layout, reverse=direction == "reverse",
-        name=emitter.unique(f"{name}_outputs"),
-    )([*sequences, *grouped])  # fmt: skip
-    return list(outputs[: len(node.outputs)]) + [None] * (len(node.outputs) - len(outputs))
-
-
-def _adopt(emitter, op_type, cells, w, r, bias, reset_after, sources):
-    """The ONNX arrays into the cells' variables, and each variable's source name."""
+        cells = ["cell"]
+    sources, names = {}, {}
     for d, cell in enumerate(cells):
-        weights = _keras_weights(op_type, w[d], r[d], None if bias is None else bias[d],
-                                 reset_after)  # fmt: skip
-        _assign(cell, **weights)
-        for attribute, value in zip(("kernel", "recurrent_kernel", "bias"), sources):
-            if attribute in weights:
-                variable = getattr(cell, attribute)
-                names = _source_names(emitter.source_value(value), d, len(cells))
-                emitter.source_names[variable.path] = "+".join(names)
+        for attribute, value in values.items():
+            if value is not None:
+                root = _root(emitter, value)
+                sources[f"{cell}.{attribute}"] = value
+                names[f"{cell}.{attribute}"] = "+".join(packed_sources(root, d, directions))
+
+    def call(layer, x):
+        name = layer.name
+        x = x if layout else emitter.transpose(x, (1, 0, 2))  # batch-first for Keras
+        if features is None:  # computed upstream (torch's reshapes): Keras sizes the kernel
+            x = keras.layers.Reshape((-1, w.shape[-1]), name=emitter.unique(f"{name}_input"))(x)
+        results = layer(x, initial_state=states) if states else layer(x)
+        for d, cell in enumerate(cells):
+            weights = _keras_weights(op_type, w[d], r[d], None if bias is None else bias[d],
+                                     reset_after)  # fmt: skip
+            assign(functools.reduce(getattr, cell.split("."), layer), **weights)
+        kinds = 2 if op_type == "LSTM" else 1
+        if directions == 2:  # Bidirectional: y_f, y_b, then each direction's states
+            sequences = list(results[:2])
+            per_direction = [results[2 : 2 + kinds], results[2 + kinds :]]
+        else:
+            sequences, per_direction = [results[0]], [results[1:]]
+        grouped = [per_direction[d][k] for k in range(kinds) for d in range(directions)]
+        outputs = RecurrentOutputs(
+            directions, layout, reverse=direction == "reverse",
+            name=emitter.unique(f"{name}_outputs"),
+        )([*sequences, *grouped])  # fmt: skip
+        results = list(outputs[: len(node.outputs)])
+        results += [None] * (len(node.outputs) - len(results))
+        return results if len(results) > 1 else results[0]  # one value: Native.outputs == 1
+
+    path = _keras_path(emitter, [node.inputs[1], node.inputs[2], bias_value])
+    return Native(layer, sources, [0], call=call, outputs=len(node.outputs), names=names,
+                  path=path)  # fmt: skip
 
 
-def _layer_name(emitter, node, sources) -> str:
-    """A Keras source's layer path (``bi_lstm`` for ``bi_lstm/forward_lstm/lstm_cell/kernel``),
-    else the emitter's rule (``lstm`` for torch's ``lstm.W`` packed from ``lstm.weight_ih_l0``)."""
+def _root(emitter, value):
+    """The initializer a weight input reads (through a Transpose / Identity), else itself."""
+    found = emitter.weight_source(value)
+    return found[0] if found is not None else value
+
+
+def _keras_path(emitter, sources) -> str | None:
+    """A Keras source's layer path (``bi_lstm`` for ``bi_lstm/forward_lstm/lstm_cell/kernel``);
+    None leaves the emitter's rule (``lstm`` for torch's ``lstm.W`` packed from
+    ``lstm.weight_ih_l0``)."""
     names = [n for v in sources if v is not None
-             for n in _source_names(emitter.source_value(v), 0, 1)]  # fmt: skip
+             for n in packed_sources(_root(emitter, v), 0, 1)]  # fmt: skip
     if names and all("/" in n for n in names):
         parts = os.path.commonprefix([n.split("/")[:-1] for n in names])
         if parts and parts[-1].endswith("_cell"):  # the cell is part of the Keras layer
             parts = parts[:-1]
         if parts:
-            return emitter.unique("/".join(parts))
-    return emitter.layer_name(node, sources)
-
-
-def _source_names(value, direction: int, directions: int) -> list[str]:
-    """The source parameters behind one direction of a weight: the weight itself, or those it
-    was packed from (`interop.packing`); a bias Keras sums or stacks names both (ih, hh)."""
-    packed = value.metadata_props.get(PACKED_FROM)
-    if not packed:
-        return [str(value.name)]
-    names = json.loads(packed)
-    if directions == 2:
-        backward = [n for n in names if _BACKWARD.search(n)]
-        forward = [n for n in names if not _BACKWARD.search(n)]
-        if backward and forward:
-            names = backward if direction else forward
-    return names
+            return "/".join(parts)
+    return None
 
 
 for _op_type in _GATE_ORDER:
-    LAYERS.register(_op_type, recurrent_layer)
+    EMIT_LAYERS.register(_op_type, recurrent_layer)

@@ -1,20 +1,17 @@
 """IR graph -> trainable Keras functional ``keras.Model`` on whichever Keras backend is active.
 
-The emit loop is `interop.interpret.Interpreter`; `KerasEmitter` overrides its steps to
-build a functional graph of ``KerasTensor``s: graph inputs become ``keras.Input`` (symbolic
-dims -> None), weighted ops with constant weights become Keras layers (``native_layers``:
-Dense, ConvND(Transpose), BatchNormalization, LayerNormalization, Embedding, Dropout,
-LSTM/GRU) and every other node one `OnnxOp` layer calling its ONNX semantics with the
-``keras.ops`` backend. Nodes whose inputs are all constants are evaluated here.
+`KerasEmitter` is the core `interop.emitter.Emitter` building a functional graph of
+``KerasTensor``s: graph inputs become ``keras.Input`` (symbolic dims -> None), weighted ops
+with constant weights become Keras layers (`EMIT_LAYERS`: ``emit_layers`` Dense,
+ConvND(Transpose), BatchNormalization, LayerNormalization, Embedding, Dropout, pooling;
+``emit_recurrent`` LSTM/GRU/SimpleRNN) and every other node one `OnnxOp` layer calling its
+ONNX semantics with the ``keras.ops`` backend (``emit_generic``). Nodes whose inputs are
+all constants (and Shape of a statically shaped value) are evaluated here.
 
 Sequences: a sequence value of statically known length is a Python list of KerasTensors
-(or `Const`s) between layers. SequenceConstruct / SequenceEmpty / SequenceLength and
-SequenceAt / SequenceInsert / SequenceErase at constant positions are list operations at
-emission (no layer); a layer reading a sequence takes its elements, one producing one
-(SplitToSequence with a constant split, SequenceMap) returns them one by one (see
-`generic.OnnxOp.layout`). A sequence whose length is only known at run time (a run-time
-split, a Loop's) makes the graph the interpreted `GraphModel`, as sequence inputs and
-outputs of the graph do.
+(or `Const`s) between layers (``emit_sequences``); a sequence whose length is only known at
+run time (a run-time split, a Loop's) makes the graph the interpreted `GraphModel`
+(``emit_interpreted``), as sequence inputs and outputs of the graph do.
 
 Layout: values keep ONNX's (the source's) layout; native convolution / pooling /
 normalization layers run channels-last between two permutations, and `transpose`
@@ -28,6 +25,7 @@ channels-last layers (and a Keras source's own Transpose pairs) meet without tra
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -37,27 +35,25 @@ import numpy as np
 import onnx_ir as ir
 
 from interop import provenance
+from interop.emitter import Emitter, Native
 from interop.errors import EmitError
-from interop.interpret import (
-    RANDOM_OPS,
-    Interpreter,
-    fold_on_host,
-    node_free_values,
-)
-from interop.normalize import check_supported
+from interop.interpret import node_free_values
+from interop.normalize import DEFAULT_DOMAINS
 
+from . import EMIT_LAYERS, emit_recurrent  # noqa: F401  (emit_recurrent: its builders)
 from .backend import emulated, keras_backend, keras_dtype
-from .generic import sequence_function
-from .interpreted import graph_model, needs_graph_model
-from .native_layers import (
-    LAYERS,
+from .emit_generic import (
     MAX_INPUTS,
+    Const,
     OnnxOp,
     Transpose,
     control_function,
-    forget_initializers,
     op_class,
+    sequence_function,
 )
+from .emit_interpreted import graph_model, needs_graph_model
+from .emit_layers import forget_initializers
+from .emit_sequences import SEQUENCE_MAKERS, sequence_step
 
 # ops applied elementwise: they commute with a permutation of their (same-layout) inputs
 _ELEMENTWISE = {"Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "HardSigmoid", "HardSwish",
@@ -65,33 +61,27 @@ _ELEMENTWISE = {"Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "HardSigm
                 "Mul", "Div", "Max", "Min", "Identity", "PRelu"}  # fmt: skip
 
 
-class Const:
-    """An initializer or folded constant; a layer that reads it decides what it becomes."""
-
-    def __init__(self, value: ir.Value, array: np.ndarray, kind: str | None):
-        self.value, self.array, self.kind = value, array, kind
-
-
-class KerasEmitter(Interpreter):
+class KerasEmitter(Emitter):
     """Builds the functional graph and the layers of one emitted Keras model."""
 
     adapter = "keras"
+    layers = EMIT_LAYERS
+    fold_static_shapes = True  # a functional model needs static shapes
+    weights_through_transpose = True  # a Keras source's HWIO kernels
 
     def __init__(self, source: Any, *, normalized: bool = False):
         super().__init__(source, keras_backend, normalized=normalized)
-        self.static: dict[ir.Value, np.ndarray] = {}
         self.variables: dict[ir.Value, keras.Variable] = {}
         self.source_names: dict[str, str] = {}  # keras variable path -> source initializer
         self.origin: dict[int, tuple[Any, tuple[int, ...]]] = {}  # id(tensor) -> (source, perm)
         self._permuted: dict[tuple[int, tuple[int, ...]], Any] = {}
         self._names: set[str] = set()
         self.inputs: list[Any] = []
-        self.fused: dict[ir.Node, list[Any]] = {}  # nodes a native layer already computes
         self.inferred: dict[str, tuple[Any, Any]] = {}  # value name -> (dims, dtype name)
 
     # ------------------------------------------------------------------ building
     def build(self) -> keras.Model:
-        check_supported(self.graph, self.version, self.adapter)
+        self.check()
         name = _layer_name(self.graph.name or "emitted")
         if needs_graph_model(self.graph):  # sequences, optionals, no inputs: not functional
             return self.described(graph_model(self, name))
@@ -140,12 +130,11 @@ class KerasEmitter(Interpreter):
         self.inputs.append(tensor)
         return tensor
 
-    def constant(self, value: ir.Value) -> Any:
-        array = value.const_value.numpy()
-        kind = self.kind_of(value)
-        if kind is None:
-            self.static[value] = array
-        return Const(value, array, kind)
+    def static_handle(self, value: ir.Value, array: Any) -> Const:
+        return Const(value, array, None)
+
+    def weight_handle(self, value: ir.Value, kind: str) -> Const:
+        return Const(value, value.const_value.numpy(), kind)
 
     def output(self, results: list[Any]) -> list[Any]:
         return results
@@ -158,41 +147,6 @@ class KerasEmitter(Interpreter):
         if value.dtype is not None and emulated(value.dtype.numpy()):
             return None  # no Keras variable of a dtype Keras lacks: a host constant
         return super().kind_of(value)
-
-    def weight(self, value: ir.Value | None) -> np.ndarray | None:
-        """The initializer behind an input, if it may become a native layer's variable.
-
-        A weight read through a constant-perm Transpose (a Keras source's HWIO kernel) counts:
-        the layer holds it in the orientation it needs anyway.
-        """
-        source = self.source_value(value)
-        if (
-            source is None
-            or source.const_value is None
-            or source.name not in self.graph.initializers
-        ):
-            return None
-        readers = [use for use in source.uses() if use.node.op_type not in ("Shape", "Size")]
-        if self.kind_of(source) is None or len(readers) != 1 or source in self.graph.inputs:
-            return None
-        array = np.array(source.const_value.numpy())
-        if source is not value:
-            if len(value.uses()) != 1:
-                return None
-            perm = self.attributes(value.producer())[0].get("perm")
-            array = np.transpose(array, perm)
-        return array
-
-    def source_value(self, value: ir.Value | None) -> ir.Value | None:
-        """The initializer a value is, or is a Transpose of."""
-        producer = value.producer() if value is not None else None
-        if (
-            producer is not None
-            and producer.op_type == "Transpose"
-            and producer.inputs[0] is not None
-        ):
-            return producer.inputs[0]
-        return value
 
     def variable(self, value: ir.Value, array: np.ndarray, kind: str) -> keras.Variable:
         """One Keras variable per source weight, named after it, shared by all its readers."""
@@ -213,22 +167,22 @@ class KerasEmitter(Interpreter):
         self._names.add(candidate)
         return candidate
 
-    def layer_name(self, node: ir.Node, sources: Sequence[ir.Value] = ()) -> str:
-        """The common prefix of the weights' source names (``blocks.0.conv``), else the scope."""
-        names = [self.source_value(v).name for v in sources if v is not None]
-        prefixes = {name.rsplit(".", 1)[0] for name in names if "." in name}
-        if not prefixes:  # Keras names: "conv/kernel"
-            prefixes = {name.rsplit("/", 1)[0] for name in names if "/" in name}
-        if len(prefixes) == 1:
-            return self.unique(prefixes.pop())
-        return self.unique(provenance.node_scope(node) or node.name or node.op_type.lower())
+    def scope_name(self, node: ir.Node) -> str:
+        return provenance.node_scope(node) or node.name or node.op_type.lower()
 
-    def adopt(self, layer: keras.layers.Layer, sources: dict[str, ir.Value]) -> None:
+    def place(self, node: ir.Node, native: Native) -> str:
+        """A native layer's name: its path, else its weights' common source prefix
+        (``blocks.0.conv``), else the node's scope; made unique."""
+        path = native.path or self.source_prefix(native.sources.values())
+        return self.unique(path or self.scope_name(node))
+
+    def adopt(self, layer: keras.layers.Layer, native: Native) -> None:
         """Record the source name of each variable of a freshly called native layer."""
         forget_initializers(layer)
-        for attribute, value in sources.items():
-            variable = getattr(layer, attribute)
-            self.source_names[variable.path] = self.source_value(value).name
+        names = native.names or {}
+        for attribute, value in native.sources.items():
+            variable = functools.reduce(getattr, attribute.split("."), layer)
+            self.source_names[variable.path] = names.get(attribute) or self.source_name(value)
 
     # ------------------------------------------------------------------ layout
     def transpose(self, tensor: Any, perm: Sequence[int]) -> Any:
@@ -258,62 +212,34 @@ class KerasEmitter(Interpreter):
         return self.transpose(tensor, (0, rank - 1, *range(1, rank - 1)))
 
     # ------------------------------------------------------------------ nodes
-    def run_node(
-        self, node: ir.Node, args: list[Any], env: Any, caller: Any = None
-    ) -> Sequence[Any]:
-        if caller is not None:
-            return super().run_node(node, args, env, caller)
-        if node in self.fused:
-            return self.fused.pop(node)
-        folded = self.fold(node)
-        if folded is not None:
-            return folded
-        if node.domain in ("", "ai.onnx") and node.op_type in _SEQUENCE_STEPS:
-            if node.op_type in _SEQUENCE_READERS and not isinstance(args[0], list):
-                raise NotImplementedError(f"{node.op_type} of a sequence not known as a list")
-            listed = _SEQUENCE_STEPS[node.op_type](self, node, args)
-            if listed is not None:
-                return listed
-        if node.op_type == "Transpose" and not isinstance(args[0], Const):
-            rank = len(args[0].shape)
-            perm = self.attributes(node)[0].get("perm") or list(range(rank))[::-1]
-            return [self.transpose(args[0], perm)]
-        builder = LAYERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if builder is not None:
-            result = builder(self, node, args)
-            if result is not None:
-                return result
-        captured = [env[v] for v in node_free_values(node)]
+    def rewrite(self, node: ir.Node, args: list[Any], env: Any) -> Sequence[Any] | None:
+        """Sequences as lists (`emit_sequences`); a Transpose composing with the last one."""
+        listed = sequence_step(self, node, args)
+        if listed is not None:
+            return listed
+        if node.op_type == "Transpose" and node.domain in DEFAULT_DOMAINS:
+            if not isinstance(args[0], Const):
+                rank = len(args[0].shape)
+                perm = self.node_attributes(node).get("perm") or list(range(rank))[::-1]
+                return [self.transpose(args[0], perm)]
+        return None
+
+    def call_native(self, node: ir.Node, native: Native, args: list[Any]) -> Sequence[Any]:
+        """Name the layer where its weights come from, call it, record its variables."""
+        layer = native.layer
+        layer.name = self.place(node, native)  # before the first call: variable paths follow
+        inputs = [args[i] for i in native.data_inputs]
+        result = native.call(layer, *inputs) if native.call is not None else layer(*inputs)
+        self.adopt(layer, native)
+        outputs = list(result) if native.outputs > 1 else [result]
+        return outputs + [None] * (len(node.outputs) - len(outputs))
+
+    def call_op(self, node: ir.Node, args: list[Any], captured: list[Any]) -> Sequence[Any]:
         if node.op_type in _ELEMENTWISE and not captured:
             permuted = self.elementwise_in_source_layout(node, args)
             if permuted is not None:
                 return permuted
-        return self.call_op(node, args, captured)
-
-    def fold(self, node: ir.Node) -> list[Any] | None:
-        """Evaluate a node of constants once, now; None when it depends on run-time values."""
-        if node.op_type in RANDOM_OPS or node_free_values(node):
-            return None
-        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-               for a in node.attributes.values()):  # fmt: skip
-            return None
-        inputs = [None if v is None else self.static.get(v) for v in node.inputs]
-        first = node.inputs[0] if node.inputs else None
-        if node.op_type in ("Shape", "Size") and inputs[0] is None:
-            if first.const_value is not None:
-                inputs[0] = first.const_value.numpy()  # a weight's shape is known now
-            elif first.shape is not None and all(isinstance(d, int) for d in first.shape):
-                inputs[0] = np.empty(tuple(first.shape), np.uint8)  # a static run-time shape
-        if node.op_type == "CastLike" and inputs[0] is not None and inputs[1] is None:
-            if node.inputs[1].dtype is not None:
-                inputs[1] = np.zeros(0, node.inputs[1].dtype.numpy())
-        if any(a is None and v is not None for a, v in zip(inputs, node.inputs, strict=True)):
-            return None
-        results = fold_on_host(self.graph, self.version, node, inputs)
-        if results is None:
-            return None
-        self.static.update(zip(node.outputs, results))
-        return [Const(value, result, None) for value, result in zip(node.outputs, results)]
+        return self.generic_op(node, args, captured)
 
     def elementwise_in_source_layout(self, node: ir.Node, args: list[Any]) -> list[Any] | None:
         """Apply an elementwise op before the permutation its inputs came out of, if they share it."""
@@ -326,12 +252,14 @@ class KerasEmitter(Interpreter):
                 return None  # a broadcast constant would need permuting too
         perm = perms.pop()
         sources = [self.origin[id(a)][0] if a in runtime else a for a in args]
-        inner = self.call_op(node, sources, [], shapes=[_permuted_shape(node.outputs[0], perm)])
+        shapes = [_permuted_shape(node.outputs[0], perm)]
+        inner = self.generic_op(node, sources, [], shapes=shapes)
         return [self.transpose(inner[0], perm)]
 
-    def call_op(
+    def generic_op(
         self, node: ir.Node, args: list[Any], captured: list[Any], shapes: Any = None
     ) -> Sequence[Any]:
+        """The node as one `OnnxOp` layer (its ONNX semantics on the keras.ops backend)."""
         function = control_function(self, node) or sequence_function(node) or self.op_function(node)
         values = [*node.inputs, *node_free_values(node)]
         # a sequence's elements are run-time inputs each (constants flow as Identity outputs)
@@ -346,7 +274,7 @@ class KerasEmitter(Interpreter):
             raise NotImplementedError(f"{count} run-time inputs (at most {MAX_INPUTS})")
         specs = [_spec(self, value, shapes[i] if shapes else None) for i, value in
                  enumerate(node.outputs)]  # fmt: skip
-        if node.op_type in _SEQUENCE_MAKERS and node.domain in ("", "ai.onnx"):
+        if node.op_type in SEQUENCE_MAKERS and node.domain in DEFAULT_DOMAINS:
             # the layer finds its sequences' lengths and elements by running the op: a shape
             # on record for a sequence value is its elements' at best
             specs = [(None, dtype) for _, dtype in specs]
@@ -390,106 +318,7 @@ class KerasEmitter(Interpreter):
             node.outputs[0].shape = ir.Shape(value.array.shape)
         if value.value.dtype is None:
             node.outputs[0].dtype = ir.DataType.from_numpy(value.array.dtype)
-        return self.call_op(node, [value], [])[0]
-
-
-# ------------------------------------------------------------------ sequences as lists
-def _position(arg: Any, length: int, default: int, *, end: bool = False) -> int | None:
-    """A constant position, checked and counted from the front; None when known at run time."""
-    if arg is None:
-        return default
-    if not isinstance(arg, Const) or arg.kind is not None:
-        return None
-    index = int(np.asarray(arg.array).reshape(-1)[0])
-    limit = length + 1 if end else length  # SequenceInsert may append
-    if not -length <= index < limit:
-        raise IndexError(f"position {index} outside a sequence of {length}")
-    return index + length if index < 0 else index
-
-
-def _static(emitter: KerasEmitter, node: ir.Node, items: list[Any]) -> list[Any]:
-    """A list result, remembered as host arrays when its elements are plain constants, so
-    that nodes reading it fold."""
-    if all(isinstance(i, Const) and i.kind is None for i in items):
-        emitter.static[node.outputs[0]] = [i.array for i in items]
-    return [items]
-
-
-def _uniform(node: ir.Node, items: list[Any]) -> None:
-    """A run-time position picks among elements of one shape and dtype only (a gather)."""
-    specs = {
-        (tuple(i.array.shape), str(i.array.dtype))
-        if isinstance(i, Const)
-        else (tuple(i.shape), str(i.dtype))
-        for i in items
-    }
-    if len(specs) > 1:
-        raise NotImplementedError(
-            f"{node.op_type} at a run-time position among tensors of different shapes {specs}"
-        )
-
-
-def _construct(emitter, node, args):
-    return _static(emitter, node, list(args))
-
-
-def _empty(emitter, node, args):
-    return [[]]
-
-
-def _length(emitter, node, args):
-    array = np.array(len(args[0]), np.int64)
-    emitter.static[node.outputs[0]] = array
-    return [Const(node.outputs[0], array, None)]
-
-
-def _at(emitter, node, args):
-    sequence = args[0]
-    index = _position(args[1], len(sequence), 0)
-    if index is None:
-        _uniform(node, sequence)
-        return None  # a layer gathers it (generic.sequence_function)
-    return [sequence[index]]
-
-
-def _insert(emitter, node, args):
-    sequence, tensor = args[0], args[1]
-    index = _position(args[2] if len(args) > 2 else None, len(sequence), len(sequence), end=True)
-    if index is None:
-        _uniform(node, [*sequence, tensor])
-        return None
-    return _static(emitter, node, [*sequence[:index], tensor, *sequence[index:]])
-
-
-def _erase(emitter, node, args):
-    sequence = args[0]
-    index = _position(args[1] if len(args) > 1 else None, len(sequence), len(sequence) - 1)
-    if index is None:
-        _uniform(node, sequence)
-        return None
-    return _static(emitter, node, [*sequence[:index], *sequence[index + 1 :]])
-
-
-def _identity(emitter, node, args):
-    return _static(emitter, node, list(args[0])) if isinstance(args[0], list) else None
-
-
-def _split(emitter, node, args):
-    split = args[1] if len(args) > 1 else None
-    if split is not None and not (isinstance(split, Const) and split.kind is None):
-        raise NotImplementedError("SplitToSequence with a run-time split: a run-time length")
-    return None  # one layer, whose outputs are the chunks
-
-
-# ops whose first input is a sequence
-_SEQUENCE_READERS = frozenset({"SequenceAt", "SequenceInsert", "SequenceErase", "SequenceLength"})
-# ops whose outputs are all sequences, made by a layer
-_SEQUENCE_MAKERS = frozenset({"SplitToSequence", "SequenceInsert", "SequenceErase", "SequenceMap"})
-
-_SEQUENCE_STEPS = {"SequenceConstruct": _construct, "SequenceEmpty": _empty,
-                   "SequenceLength": _length, "SequenceAt": _at, "SequenceInsert": _insert,
-                   "SequenceErase": _erase, "Identity": _identity,
-                   "SplitToSequence": _split}  # fmt: skip
+        return self.generic_op(node, [value], [])[0]
 
 
 def _spec(emitter: KerasEmitter, value: ir.Value, shape: Any = None) -> tuple[Any, Any]:
