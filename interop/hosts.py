@@ -40,8 +40,9 @@ class Host(Protocol):
 
     ``requires`` names the modules whose absence makes ``emit`` raise
     `MissingDependencyError` (e.g. ``("jax", "flax")``); ``suffixes`` the file name endings
-    ``save`` writes (the first one is the default). A host without a native file format
-    raises an `InteropError` from ``save``.
+    ``save`` writes. A host without a native file format raises an `InteropError` from
+    ``save``. Optional: ``extra``, the pip extra of interop-graph that installs the
+    framework (named in the `MissingDependencyError` fix).
     """
 
     name: str

@@ -15,7 +15,7 @@ from interop.hosts import output_list
 
 class TorchHost:
     name = "torch"
-    description = "a torch module (torch.fx.GraphModule)"
+    description = "a torch module"  # read in errors as "needed to emit a torch module"
     requires = ("torch",)
     extra = "torch"
     suffixes = (".pt", ".pth")

@@ -70,10 +70,11 @@ class NumpyHost:
     def save(self, native: NumpyModel, out: Path) -> list[Path]:
         """The weights as .npz (no pickles), written to a temporary file then renamed."""
         out = Path(out)
+        arrays: dict[str, Any] = native.weights  # plain arrays: no pickles in the file
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".npz")
         try:
             with os.fdopen(fd, "wb") as file:
-                np.savez(file, **native.weights)
+                np.savez(file, **arrays)
             os.replace(tmp, out)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
