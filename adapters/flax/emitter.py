@@ -18,6 +18,7 @@ shape-like values are static under ``jax.jit``. If/Loop/Scan become ``jax.lax.co
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -114,6 +115,8 @@ class FlaxEmitter(Emitter):
         outs = [self.new_slot() for _ in range(native.outputs)]
         specs = [self.spec(args[i] if i < len(args) else None) for i in native.data_inputs]
         call = native.call or _call_layer
+        if native.kwargs:
+            call = partial(call, **native.kwargs)
         self.program.steps.append((path, call, specs, [o.index for o in outs]))
         return [*outs, *[None] * (len(node.outputs) - len(outs))]
 
