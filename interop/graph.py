@@ -7,8 +7,6 @@ sessions) stay valid.
 
 from __future__ import annotations
 
-import copy
-import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +18,7 @@ import onnx
 import onnx_ir as ir
 
 from . import provenance
-from .errors import LayerNotFoundError, ModelLoadError, ShapeError, close_matches
+from .errors import LayerNotFoundError, close_matches
 from .hierarchy import Layer, LayerTree, format_shape
 
 Dim = int | str | None
@@ -249,66 +247,18 @@ class Graph:
 
         Rebuild it with ``Graph.from_config(config, graph.get_weights())``.
         """
-        from google.protobuf import json_format
+        from .config import graph_config
 
-        proto = self.to_proto()
-        kinds = self.parameter_kinds
-        for tensor in proto.graph.initializer:
-            if tensor.name in kinds:
-                _strip_tensor_data(tensor)
-        return {
-            "format": "interop.graph",
-            "version": 1,
-            "name": self.name,
-            "inputs": [_spec_config(s) for s in self.inputs],
-            "outputs": [_spec_config(s) for s in self.outputs],
-            "layers": [
-                {"path": la.path, "class": la.qualified_class, "params": la.param_count}
-                for la in self.layers
-            ],
-            "onnx": json_format.MessageToDict(proto),
-        }
+        return graph_config(self)
 
     @classmethod
     def from_config(
         cls, config: Mapping[str, Any], weights: Mapping[str, Any] | None = None
     ) -> Graph:
         """Rebuild a graph from `get_config()` output and its weights (name -> array)."""
-        from google.protobuf import json_format
+        from .config import graph_from_config
 
-        from .serialization import deserialize
-
-        if not isinstance(config, Mapping) or config.get("format") != "interop.graph":
-            raise ModelLoadError(
-                "The config is not an interop graph config",
-                "the dict returned by Graph.get_config() (format 'interop.graph')",
-                "pass the value of graph.get_config(), unchanged",
-            )
-        proto = onnx.ModelProto()
-        try:
-            json_format.ParseDict(copy.deepcopy(dict(config["onnx"])), proto)
-        except (json_format.ParseError, KeyError, TypeError) as err:
-            raise ModelLoadError(f"The config's 'onnx' entry is malformed: {err}") from err
-        weights = dict(weights or {})
-        kinds = _parameter_kinds(proto)
-        missing = [name for name in kinds if name not in weights]
-        if missing:
-            raise ModelLoadError(
-                f"from_config is missing {len(missing)} weight(s): {', '.join(missing[:5])}",
-                "a mapping with every parameter and buffer name of the graph",
-                "pass graph.get_weights() of the graph that produced the config",
-            )
-        unknown = sorted(set(weights) - set(kinds))
-        if unknown:
-            raise ModelLoadError(
-                f"from_config got weights the graph does not have: {', '.join(unknown[:5])}",
-                "only names listed in the graph's parameters",
-                "check that the weights belong to this config",
-            )
-        for tensor in proto.graph.initializer:
-            if tensor.name in kinds:
-                _fill_tensor(tensor, weights[tensor.name])
-        return deserialize(proto)
+        return graph_from_config(config, weights)
 
     # ----------------------------------------------------------------- sub-graphs
     def submodel(self, outputs: Sequence[str] | str, inputs: Sequence[str] | None = None) -> Graph:
@@ -345,53 +295,3 @@ class Graph:
         from .runtime import run
 
         return run(self, args, named, device=device, output_names=output_names, as_dict=as_dict)
-
-
-def _spec_config(spec: TensorSpec) -> dict[str, Any]:
-    return {
-        "name": spec.name,
-        "shape": None if spec.shape is None else list(spec.shape),
-        "dtype": None if spec.dtype is None else str(spec.dtype),
-    }
-
-
-_DATA_FIELDS = (
-    "raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
-    "uint64_data", "external_data",
-)  # fmt: skip
-
-
-def _strip_tensor_data(tensor: onnx.TensorProto) -> None:
-    for name in _DATA_FIELDS:
-        tensor.ClearField(name)
-    tensor.data_location = onnx.TensorProto.DEFAULT
-
-
-def _fill_tensor(tensor: onnx.TensorProto, array: Any) -> None:
-    array = np.asarray(_to_numpy(array))
-    expected_dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    if tuple(array.shape) != tuple(tensor.dims):
-        raise ShapeError(
-            f"Weight '{tensor.name}' has shape {tuple(array.shape)}",
-            f"shape {tuple(tensor.dims)}",
-            "pass the weights of the graph that produced the config",
-        )
-    filled = onnx.numpy_helper.from_array(array.astype(expected_dtype, copy=False), tensor.name)
-    tensor.CopyFrom(filled)
-
-
-def _parameter_kinds(proto: onnx.ModelProto) -> dict[str, str]:
-    for entry in proto.metadata_props:
-        if entry.key == provenance.PARAMETERS:
-            try:
-                table = json.loads(entry.value)
-            except json.JSONDecodeError as err:
-                raise ModelLoadError(f"Metadata '{entry.key}' is not valid JSON: {err}") from err
-            return {str(k): str(v) for k, v in table.items()} if isinstance(table, dict) else {}
-    return {}
-
-
-def _to_numpy(array: Any) -> np.ndarray:
-    if hasattr(array, "detach") and hasattr(array, "cpu"):  # torch.Tensor, without importing torch
-        return array.detach().cpu().numpy()
-    return np.asarray(array)
