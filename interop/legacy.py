@@ -32,8 +32,8 @@ from . import provenance
 
 # graph metadata of the emitter's private copy: "<producer_name> <producer_version>" of a
 # file from another tool, for error messages
-PRODUCER = "interop.producer"
-FILE_OPSET = "interop.file_opset"  # the opset the file was written at (before conversion)
+PRODUCER = provenance.PRODUCER
+FILE_OPSET = provenance.FILE_OPSET
 
 
 def weight_inputs(graph: ir.Graph) -> list[ir.Value]:

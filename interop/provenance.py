@@ -23,6 +23,10 @@ Per initializer (``value.metadata_props``):
     ``interop.packed_from`` JSON list of the source parameters a computed weight was
                            packed from (`interop.packing`: an LSTM's W from a torch
                            layer's ``weight_ih_l0``), so emitters name them
+
+Per graph, on the prepared copy of another tool's file (`interop.legacy`):
+    ``interop.producer``   the producer that wrote the file
+    ``interop.file_opset`` the opset it was written at, before conversion
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ LAYERS = "interop.layers"
 PARAMETERS = "interop.parameters"
 SOURCE = "interop.source"
 VERSION = "interop.version"
+# on the graph of a prepared copy of another tool's file (`interop.legacy`): who wrote it, at
+# which opset (before conversion), so an unsupported-op error can say
+PRODUCER = "interop.producer"
+FILE_OPSET = "interop.file_opset"
 # on an initializer computed from source weights (`interop.packing`): JSON list of their names
 PACKED_FROM = "interop.packed_from"
 SCHEME_VERSION = "1"
