@@ -44,7 +44,7 @@ from . import (  # noqa: F401  (register the converters)
     capture_wrappers,
 )
 from .capture_lowering import OPSET, Builder, Tensor, onnx_dtype
-from .capture_walk import functional_of, is_functional, lower_layer, with_training
+from .capture_walk import functional_of, is_functional, lower_callable, lower_layer, with_training
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -125,6 +125,7 @@ def trace_model(
     if not model.built:
         model(*args, **with_training(model, kwargs))
     b = Builder()
+    b.lower_callable = lower_callable
     graph_inputs: list[ir.Value] = []
     flat_examples = tree.flatten((args, kwargs))
     names = _input_names(model, args, kwargs, len(flat_examples))

@@ -72,6 +72,11 @@ def activation(b: Builder, x: Any, fn: Any, **kwargs: Any) -> ir.Value:
         return b.op("HardSwish", [x])
     if name == "mish":
         return b.op("Mul", [x, b.op("Tanh", [b.op("Softplus", [x])])])
+    if callable(fn) and b.lower_callable is not None:  # keras_hub's gelu_approximate...
+        shape = tuple(d if isinstance(d, int) else None for d in (x.shape or ()))
+        dtype = np.dtype(x.dtype.numpy()).name if x.dtype is not None else "float32"
+        result = b.lower_callable(b, fn, b.scope, [Tensor(x, shape, dtype)], **kwargs)
+        return result.value if isinstance(result, Tensor) else result
     from interop.errors import UnsupportedOpError
 
     raise UnsupportedOpError(f"activation '{name}'", adapter="keras", layer=b.scope,
@@ -124,14 +129,11 @@ def import_elu(b: Builder, layer: Any, x: Tensor, **_: Any) -> ir.Value:
 @register_layer("Softmax")
 def import_softmax(b: Builder, layer: Any, x: Tensor, mask: Any = None, **_: Any) -> ir.Value:
     axes = layer.axis if isinstance(layer.axis, list | tuple) else [layer.axis]
-    if mask is not None:  # Keras adds a large negative number where the mask is off
-        off = b.op(
-            "Cast",
-            [
-                b.op("Not", [mask.value]),
-            ],
-            {"to": ir.DataType.FLOAT},
+    if mask is not None:  # Keras adds (1 - mask) * -1e9: masks of any dtype (keras_hub: int32)
+        on = b.op(
+            "Cast", [mask.value if isinstance(mask, Tensor) else mask], {"to": ir.DataType.FLOAT}
         )
+        off = b.op("Sub", [b.const(np.float32(1)), on])
         x = Tensor(b.op("Add", [x, b.op("Mul", [off, b.const(np.float32(-1e9))])]), x.shape)
     if len(axes) == 1:
         return b.op("Softmax", [x], {"axis": int(axes[0])})

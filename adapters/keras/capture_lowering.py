@@ -76,6 +76,10 @@ class Builder:
         self._constants: dict[tuple, ir.Value] = {}
         self._counter = 0
         self._transposes: set[ir.Node] = set()
+        # ``(builder, function, path, inputs, **kwargs)``: lowers a plain function of
+        # keras.ops by calling it symbolically; set by capture.py to the walk's
+        # `lower_callable` (the walk imports the converters, so they cannot import it)
+        self.lower_callable: Any = None
 
     # ------------------------------------------------------------------ scopes
     @contextlib.contextmanager

@@ -57,10 +57,34 @@ def flat(b: Builder, x: ir.Value) -> ir.Value:
     return b.op("Reshape", [x, b.ints([-1])])
 
 
+# ONNX Max / Min take no booleans; on them they are Or / And (keras_hub merges masks so)
+_BOOLEAN = {"Max": "Or", "Min": "And"}
+
+
+def promoted(b: Builder, *args: Any) -> tuple[list[ir.Value], str]:
+    """The operands of a binary op in the dtype Keras computes it in: two tensors of
+    different dtypes (an int32 mask and a bool one) meet at Keras's result type."""
+    dtypes = {a.dtype for a in args if isinstance(a, Tensor)}
+    if len(dtypes) < 2:
+        dtype = dtype_of(*args)
+        return [value(b, a, dtype) for a in args], dtype
+    import keras
+
+    dtype = keras.backend.result_type(*sorted(dtypes))
+    values = [
+        b.op("Cast", [a.value], {"to": onnx_dtype(dtype)})
+        if isinstance(a, Tensor) and a.dtype != dtype
+        else value(b, a, dtype)
+        for a in args
+    ]
+    return values, dtype
+
+
 def _binary(op_type: str):
     def convert(b: Builder, op: Any, x: Any, y: Any) -> ir.Value:
-        dtype = dtype_of(x, y)
-        return b.op(op_type, [value(b, x, dtype), value(b, y, dtype)])
+        values, dtype = promoted(b, x, y)
+        onnx_op = _BOOLEAN.get(op_type, op_type) if dtype == "bool" else op_type
+        return b.op(onnx_op, values)
 
     return convert
 

@@ -147,13 +147,13 @@ class SymbolicVariables:
 
     def _wrap(self, sub: Any) -> None:
         """Give `sub` its real variables back while Keras infers its output spec."""
-        inner = type(sub).symbolic_call
         slots = {id(s): self._slots.get(id(s), []) for s in self._subtrees[id(sub)]}
 
         def symbolic_call(*args: Any, **kwargs: Any) -> Any:
             self._swap(slots, symbolic=False)
             try:
-                return inner(sub, *args, **kwargs)
+                # looked up now: the walk may patch Layer.symbolic_call around a call
+                return type(sub).symbolic_call(sub, *args, **kwargs)
             finally:
                 self._swap(slots, symbolic=True)
 

@@ -10,9 +10,11 @@ layers (TimeDistributed, attention sub-layers) call `lower_layer` for the layers
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -130,6 +132,22 @@ def walk_function(b: Builder, function: Any, path: str, inputs: list[Tensor]) ->
             )
         outputs.append(values[id(x)])
     return tree.pack_sequence_as(function._outputs_struct, outputs)
+
+
+def lower_callable(
+    b: Builder, function: Any, path: str, inputs: list[Tensor], **kwargs: Any
+) -> Any:
+    """Lower a plain function of ``keras.ops`` (a custom activation such as keras_hub's
+    ``gelu_approximate``) by calling it on KerasTensors and walking what Keras records."""
+    from keras.src.ops.function import Function
+
+    symbolic = [keras.KerasTensor(t.shape, dtype=t.dtype) for t in inputs]
+    with dynamic_shapes():
+        outputs = function(*symbolic, **kwargs)
+    flat = tree.flatten(outputs)
+    if all(any(o is s for s in symbolic) for o in flat):  # an identity function
+        return tree.map_structure(lambda o: inputs[[id(s) for s in symbolic].index(id(o))], outputs)
+    return walk_function(b, Function(symbolic, outputs), path, inputs)
 
 
 def _as_tensor(value: Any, spec: Any, operation: Any, first: Tensor | None) -> Tensor:
@@ -259,6 +277,33 @@ def _walk_traced(b: Builder, path: str, traced: tuple[Any, Any, list[Any]]) -> A
     return walk_function(b, function, path, values)
 
 
+@contextlib.contextmanager
+def _lenient_output_specs() -> Iterator[None]:
+    """Sub-layers called on KerasTensors whose ``compute_output_spec`` rejects the call's
+    keywords get Keras's generic spec (their call traced on backend placeholders).
+
+    keras_hub's CachedMultiHeadAttention takes ``cache=`` in ``call`` but inherits
+    MultiHeadAttention's ``compute_output_spec``, which does not: calling it on KerasTensors
+    fails although building the model (which traces the parent's call) works.
+    """
+    layer_class = keras.layers.Layer
+    original = layer_class.symbolic_call
+
+    def symbolic_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(self, *args, **kwargs)
+        except TypeError as err:
+            if "unexpected keyword argument" not in str(err):
+                raise
+            return layer_class.compute_output_spec(self, *args, **kwargs)
+
+    layer_class.symbolic_call = symbolic_call
+    try:
+        yield
+    finally:
+        layer_class.symbolic_call = original
+
+
 def _symbolic_call(
     layer: Any, args: list, kwargs: dict, tensors: list[Tensor], variables: list[tuple[Any, Any]]
 ) -> tuple[Any, Any, list[Any]]:
@@ -283,7 +328,8 @@ def _symbolic_call(
         mask_spec = keras.KerasTensor(masked.mask.shape, dtype="bool")
         sym_kwargs["mask"] = mask_spec
         mask_inputs.append((mask_spec, masked.mask))
-    with dynamic_shapes():  # ops.shape(x)[i] of a dynamic axis is a graph value, not None
+    # ops.shape(x)[i] of a dynamic axis is a graph value, not None
+    with dynamic_shapes(), _lenient_output_specs():
         outputs = layer.call(*sym_args, **sym_kwargs)
     inputs = [symbolic[id(t)] for t in tensors] + [m for m, _ in mask_inputs]
     feeds: list[Any] = tensors + [m for _, m in mask_inputs]

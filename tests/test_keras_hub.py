@@ -1,0 +1,152 @@
+"""keras_hub models and the Keras patterns they use, traced and checked against model(x).
+
+The patterns are tested on plain Keras first (no keras_hub needed), then on tiny
+keras_hub backbones built from random configs (weights=None, nothing downloaded); the
+whole family is swept by tools/sweep_keras_hub.py (docs/keras-hub.md).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+from keras import layers, ops  # noqa: E402
+
+import interop  # noqa: E402
+
+
+def _check(model, x, other=None):
+    """Trace on `x`; the graph matches model(x) (rtol 1e-4, atol 1e-5) with equal params."""
+    graph = interop.trace(model, x)
+    report = interop.verify(model, graph, x, rtol=1e-4, atol=1e-5)
+    assert report.ok, str(report)
+    assert graph.count_params() == model.count_params()
+    if other is not None:  # another batch / length through the same graph
+        report = interop.verify(model, graph, other, rtol=1e-4, atol=1e-5)
+        assert report.ok, str(report)
+    return graph
+
+
+def _rand(*shape, seed=0):
+    return np.random.RandomState(seed).randn(*shape).astype("float32")
+
+
+def gelu_approximate(x):
+    """A custom activation written with keras.ops, as keras_hub's is."""
+    return keras.activations.gelu(x, approximate=True)
+
+
+def test_custom_activation_function_is_recorded():
+    inp = keras.Input((5,))
+    out = layers.Dense(4, activation=gelu_approximate, name="ffn")(inp)
+    graph = _check(keras.Model(inp, out), _rand(2, 5), _rand(3, 5, seed=1))
+    ops_in_ffn = [n.op_type for n in graph.model.graph if n.name.startswith("ffn/")]
+    assert "Tanh" in ops_in_ffn  # the approximate form, not the exact Erf one
+    assert "Erf" not in ops_in_ffn
+
+
+class _MixedMask(layers.Layer):
+    """An int32 padding mask and a bool causal mask merged with ops.minimum (keras_hub)."""
+
+    def call(self, x, padding_mask):
+        length = ops.shape(x)[1]
+        causal = ops.arange(length)[:, None] >= ops.arange(length)[None, :]
+        mask = ops.minimum(ops.expand_dims(padding_mask, 1), causal)  # int32 and bool
+        return layers.Softmax()(ops.matmul(x, ops.transpose(x, (0, 2, 1))), mask=mask)
+
+
+def test_mixed_dtype_minimum_and_int_softmax_mask():
+    x = keras.Input((None, 4))
+    padding = keras.Input((None,), dtype="int32")
+    model = keras.Model([x, padding], _MixedMask()(x, padding))
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], "int32")
+    other = [_rand(3, 7, 4, seed=2), np.ones((3, 7), "int32")]
+    _check(model, [_rand(2, 5, 4), mask], other)
+
+
+class _CachedAttention(layers.MultiHeadAttention):
+    """A subclass whose call takes a keyword its inherited compute_output_spec does not."""
+
+    def call(self, query, value, key=None, cache=None, training=None):
+        return super().call(query, value, key=key, training=training)
+
+
+class _Decoder(layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.attention = _CachedAttention(2, 4, name="self_attention")
+        self.norm = layers.LayerNormalization(name="norm")
+
+    def build(self, input_shape):
+        self.attention.build(input_shape, input_shape)
+        self.norm.build(input_shape)
+
+    def call(self, x):
+        return self.norm(x + self.attention(x, x, cache=None))
+
+
+def test_sublayer_with_keyword_its_output_spec_rejects():
+    inp = keras.Input((None, 8))
+    model = keras.Model(inp, _Decoder(name="decoder")(inp))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = _check(model, _rand(2, 5, 8), _rand(3, 6, 8, seed=1))
+    # traced with symbolic variables: no weight computation folded into constants
+    assert not [w for w in caught if "symbolic variables" in str(w.message)]
+    paths = {layer.path for layer in graph.layers}
+    assert {"decoder", "decoder/self_attention", "decoder/norm"} <= paths
+
+
+keras_hub = pytest.importorskip("keras_hub")
+
+
+def _tokens(batch=2, length=8, vocab=50, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, (batch, length)).astype("int32")
+    mask = np.ones((batch, length), "int32")
+    mask[0, length - 2 :] = 0
+    return {"token_ids": ids, "padding_mask": mask}
+
+
+HUB = {
+    "bert": lambda: (
+        keras_hub.models.BertBackbone(
+            vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=16,
+            intermediate_dim=32, max_sequence_length=16,
+        ),
+        lambda **k: dict(_tokens(**k), segment_ids=np.zeros((k.get("batch", 2), k.get("length", 8)), "int32")),
+    ),
+    "gpt2": lambda: (
+        keras_hub.models.GPT2Backbone(
+            vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=16,
+            intermediate_dim=32, max_sequence_length=16,
+        ),
+        _tokens,
+    ),
+    "llama": lambda: (
+        keras_hub.models.LlamaBackbone(
+            vocabulary_size=50, num_layers=2, num_query_heads=2, num_key_value_heads=1,
+            hidden_dim=16, intermediate_dim=32,
+        ),
+        _tokens,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(HUB))
+def test_keras_hub_text_backbones(name):
+    model, inputs = HUB[name]()
+    graph = _check(model, inputs(), inputs(batch=3, length=6, seed=1))
+    paths = {layer.path for layer in graph.layers}
+    assert "transformer_layer_0" in paths and "transformer_layer_1" in paths
+    assert graph.inputs[0].shape[0] == "batch"
+
+
+def test_keras_hub_vit_backbone():
+    model = keras_hub.models.ViTBackbone(
+        image_shape=(16, 16, 3), patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32
+    )
+    _check(model, _rand(2, 16, 16, 3), _rand(3, 16, 16, 3, seed=1))
