@@ -100,6 +100,35 @@ def test_sublayer_with_keyword_its_output_spec_rejects():
     assert {"decoder", "decoder/self_attention", "decoder/norm"} <= paths
 
 
+class _OptionalCache(layers.Layer):
+    """Returns (output, None) and a constant it makes, as keras_hub attention layers do."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = layers.Dense(4, name="proj")
+
+    def call(self, x, cache=None):
+        return self.dense(x), None, ops.convert_to_tensor(np.arange(3, dtype="float32"))
+
+
+class _Block(layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.attention = _OptionalCache(name="attention")
+
+    def call(self, x, training=None):
+        y, cache, positions = self.attention(x)
+        assert cache is None
+        return y * ops.sum(positions)
+
+
+def test_sublayer_returning_none_and_a_constant():
+    inp = keras.Input((None, 4))
+    model = keras.Model(inp, _Block(name="block")(inp))
+    graph = _check(model, _rand(2, 3, 4), _rand(3, 5, 4, seed=1))
+    assert "block/attention/proj" in {layer.path for layer in graph.layers}
+
+
 keras_hub = pytest.importorskip("keras_hub")
 
 

@@ -80,8 +80,17 @@ def promoted(b: Builder, *args: Any) -> tuple[list[ir.Value], str]:
     return values, dtype
 
 
+def _as_bool(b: Builder, arg: Any) -> ir.Value:
+    """A logical op's operand: Keras casts any dtype to bool first (ONNX And/Or/Not take bool only)."""
+    if isinstance(arg, Tensor) and arg.dtype == "bool":
+        return arg.value
+    return b.op("Cast", [value(b, arg, "bool")], {"to": ir.DataType.BOOL})
+
+
 def _binary(op_type: str):
     def convert(b: Builder, op: Any, x: Any, y: Any) -> ir.Value:
+        if op_type in ("And", "Or", "Xor"):
+            return b.op(op_type, [_as_bool(b, x), _as_bool(b, y)])
         values, dtype = promoted(b, x, y)
         onnx_op = _BOOLEAN.get(op_type, op_type) if dtype == "bool" else op_type
         return b.op(onnx_op, values)
@@ -91,6 +100,8 @@ def _binary(op_type: str):
 
 def _unary(op_type: str):
     def convert(b: Builder, op: Any, x: Any) -> ir.Value:
+        if op_type == "Not":
+            return b.op("Not", [_as_bool(b, x)])
         return b.op(op_type, [value(b, x)])
 
     return convert

@@ -37,7 +37,8 @@ _FIX = (
 
 
 def with_training(layer: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """`kwargs` with ``training=False`` when the layer's call takes it."""
+    """`kwargs` with ``training=False`` when the layer's call takes it, and without it when
+    not (a parent's ``self.mlp(x, training=training)``, which Keras's ``__call__`` drops)."""
     call = getattr(layer, "call", None)
     try:
         params = inspect.signature(call).parameters if call else {}
@@ -45,7 +46,7 @@ def with_training(layer: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         params = {}
     if "training" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return {**kwargs, "training": False}
-    return kwargs
+    return {k: v for k, v in kwargs.items() if k != "training"}
 
 
 def is_functional(layer: Any) -> bool:
@@ -86,6 +87,7 @@ def lower_layer(b: Builder, layer: Any, path: str, args: list, kwargs: dict) -> 
 def _lower_layer(b: Builder, layer: Any, path: str, args: list, kwargs: dict) -> Any:
     converter = CAPTURE_LAYERS.get(type(layer).__name__)
     if converter is not None:
+        args, kwargs = _positional(layer, args, kwargs)
         with b.scoped(path):
             try:
                 result = converter(b, layer, *args, **kwargs)
@@ -104,6 +106,25 @@ def _lower_layer(b: Builder, layer: Any, path: str, args: list, kwargs: dict) ->
     return _lower_by_symbolic_call(b, layer, path, args, kwargs)
 
 
+def _positional(layer: Any, args: list, kwargs: dict) -> tuple[list, dict]:
+    """Arguments a call passed by keyword that its ``call`` takes positionally, moved to
+    their positions (``self.key_proj(inputs=x)``), as converters take the inputs in order."""
+    try:
+        params = list(inspect.signature(layer.call).parameters.values())
+    except (TypeError, ValueError):
+        return args, kwargs
+    args, kwargs = list(args), dict(kwargs)
+    for param in params[len(args) :]:
+        if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            break
+        if param.default is not param.empty:  # options (training, mask) stay keywords
+            break
+        if param.name not in kwargs:
+            break
+        args.append(kwargs.pop(param.name))
+    return args, kwargs
+
+
 def walk_function(b: Builder, function: Any, path: str, inputs: list[Tensor]) -> Any:
     """Run a Keras Function/Functional graph on Tensors, lowering node by node."""
     values: dict[int, Any] = {id(x): y for x, y in zip(function.inputs, inputs, strict=False)}
@@ -120,7 +141,11 @@ def walk_function(b: Builder, function: Any, path: str, inputs: list[Tensor]) ->
                 outputs = lower_layer(b, operation, child, list(args), dict(kwargs))
             else:
                 outputs = _lower_op(b, operation, path, args, kwargs)
-            flat = tree.flatten(outputs)
+            # Keras records tensor outputs only: not an optional None, and a constant the call
+            # made only when its output spec (traced on placeholders) made it a tensor
+            flat = [v for v in tree.flatten(outputs) if v is not None]
+            if len(flat) != len(node.outputs):
+                flat = [v for v in flat if not isinstance(v, _Made)]
             first = next((a for a in tree.flatten((args, kwargs)) if isinstance(a, Tensor)), None)
             for spec, value in zip(node.outputs, flat, strict=False):
                 values[id(spec)] = _as_tensor(value, spec, operation, first)
@@ -274,18 +299,40 @@ def _walk_traced(b: Builder, path: str, traced: tuple[Any, Any, list[Any]]) -> A
         else feed
         for feed in feeds
     ]
-    return walk_function(b, function, path, values)
+    result = walk_function(b, function, path, values)
+    structure = getattr(function, "_interop_structure", None)
+    if structure is None:
+        return result
+    found = iter(tree.flatten(result))  # the call's tensor outputs
+    return tree.pack_sequence_as(
+        structure, [_recorded(b, o, found) for o in tree.flatten(structure)]
+    )
+
+
+def _recorded(b: Builder, output: Any, found: Any) -> Any:
+    """One output of a symbolic call: walked (a KerasTensor), None, or a constant it made."""
+    if output is None or isinstance(output, keras.KerasTensor):
+        return None if output is None else next(found)
+    array = keras.ops.convert_to_numpy(output)
+    return _Made(b.const(array), tuple(array.shape), str(array.dtype))
+
+
+class _Made(Tensor):
+    """An output a call made as a constant (it depends on no input): not in Keras's node."""
 
 
 @contextlib.contextmanager
 def _lenient_output_specs() -> Iterator[None]:
     """Sub-layers called on KerasTensors whose ``compute_output_spec`` rejects the call's
-    keywords get Keras's generic spec (their call traced on backend placeholders).
+    keywords get Keras's generic spec (their call traced on backend placeholders), and
+    sub-layers returning None among their outputs (an optional cache) are recorded.
 
     keras_hub's CachedMultiHeadAttention takes ``cache=`` in ``call`` but inherits
     MultiHeadAttention's ``compute_output_spec``, which does not: calling it on KerasTensors
     fails although building the model (which traces the parent's call) works.
     """
+    from keras.src.ops.operation import Operation
+
     layer_class = keras.layers.Layer
     original = layer_class.symbolic_call
 
@@ -295,13 +342,30 @@ def _lenient_output_specs() -> Iterator[None]:
         except TypeError as err:
             if "unexpected keyword argument" not in str(err):
                 raise
-            return layer_class.compute_output_spec(self, *args, **kwargs)
+            # the call itself traced on backend placeholders (Layer's version would ask the
+            # overridden compute_output_shape, which rejects the keyword too)
+            return Operation.compute_output_spec(self, *args, **kwargs)
+
+    from keras.src.ops.node import Node
+
+    node_init = Node.__init__
+
+    def init(self: Any, operation: Any, call_args: Any = None, call_kwargs: Any = None,
+             outputs: Any = None) -> None:  # fmt: skip
+        # a sub-layer returning (output, None), an optional cache: Keras records tensors only
+        if outputs is not None and not all(
+            isinstance(o, keras.KerasTensor) for o in tree.flatten(outputs)
+        ):
+            outputs = [o for o in tree.flatten(outputs) if isinstance(o, keras.KerasTensor)]
+        node_init(self, operation, call_args, call_kwargs, outputs)
 
     layer_class.symbolic_call = symbolic_call
+    Node.__init__ = init  # type: ignore[method-assign]
     try:
         yield
     finally:
         layer_class.symbolic_call = original
+        Node.__init__ = node_init  # type: ignore[method-assign]
 
 
 def _symbolic_call(
@@ -340,4 +404,10 @@ def _symbolic_call(
     for placeholder, variable in used(variables, outputs):
         inputs.append(placeholder)
         feeds.append(variable)
+    if not all(isinstance(o, keras.KerasTensor) for o in flat_out):
+        # (output, None): an optional cache not computed; or an output that does not depend
+        # on the inputs (a constant the call made): recorded around the Function
+        function = Function(inputs, [o for o in flat_out if isinstance(o, keras.KerasTensor)])
+        function._interop_structure = outputs
+        return function, None, feeds
     return Function(inputs, outputs), None, feeds
