@@ -129,6 +129,56 @@ def test_sublayer_returning_none_and_a_constant():
     assert "block/attention/proj" in {layer.path for layer in graph.layers}
 
 
+class _Rotary(layers.Layer):
+    """Declares one output (compute_output_shape) but returns two, as keras_hub's do."""
+
+    def call(self, q, k):
+        return q * 2.0, k * 3.0
+
+    def compute_output_shape(self, q_shape, k_shape=None):
+        return q_shape
+
+
+class _UsesRotary(layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.rotary = _Rotary(name="rotary")
+        self.proj = layers.Dense(4, name="proj")
+
+    def call(self, x):
+        q, k = self.rotary(x, x)
+        return self.proj(q + k)
+
+
+def test_sublayer_whose_declared_spec_differs_from_its_call():
+    inp = keras.Input((None, 4))
+    model = keras.Model(inp, _UsesRotary(name="block")(inp))
+    graph = _check(model, _rand(2, 3, 4), _rand(3, 5, 4, seed=1))  # dims stay run-time
+    assert graph.inputs[0].shape[0] == "batch"
+
+
+class _PythonOnSizes(layers.Layer):
+    """Computes with Python on the sizes (an int slice bound), as some keras_hub layers do."""
+
+    def call(self, x):
+        length = int(x.shape[1])  # fails on an unknown length
+        return x[:, : length - 1] * 2.0
+
+    def compute_output_shape(self, shape):  # how Keras builds the model without a length
+        return (shape[0], None if shape[1] is None else shape[1] - 1, shape[2])
+
+
+def test_layer_computing_with_python_sizes_is_captured_at_the_example_shapes():
+    inp = keras.Input((None, 4))
+    model = keras.Model(inp, _PythonOnSizes(name="python_sizes")(inp))
+    with pytest.warns(UserWarning, match="example's shapes"):
+        graph = interop.trace(model, _rand(2, 6, 4))
+    report = interop.verify(model, graph, _rand(2, 6, 4, seed=1), rtol=1e-4, atol=1e-5)
+    assert report.ok, str(report)
+    # the length is fixed by the layer: declared static (the dim check), never a wrong value
+    assert graph.inputs[0].shape[1] == 6
+
+
 keras_hub = pytest.importorskip("keras_hub")
 
 

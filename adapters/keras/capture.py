@@ -141,6 +141,7 @@ def trace_model(
     for name, example, spec in zip(names, flat_examples, specs, strict=False):
         tensor = _graph_input(name, example, spec, dynamic_batch, dims.get(name, {}))
         graph_inputs.append(tensor.value)
+        b.examples[str(tensor.value.name)] = _to_numpy(example)
         flat_inputs.append(tensor)
     call_args, call_kwargs = tree.pack_sequence_as((args, kwargs), flat_inputs)
     outputs = lower_layer(b, model, "", list(call_args), dict(call_kwargs))

@@ -80,6 +80,8 @@ class Builder:
         # keras.ops by calling it symbolically; set by capture.py to the walk's
         # `lower_callable` (the walk imports the converters, so they cannot import it)
         self.lower_callable: Any = None
+        # graph input name -> the example array (concrete shapes for capture_concrete.py)
+        self.examples: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ scopes
     @contextlib.contextmanager

@@ -24,6 +24,7 @@ from keras import tree
 from interop.errors import InteropError, TraceError, UnsupportedOpError
 
 from . import CAPTURE_LAYERS, CAPTURE_OPS
+from .capture_concrete import example_shapes
 from .capture_dynamic_shapes import dynamic_shapes
 from .capture_lowering import Builder, Tensor, onnx_dtype
 from .capture_variables import SymbolicVariables, used
@@ -164,15 +165,31 @@ def lower_callable(
 ) -> Any:
     """Lower a plain function of ``keras.ops`` (a custom activation such as keras_hub's
     ``gelu_approximate``) by calling it on KerasTensors and walking what Keras records."""
-    from keras.src.ops.function import Function
-
     symbolic = [keras.KerasTensor(t.shape, dtype=t.dtype) for t in inputs]
     with dynamic_shapes():
         outputs = function(*symbolic, **kwargs)
     flat = tree.flatten(outputs)
     if all(any(o is s for s in symbolic) for o in flat):  # an identity function
         return tree.map_structure(lambda o: inputs[[id(s) for s in symbolic].index(id(o))], outputs)
-    return walk_function(b, Function(symbolic, outputs), path, inputs)
+    return walk_function(b, RecordedGraph(symbolic, outputs), path, inputs)
+
+
+class RecordedGraph:
+    """The ops Keras recorded between KerasTensors, by depth, as `walk_function` reads a
+    Keras Function. Built with Keras's own ``map_graph``, without Function's connectivity
+    run, which asks each layer for its first call's outputs (``op.output``): a layer first
+    called while the model was built may have returned another structure then (keras_hub's
+    rotary layers, whose declared output spec is one tensor where the call returns two)."""
+
+    def __init__(self, inputs: list[Any], outputs: Any) -> None:
+        from keras.src.ops.function import map_graph
+
+        self.inputs = list(inputs)
+        self.outputs = tree.flatten(outputs)
+        self._outputs_struct = outputs
+        self.name = "recorded"
+        _, self._nodes_by_depth, _, _ = map_graph(self.inputs, self.outputs)
+        self._interop_structure: Any = None
 
 
 def _as_tensor(value: Any, spec: Any, operation: Any, first: Tensor | None) -> Tensor:
@@ -254,7 +271,10 @@ def _lower_by_symbolic_call(b: Builder, layer: Any, path: str, args: list, kwarg
         except InteropError:
             raise
         except Exception as err:
-            raise _call_failed(layer, path, err) from None
+            concrete = _with_example_shapes(b, layer, path, args, kwargs, tensors)
+            if concrete is None:
+                raise _call_failed(layer, path, err) from None
+            return concrete
         result = _walk_traced(b, path, traced)
     except Exception as err:
         setattr(err, _RETRIED, True)
@@ -264,6 +284,38 @@ def _lower_by_symbolic_call(b: Builder, layer: Any, path: str, args: list, kwarg
         f"interop: Keras layer '{path or layer.name}' ({type(layer).__name__}) cannot be "
         f"traced with symbolic variables ({type(first).__name__}: {reason}); its computations "
         "on variables alone are folded into constants, which emitted models cannot train",
+        stacklevel=2,
+    )
+    return result
+
+
+def _with_example_shapes(
+    b: Builder, layer: Any, path: str, args: list, kwargs: dict, tensors: list[Tensor]
+) -> Any:
+    """The layer called again with its sub-layers' output specs traced from their calls
+    (not declared), first on run-time dims, then on the example's concrete shapes (when
+    the call computes with Python on sizes); None if that fails too."""
+    for attempt in ("run-time dims", "example shapes"):
+        shapes = example_shapes(b, tensors) if attempt == "example shapes" else None
+        if attempt == "example shapes" and shapes is None:
+            return None
+        try:
+            with SymbolicVariables(layer) as swapped, _traced_specs():
+                traced = _symbolic_call(layer, args, kwargs, tensors, swapped.placeholders, shapes)
+            result = _walk_traced(b, path, traced)
+        except InteropError:
+            raise
+        except Exception:
+            continue
+        if shapes is None:
+            return result
+        break
+    else:
+        return None
+    warnings.warn(
+        f"interop: Keras layer '{path or layer.name}' ({type(layer).__name__}) computes with "
+        "concrete sizes; it was captured at the example's shapes (the dims it fixes are "
+        "checked at other sizes before trace returns)",
         stacklevel=2,
     )
     return result
@@ -321,6 +373,21 @@ class _Made(Tensor):
     """An output a call made as a constant (it depends on no input): not in Keras's node."""
 
 
+_TRACED_SPECS = [False]
+
+
+@contextlib.contextmanager
+def _traced_specs() -> Iterator[None]:
+    """Sub-layers' output specs from tracing their call on backend placeholders, not their
+    declared ``compute_output_shape`` (keras_hub's rotary layers declare one tensor and
+    return two): slower, so only for a layer retried at the example's shapes."""
+    saved, _TRACED_SPECS[0] = _TRACED_SPECS[0], True
+    try:
+        yield
+    finally:
+        _TRACED_SPECS[0] = saved
+
+
 @contextlib.contextmanager
 def _lenient_output_specs() -> Iterator[None]:
     """Sub-layers called on KerasTensors whose ``compute_output_spec`` rejects the call's
@@ -337,6 +404,8 @@ def _lenient_output_specs() -> Iterator[None]:
     original = layer_class.symbolic_call
 
     def symbolic_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _TRACED_SPECS[0]:  # the spec from the call itself, not the layer's declared one
+            return Operation.compute_output_spec(self, *args, **kwargs)
         try:
             return original(self, *args, **kwargs)
         except TypeError as err:
@@ -369,7 +438,12 @@ def _lenient_output_specs() -> Iterator[None]:
 
 
 def _symbolic_call(
-    layer: Any, args: list, kwargs: dict, tensors: list[Tensor], variables: list[tuple[Any, Any]]
+    layer: Any,
+    args: list,
+    kwargs: dict,
+    tensors: list[Tensor],
+    variables: list[tuple[Any, Any]],
+    shapes: dict[int, tuple[int, ...]] | None = None,
 ) -> tuple[Any, Any, list[Any]]:
     """Call ``layer.call`` on KerasTensors standing for `tensors` (and for the variables of
     `variables`: pairs of placeholder and Keras variable).
@@ -377,9 +451,10 @@ def _symbolic_call(
     Returns (Keras Function, None, what feeds its inputs: Tensors and Keras variables), or
     (None, the outputs, []) when the call hands its inputs back unchanged.
     """
-    from keras.src.ops.function import Function
-
-    symbolic = {id(t): keras.KerasTensor(t.shape, dtype=t.dtype) for t in tensors}
+    shapes = shapes or {}
+    symbolic = {
+        id(t): keras.KerasTensor(shapes.get(id(t), t.shape), dtype=t.dtype) for t in tensors
+    }
     sym_args, sym_kwargs = tree.map_structure(lambda x: symbolic.get(id(x), x), (args, kwargs))
     sym_kwargs = with_training(layer, dict(sym_kwargs))
     mask_inputs: list[tuple[Any, Tensor]] = []
@@ -404,10 +479,13 @@ def _symbolic_call(
     for placeholder, variable in used(variables, outputs):
         inputs.append(placeholder)
         feeds.append(variable)
-    if not all(isinstance(o, keras.KerasTensor) for o in flat_out):
-        # (output, None): an optional cache not computed; or an output that does not depend
-        # on the inputs (a constant the call made): recorded around the Function
-        function = Function(inputs, [o for o in flat_out if isinstance(o, keras.KerasTensor)])
-        function._interop_structure = outputs
-        return function, None, feeds
-    return Function(inputs, outputs), None, feeds
+    # Function re-runs the recorded ops symbolically: with the same output specs as the call
+    with dynamic_shapes(), _lenient_output_specs():
+        if not all(isinstance(o, keras.KerasTensor) for o in flat_out):
+            # (output, None): an optional cache not computed; or an output that does not
+            # depend on the inputs (a constant the call made): recorded around the Function
+            tensors_out = [o for o in flat_out if isinstance(o, keras.KerasTensor)]
+            function = RecordedGraph(inputs, tensors_out)
+            function._interop_structure = outputs
+            return function, None, feeds
+        return RecordedGraph(inputs, outputs), None, feeds
