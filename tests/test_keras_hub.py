@@ -229,3 +229,56 @@ def test_keras_hub_vit_backbone():
         image_shape=(16, 16, 3), patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32
     )
     _check(model, _rand(2, 16, 16, 3), _rand(3, 16, 16, 3, seed=1))
+
+
+BACKEND_SCRIPT = """
+import numpy as np, keras, keras_hub, interop
+assert keras.backend.backend() == BACKEND, keras.backend.backend()
+rs = np.random.default_rng(0)
+
+def tokens(batch, length):
+    return {"token_ids": rs.integers(1, 50, (batch, length)).astype("int32"),
+            "padding_mask": np.ones((batch, length), "int32")}
+
+def check(model, x, other):
+    g = interop.trace(model, x)
+    for inputs in (x, other):
+        report = interop.verify(model, g, inputs, rtol=1e-4, atol=1e-5)
+        assert report.ok, str(report)
+    assert g.count_params() == model.count_params()
+    assert g.source["backend"] == BACKEND
+
+encoder = keras_hub.models.BertBackbone(vocabulary_size=50, num_layers=2, num_heads=2,
+    hidden_dim=16, intermediate_dim=32, max_sequence_length=16)
+with_segments = lambda t: dict(t, segment_ids=np.zeros_like(t["token_ids"]))
+check(encoder, with_segments(tokens(2, 8)), with_segments(tokens(3, 6)))
+decoder = keras_hub.models.LlamaBackbone(vocabulary_size=50, num_layers=2, num_query_heads=2,
+    num_key_value_heads=1, hidden_dim=16, intermediate_dim=32)
+check(decoder, tokens(2, 8), tokens(3, 5))
+vision = keras_hub.models.ViTBackbone(image_shape=(16, 16, 3), patch_size=4, num_layers=2,
+    num_heads=2, hidden_dim=16, mlp_dim=32)
+images = lambda b: rs.random((b, 16, 16, 3)).astype("float32")
+check(vision, images(2), images(3))
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_keras_hub_on_other_backends(backend):
+    """An encoder, a decoder LLM and a vision backbone on the JAX and torch backends."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip(backend)
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "JAX_PLATFORMS": "cpu",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+    code = f"BACKEND = {backend!r}\n" + BACKEND_SCRIPT
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
