@@ -282,3 +282,49 @@ def test_keras_hub_on_other_backends(backend):
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_keras_hub_backbone_emits_trains_and_nests_in_torch_and_flax():
+    """A keras_hub encoder as a torch module and a Flax module: numerics within 1e-4 of
+    model(x), one training step moves the weights, and it nests in a host model."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("flax")
+    model, inputs = HUB["bert"]()
+    x = inputs()
+    graph = interop.trace(model, x)
+    expected = {k: keras.ops.convert_to_numpy(v) for k, v in model(x).items()}
+    args = [x[spec.name] for spec in graph.inputs]
+    names = [spec.name for spec in graph.outputs]
+
+    module = interop.to_torch(graph)
+    outputs = module(*[torch.from_numpy(a) for a in args])
+    for name, out in zip(names, outputs, strict=True):
+        np.testing.assert_allclose(out.detach().numpy(), expected[name], rtol=1e-4, atol=1e-5)
+    module.train()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    loss = module(*[torch.from_numpy(a) for a in args])[0].pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    moved = [n for n, p in module.named_parameters() if not torch.equal(p, before[n])]
+    assert any("pooled_dense" in n for n in moved), moved  # the head of the loss trained
+
+    flax_module = interop.to_flax(graph)
+    for name, out in zip(names, flax_module(*args), strict=True):
+        np.testing.assert_allclose(np.asarray(out), expected[name], rtol=1e-4, atol=1e-5)
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = interop.torch.Module(graph)
+            self.classifier = torch.nn.Linear(16, 3)
+
+        def forward(self, *tensors):
+            return self.classifier(self.encoder(*tensors)[0])
+
+    logits = Head()(*[torch.from_numpy(a) for a in args])
+    assert tuple(logits.shape) == (2, 3)
+    nested = interop.flax.Module(graph)
+    np.testing.assert_allclose(
+        np.asarray(nested(*args)[0]), expected[names[0]], rtol=1e-4, atol=1e-5
+    )
