@@ -153,3 +153,17 @@ class AffineNet(keras.Model):
 )
 def test_affine_transform_bilinear(transform, fill_value):
     _check(AffineNet(transform, fill_value), (12, 10, 3))
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
+def test_resizing_layer(interpolation):
+    """keras.layers.Resizing (keras_hub's DeepLabV3 and SegFormer use it) at batch 2 and 3."""
+    inp = keras.Input((8, 8, 3))
+    model = keras.Model(inp, keras.layers.Resizing(5, 12, interpolation=interpolation)(inp))
+    rng = np.random.default_rng(0)
+    graph = interop.trace(model, rng.random((2, 8, 8, 3)).astype("float32"))
+    for batch in (2, 3):
+        x = rng.random((batch, 8, 8, 3)).astype("float32")
+        report = interop.verify(model, graph, x, rtol=1e-4, atol=1e-5)
+        assert report.ok, str(report)
+    assert [n.op_type for n in graph.model.graph].count("Resize") == 1

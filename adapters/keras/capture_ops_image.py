@@ -11,6 +11,7 @@ coordinate mode of ``tf.image.resize`` (half-pixel centres), and ``affine_transf
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ import onnx_ir as ir
 
 from interop.errors import UnsupportedOpError
 
-from . import register_op
+from . import register_layer, register_op
 from .capture_conv import padding_attrs
 from .capture_lowering import Builder, Tensor
 from .capture_ops import value
@@ -146,6 +147,20 @@ def import_resize(b: Builder, op: Any, images: Any) -> ir.Value:
     # Sizes on axes 1 and 2 only (opset 18), so the batch stays dynamic.
     attrs = {**_RESIZE[op.interpolation], "axes": [1, 2]}
     return b.op("Resize", [x.value, None, None, b.ints([height, width])], attrs)
+
+
+@register_layer("Resizing")
+def import_resizing(b: Builder, layer: Any, images: Any, **_: Any) -> ir.Value:
+    """The Resizing layer: ``ops.image.resize`` to (height, width) with its options."""
+    op = types.SimpleNamespace(
+        size=(layer.height, layer.width),
+        interpolation=layer.interpolation,
+        antialias=getattr(layer, "antialias", False),
+        crop_to_aspect_ratio=layer.crop_to_aspect_ratio,
+        pad_to_aspect_ratio=layer.pad_to_aspect_ratio,
+        data_format=layer.data_format,
+    )
+    return import_resize(b, op, images)
 
 
 @register_op("AffineTransform")
