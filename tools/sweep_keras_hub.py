@@ -995,11 +995,16 @@ def run_one(name: str) -> dict:
         res["traceback_tail"] = traceback.format_exc()[-1500:]
         return res
 
+    import warnings
+
     import interop
 
     t = time.perf_counter()
     try:
-        graph = interop.trace(model, x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            graph = interop.trace(model, x)
+        res["how"] = _how_captured([str(w.message) for w in caught])
     except Exception as e:  # noqa: BLE001
         res["trace_s"] = round(time.perf_counter() - t, 2)
         msg = str(e)
@@ -1137,10 +1142,22 @@ def _yn(v):
     return {True: "yes", False: "no", None: "-"}.get(v, str(v))
 
 
+def _how_captured(messages):
+    """How interop captured the model, from the warnings its trace raised."""
+    how = ["converters + symbolic calls"]
+    if any("example's shapes" in m for m in messages):
+        how.append("some layers at the example's shapes")
+    if any("symbolic variables" in m for m in messages):
+        how.append("some weight computations folded")
+    if any("does not hold" in m for m in messages):
+        how.append("a dim made static")
+    return "; ".join(how)
+
+
 def markdown_table(results):
     rows = [
-        "| model | backend | built | traced | max error (abs / rel) | params equal | trace s | failure |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | backend | built | traced | how captured | max error (abs / rel) | params equal | trace s | failure |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         fail = (r.get("failure") or "").replace("|", "\\|").replace("\n", " ")
@@ -1151,6 +1168,7 @@ def markdown_table(results):
                 fail += f" — root cause: {root[:160]}"
         rows.append(
             f"| {r['model']} | {r.get('backend', '')} | {_yn(r.get('built'))} | {_yn(r.get('traced'))} "
+            f"| {r.get('how', '')} "
             f"| {_fmt_err(r)} | {_yn(r.get('params_equal'))} | {r.get('trace_s', '') if r.get('traced') else ''} | {fail} |"
         )
     return "\n".join(rows)
