@@ -167,3 +167,24 @@ def test_resizing_layer(interpolation):
         report = interop.verify(model, graph, x, rtol=1e-4, atol=1e-5)
         assert report.ok, str(report)
     assert [n.op_type for n in graph.model.graph].count("Resize") == 1
+
+
+def test_pooling_ops_in_a_custom_layer():
+    """ops.average_pool / ops.max_pool (keras_hub's MobileNetV5 fuses scales with them)."""
+
+    class Pools(layers.Layer):
+        def call(self, x):
+            return ops.average_pool(x, 2, 2, padding="valid") + ops.max_pool(
+                x, (2, 2), 2, padding="same"
+            )
+
+    inp = keras.Input((8, 8, 3))
+    model = keras.Model(inp, Pools(name="pools")(inp))
+    rng = np.random.default_rng(0)
+    graph = interop.trace(model, rng.random((2, 8, 8, 3)).astype("float32"))
+    for batch in (2, 3):
+        x = rng.random((batch, 8, 8, 3)).astype("float32")
+        report = interop.verify(model, graph, x, rtol=1e-4, atol=1e-5)
+        assert report.ok, str(report)
+    ops_used = [n.op_type for n in graph.model.graph]
+    assert "AveragePool" in ops_used and "MaxPool" in ops_used

@@ -7,12 +7,13 @@ time (TensorFlow puts the odd pixel at the end, as ONNX's SAME_UPPER does) and a
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from . import CAPTURE_LAYERS
+from . import CAPTURE_LAYERS, CAPTURE_OPS
 from .capture_layers import activation
 from .capture_layers import weight as kernel_weight
 from .capture_lowering import Builder, Tensor
@@ -174,6 +175,26 @@ def _pool(op_type: str):
         return b.to_channels_last(y, x.rank)
 
     return convert
+
+
+def _pool_op(op_type: str):
+    """``keras.ops.max_pool`` / ``average_pool`` (MobileNetV5's multi-scale fusion): the
+    layers' conversion; ``data_format=None`` is Keras's image data format."""
+    convert_layer = _pool(op_type)
+
+    def convert(b: Builder, op: Any, x: Tensor, **_: Any) -> ir.Value:
+        import keras
+
+        fmt = op.data_format or keras.config.image_data_format()
+        layer = types.SimpleNamespace(pool_size=op.pool_size, strides=op.strides,
+                                      padding=op.padding, data_format=fmt)  # fmt: skip
+        return convert_layer(b, layer, x)
+
+    return convert
+
+
+CAPTURE_OPS.register("MaxPool", _pool_op("MaxPool"))
+CAPTURE_OPS.register("AveragePool", _pool_op("AveragePool"))
 
 
 def _global_pool(reduce: str):
