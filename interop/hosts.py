@@ -15,14 +15,12 @@ True
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import InteropError, close_matches
-from .registry import Registry
+from .registry import PluginRegistry, Registry
 
 if TYPE_CHECKING:
     import numpy as np
@@ -68,9 +66,9 @@ class Host(Protocol):
         ...
 
 
-HOSTS: Registry[Host] = Registry("emit")
-_loaded = False
-_load_lock = threading.Lock()
+HOSTS: PluginRegistry[Host] = PluginRegistry(
+    "emit", group=ENTRY_POINT_GROUP, builtin=_BUILTIN, kind="host"
+)
 
 
 def register_host(host: Host, *, replace: bool = False) -> Host:
@@ -80,36 +78,7 @@ def register_host(host: Host, *, replace: bool = False) -> Host:
 
 def load_hosts() -> Registry[Host]:
     """Load every host of the entry-point group once (plus the built-ins)."""
-    global _loaded
-    if _loaded:
-        return HOSTS
-    with _load_lock:
-        if _loaded:
-            return HOSTS
-        targets = {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
-        for name, target in _BUILTIN.items():  # running from a source tree without metadata
-            targets.setdefault(name, metadata.EntryPoint(name, target, ENTRY_POINT_GROUP))
-        for name, entry_point in targets.items():
-            if name in HOSTS:
-                continue
-            try:
-                host = entry_point.load()
-            except ModuleNotFoundError as err:
-                if (
-                    entry_point.value.startswith("interop.adapters.")
-                    and err.name
-                    and err.name.startswith("interop")
-                ):
-                    continue  # a built-in host this installation does not ship
-                raise
-            except Exception as err:  # a broken third-party plug-in must not break the rest
-                import warnings
-
-                warnings.warn(f"interop: host '{name}' failed to load: {err}", stacklevel=2)
-                continue
-            HOSTS.register(name, host)
-        _loaded = True
-    return HOSTS
+    return HOSTS.load()
 
 
 def output_list(out: Any) -> list[Any]:

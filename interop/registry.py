@@ -1,4 +1,4 @@
-"""One registry class for everything keyed by name: adapters, op importers, op emitters.
+"""One registry class for everything keyed by name: adapters, hosts, converters, builders.
 
 Registering a key twice raises; a failed lookup raises `UnsupportedOpError` (or the
 error the caller asks for) with close matches, so a typo or a missing converter is
@@ -14,6 +14,7 @@ True
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
@@ -78,3 +79,56 @@ class Registry(Generic[T]):
 
     def items(self) -> list[tuple[str, T]]:
         return list(self._entries.items())
+
+
+class PluginRegistry(Registry[T]):
+    """A registry filled once, on first use, from an entry-point group plus built-ins.
+
+    Adapters (``interop.adapters``) and hosts (``interop.hosts``) are found this way: an
+    installed package declares its object under the group; the built-in ones are listed
+    in `builtin` too, so a source tree without package metadata finds them. A built-in
+    this installation does not ship is skipped, and a third-party plug-in that fails to
+    load warns instead of breaking the others.
+    """
+
+    def __init__(self, direction: str, *, group: str, builtin: dict[str, str], kind: str):
+        super().__init__(direction)
+        self.group, self.builtin, self.kind = group, builtin, kind
+        self._loaded = False
+        self._lock = threading.Lock()
+
+    def load(self) -> PluginRegistry[T]:
+        """Load every entry point of the group once; returns the registry."""
+        if self._loaded:
+            return self
+        with self._lock:
+            if not self._loaded:
+                self._load_entry_points()
+                self._loaded = True
+        return self
+
+    def _load_entry_points(self) -> None:
+        from importlib import metadata
+
+        targets = {ep.name: ep for ep in metadata.entry_points(group=self.group)}
+        for name, target in self.builtin.items():
+            targets.setdefault(name, metadata.EntryPoint(name, target, self.group))
+        for name, entry_point in targets.items():
+            if name in self:
+                continue
+            try:
+                entry = entry_point.load()
+            except ModuleNotFoundError as err:
+                if (
+                    entry_point.value.startswith("interop.adapters.")
+                    and err.name
+                    and err.name.startswith("interop")
+                ):
+                    continue  # a built-in this installation does not ship
+                raise
+            except Exception as err:  # a broken third-party plug-in must not break the rest
+                import warnings
+
+                warnings.warn(f"interop: {self.kind} '{name}' failed to load: {err}", stacklevel=3)
+                continue
+            self.register(name, entry)

@@ -9,12 +9,10 @@ framework, its host, is found the same way (`interop.hosts`).
 
 from __future__ import annotations
 
-import threading
-from importlib import metadata
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import InteropError, UnsupportedModelError
-from .registry import Registry
+from .registry import PluginRegistry, Registry
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,9 +43,9 @@ class Adapter(Protocol):
     # interop.verify feed nested example inputs (dicts, lists) by the graph's input names
 
 
-ADAPTERS: Registry[Adapter] = Registry("trace")
-_loaded = False
-_load_lock = threading.Lock()
+ADAPTERS: PluginRegistry[Adapter] = PluginRegistry(
+    "trace", group=ENTRY_POINT_GROUP, builtin=_BUILTIN, kind="adapter"
+)
 
 
 def register_adapter(adapter: Adapter, *, replace: bool = False) -> Adapter:
@@ -57,36 +55,7 @@ def register_adapter(adapter: Adapter, *, replace: bool = False) -> Adapter:
 
 def load_adapters() -> Registry[Adapter]:
     """Load every adapter of the entry-point group once (plus the built-ins)."""
-    global _loaded
-    if _loaded:
-        return ADAPTERS
-    with _load_lock:
-        if _loaded:
-            return ADAPTERS
-        targets = {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
-        for name, target in _BUILTIN.items():  # running from a source tree without metadata
-            targets.setdefault(name, metadata.EntryPoint(name, target, ENTRY_POINT_GROUP))
-        for name, entry_point in targets.items():
-            if name in ADAPTERS:
-                continue
-            try:
-                adapter = entry_point.load()
-            except ModuleNotFoundError as err:
-                if (
-                    entry_point.value.startswith("interop.adapters.")
-                    and err.name
-                    and err.name.startswith("interop")
-                ):
-                    continue  # a built-in adapter this installation does not ship
-                raise
-            except Exception as err:  # a broken third-party plug-in must not break the rest
-                import warnings
-
-                warnings.warn(f"interop: adapter '{name}' failed to load: {err}", stacklevel=2)
-                continue
-            ADAPTERS.register(name, adapter)
-        _loaded = True
-    return ADAPTERS
+    return ADAPTERS.load()
 
 
 def adapter_for(model: Any) -> Adapter:
