@@ -324,6 +324,47 @@ def onnx_pads(attrs: Mapping[str, Any], spatial: int) -> list[tuple[int, int]] |
     return list(zip(pads[:spatial], pads[spatial:]))
 
 
+@dataclass
+class ConvWeights:
+    """A Conv / ConvTranspose node's constant kernel, optional bias and window attributes."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+    bias_value: ir.Value | None
+    attrs: dict[str, Any]
+    spatial: int  # spatial axes (1 to 3)
+    pads: list[tuple[int, int]]
+    strides: list[int]
+    dilations: list[int]
+    group: int
+
+
+def conv_weights(emitter: Emitter, node: ir.Node) -> ConvWeights | None:
+    """What a host's convolution layer needs of a Conv / ConvTranspose node: a float kernel a
+    native layer may hold (1 to 3 spatial axes), an optional bias, explicit pads; None when
+    the node must stay a generic op."""
+    weight = emitter.weight(node.inputs[1])
+    bias_value, bias, usable = optional_weight(emitter, node, 2)
+    if weight is None or not usable or not 3 <= weight.ndim <= 5 or weight.dtype.kind != "f":
+        return None
+    attrs = emitter.node_attributes(node)
+    spatial = weight.ndim - 2
+    pads = onnx_pads(attrs, spatial)
+    if pads is None:
+        return None
+    return ConvWeights(
+        weight=weight,
+        bias=bias,
+        bias_value=bias_value,
+        attrs=attrs,
+        spatial=spatial,
+        pads=pads,
+        strides=list(attrs.get("strides") or [1] * spatial),
+        dilations=list(attrs.get("dilations") or [1] * spatial),
+        group=int(attrs.get("group", 1)),
+    )
+
+
 def output_read(value: ir.Value | None) -> bool:
     """Whether an (optional) output is read: by a node, or as a graph output."""
     return value is not None and (bool(value.uses()) or value.is_graph_output())

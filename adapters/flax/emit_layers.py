@@ -19,11 +19,12 @@ import numpy as np
 from flax import nnx
 
 from interop.emitter import (
+    ConvWeights,
     Native,
     constant_fill,
+    conv_weights,
     dropout_ratio,
     following_bias_add,
-    onnx_pads,
     optional_weight,
     output_read,
 )
@@ -74,56 +75,47 @@ def _channels_last(layer: Any, x: Any) -> Any:
     return jnp.moveaxis(layer(jnp.moveaxis(x, 1, -1)), -1, 1)
 
 
+def _sources(node: Any, conv: ConvWeights) -> dict[str, Any]:
+    return {"kernel": node.inputs[1]} | ({"bias": conv.bias_value} if conv.bias is not None else {})
+
+
 @EMIT_LAYERS.register("Conv")
 def conv_layer(emitter: Any, node: Any, args: list[Any]) -> Native | None:
     """ONNX Conv with a constant kernel -> nnx.Conv (NHWC inside)."""
-    weight = emitter.weight(node.inputs[1])
-    bias_value, bias, ok = optional_weight(emitter, node, 2)
-    if weight is None or not ok or not 3 <= weight.ndim <= 5 or weight.dtype.kind != "f":
+    conv = conv_weights(emitter, node)
+    if conv is None:
         return None
-    attrs = emitter.node_attributes(node)
-    spatial = weight.ndim - 2
-    pads = onnx_pads(attrs, spatial)
-    if pads is None:
-        return None
-    group = attrs.get("group", 1)
+    weight, bias = conv.weight, conv.bias
     kernel = np.transpose(weight, (*range(2, weight.ndim), 1, 0))
     layer = _assemble(
         nnx.Conv,
         {"kernel": kernel} | ({"bias": bias} if bias is not None else {}),
-        in_features=weight.shape[1] * group,
+        in_features=weight.shape[1] * conv.group,
         out_features=weight.shape[0],
         kernel_size=tuple(weight.shape[2:]),
-        strides=tuple(attrs.get("strides") or [1] * spatial),
-        padding=tuple(pads),
-        kernel_dilation=tuple(attrs.get("dilations") or [1] * spatial),
-        feature_group_count=group,
+        strides=tuple(conv.strides),
+        padding=tuple(conv.pads),
+        kernel_dilation=tuple(conv.dilations),
+        feature_group_count=conv.group,
         use_bias=bias is not None,
         param_dtype=weight.dtype,
     )
-    sources = {"kernel": node.inputs[1]} | ({"bias": bias_value} if bias is not None else {})
-    return Native(layer, sources, [0], _channels_last)
+    return Native(layer, _sources(node, conv), [0], _channels_last)
 
 
 @EMIT_LAYERS.register("ConvTranspose")
 def conv_transpose_layer(emitter: Any, node: Any, args: list[Any]) -> Native | None:
     """ONNX ConvTranspose (one group) -> nnx.ConvTranspose with transpose_kernel (NHWC inside)."""
-    weight = emitter.weight(node.inputs[1])
-    bias_value, bias, ok = optional_weight(emitter, node, 2)
-    if weight is None or not ok or not 3 <= weight.ndim <= 5 or weight.dtype.kind != "f":
+    conv = conv_weights(emitter, node)
+    if conv is None or conv.group != 1 or conv.attrs.get("output_shape") is not None:
         return None
-    attrs = emitter.node_attributes(node)
-    spatial = weight.ndim - 2
-    pads = onnx_pads(attrs, spatial)
-    if pads is None or attrs.get("group", 1) != 1 or attrs.get("output_shape") is not None:
-        return None
+    weight, bias = conv.weight, conv.bias
     kernel = weight.shape[2:]
-    dilations = list(attrs.get("dilations") or [1] * spatial)
-    extra = list(attrs.get("output_padding") or [0] * spatial)
+    extra = list(conv.attrs.get("output_padding") or [0] * conv.spatial)
     # the padding of the equivalent dilated convolution (what lax.conv_transpose takes)
     padding = [
         (d * (k - 1) - lo, d * (k - 1) - hi + e)
-        for (lo, hi), k, d, e in zip(pads, kernel, dilations, extra)
+        for (lo, hi), k, d, e in zip(conv.pads, kernel, conv.dilations, extra)
     ]
     layer = _assemble(
         nnx.ConvTranspose,
@@ -132,15 +124,14 @@ def conv_transpose_layer(emitter: Any, node: Any, args: list[Any]) -> Native | N
         in_features=weight.shape[0],
         out_features=weight.shape[1],
         kernel_size=tuple(kernel),
-        strides=tuple(attrs.get("strides") or [1] * spatial),
+        strides=tuple(conv.strides),
         padding=tuple(padding),
-        kernel_dilation=tuple(dilations),
+        kernel_dilation=tuple(conv.dilations),
         use_bias=bias is not None,
         transpose_kernel=True,
         param_dtype=weight.dtype,
     )
-    sources = {"kernel": node.inputs[1]} | ({"bias": bias_value} if bias is not None else {})
-    return Native(layer, sources, [0], _channels_last)
+    return Native(layer, _sources(node, conv), [0], _channels_last)
 
 
 def _linear(emitter: Any, kernel: np.ndarray, bias: np.ndarray | None) -> nnx.Linear:

@@ -21,6 +21,7 @@ from keras import ops
 from interop.emitter import (
     Native,
     constant_fill,
+    conv_weights,
     dropout_ratio,
     following_activation,
     following_bias_add,
@@ -126,17 +127,14 @@ def _activation(emitter, value) -> tuple[str | None, tuple[Any, ...]]:
 @EMIT_LAYERS.register("Conv")
 def conv_layer(emitter, node, args):
     """Conv -> keras ConvND / DepthwiseConvND, channels-last between two permutations."""
-    weight = emitter.weight(node.inputs[1])
-    bias_value, bias, usable = optional_weight(emitter, node, 2)
-    if weight is None or not usable or not 3 <= weight.ndim <= 5 or not keras_tensor(args[0]):
+    conv = conv_weights(emitter, node)
+    if conv is None or not keras_tensor(args[0]):
         return None
-    attrs = emitter.node_attributes(node)
-    spatial = weight.ndim - 2
-    pads, group = onnx_pads(attrs, spatial), attrs.get("group", 1)
-    strides = tuple(attrs.get("strides") or [1] * spatial)
-    dilations = tuple(attrs.get("dilations") or [1] * spatial)
+    weight, bias, bias_value, spatial = conv.weight, conv.bias, conv.bias_value, conv.spatial
+    pads, group = conv.pads, conv.group
+    strides, dilations = tuple(conv.strides), tuple(conv.dilations)
     depthwise = group > 1 and weight.shape[1] == 1 and spatial < 3
-    if pads is None or (group > 1 and not depthwise):
+    if group > 1 and not depthwise:
         return None  # grouped convolutions have no CPU kernel in TensorFlow: generic op
     if any(s > 1 for s in strides) and any(d > 1 for d in dilations):
         return None
@@ -177,21 +175,16 @@ def conv_layer(emitter, node, args):
 @EMIT_LAYERS.register("ConvTranspose")
 def conv_transpose_layer(emitter, node, args):
     """ConvTranspose -> keras ConvNDTranspose (groups 1), cropped to ONNX's pads."""
-    weight = emitter.weight(node.inputs[1])
-    bias_value, bias, usable = optional_weight(emitter, node, 2)
-    if weight is None or not usable or not 3 <= weight.ndim <= 5 or not keras_tensor(args[0]):
+    conv = conv_weights(emitter, node)
+    if conv is None or not keras_tensor(args[0]):
         return None
-    attrs = emitter.node_attributes(node)
-    spatial = weight.ndim - 2
-    pads = onnx_pads(attrs, spatial)
-    strides = list(attrs.get("strides") or [1] * spatial)
-    dilations = list(attrs.get("dilations") or [1] * spatial)
-    output_padding = list(attrs.get("output_padding") or [0] * spatial)
+    weight, bias, bias_value, spatial = conv.weight, conv.bias, conv.bias_value, conv.spatial
+    pads, strides, dilations = conv.pads, conv.strides, conv.dilations
+    output_padding = list(conv.attrs.get("output_padding") or [0] * spatial)
     effective = [(k - 1) * d + 1 for k, d in zip(weight.shape[2:], dilations)]
     if (
-        pads is None
-        or attrs.get("group", 1) != 1
-        or attrs.get("output_shape") is not None
+        conv.group != 1
+        or conv.attrs.get("output_shape") is not None
         or any(p for p in output_padding)
         or any(k < s for k, s in zip(effective, strides))  # keras 'valid' pads those itself
         or (any(s > 1 for s in strides) and any(d > 1 for d in dilations))
