@@ -988,7 +988,12 @@ def run_one(name: str) -> dict:
     res["build_s"] = round(time.perf_counter() - t0, 2)
     try:
         res["model_params"] = int(model.count_params())
-        expected = _to_numpy_tree(model(x))
+        # inference mode, as interop captures it (SegFormer's model(x) without training=False
+        # differs from its inference output)
+        try:
+            expected = _to_numpy_tree(model(x, training=False))
+        except TypeError:
+            expected = _to_numpy_tree(model(x))
     except Exception as e:  # noqa: BLE001
         res["failure_stage"] = "call"
         res["failure"] = f"{type(e).__name__}: {str(e)[:300]}"
