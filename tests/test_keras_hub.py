@@ -224,6 +224,19 @@ def test_keras_hub_text_backbones(name):
     assert graph.inputs[0].shape[0] == "batch"
 
 
+def test_keras_hub_submodel_equals_keras_inner_model():
+    """submodel of an inner layer computes what keras.Model(inputs, layer.output) does."""
+    model, inputs = HUB["bert"]()
+    x = inputs()
+    graph = interop.trace(model, x)
+    for path in ("embeddings_layer_norm", "transformer_layer_0", "transformer_layer_1"):
+        sub = graph.submodel(outputs=[path])
+        inner = keras.Model(model.inputs, model.get_layer(path).output)
+        expected = keras.ops.convert_to_numpy(inner(x))
+        got = sub.run(**{spec.name: x[spec.name] for spec in sub.inputs})
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_keras_hub_vit_backbone():
     model = keras_hub.models.ViTBackbone(
         image_shape=(16, 16, 3), patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32
