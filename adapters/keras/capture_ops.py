@@ -61,19 +61,33 @@ def flat(b: Builder, x: ir.Value) -> ir.Value:
 _BOOLEAN = {"Max": "Or", "Min": "And"}
 
 
+def _as_array(arg: Any) -> Any:
+    """A concrete tensor operand (an eager constant the call made) as a numpy array."""
+    if isinstance(arg, Tensor | ir.Value | np.ndarray) or not hasattr(arg, "dtype"):
+        return arg
+    if hasattr(arg, "path") and hasattr(arg, "assign"):  # a keras.Variable: a graph weight
+        return arg
+    return np.asarray(to_numpy(arg))
+
+
 def promoted(b: Builder, *args: Any) -> tuple[list[ir.Value], str]:
     """The operands of a binary op in the dtype Keras computes it in: two tensors of
     different dtypes (an int32 mask and a bool one) meet at Keras's result type."""
     dtypes = {a.dtype for a in args if isinstance(a, Tensor)}
-    if len(dtypes) < 2:
+    args = tuple(_as_array(a) for a in args)
+    arrays = [a for a in args if isinstance(a, np.ndarray)]
+    if len(dtypes) < 2 and not any(a.dtype.name not in dtypes for a in arrays if dtypes):
         dtype = dtype_of(*args)
         return [value(b, a, dtype) for a in args], dtype
     import keras
 
-    dtype = keras.backend.result_type(*sorted(dtypes))
+    # an array constant of another dtype (a bool mask against an int one) counts too
+    dtype = keras.backend.result_type(*sorted(dtypes | {a.dtype.name for a in arrays}))
     values = [
         b.op("Cast", [a.value], {"to": onnx_dtype(dtype)})
         if isinstance(a, Tensor) and a.dtype != dtype
+        else b.const(a.astype(dtype))
+        if isinstance(a, np.ndarray)
         else value(b, a, dtype)
         for a in args
     ]
