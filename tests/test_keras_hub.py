@@ -179,6 +179,33 @@ def test_layer_computing_with_python_sizes_is_captured_at_the_example_shapes():
     assert graph.inputs[0].shape[1] == 6
 
 
+class _IgnoresAnInput(layers.Layer):
+    """Takes an input it never reads (an MoE block's unused routing hint)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = layers.Dense(4, name="expert")
+
+    def call(self, x, hint):
+        return self.dense(x)
+
+
+class _Outer(layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.block = _IgnoresAnInput(name="moe")
+
+    def call(self, x):
+        return self.block(x, x * 2.0)
+
+
+def test_sublayer_ignoring_one_of_its_inputs():
+    inp = keras.Input((None, 4))
+    model = keras.Model(inp, _Outer(name="outer")(inp))
+    graph = _check(model, _rand(2, 3, 4), _rand(3, 5, 4, seed=1))
+    assert "outer/moe/expert" in {layer.path for layer in graph.layers}
+
+
 keras_hub = pytest.importorskip("keras_hub")
 
 

@@ -183,7 +183,11 @@ class RecordedGraph:
 
     def __init__(self, inputs: list[Any], outputs: Any) -> None:
         from keras.src.ops.function import map_graph
+        from keras.src.ops.node import KerasHistory
 
+        for tensor in inputs:  # an input the call never read has no history: an entry point
+            if not hasattr(tensor, "_keras_history"):
+                tensor._keras_history = KerasHistory(operation=None, node_index=0, tensor_index=0)
         self.inputs = list(inputs)
         self.outputs = tree.flatten(outputs)
         self._outputs_struct = outputs
