@@ -206,6 +206,22 @@ def test_sublayer_ignoring_one_of_its_inputs():
     assert "outer/moe/expert" in {layer.path for layer in graph.layers}
 
 
+def test_dict_inputs_to_a_model_with_list_inputs_match_by_name():
+    """A dict fed to a model built on a list of inputs is matched by name, not by the
+    dict's sorted key order (here the reverse of the model's)."""
+    ids = keras.Input((3,), name="zeta", dtype="int32")
+    seq = keras.Input((None, 2), name="alpha")
+    total = ops.cast(ops.sum(ids, axis=1, keepdims=True), "float32")
+    out = layers.Dense(2)(ops.mean(seq, axis=1)) * total
+    model = keras.Model([ids, seq], out)
+    x = {"zeta": np.arange(6, dtype="int32").reshape(2, 3), "alpha": _rand(2, 4, 2)}
+    graph = _check(model, x, {"zeta": np.ones((3, 3), "int32"), "alpha": _rand(3, 5, 2, seed=1)})
+    assert {spec.name: str(spec.dtype) for spec in graph.inputs} == {
+        "zeta": "int32",
+        "alpha": "float32",
+    }
+
+
 keras_hub = pytest.importorskip("keras_hub")
 
 

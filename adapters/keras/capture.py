@@ -129,7 +129,7 @@ def trace_model(
     graph_inputs: list[ir.Value] = []
     flat_examples = tree.flatten((args, kwargs))
     names = _input_names(model, args, kwargs, len(flat_examples))
-    specs = _input_specs(model, len(flat_examples))
+    specs = _input_specs(model, names)
     dims = dict(dynamic_dims or {})
     unknown = sorted(set(dims) - set(names))
     if unknown:
@@ -184,11 +184,16 @@ def _input_layer_name(spec: Any) -> str:
     return history.operation.name if history is not None else spec.name
 
 
-def _input_specs(model: Any, count: int) -> list[Any]:
+def _input_specs(model: Any, names: list[str]) -> list[Any]:
+    """The functional inputs in the order of `names` (a dict of inputs flattens in sorted
+    key order, the model's inputs keep theirs); None where unknown."""
     functional = functional_of(model)
-    if functional is not None and len(functional.inputs) == count:
-        return list(functional.inputs)
-    return [None] * count
+    if functional is None or len(functional.inputs) != len(names):
+        return [None] * len(names)
+    by_name = {re.sub(r"\W", "_", _input_layer_name(t)): t for t in functional.inputs}
+    if set(by_name) == set(names):
+        return [by_name[name] for name in names]
+    return list(functional.inputs)
 
 
 def _graph_input(

@@ -103,7 +103,7 @@ def _lower_layer(b: Builder, layer: Any, path: str, args: list, kwargs: dict) ->
         return result
     functional = functional_of(layer)
     if functional is not None:
-        return walk_function(b, functional, path, tree.flatten((args, kwargs)))
+        return walk_function(b, functional, path, _functional_feeds(functional, args, kwargs))
     return _lower_by_symbolic_call(b, layer, path, args, kwargs)
 
 
@@ -124,6 +124,20 @@ def _positional(layer: Any, args: list, kwargs: dict) -> tuple[list, dict]:
             break
         args.append(kwargs.pop(param.name))
     return args, kwargs
+
+
+def _functional_feeds(functional: Any, args: list, kwargs: dict) -> list[Any]:
+    """The call's inputs in the order of the graph's inputs: a dict given to a model whose
+    inputs are a list is matched by input name, as Keras does (a flattened dict is in
+    sorted key order)."""
+    if len(args) == 1 and not kwargs and isinstance(args[0], dict):
+        names = []
+        for spec in functional.inputs:
+            history = getattr(spec, "_keras_history", None)
+            names.append(history.operation.name if history is not None else spec.name)
+        if set(names) == set(args[0]) and len(names) == len(args[0]):
+            return [args[0][name] for name in names]
+    return tree.flatten((args, kwargs))
 
 
 def walk_function(b: Builder, function: Any, path: str, inputs: list[Tensor]) -> Any:
