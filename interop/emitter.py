@@ -86,6 +86,7 @@ class Emitter(Interpreter):
         self.static: dict[ir.Value, Any] = {}  # values known at emission (numpy)
         self.fused: dict[ir.Node, list[Any]] = {}  # nodes a native layer computes
         self.relaid: set[ir.Value] = set()  # weights a layer holds transposed / reordered
+        self.env: dict[ir.Value, Any] = {}  # the handles so far (builders may look back)
 
     def check(self) -> None:
         """Raise `UnsupportedOpError` for the first node this host cannot emit."""
@@ -97,6 +98,7 @@ class Emitter(Interpreter):
     ) -> Sequence[Any]:
         if caller is not None:  # inside an expanded function body: plain semantics
             return super().run_node(node, args, env, caller)
+        self.env = env
         if node in self.fused:
             return self.fused.pop(node)
         folded = self.fold(node)
@@ -167,15 +169,6 @@ class Emitter(Interpreter):
             return None
         self.static.update(zip(node.outputs, results))
         return [self.static_handle(v, r) for v, r in zip(node.outputs, results, strict=True)]
-
-    def known(self, value: ir.Value | None) -> np.ndarray | None:
-        """The array of a value known at emission that is no weight (a constant, a folded result)."""
-        if value is None:
-            return None
-        array = self.static.get(value)
-        if array is None and value.const_value is not None and self.kind_of(value) is None:
-            array = value.const_value.numpy()
-        return array
 
     # ------------------------------------------------------------------ weights
     def weight(self, value: ir.Value | None, *, relaid: bool = False) -> np.ndarray | None:

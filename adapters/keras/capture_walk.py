@@ -313,30 +313,40 @@ def _with_example_shapes(
     """The layer called again with its sub-layers' output specs traced from their calls
     (not declared), first on run-time dims, then on the example's concrete shapes (when
     the call computes with Python on sizes); None if that fails too."""
-    for attempt in ("run-time dims", "example shapes"):
-        shapes = example_shapes(b, tensors) if attempt == "example shapes" else None
-        if attempt == "example shapes" and shapes is None:
-            return None
-        try:
-            with SymbolicVariables(layer) as swapped, _traced_specs():
-                traced = _symbolic_call(layer, args, kwargs, tensors, swapped.placeholders, shapes)
-            result = _walk_traced(b, path, traced)
-        except InteropError:
-            raise
-        except Exception:
-            continue
-        if shapes is None:
-            return result
-        break
-    else:
-        return None
-    warnings.warn(
-        f"interop: Keras layer '{path or layer.name}' ({type(layer).__name__}) computes with "
-        "concrete sizes; it was captured at the example's shapes (the dims it fixes are "
-        "checked at other sizes before trace returns)",
-        stacklevel=2,
-    )
+    result = _traced_call(b, layer, path, args, kwargs, tensors, None)
+    if result is not None:
+        return result
+    shapes = example_shapes(b, tensors)
+    result = None if shapes is None else _traced_call(b, layer, path, args, kwargs, tensors, shapes)
+    if result is not None:
+        warnings.warn(
+            f"interop: Keras layer '{path or layer.name}' ({type(layer).__name__}) computes "
+            "with concrete sizes; it was captured at the example's shapes (the dims it fixes "
+            "are checked at other sizes before trace returns)",
+            stacklevel=2,
+        )
     return result
+
+
+def _traced_call(
+    b: Builder,
+    layer: Any,
+    path: str,
+    args: list,
+    kwargs: dict,
+    tensors: list[Tensor],
+    shapes: dict[int, tuple[int, ...]] | None,
+) -> Any:
+    """The walked symbolic call with sub-layer specs traced from their calls; None if it fails
+    (its partial nodes are dropped with the graph's dead nodes)."""
+    try:
+        with SymbolicVariables(layer) as swapped, _traced_specs():
+            traced = _symbolic_call(layer, args, kwargs, tensors, swapped.placeholders, shapes)
+        return _walk_traced(b, path, traced)
+    except InteropError:
+        raise
+    except Exception:
+        return None
 
 
 _RETRIED = "_interop_traced_with_concrete_variables"

@@ -50,7 +50,6 @@ class TorchEmitter(Emitter):
         self.root = nn.Module()
         self.fx_graph = fx.Graph()
         self.source_names: dict[str, str] = {}  # torch name -> source initializer name
-        self.env: dict[ir.Value, Any] = {}  # the handles so far (the direct calls look back)
         self.maybe_dead: list[fx.Node] = []  # nodes only a fusion may have left unused
         self.sym_sizes: dict[tuple[fx.Node, int], fx.Node] = {}  # emit_fusions' x.size(d)
         self.recurrent_stacks: dict[str, nn.Module] = {}  # source path -> multi-layer module
@@ -195,12 +194,6 @@ class TorchEmitter(Emitter):
         return self.fx_graph.get_attr(path)
 
     # ------------------------------------------------------------------ nodes
-    def run_node(
-        self, node: ir.Node, args: list[Any], env: Any, caller: Any = None
-    ) -> Sequence[Any]:
-        self.env = env
-        return super().run_node(node, args, env, caller)
-
     def call_native(self, node: ir.Node, native: Native, args: list[Any]) -> Sequence[Any]:
         layer = native.layer
         path = self.register_layer(node, layer, native.sources, native.path)
