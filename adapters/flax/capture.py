@@ -33,6 +33,7 @@ from . import (  # noqa: F401  (register the converters)
     is_linen_module,
     is_nnx_module,
 )
+from .capture_check import check_captured
 from .capture_lowering import OPSET, Lowering, walk
 from .capture_modules import Capture, capture_function, capture_linen, capture_nnx, closure_names
 
@@ -114,8 +115,14 @@ def trace_model(
     dynamic_batch: bool = True,
     dynamic_dims: Mapping[str, Mapping[int, str]] | None = None,
     name: str | None = None,
+    check: bool = True,
 ) -> Graph:
     """Trace a Flax/JAX model on `example_inputs` into a Graph (see `interop.trace`).
+
+    With `check` (the default) the graph must pass the ONNX checker with full type
+    inference and load in ONNX Runtime before it is returned (capture_check.py);
+    otherwise a `TraceError` names the JAX primitive and source line that wrote the
+    offending node.
 
     >>> import interop, jax.numpy as jnp                    # doctest: +SKIP
     >>> from flax import nnx
@@ -148,8 +155,11 @@ def trace_model(
     except Exception as err:
         raise _trace_error(model, err, dynamic_batch) from err
     closed = _dead_code_eliminated(closed)
-    graph = _build(closed, cap, specs, input_names, output_names, model)
+    graph = _build(closed, cap, specs, input_names, output_names, model, check=False)
     graph.model.graph.name = name or cap.source["class"].rsplit(".", 1)[-1]
+    if check:
+        check_captured(graph.model, graph.model.graph.meta.get(_ORIGINS, {}))
+    graph.model.graph.meta.pop(_ORIGINS, None)
     return graph
 
 
@@ -183,7 +193,12 @@ def _trace_error(model: Any, err: Exception, dynamic_batch: bool) -> TraceError:
     return error
 
 
-def _build(closed, cap: Capture, specs, input_names, output_names, model) -> Graph:
+_ORIGINS = "interop.flax.origins"  # graph.meta key: node name -> the equation that wrote it
+
+
+def _build(
+    closed, cap: Capture, specs, input_names, output_names, model, *, check: bool = True
+) -> Graph:
     inputs = []
     dim_sources: dict[str, tuple[ir.Value, int]] = {}
     for name, spec in zip(input_names, specs, strict=False):
@@ -241,6 +256,10 @@ def _build(closed, cap: Capture, specs, input_names, output_names, model) -> Gra
         if kinds.get(v.name) == provenance.TRAINABLE
     )
     provenance.write_source(onnx_model, source)
+    if check:
+        check_captured(onnx_model, low.origins)
+    else:
+        graph.meta[_ORIGINS] = low.origins
     return Graph(onnx_model)
 
 

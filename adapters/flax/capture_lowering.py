@@ -111,6 +111,9 @@ class Lowering:
         self._dim_cache: dict[str, ir.Value] = {}
         self.scope, self.location, self.primitive = "", None, ""
         self.unresolved_scopes: set[str] = set()
+        # node name -> (primitive, scope, location): names the equation behind a node an
+        # ONNX check rejects (capture_check.py)
+        self.origins: dict[str, tuple[str, str, str | None]] = {}
 
     # ------------------------------------------------------------------ emission
     def fresh(self, hint: str) -> str:
@@ -143,6 +146,7 @@ class Lowering:
         node.metadata_props[provenance.SCOPE] = self.scope
         if self.location:
             node.metadata_props[provenance.LOCATION] = self.location
+        self.origins[node.name] = (self.primitive, self.scope, self.location)
         self._frames[-1].append(node)
         return node.outputs[0] if outputs == 1 else list(node.outputs)
 
