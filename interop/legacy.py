@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import provenance
+from .quantized import is_quantized_op, quantized_fix
 
 # graph metadata of the emitter's private copy: "<producer_name> <producer_version>" of a
 # file from another tool, for error messages
@@ -79,7 +80,11 @@ def prepare(model: ir.Model, file_opset: int | None = None) -> ir.Model:
             stacklevel=4,
         )
     if is_foreign(model):
-        fold_constants(model)
+        fold_constants(model)  # a weight's DequantizeLinear too: dequantized weights
+        if any(n.op_type == "QuantizeLinear" for n in graph):
+            from .quantized import fake_quantize_pairs
+
+            fake_quantize_pairs(model)  # activations: fake-quant with a gradient
         if any(n.op_type == "Reshape" for n in graph):
             from .simplify import infer_missing_shapes
 
@@ -179,6 +184,9 @@ def unsupported_detail(
     detail = f"node '{node.name}', opset {version}"
     if written is not None and written != str(version):
         detail = f"node '{node.name}', opset {written} (converted to {version})"
+    if is_quantized_op(node.op_type, node.domain):
+        fix = quantized_fix(op)
+        return (detail if producer is None else f"{detail}, file written by {producer}"), fix
     if producer is None:
         return detail, None
     fix = (

@@ -144,7 +144,7 @@ def conv_layer(emitter, node, args):
         multiplier = weight.shape[0] // group
         layer = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)[spatial - 1](
             kernel_size, strides, depth_multiplier=multiplier, dilation_rate=dilations,
-            use_bias=bias is not None, activation=activation,
+            use_bias=bias is not None, activation=activation, dtype=str(weight.dtype),
         )  # fmt: skip
         # ONNX (C*mult, 1, *K), out channel c*mult+m -> keras (*K, C, mult)
         kernel = weight.reshape(group, multiplier, *kernel_size)
@@ -154,7 +154,7 @@ def conv_layer(emitter, node, args):
         layer = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)[spatial - 1](
             weight.shape[0], kernel_size, strides, dilation_rate=dilations,
             use_bias=bias is not None, kernel_initializer=_Given(kernel),
-            bias_initializer=_given(bias), activation=activation,
+            bias_initializer=_given(bias), activation=activation, dtype=str(weight.dtype),
         )  # fmt: skip
 
     def call(layer, x):
@@ -194,7 +194,7 @@ def conv_transpose_layer(emitter, node, args):
                keras.layers.Conv3DTranspose)  # fmt: skip
     layer = classes[spatial - 1](
         weight.shape[1], tuple(weight.shape[2:]), tuple(strides), dilation_rate=tuple(dilations),
-        use_bias=bias is not None,
+        use_bias=bias is not None, dtype=str(weight.dtype),
     )  # fmt: skip
 
     def call(layer, x):
@@ -288,6 +288,7 @@ def batch_norm_layer(emitter, node, args):
         scale=scaled, center=centered,
         gamma_initializer=_given(scale, "ones"), beta_initializer=_given(bias),
         moving_mean_initializer=_Given(mean), moving_variance_initializer=_Given(var),
+        dtype=str(mean.dtype),
     )  # fmt: skip
     names = ("gamma", "beta", "moving_mean", "moving_variance")
     sources = {n: v for n, v, u in zip(names, node.inputs[1:5], used) if u}
@@ -315,7 +316,7 @@ def layer_norm_layer(emitter, node, args):
         return None
     layer = keras.layers.LayerNormalization(
         axis=list(range(axis, rank)) if axis < rank - 1 else -1,
-        epsilon=attrs.get("epsilon", 1e-5), center=bias is not None,
+        epsilon=attrs.get("epsilon", 1e-5), center=bias is not None, dtype=str(scale.dtype),
     )  # fmt: skip
 
     def call(layer, x):
@@ -340,7 +341,7 @@ def embedding_layer(emitter, node, args):
         or not keras_tensor(args[1])
     ):
         return None
-    layer = keras.layers.Embedding(table.shape[0], table.shape[1])
+    layer = keras.layers.Embedding(table.shape[0], table.shape[1], dtype=str(table.dtype))
 
     def call(layer, indices):
         y = layer(indices)

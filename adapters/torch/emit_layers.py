@@ -40,13 +40,20 @@ def empty_layer(layer_class: Any, *args: Any, **kwargs: Any) -> nn.Module:
     return layer
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def assign(layer: nn.Module, **tensors: torch.Tensor | None) -> nn.Module:
     for name, tensor in tensors.items():
         if tensor is None:
             continue
         current = getattr(layer, name)
+        # half-precision weights (an fp16 file) stay half: the layer computes in their dtype
+        dtype = tensor.dtype if tensor.dtype in _HALF else current.dtype
         if isinstance(current, nn.Parameter):
-            setattr(layer, name, nn.Parameter(tensor.to(current.dtype).reshape(current.shape)))
+            setattr(layer, name, nn.Parameter(tensor.to(dtype).reshape(current.shape)))
+        elif dtype != current.dtype:
+            setattr(layer, name, tensor.reshape(current.shape).clone())  # the buffer, replaced
         else:
             current.copy_(tensor.reshape(current.shape))
     return layer

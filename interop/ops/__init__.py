@@ -59,6 +59,7 @@ from . import (  # noqa: E402,F401  (registers the ops)
     image,
     linalg,
     nn,
+    quantized,
     recurrent,
     reduce,
     shape,

@@ -40,7 +40,7 @@ def det(xp, x):
     return xp.det(x)
 
 
-def _per_axis(xp, value, x, axis, block_size):
+def per_axis(xp, value, x, axis, block_size):
     """Broadcast a per-tensor / per-axis / blocked scale or zero point against x."""
     rank = len(xp.shape(x))
     value_rank = len(xp.shape(value))
@@ -57,11 +57,11 @@ def _per_axis(xp, value, x, axis, block_size):
 
 @op("DequantizeLinear")
 def dequantize_linear(xp, x, scale, zero_point=None, axis=1, block_size=0, output_dtype=0):
-    scale_ = _per_axis(xp, scale, x, axis, block_size)
+    scale_ = per_axis(xp, scale, x, axis, block_size)
     values = xp.astype(x, np.float32)
     if zero_point is not None:
         values = xp.subtract(
-            values, xp.astype(_per_axis(xp, zero_point, x, axis, block_size), np.float32)
+            values, xp.astype(per_axis(xp, zero_point, x, axis, block_size), np.float32)
         )
     out = xp.multiply(values, xp.astype(scale_, np.float32))
     return xp.astype(out, onnx_dtype(output_dtype) if output_dtype else xp.dtype(scale))
@@ -71,7 +71,7 @@ def dequantize_linear(xp, x, scale, zero_point=None, axis=1, block_size=0, outpu
 def quantize_linear(
     xp, x, scale, zero_point=None, axis=1, block_size=0, output_dtype=0, saturate=1, precision=0
 ):
-    scale_ = _per_axis(xp, scale, x, axis, block_size)
+    scale_ = per_axis(xp, scale, x, axis, block_size)
     if zero_point is not None:
         target = xp.dtype(zero_point)
     else:
@@ -83,7 +83,7 @@ def quantize_linear(
         values = xp.unary("round", scaled)
         if zero_point is not None:
             values = xp.add(
-                values, xp.astype(_per_axis(xp, zero_point, x, axis, block_size), np.float32)
+                values, xp.astype(per_axis(xp, zero_point, x, axis, block_size), np.float32)
             )
         return xp.astype(xp.clip(values, float(info.min), float(info.max)), target)
     import onnx
@@ -92,7 +92,7 @@ def quantize_linear(
 
     if zero_point is not None:
         scaled = xp.add(
-            scaled, xp.astype(_per_axis(xp, zero_point, x, axis, block_size), np.float32)
+            scaled, xp.astype(per_axis(xp, zero_point, x, axis, block_size), np.float32)
         )
     return cast(xp, scaled, onnx.helper.np_dtype_to_tensor_dtype(target), saturate=saturate)
 
