@@ -1152,6 +1152,15 @@ def _how_captured(messages):
     how = ["converters + symbolic calls"]
     if any("example's shapes" in m for m in messages):
         how.append("some layers at the example's shapes")
+    tracers = sorted(
+        {
+            m.split(" backend's tracer")[0].rsplit(" ", 1)[-1]
+            for m in messages
+            if "backend's tracer" in m
+        }
+    )
+    if tracers:
+        how.append(f"some layers by the {'/'.join(tracers)} tracer")
     if any("symbolic variables" in m for m in messages):
         how.append("some weight computations folded")
     if any("does not hold" in m for m in messages):

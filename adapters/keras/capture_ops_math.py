@@ -398,3 +398,32 @@ def import_moments(b: Builder, op: Any, x: Any) -> list[ir.Value]:
     centered = b.op("Sub", [v, mean])
     var = b.op("ReduceMean", [b.op("Mul", [centered, centered]), axes], {"keepdims": keep})
     return [mean if keep else b.op("ReduceMean", [v, axes], {"keepdims": 0}), var]
+
+
+# ---------------------------------------------------------------------------- Fourier
+def _fourier(axes: tuple[int, ...], inverse: bool) -> Any:
+    """``ops.fft`` / ``fft2`` / ``ifft2`` on a (real, imaginary) pair: one ONNX DFT per axis
+    on the pair stacked in a trailing dimension of 2."""
+
+    def convert(b: Builder, op: Any, x: Any) -> list[ir.Value]:
+        real, imag = (value(b, part) for part in x)
+        rank = _rank(x[0])
+        pair = b.op(
+            "Concat",
+            [b.op("Unsqueeze", [real, b.ints([-1])]), b.op("Unsqueeze", [imag, b.ints([-1])])],
+            {"axis": -1},
+        )
+        for axis in axes:
+            pair = b.op("DFT", [pair], {"axis": rank + axis, "inverse": int(inverse)})
+        return [
+            b.op("Squeeze", [b.op("Slice", [pair, b.ints([i]), b.ints([i + 1]), b.ints([-1])]),
+                             b.ints([-1])])
+            for i in (0, 1)
+        ]  # fmt: skip
+
+    return convert
+
+
+for _name, _axes, _inverse in [("FFT", (-1,), False), ("FFT2", (-2, -1), False),
+                               ("IFFT2", (-2, -1), True)]:  # fmt: skip
+    register_op(_name)(_fourier(_axes, _inverse))

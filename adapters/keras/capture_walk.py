@@ -27,6 +27,7 @@ from . import CAPTURE_LAYERS, CAPTURE_OPS
 from .capture_concrete import example_shapes
 from .capture_dynamic_shapes import dynamic_shapes
 from .capture_lowering import Builder, Tensor, onnx_dtype
+from .capture_tracer import lower_by_backend_tracer
 from .capture_variables import SymbolicVariables, used
 
 # Keras's message when a layer cannot be called symbolically names it and its class.
@@ -285,18 +286,18 @@ def _lower_by_symbolic_call(b: Builder, layer: Any, path: str, args: list, kwarg
         first = err
     try:
         try:
-            traced = _symbolic_call(layer, args, kwargs, tensors, [])
-        except InteropError:
-            raise
-        except Exception as err:
-            concrete = _with_example_shapes(b, layer, path, args, kwargs, tensors)
-            if concrete is None:
-                raise _call_failed(layer, path, err) from None
-            return concrete
-        result = _walk_traced(b, path, traced)
+            result, folded = _with_concrete_variables(b, layer, path, args, kwargs, tensors)
+        except _NotSymbolic as err:
+            return _by_backend_tracer(b, layer, path, args, kwargs, tensors, err.cause)
+        except UnsupportedOpError as err:
+            if err.layer != path or getattr(err, _RETRIED, False):
+                raise  # a sub-layer's op: that layer already tried its tracer
+            return _by_backend_tracer(b, layer, path, args, kwargs, tensors, err)
     except Exception as err:
         setattr(err, _RETRIED, True)
         raise
+    if not folded:
+        return result
     reason = str(first).splitlines()[0][:200] if str(first) else ""
     warnings.warn(
         f"interop: Keras layer '{path or layer.name}' ({type(layer).__name__}) cannot be "
@@ -305,6 +306,29 @@ def _lower_by_symbolic_call(b: Builder, layer: Any, path: str, args: list, kwarg
         stacklevel=2,
     )
     return result
+
+
+class _NotSymbolic(Exception):
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _with_concrete_variables(
+    b: Builder, layer: Any, path: str, args: list, kwargs: dict, tensors: list[Tensor]
+) -> tuple[Any, bool]:
+    """The symbolic call with concrete variables (True: variable-only ops fold), else at
+    traced specs / the example's shapes (False); `_NotSymbolic` when nothing runs."""
+    try:
+        traced = _symbolic_call(layer, args, kwargs, tensors, [])
+    except InteropError:
+        raise
+    except Exception as err:
+        concrete = _with_example_shapes(b, layer, path, args, kwargs, tensors)
+        if concrete is None:
+            raise _NotSymbolic(err) from None
+        return concrete, False
+    return _walk_traced(b, path, traced), True
 
 
 def _with_example_shapes(
@@ -352,21 +376,67 @@ def _traced_call(
 _RETRIED = "_interop_traced_with_concrete_variables"
 
 
-def _call_failed(layer: Any, path: str, err: Exception) -> UnsupportedOpError:
-    cls, where = type(layer).__name__, path
+def _by_backend_tracer(
+    b: Builder, layer: Any, path: str, args: list, kwargs: dict, tensors: list, err: Exception
+) -> Any:
+    """The layer traced by the running backend (capture_tracer.py), with a warning saying
+    so; the symbolic call's error, with the tracer's, when that fails too."""
+    try:
+        result = lower_by_backend_tracer(b, layer, path, args, kwargs, tensors)
+    except InteropError:
+        raise
+    except Exception as tracer_err:
+        raise _call_failed(layer, path, err, tracer_err) from None
+    warnings.warn(
+        f"interop: Keras layer '{path or layer.name}' ({type(layer).__name__}) cannot run on "
+        f"KerasTensors ({_first_line(err)}); it was captured through the "
+        f"{keras.backend.backend()} backend's tracer",
+        stacklevel=2,
+    )
+    return result
+
+
+def _first_line(err: BaseException) -> str:
+    """The message's first informative line (Keras wraps errors in a generic first line)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+    lines = [line for line in lines if line and not line.startswith("Exception encountered")]
+    return lines[0][:300] if lines else type(err).__name__
+
+
+def _call_failed(
+    layer: Any, path: str, err: Exception, tracer_err: Exception | None = None
+) -> UnsupportedOpError:
+    cls, where, source = type(layer).__name__, path, layer
     inner = _FAILED_LAYER.search(str(err))
     if inner and inner.group(1) != layer.name:  # a sub-layer of this one failed
         where, cls = f"{path}/{inner.group(1)}" if path else inner.group(1), inner.group(2)
+        source = None
+    detail = f"{cls} has no converter and its call could not be run on symbolic KerasTensors: "
+    detail += _first_line(err)
+    if tracer_err is not None:
+        detail += f"; nor by the {keras.backend.backend()} backend's tracer: "
+        detail += f"{type(tracer_err).__name__}: {_first_line(tracer_err)}"
     return UnsupportedOpError(
         cls,
         direction="import",
         adapter="keras",
         layer=where,
+        location=_source_line(source),
         close_matches=CAPTURE_LAYERS.close_matches(cls),
-        detail=f"{cls} has no converter and its call could not be "
-        f"run on symbolic KerasTensors: {str(err).splitlines()[0][:300] if str(err) else type(err).__name__}",
+        detail=detail,
         fix=_FIX.format(cls=cls),
     )
+
+
+def _source_line(layer: Any) -> str | None:
+    """``file:line`` of the layer class's ``call``, where Python can tell."""
+    if layer is None:
+        return None
+    try:
+        call = type(layer).call
+        return f"{inspect.getsourcefile(call)}:{inspect.getsourcelines(call)[1]}"
+    except (TypeError, OSError):
+        return None
 
 
 def _walk_traced(b: Builder, path: str, traced: tuple[Any, Any, list[Any]]) -> Any:

@@ -1,0 +1,335 @@
+"""A layer no converter or symbolic call can open, captured by the backend's own tracer.
+
+Some layers cannot run on KerasTensors at all: they call the backend directly
+(``tf.math.*`` on TensorFlow), take ``len()`` or ``int()`` of a symbolic size, branch in
+Python on a tensor, or use an op interop has no converter for. Such a layer is traced once
+more, this time by the backend that runs it, on concrete tensors:
+
+- the layer's call becomes a pure function of its weights and tensor inputs through
+  ``layer.stateless_call`` (so every weight is an input of the traced graph and stays a
+  named, trainable parameter rather than a frozen constant);
+- the backend traces it, first with the run-time dims the walk knows (``None`` for the
+  batch), then at the example's concrete shapes:
+  TensorFlow through a concrete ``tf.function`` graph converted by tf2onnx (measured: a
+  transformer attention layer in 1-5 s; writing our own lowering of TF's ~1,500 raw ops
+  would duplicate tf2onnx), JAX through ``jax.make_jaxpr`` and interop's own jaxpr lowering
+  (the Flax adapter), torch through ``torch.export`` and interop's torch capture;
+- the resulting ONNX graph is spliced into the walk: its inputs bound to the layer's
+  weights (named after their Keras paths) and to the walked inputs, its nodes placed in the
+  layer path of the sub-layer whose name scope made them (``.../self_attention/query``),
+  nodes without one in the scope of their consumers.
+
+The dims such a layer fixes are found by `capture_dim_check` like any other.
+
+>>> g = interop.trace(keras_hub.models.Qwen3Backbone(...), inputs)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import keras
+import numpy as np
+import onnx_ir as ir
+from keras import tree
+
+from interop import provenance
+
+from .capture_concrete import example_shapes
+from .capture_lowering import OPSET, Builder, Tensor
+
+# backend name -> (function, weight arrays, input specs, layer) -> ONNX ModelProto / ir.Model
+Tracer = Callable[[Callable[..., list[Any]], list[np.ndarray], list[tuple], Any], Any]
+
+
+def lower_by_backend_tracer(
+    b: Builder, layer: Any, path: str, args: list, kwargs: dict, tensors: list[Tensor]
+) -> Any:
+    """The layer's outputs (in its call's structure), traced by the running backend."""
+    tracer = TRACERS.get(keras.backend.backend())
+    if tracer is None:
+        raise NotImplementedError(f"no tracer for the {keras.backend.backend()} backend")
+    trainable = list(layer.trainable_variables)
+    variables = trainable + list(layer.non_trainable_variables)
+    structure: list[Any] = [None]
+
+    def function(weights: list[Any], inputs: list[Any]) -> list[Any]:
+        feeds = iter(inputs)
+        call_args, call_kwargs = tree.map_structure(
+            lambda x: next(feeds) if isinstance(x, Tensor) else x, (list(args), dict(kwargs))
+        )
+        outputs, _ = layer.stateless_call(
+            weights[: len(trainable)], weights[len(trainable) :], *call_args, **call_kwargs
+        )
+        structure[0] = outputs
+        return [x for x in tree.flatten(outputs) if x is not None]
+
+    weights = [np.asarray(keras.ops.convert_to_numpy(v.value)) for v in variables]
+    # Keras counts `layer.weights`; other state (dropout seeds) is a constant of the graph
+    counted = {id(w) for w in layer.weights}
+    run_time = [(t.shape, t.dtype) for t in tensors]
+    shapes = example_shapes(b, tensors) or {}
+    example = [(shapes.get(id(t), t.shape), t.dtype) for t in tensors]
+    try:
+        model = tracer(function, weights, run_time, layer)
+    except Exception:
+        if example == run_time or any(_unknown(s) for s, _ in example):
+            raise
+        model = tracer(function, weights, example, layer)
+    feeds = [
+        b.variable(v) if id(v) in counted else b.const(w)
+        for v, w in zip(variables, weights, strict=True)
+    ] + [t.value for t in tensors]
+    outputs = _splice(b, model, path, _scopes(layer), feeds)
+    found = iter(outputs)
+    flat = [
+        None if x is None else Tensor(next(found), _dims(x.shape), _dtype(x))
+        for x in tree.flatten(structure[0])
+    ]
+    return tree.pack_sequence_as(structure[0], flat)
+
+
+def _unknown(shape: tuple) -> bool:
+    return any(not isinstance(d, int) for d in shape)
+
+
+def _dims(shape: Any) -> tuple:
+    return tuple(d if isinstance(d, int) else None for d in tuple(shape))
+
+
+def _dtype(x: Any) -> str:
+    return keras.backend.standardize_dtype(x.dtype)
+
+
+# ---------------------------------------------------------------------------- splicing
+def _splice(
+    b: Builder, model: Any, path: str, scopes: Callable[[str], str], feeds: list[ir.Value]
+) -> list[ir.Value]:
+    """Move the nodes of `model` into the walk; returns the values of its outputs."""
+    if not isinstance(model, ir.Model):
+        model = ir.serde.deserialize_model(model)
+    graph = model.graph
+    if len(graph.inputs) != len(feeds):
+        raise ValueError(f"traced graph has {len(graph.inputs)} inputs, expected {len(feeds)}")
+    outputs = list(graph.outputs)
+    bound = dict(zip(graph.inputs, feeds, strict=True))
+    for name, init in list(graph.initializers.items()):
+        const = init.const_value
+        if const is not None:
+            bound[init] = b.const(const.numpy())
+        del graph.initializers[name]
+    nodes = list(graph)
+    graph.remove(nodes, safe=False)
+    for value, feed in bound.items():
+        value.replace_all_uses_with(feed)
+    graph.inputs.clear()
+    graph.outputs.clear()
+    placed = _place(nodes, path, scopes)
+    for node in nodes:
+        with b.scoped(placed[node]):
+            node.name = b.fresh(node.op_type)
+        node.metadata_props[provenance.SCOPE] = placed[node]
+        for i, out in enumerate(node.outputs):
+            out.name = f"{node.name}:{i}" if len(node.outputs) > 1 else node.name
+            out.shape = None  # inferred again: the tracer's dim names (unk__N) would clash
+        b.nodes.append(node)
+    return [bound.get(v, v) for v in outputs]
+
+
+def _place(nodes: list[ir.Node], path: str, scopes: Callable[[str], str]) -> dict[ir.Node, str]:
+    """Each node's layer path: from its name scope; a node the converter added (tf2onnx's
+    ``Unsqueeze__12``) takes its first placed consumer's."""
+    placed = {node: scopes(_scoped_name(node)) for node in nodes}
+    for node in reversed(nodes):  # consumers come later in topological order
+        if placed[node] or not _ADDED.search(node.name or ""):
+            continue
+        for out in node.outputs:
+            user = next((u for u, _ in out.uses() if placed.get(u)), None)
+            if user is not None:
+                placed[node] = placed[user]
+                break
+    return {
+        node: f"{path}/{rel}" if path and rel else (rel or path) for node, rel in placed.items()
+    }
+
+
+_ADDED = re.compile(r"__\d+(:\d+)?$")
+_WRAPPER = "traced_keras_layer"  # the torch tracer's attribute holding the layer
+
+
+def _scoped_name(node: ir.Node) -> str:
+    """TF's name scope is in the node name; interop's captures record a scope."""
+    scope = node.metadata_props.get(provenance.SCOPE)
+    if not scope:
+        return node.name or ""
+    return f"{scope.removeprefix(_WRAPPER).lstrip('/')}/{node.op_type}"
+
+
+def _scopes(layer: Any) -> Callable[[str], str]:
+    """A node name -> the relative path of the sub-layer whose name scope it is in."""
+
+    def children(parent: Any) -> dict[str, Any]:
+        """Sub-layers by Keras name and by the attribute holding them (torch's paths)."""
+        found = {c.name: c for c in parent._flatten_layers(include_self=False, recursive=False)}
+        held = {id(c) for c in found.values()}
+        found.update({k: v for k, v in vars(parent).items() if id(v) in held and k not in found})
+        return found
+
+    def scope_of(name: str) -> str:
+        parts, current, found = name.split("/")[:-1], layer, []
+        for part in parts:
+            named = children(current)
+            child = named.get(part) or named.get(re.sub(r"_\d+$", "", part))
+            if child is None:
+                break
+            found.append(child.name)
+            current = child
+        return "/".join(found)
+
+    return scope_of
+
+
+# ---------------------------------------------------------------------------- tracers
+def trace_tensorflow(
+    function: Callable, weights: list[np.ndarray], specs: list[tuple], layer: Any
+) -> Any:
+    """A concrete ``tf.function`` of the call, converted by tf2onnx."""
+    import tensorflow as tf
+    import tf2onnx
+
+    signature = [tf.TensorSpec(w.shape, w.dtype, name=f"w{i}") for i, w in enumerate(weights)]
+    signature += [
+        tf.TensorSpec([d if isinstance(d, int) else None for d in shape], dtype, name=f"x{i}")
+        for i, (shape, dtype) in enumerate(specs)
+    ]
+    count = len(weights)
+
+    def flat(*values: Any) -> list[Any]:
+        return function(list(values[:count]), list(values[count:]))
+
+    traced = tf.function(flat, input_signature=signature, autograph=False)
+    traced.get_concrete_function()  # the layer's own failure, before tf2onnx's
+    with _quiet_tf2onnx():
+        model, _ = tf2onnx.convert.from_function(traced, input_signature=signature, opset=OPSET)
+    unconverted = sorted(_unknown_ops(model.graph))
+    if unconverted:  # tf2onnx leaves TF ops it cannot convert in the graph
+        raise ValueError(f"tf2onnx cannot convert the TF ops {', '.join(unconverted)}")
+    return model
+
+
+def _unknown_ops(graph: Any) -> set[str]:
+    """Op types in an ONNX GraphProto (and its subgraphs) that no ONNX schema defines."""
+    import onnx
+
+    found = set()
+    for node in graph.node:
+        if not onnx.defs.has(node.op_type, node.domain):
+            found.add(node.op_type)
+        for attr in node.attribute:
+            for sub in [attr.g, *attr.graphs] if attr.g.node or attr.graphs else []:
+                found |= _unknown_ops(sub)
+    return found
+
+
+def trace_jax(function: Callable, weights: list[np.ndarray], specs: list[tuple], layer: Any) -> Any:
+    """``jax.make_jaxpr`` of the call, lowered by the Flax adapter; run-time dims become
+    `jax.export` symbolic dims (``batch`` for the first axis, one symbol per other one)."""
+    from interop.adapters.flax.capture import trace_model
+
+    names = [f"w{i}" for i in range(len(weights))] + [f"x{i}" for i in range(len(specs))]
+    arrays = list(weights) + [
+        np.zeros([d if isinstance(d, int) else 2 for d in s], keras.backend.standardize_dtype(t))
+        for s, t in specs
+    ]
+    dims = {
+        f"x{i}": {a: "batch" if a == 0 else f"x{i}_{a}" for a, d in enumerate(s) if d is None}
+        for i, (s, _) in enumerate(specs)
+    }
+    count = len(weights)
+
+    def flat(**values: Any) -> tuple[Any, ...]:
+        ordered = [values[n] for n in names]
+        return tuple(function(ordered[:count], ordered[count:]))
+
+    examples = dict(zip(names, arrays, strict=True))
+    with _jax_scopes(layer):
+        return trace_model(flat, examples, dynamic_batch=False, dynamic_dims=dims).model
+
+
+@contextlib.contextmanager
+def _jax_scopes(layer: Any) -> Iterator[None]:
+    """Each sub-layer call of `layer` inside a ``jax.named_scope`` of its relative path,
+    which the Flax adapter's lowering records as the node's scope."""
+    import jax
+    from interop.adapters.flax.capture_lowering import MARK
+
+    paths: dict[int, str] = {}
+
+    def collect(parent: Any, prefix: str) -> None:
+        for child in parent._flatten_layers(include_self=False, recursive=False):
+            if id(child) not in paths:
+                paths[id(child)] = f"{prefix}{child.name}"
+                collect(child, f"{prefix}{child.name}/")
+
+    collect(layer, "")
+    original = keras.layers.Layer.__call__
+
+    def scoped_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if id(self) not in paths:
+            return original(self, *args, **kwargs)
+        with jax.named_scope(MARK + paths[id(self)]):
+            return original(self, *args, **kwargs)
+
+    keras.layers.Layer.__call__ = scoped_call  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        keras.layers.Layer.__call__ = original  # type: ignore[method-assign]
+
+
+def trace_torch(
+    function: Callable, weights: list[np.ndarray], specs: list[tuple], layer: Any
+) -> Any:
+    """``torch.export`` of the call, through interop's torch capture (concrete shapes)."""
+    import torch
+    from interop.adapters.torch.capture import trace_module
+
+    if any(_unknown(shape) for shape, _ in specs):
+        raise ValueError("the torch tracer needs the example's concrete shapes")
+    count = len(weights)
+
+    class Call(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            setattr(self, _WRAPPER, layer)  # module paths of the sub-layers
+
+        def forward(self, *values: Any) -> tuple[Any, ...]:
+            return tuple(function(list(values[:count]), list(values[count:])))
+
+    arrays = [torch.as_tensor(w) for w in weights] + [
+        torch.zeros(s, dtype=getattr(torch, keras.backend.standardize_dtype(d))) for s, d in specs
+    ]
+    graph = trace_module(Call(), tuple(arrays), dynamic_batch=False)
+    return graph.model
+
+
+TRACERS: dict[str, Tracer] = {
+    "tensorflow": trace_tensorflow,
+    "jax": trace_jax,
+    "torch": trace_torch,
+}
+
+
+@contextlib.contextmanager
+def _quiet_tf2onnx() -> Iterator[None]:
+    logger = logging.getLogger("tf2onnx")
+    saved = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)

@@ -1,0 +1,175 @@
+"""Keras layers no converter or symbolic call can open, captured by the backend's tracer.
+
+A layer that calls its backend directly (``tf.*`` on TensorFlow, ``jax.*`` on JAX,
+``torch.*`` on torch) cannot run on KerasTensors; capture_tracer.py traces it with the
+backend's own tracer. Checked against ``model(x)`` at the traced batch and another one,
+with the Keras parameter names, the layer tree and parameter counts intact.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+from keras import layers, ops  # noqa: E402
+
+import interop  # noqa: E402
+from interop.errors import UnsupportedOpError  # noqa: E402
+
+# the layer and checks, run on the TensorFlow backend here and on JAX / torch in subprocesses
+SCRIPT = r'''
+import warnings
+import numpy as np
+import keras
+from keras import layers
+import interop
+from interop import provenance
+
+BACKEND = keras.backend.backend()
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    def direct(x):
+        return tf.nn.softplus(x) * tf.cast(tf.shape(x)[1], x.dtype)
+elif BACKEND == "jax":
+    import jax
+
+    def direct(x):
+        return jax.nn.softplus(x) * x.shape[1]
+else:
+    import torch
+
+    def direct(x):
+        return torch.nn.functional.softplus(x) * x.shape[1]
+
+
+class Direct(layers.Layer):
+    """Calls the backend directly between two Keras sub-layers."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = layers.Dense(4, name="inner_dense")
+        self.norm = layers.LayerNormalization(name="inner_norm")
+        self.dropout = layers.Dropout(0.5)  # a seed generator: state, not a weight
+
+    def call(self, x, training=None):
+        return self.norm(self.dropout(direct(self.dense(x)), training=training))
+
+
+def build():
+    inputs = keras.Input((5, 3))
+    outputs = layers.Dense(2, name="head")(Direct(name="direct")(inputs))
+    return keras.Model(inputs, outputs)
+
+
+def check():
+    keras.utils.set_random_seed(0)
+    model = build()
+    x = np.random.RandomState(0).rand(2, 5, 3).astype("float32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = interop.trace(model, x)
+    said = [str(w.message) for w in caught if "backend's tracer" in str(w.message)]
+    assert len(said) == 1 and "'direct' (Direct)" in said[0] and BACKEND in said[0], said
+    assert not any("does not hold" in str(w.message) for w in caught)
+    assert graph.inputs[0].shape == ("batch", 5, 3)
+    for batch in (2, 5):
+        xb = np.random.RandomState(batch).rand(batch, 5, 3).astype("float32")
+        expected = keras.ops.convert_to_numpy(model(xb, training=False))
+        np.testing.assert_allclose(graph.run(xb), expected, rtol=1e-4, atol=1e-5)
+    assert graph.count_params() == model.count_params() == 34
+    names = set(graph.model.graph.initializers)
+    assert {"direct/inner_dense/kernel", "direct/inner_dense/bias", "direct/inner_norm/gamma",
+            "direct/inner_norm/beta", "head/kernel"} <= names, names
+    scopes = {n.metadata_props.get(provenance.SCOPE) for n in graph.model.graph}
+    assert "direct" in scopes or "direct/inner_dense" in scopes, scopes
+    if BACKEND != "torch":  # torch.export sees no module calls inside a Keras layer
+        assert {"direct/inner_dense", "direct/inner_norm"} <= scopes, scopes
+    return graph, model, x
+
+
+if __name__ == "__main__":
+    check()
+    print("OK")
+'''
+
+
+def _script_namespace():
+    namespace: dict = {"__name__": "tracer_script"}
+    exec(compile(SCRIPT, "tracer_script", "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow backend")
+def test_layer_calling_tensorflow_directly_is_traced_by_tf_function():
+    graph, model, x = _script_namespace()["check"]()
+    # downstream: the capture emits to torch within 1e-4 and its weights train
+    torch = pytest.importorskip("torch")
+    module = interop.to_torch(graph)
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    got = module(torch.tensor(x)).detach().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    params = dict(module.named_parameters())
+    assert sum(p.numel() for p in params.values()) == model.count_params()
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    before = {k: v.detach().clone() for k, v in params.items()}
+    module(torch.tensor(x)).square().mean().backward()
+    optimizer.step()
+    moved = [k for k, v in params.items() if not torch.equal(v.detach(), before[k])]
+    assert len(moved) == len(params), sorted(set(params) - set(moved))
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_layer_calling_its_backend_directly_on_jax_and_torch(backend):
+    pytest.importorskip(backend)
+    env = {**os.environ, "KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu",
+           "TF_CPP_MIN_LOG_LEVEL": "3"}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow backend")
+def test_layer_no_tracer_can_convert_names_layer_source_and_fix():
+    import tensorflow as tf
+
+    class PythonCallback(layers.Layer):
+        def call(self, x):
+            return tf.numpy_function(lambda a: a * 2, [x], tf.float32)
+
+        def compute_output_shape(self, shape):
+            return shape
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, PythonCallback(name="callback")(inputs))
+    with pytest.raises(UnsupportedOpError) as caught:
+        interop.trace(model, np.ones((2, 3), "float32"))
+    message = str(caught.value)
+    assert caught.value.layer == "callback"
+    assert "PythonCallback" in message and "tensorflow backend's tracer" in message
+    assert "test_keras_tracer.py:" in (caught.value.location or ""), caught.value.location
+    assert "register_layer('PythonCallback')" in message
+
+
+@pytest.mark.parametrize("fft", ["fft", "fft2", "ifft2"])
+def test_fourier_transforms(fft):
+    """keras.ops.fft / fft2 / ifft2 on (real, imaginary) pairs, as keras_hub's FNet uses."""
+
+    class Mix(layers.Layer):
+        def call(self, x):
+            real, imag = getattr(ops, fft)((x, ops.sin(x)))
+            return real + 2 * imag
+
+    inputs = keras.Input((6, 8))
+    model = keras.Model(inputs, Mix()(inputs))
+    x = np.random.RandomState(0).rand(3, 6, 8).astype("float32")
+    graph = interop.trace(model, x)
+    assert [n.op_type for n in graph.model.graph].count("DFT") == (1 if fft == "fft" else 2)
+    for batch in (x, x[:1]):
+        np.testing.assert_allclose(graph.run(batch), np.asarray(model(batch)), rtol=1e-4, atol=1e-4)
