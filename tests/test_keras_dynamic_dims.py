@@ -291,3 +291,22 @@ def test_the_check_can_be_turned_off_and_blames_no_dim_for_a_wrong_graph(recwarn
     g = interop.trace(keras.Model(model.input, model.output * 2), x)  # wrong at every size
     assert g.inputs[0].shape[:2] == ("batch", "x_dim1")
     assert not [w for w in recwarn if "does not hold" in str(w.message)]
+
+
+def test_pad_to_a_length_computed_from_a_run_time_size():
+    """ops.pad whose widths come from ops.shape (keras_hub PaliGemma pads to a length)."""
+
+    class PadTo(keras.layers.Layer):
+        def call(self, x):
+            n = keras.ops.shape(x)[1]
+            return keras.ops.pad(x, [[0, 0], [0, 10 - n], [1, 1]], constant_values=0.5)
+
+    inputs = keras.Input((None, 3))
+    model = keras.Model(inputs, PadTo()(inputs))
+    x = np.random.RandomState(0).rand(2, 4, 3).astype("float32")
+    graph = interop.trace(model, x)
+    assert graph.inputs[0].shape[1] != 4  # the length stays dynamic
+    for other in (x, np.random.RandomState(1).rand(3, 7, 3).astype("float32")):
+        got = graph.run(other)
+        assert got.shape == (len(other), 10, 5)
+        np.testing.assert_allclose(got, np.asarray(model(other)), rtol=1e-6)

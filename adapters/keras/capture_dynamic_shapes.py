@@ -204,6 +204,25 @@ def _slice(x: Any, start_indices: Any, shape: Any) -> Any:
     return _record("slice", (x, tuple(start_indices), tuple(shape)), {}, spec)
 
 
+def _pad_pairs(pad_width: Any, rank: int) -> list[tuple[Any, Any]]:
+    if isinstance(pad_width, list | tuple) and isinstance(pad_width[0], list | tuple):
+        return [tuple(w) for w in pad_width]  # type: ignore[misc]
+    pair = tuple(pad_width) if isinstance(pad_width, list | tuple) else (pad_width, pad_width)
+    return [pair if len(pair) == 2 else (pair[0], pair[0])] * rank  # type: ignore[list-item]
+
+
+def _pad(x: Any, pad_width: Any, mode: str = "constant", constant_values: Any = None) -> Any:
+    if not _dims(pad_width):
+        return _ORIGINAL["pad"](x, pad_width, mode=mode, constant_values=constant_values)
+    pairs = _pad_pairs(pad_width, len(x.shape))
+    shape = [
+        None if d is None or _static(lo) is None or _static(hi) is None else d + int(lo) + int(hi)
+        for d, (lo, hi) in zip(x.shape, pairs, strict=True)
+    ]
+    spec = KerasTensor(tuple(shape), dtype=x.dtype)
+    return _record("pad", (x, pairs, mode, constant_values), {}, spec)
+
+
 def _getitem(self: Any, key: Any) -> Any:
     if not _dims(key):
         return _ORIGINAL["getitem"](self, key)
@@ -234,7 +253,7 @@ def _expand_ellipsis(key: tuple, rank: int) -> tuple:
 _PATCHES: dict[str, Any] = {
     "shape": _shape, "reshape": _reshape, "broadcast_to": _broadcast_to, "zeros": _filler("zeros"),
     "ones": _filler("ones"), "empty": _filler("empty"), "full": _filler("full"), "arange": _arange,
-    "tile": _tile, "split": _split, "slice": _slice,
+    "tile": _tile, "split": _split, "slice": _slice, "pad": _pad,
 }  # fmt: skip
 _ORIGINAL: dict[str, Any] = {name: getattr(keras.ops, name) for name in _PATCHES}
 _ORIGINAL["getitem"] = KerasTensor.__getitem__
@@ -319,7 +338,21 @@ def import_shaped(b: Builder, op: Any, *tensors: Any) -> Any:
         return b.op("Slice", [value(b, x), starts_v, ends, b.ints(range(len(starts)))])
     if kind == "get_item":
         return _get_item(b, *args)
+    if kind == "pad":
+        return _pad_op(b, *args)
     raise ValueError(f"unknown run-time shape operation {kind}")
+
+
+def _pad_op(b: Builder, x: Tensor, pairs: list, mode: str, constant_values: Any) -> ir.Value:
+    """ops.pad with run-time widths (keras_hub's PaliGemma pads to a computed length)."""
+    onnx_mode = {"constant": "constant", "reflect": "reflect", "edge": "edge"}.get(mode)
+    if onnx_mode is None:
+        raise ValueError(f"ops.pad mode '{mode}' is not supported")
+    pads = vector(b, [lo for lo, _ in pairs] + [hi for _, hi in pairs])
+    inputs = [value(b, x), pads]
+    if constant_values is not None and onnx_mode == "constant":
+        inputs.append(b.op("CastLike", [value(b, constant_values), inputs[0]]))
+    return b.op("Pad", inputs, {"mode": onnx_mode})
 
 
 def _onnx(dtype: str) -> ir.DataType:
