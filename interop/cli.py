@@ -3,7 +3,7 @@
 interop inspect model.onnx [--depth N]
 interop plot model.onnx -o model.svg [--depth N]
 interop run model.onnx --random [--dim batch=4] [--repeat 10] [--device cpu]
-interop convert SRC --to onnx|torch|keras|flax|<installed host> -o OUT
+interop convert SRC --to onnx|torch|keras|flax|<installed host> -o OUT [--optimize]
 
 SRC is an .onnx file or a factory ``module:function`` (``path/to/file.py:function``
 works too) whose function takes no arguments and returns ``(model, example_inputs)``,
@@ -74,7 +74,9 @@ so only name code you trust; .onnx files are parsed and checked, never executed.
 
 Output formats (weights are always saved next to the graph they belong to, in files
 that load without executing code):
-  --to onnx   OUT.onnx: the traced graph with interop's layer metadata.
+  --to onnx   OUT.onnx: the traced graph with interop's layer metadata; with --optimize,
+              the inference-optimized graph interop runs on ONNX Runtime (may use
+              ONNX Runtime's com.microsoft ops: for deployment, not for emission).
   --to torch  OUT.pt: the emitted module's state_dict (torch.save), and OUT.onnx beside it.
               Load: m = interop.to_torch(interop.load("OUT.onnx"))
                     m.load_state_dict(torch.load("OUT.pt", weights_only=True))
@@ -120,6 +122,13 @@ def _add_convert_parser(commands: Any) -> None:
     )
     convert.add_argument("-o", "--output", required=True, metavar="OUT",
                          help="output file; its suffix must match --to (see above)")  # fmt: skip
+    convert.add_argument(
+        "--optimize",
+        action="store_true",
+        help="--to onnx: write the inference-optimized graph ONNX Runtime runs (folded "
+        "constants and BatchNorms, fused attention / LayerNorm / GELU) for deployment, "
+        "instead of the graph as captured",
+    )
     convert.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
 
 
@@ -197,6 +206,11 @@ def convert_command(args: argparse.Namespace) -> int:
                 f"a file name ending in {' or '.join(suffixes)}",
             )
         native_target = args.to != "onnx"
+        if args.optimize and native_target:
+            raise InteropError(
+                f"--optimize writes an ONNX file for ONNX Runtime; --to {args.to} emits a model",
+                "--optimize only with --to onnx",
+            )
         out.parent.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
         steps = ["read", "emit", "save"] if native_target else ["read", "save"]
@@ -215,7 +229,7 @@ def convert_command(args: argparse.Namespace) -> int:
             else:
                 assert graph is not None
                 onnx_path = out if args.to == "onnx" else _graph_path(out, suffixes)
-                written.append(graph.save(onnx_path))
+                written.append(graph.save(onnx_path, optimize=args.optimize))
                 if native is not None:
                     written[:0] = _save_native(args.to, native, out)
     except InteropError as err:

@@ -70,6 +70,10 @@ class Graph:
         self._base_dir = str(base_dir) if base_dir else None
         self._tree: LayerTree | None = None
         self._sessions: dict[str, Any] = {}
+        # the runtime's optimized copy, what it did, and the structure both were built for
+        self._optimized: Any = None
+        self._optimize_report: dict[str, Any] = {}
+        self._runtime_key: tuple[int, ...] | None = None
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- signature
@@ -230,11 +234,18 @@ class Graph:
     def to_bytes(self) -> bytes:
         return self.to_proto().SerializeToString()
 
-    def save(self, path: str | Path, *, external_data: bool | None = None) -> Path:
-        """Write an .onnx file atomically; weights go to ``<name>.data`` when large."""
+    def save(
+        self, path: str | Path, *, external_data: bool | None = None, optimize: bool = False
+    ) -> Path:
+        """Write an .onnx file atomically; weights go to ``<name>.data`` when large.
+
+        ``optimize=True`` writes the inference-optimized copy that `run` uses (folded
+        constants and BatchNorms, ONNX Runtime's fused transformer ops) for deployment
+        on ONNX Runtime, instead of the graph as captured.
+        """
         from .serialization import save
 
-        return save(self, path, external_data=external_data)
+        return save(self, path, external_data=external_data, optimize=optimize)
 
     def clone(self) -> Graph:
         """A deep copy: same structure, metadata and weights, sharing nothing."""

@@ -1,14 +1,27 @@
 """Running graphs on ONNX Runtime: one cached session per (graph, device).
 
+The session runs an inference-optimized copy of the graph (`interop.optimize`: constant
+folding, BatchNormalization into Conv, transformer fusions), built once per graph and
+cached with the sessions; the graph itself stays as captured. The copy is rebuilt when
+the graph's structure changes (nodes, initializers, inputs or outputs added, removed or
+replaced). Weights given by name at run time (`weight_inputs`) run on the graph as
+captured, whose weights are still inputs. ``INTEROP_OPTIMIZE=0`` in the environment
+runs every graph as captured.
+
 Inputs are checked against the signature first (rank, static dims, dtype family), so a
 mistake reads as a `ShapeError` naming the input instead of an ONNX Runtime trace.
 ONNX Runtime's `InferenceSession.run` is thread-safe, so one session serves every thread.
+On CUDA, runs go through IO binding: weights stay on the GPU, inputs that already live
+there (torch CUDA tensors, ``OrtValue``s) are bound in place and outputs are written to
+GPU memory, then copied to the host once.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -54,12 +67,48 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def optimizing() -> bool:
+    """Whether sessions run the optimized copy (``INTEROP_OPTIMIZE=0`` turns it off)."""
+    return os.environ.get("INTEROP_OPTIMIZE", "1").strip().lower() not in ("0", "false", "no")
+
+
+def _fingerprint(graph: Graph) -> tuple[int, ...]:
+    """What changes when the graph's structure does; O(1), checked on every run."""
+    model = graph.model
+    body = model.graph
+    nodes = len(body)
+    ends = (id(next(iter(body))), id(next(reversed(body)))) if nodes else (0, 0)
+    return (
+        id(model),
+        id(body),
+        nodes,
+        *ends,
+        len(body.initializers),
+        *map(id, body.inputs),
+        *map(id, body.outputs),
+    )
+
+
+def _current(graph: Graph) -> None:
+    """Drop the cached sessions and optimized copy if the graph changed since they were built."""
+    key = _fingerprint(graph)
+    if graph._runtime_key == key:
+        return
+    with graph._lock:
+        if graph._runtime_key != key:
+            graph._sessions.clear()
+            graph._optimized = None
+            graph._runtime_key = key
+
+
 def session_for(graph: Graph, device: str, *, overrides: bool = False) -> Any:
     """The graph's ONNX Runtime session for `device`, created once.
 
-    With `overrides`, a session whose initializer-backed inputs can be fed (ONNX Runtime
-    treats them as constants in an IR-version-3 file: that session reads the model as IR 4).
+    It runs the optimized copy (`optimized_model`). With `overrides`, a session of the
+    graph as captured whose initializer-backed inputs can be fed (ONNX Runtime treats them
+    as constants in an IR-version-3 file: that session reads the model as IR 4).
     """
+    _current(graph)
     key = device + ("+weights" if overrides else "")
     session = graph._sessions.get(key)
     if session is not None:
@@ -72,25 +121,104 @@ def session_for(graph: Graph, device: str, *, overrides: bool = False) -> Any:
     return session
 
 
+def optimized_model(graph: Graph) -> Any:
+    """The `onnx_ir.Model` ONNX Runtime runs for `graph`: its optimized copy, built once.
+
+    Of the optimization stages (`interop.optimize`), the most optimized one whose session
+    ONNX Runtime creates on the CPU; the graph as captured if none does.
+    """
+    _current(graph)
+    session_for(graph, "cpu")
+    return graph._optimized.model if graph._optimized is not None else graph.model
+
+
+def optimization(graph: Graph) -> dict[str, Any]:
+    """What the runtime did to `graph`: the stage it runs, each stage tried, and timings.
+
+    >>> interop.runtime.optimization(g)["stage"]     # doctest: +SKIP
+    'attention'
+    """
+    optimized_model(graph)
+    return dict(graph._optimize_report)
+
+
 def _create_session(graph: Graph, device: str, *, overrides: bool = False) -> Any:
+    if overrides or not optimizing():
+        return _session(graph, graph.model, device, overrides=overrides)
+    report: dict[str, Any] = {"stage": "as captured", "tried": [], "optimize_s": 0.0}
+    if graph._optimized is not None:  # another device's session chose the stage already
+        try:
+            return _session(graph, graph._optimized.model, device)
+        except ModelLoadError:
+            graph._optimized = None  # this device refuses it: choose again
+    from .optimize import optimized_copy
+
+    _inline_external(graph)
+    start = time.perf_counter()
+    try:
+        stages = optimized_copy(graph.model)
+    except Exception as err:  # an optimizer bug must not stop the graph from running
+        stages = []
+        report["tried"].append(f"optimizer failed: {type(err).__name__}: {_first_lines(err)}")
+    report["optimize_s"] = time.perf_counter() - start
+    session = None
+    for stage in stages:
+        try:
+            session = _session(graph, stage.model, device)
+        except ModelLoadError as err:
+            report["tried"].append(f"{stage.summary}: refused ({_first_lines(err, 200)})")
+            continue
+        report["tried"].append(stage.summary)
+        report["stage"] = stage.name
+        graph._optimized = stage
+        break
+    if session is None:
+        session = _session(graph, graph.model, device)
+    report["session_s"] = time.perf_counter() - start - report["optimize_s"]
+    graph._optimize_report = report
+    return session
+
+
+def _inline_external(graph: Graph) -> None:
+    """Read external weights into memory (as `to_proto` does) when they fit one protobuf.
+
+    The optimized copy shares the graph's tensors; locations relative to the model's
+    folder would dangle in the copy's serialized bytes.
+    """
+    import onnx_ir as ir
+
+    from .serialization import PROTO_LIMIT, weight_bytes
+
+    inits = graph.model.graph.initializers.values()
+    if any(isinstance(v.const_value, ir.ExternalTensor) for v in inits):
+        if weight_bytes(graph.model) < PROTO_LIMIT:
+            ir.external_data.load_to_model(graph.model)
+
+
+def _session(graph: Graph, model: Any, device: str, *, overrides: bool = False) -> Any:
+    import onnx_ir as ir
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    from .serialization import PROTO_LIMIT, weight_bytes
+    from .serialization import PROTO_LIMIT, save_model, weight_bytes
 
     providers = _PROVIDERS[device]
     try:
-        if overrides and graph.model.ir_version < OVERRIDABLE_IR_VERSION:
+        if overrides and model.ir_version < OVERRIDABLE_IR_VERSION:
             proto = graph.to_proto()
             proto.ir_version = OVERRIDABLE_IR_VERSION
             session = ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
-        elif weight_bytes(graph.model) < PROTO_LIMIT:
-            session = ort.InferenceSession(graph.to_bytes(), options, providers=providers)
+        elif weight_bytes(model) < PROTO_LIMIT:
+            if model is graph.model:
+                data = graph.to_bytes()  # reads external weights in, as to_proto does
+            else:
+                data = ir.serde.serialize_model(model).SerializeToString()
+            session = ort.InferenceSession(data, options, providers=providers)
         else:  # too large for one protobuf: hand ONNX Runtime a file with external data
             with tempfile.TemporaryDirectory(prefix="interop-run-") as tmp:
                 path = os.path.join(tmp, "model.onnx")
-                graph.save(path, external_data=True)
+                save_model(model, path, external_data=True)
                 session = ort.InferenceSession(path, options, providers=providers)
     except InteropError:
         raise
@@ -115,9 +243,13 @@ def to_numpy(value: Any) -> np.ndarray:
 
 
 def prepare_inputs(
-    graph: Graph, args: Sequence[Any], named: Mapping[str, Any]
-) -> dict[str, np.ndarray]:
-    """Match positional and named inputs to the signature; check and cast them."""
+    graph: Graph, args: Sequence[Any], named: Mapping[str, Any], *, on_device: bool = False
+) -> dict[str, Any]:
+    """Match positional and named inputs to the signature; check and cast them.
+
+    With `on_device`, torch CUDA tensors and ONNX Runtime ``OrtValue``s stay where they
+    are (checked, not copied) for a run through IO binding.
+    """
     specs = graph.inputs
     if len(args) == 1 and isinstance(args[0], Mapping) and not named:
         named, args = args[0], ()
@@ -148,10 +280,46 @@ def prepare_inputs(
     missing = [s.name for s in specs if s.name not in feeds]
     if missing:
         raise ShapeError(f"Missing input(s): {', '.join(missing)}", "one array per graph input")
-    checked = {spec.name: _check(spec, to_numpy(feeds[spec.name])) for spec in specs}
+
+    def check(spec: Any, value: Any) -> Any:
+        if on_device and _on_device(value):
+            return _check_device(spec, value)
+        return _check(spec, to_numpy(value))
+
+    checked = {spec.name: check(spec, feeds[spec.name]) for spec in specs}
     for name in feeds.keys() & weights.keys():
-        checked[name] = _check(weights[name], to_numpy(feeds[name]))
+        checked[name] = check(weights[name], feeds[name])
     return checked
+
+
+def _on_device(value: Any) -> bool:
+    if type(value).__name__ == "OrtValue":
+        return value.device_name().lower() == "cuda"
+    device = getattr(value, "device", None)
+    return getattr(device, "type", None) == "cuda" and hasattr(value, "data_ptr")
+
+
+def _check_device(spec: Any, value: Any) -> Any:
+    """`_check` for a CUDA tensor or OrtValue: rank and static dims; a torch dtype cast."""
+    is_ort = type(value).__name__ == "OrtValue"
+    shape = tuple(value.shape() if is_ort else value.shape)
+    if spec.shape is not None:
+        fits = len(shape) == len(spec.shape) and all(
+            not isinstance(want, int) or want == got for want, got in zip(spec.shape, shape)
+        )
+        if not fits:
+            raise ShapeError(
+                f"Input '{spec.name}' has shape {shape}",
+                f"shape {spec.shape}",
+                "only the symbolic dims of graph.inputs may vary",
+            )
+    if is_ort or spec.dtype is None:
+        return value  # ONNX Runtime checks an OrtValue's element type itself
+    torch = sys.modules["torch"]
+    want = getattr(torch, spec.dtype.name, None)
+    if want is not None and value.dtype != want:
+        value = value.to(want)  # on the GPU, like the host path's same-family casts
+    return value.contiguous()
 
 
 def _check(spec: Any, array: np.ndarray) -> np.ndarray:
@@ -193,12 +361,16 @@ def run(
     output_names: Sequence[str] | None = None,
     as_dict: bool = False,
 ) -> Any:
-    feeds = prepare_inputs(graph, args, named)
+    device = resolve_device(device)
+    feeds = prepare_inputs(graph, args, named, on_device=device == "cuda")
     overrides = len(feeds) > len(graph.inputs)  # weights given by name
-    session = session_for(graph, resolve_device(device), overrides=overrides)
+    session = session_for(graph, device, overrides=overrides)
     names = list(output_names) if output_names else [s.name for s in graph.outputs]
     try:
-        results = session.run(names, feeds)
+        if device == "cuda":
+            results = run_bound(session, names, feeds)
+        else:
+            results = session.run(names, feeds)
     except Exception as err:  # ORT's exception types share no base with ours
         raise InteropError(
             f"ONNX Runtime failed while running graph '{graph.name}': "
@@ -209,6 +381,36 @@ def run(
     if as_dict:
         return dict(zip(names, results))
     return results[0] if len(results) == 1 else tuple(results)
+
+
+def run_bound(session: Any, names: Sequence[str], feeds: Mapping[str, Any]) -> list[np.ndarray]:
+    """One run through IO binding on CUDA: inputs bound where they live, outputs on the GPU.
+
+    Weights live on the GPU from the session's creation on; a numpy input is copied up
+    once, a torch CUDA tensor or a CUDA ``OrtValue`` is bound in place, and the outputs
+    are written to GPU memory and copied to the host once, at the end.
+    """
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    torch_inputs = False
+    for name, value in feeds.items():
+        if isinstance(value, np.ndarray):
+            binding.bind_cpu_input(name, value)
+        elif isinstance(value, ort.OrtValue):
+            binding.bind_ortvalue_input(name, value)
+        else:  # a torch CUDA tensor, contiguous (prepare_inputs)
+            torch_inputs = True
+            dtype = np.dtype(str(value.dtype).removeprefix("torch."))
+            index = value.device.index or 0
+            shape = tuple(value.shape)
+            binding.bind_input(name, "cuda", index, dtype, shape, value.data_ptr())
+    for name in names:
+        binding.bind_output(name, "cuda")
+    if torch_inputs:  # torch's kernels writing the inputs run on torch's own stream
+        sys.modules["torch"].cuda.synchronize()
+    session.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()
 
 
 def _first_lines(err: BaseException, limit: int = 600) -> str:

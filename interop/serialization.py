@@ -97,7 +97,13 @@ def register_domain(
     return CUSTOM_DOMAINS.register(domain, DomainConverter(domain, table), replace=replace)
 
 
-def save(graph: Graph, path: str | Path, *, external_data: bool | None = None) -> Path:
+def save(
+    graph: Graph,
+    path: str | Path,
+    *,
+    external_data: bool | None = None,
+    optimize: bool = False,
+) -> Path:
     """Write `graph` to `path` atomically (temp file in the same folder, then rename).
 
     With external data, the weights go to ``<name>.data``; when the model already at
@@ -105,12 +111,26 @@ def save(graph: Graph, path: str | Path, *, external_data: bool | None = None) -
     save). The model is renamed into place last, so an interrupted save leaves the old
     model with its old data, never the old model reading new weights; the data file
     the new model no longer uses is removed afterwards.
+
+    With `optimize`, the file holds the inference-optimized copy ONNX Runtime runs
+    (`interop.runtime.optimized_model`): for deployment on ONNX Runtime. It may use ONNX
+    Runtime's contrib ops (domain ``com.microsoft``) and folded weights, so it is not
+    the captured graph: inspection and emission want the file saved without it.
     """
+    if optimize:
+        from .runtime import optimized_model
+
+        return save_model(optimized_model(graph), path, external_data=external_data)
+    return save_model(graph.model, path, external_data=external_data)
+
+
+def save_model(model: ir.Model, path: str | Path, *, external_data: bool | None = None) -> Path:
+    """`save` for a bare `onnx_ir.Model`."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
     if external_data is None:
-        external_data = weight_bytes(graph.model) > EXTERNAL_DATA_THRESHOLD
+        external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
     in_use = _data_files_of(path)
     with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.") as tmp:
         staged = Path(tmp) / path.name
@@ -118,11 +138,11 @@ def save(graph: Graph, path: str | Path, *, external_data: bool | None = None) -
             data_name = path.name + ".data"
             if data_name in in_use:
                 data_name += ".1"
-            ir.save(graph.model, staged, external_data=data_name)
+            ir.save(model, staged, external_data=data_name)
             os.replace(Path(tmp) / data_name, folder / data_name)
         else:
             data_name = None
-            proto = ir.serde.serialize_model(graph.model)
+            proto = ir.serde.serialize_model(model)
             staged.write_bytes(proto.SerializeToString())
         os.replace(staged, path)
     for old in in_use - {data_name}:

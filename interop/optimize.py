@@ -1,0 +1,235 @@
+"""The inference-optimized copy of a graph that ONNX Runtime runs.
+
+The captured graph stays as captured (inspection, emission and `save` show it); what
+ONNX Runtime runs is a copy built once per graph by `optimized_copy`, in stages:
+
+1. ``fold``: onnxscript's optimizer, the pass torch.onnx applies with ``optimize=True``:
+   constant folding that knows shapes (Shape / Expand / CastLike of known shapes fold
+   away, which ONNX Runtime cannot do: it has no CPU kernel to fold CastLike, and a
+   BatchNormalization behind such a chain is never fused into its Conv), the default
+   rewrite rules (BatchNormalization folded into Conv / ConvTranspose / Gemm, no-op
+   removal, slice and reshape clean-up, Pad into Conv), function inlining, common
+   subexpression elimination; then ONNX's own fusions for opset 23 (RMSNormalization,
+   RotaryEmbedding).
+2. ``fuse``: ONNX Runtime's contrib fusions from onnxscript's ``ort_fusions`` that are
+   local to a few nodes: Gelu / FastGelu / BiasGelu, SkipLayerNormalization,
+   SkipSimplifiedLayerNormalization, SimplifiedLayerNormalization (RMSNorm), rotary
+   embeddings.
+3. ``attention``: the attention fusions (SDPA, MultiHeadAttention, Attention, GQA).
+
+Each stage's model is kept (they share weight tensors, so a copy costs little) and the
+runtime takes the most optimized one ONNX Runtime accepts: a fusion whose pattern
+matched a graph it does not fit (GPT-2's ``Gemm`` on flattened rows under the MHA
+fusion) falls back to the stage before, never to an error. docs/design.md ("Running
+on ONNX Runtime") gives the measurements behind these choices.
+
+>>> import interop, torch                                   # doctest: +SKIP
+>>> g = interop.trace(torch.nn.Linear(4, 2), (torch.randn(3, 4),))
+>>> [stage.name for stage in optimized_copy(g.model)]
+['attention', 'fuse', 'fold']
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx_ir as ir
+
+# onnxscript logs every pattern it tries to fold and cannot (e.g. a Reshape of a symbolic
+# dim) at WARNING/ERROR; those are expected misses, not problems of the user's graph.
+_QUIET_LOGGERS = ("onnxscript", "onnxscript.optimizer", "onnxscript.rewriter")
+
+STAGES = ("fold", "fuse", "attention")
+
+
+@dataclass
+class Stage:
+    """One optimization stage's result: its model, what fused, and how long it took."""
+
+    name: str
+    model: ir.Model
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def summary(self) -> str:
+        fused = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()) if v)
+        return f"{self.name} ({fused or 'nothing fused'}; {self.seconds:.2f} s)"
+
+
+def optimized_copy(model: ir.Model, *, last: str = "attention") -> list[Stage]:
+    """Optimize a copy of `model` up to stage `last`; the stages, most optimized first.
+
+    `model` itself is never changed: the copy shares its weight tensors (no data is
+    copied) and every pass replaces tensors instead of writing into them.
+    """
+    if last not in STAGES:
+        raise ValueError(f"Unknown stage '{last}', expected one of {STAGES}")
+    with _quiet():
+        work = model.clone()
+        stages = [_timed("fold", work, _fold)]
+        for name, step in (("fuse", _fuse_local), ("attention", _fuse_attention)):
+            if STAGES.index(name) > STAGES.index(last):
+                break
+            work = work.clone()  # the stage before stays intact for the fallback
+            stage = _timed(name, work, step)
+            if any(stage.counts.values()):
+                stages.append(stage)
+            else:
+                work = stages[-1].model  # nothing fused: the extra passes are not kept
+    return stages[::-1]
+
+
+def _timed(name: str, model: ir.Model, step: Callable[[ir.Model], dict[str, int]]) -> Stage:
+    start = time.perf_counter()
+    counts = step(model)
+    return Stage(name, model, counts, time.perf_counter() - start)
+
+
+def _fold(model: ir.Model) -> dict[str, int]:
+    from onnxscript import optimizer
+    from onnxscript.rewriter import onnx_fusions
+
+    before = len(model.graph)
+    optimizer.optimize_ir(model)
+    if any(node.op_type == "BatchNormalization" for node in model.graph):
+        # a Conv kernel the optimizer computed (Flax's HWIO kernel transposed to OIHW) is an
+        # initializer only once the optimizer lifts constants at its end: fold again now
+        from onnxscript.rewriter import rewrite
+        from onnxscript.rewriter.rules.common import _fuse_batchnorm
+
+        rewrite(model, _fuse_batchnorm.rules)
+    counts = {"removed nodes": before - len(model.graph)}
+    counts.update(onnx_fusions.fuse(model))
+    return counts
+
+
+def _fuse_local(model: ir.Model) -> dict[str, int]:
+    """The fusions of `fuse_xformers` that do not touch attention, in its order."""
+    import onnx_ir.passes.common as common_passes
+    from onnxscript.rewriter.ort_fusions import _core as ort
+
+    ort._pre_optimize(model)
+    counts = {"gemm_on_rows": _gemm_on_rows().apply_to_model(model)}
+    counts.update(
+        {
+            "erf_gelu": ort.fuse_erfgelu(model),
+            "rms_normalization": ort.fuse_rms_normalization(model),
+            "skip_layer_normalization": ort.fuse_skip_layer_normalization(model),
+            "skip_rms_normalization": ort.fuse_skip_rms_normalization(model),
+            "rotary_embedding": ort.fuse_rotary_embedding(model),
+            "cos_sin_cache": ort.fuse_cos_sin_cache(model),
+        }
+    )
+    common_passes.CommonSubexpressionEliminationPass()(model)
+    counts["partial_rotary_embedding"] = ort.fuse_partial_rotary_embedding(model)
+    counts["gelu"] = ort.fuse_gelu(model)
+    counts["bias_gelu"] = ort.fuse_bias_gelu(model)
+    _finish(model)
+    return counts
+
+
+def _gemm_on_rows() -> Any:
+    """Reshape(x, [-1, K]) -> Gemm -> Reshape(back) becomes MatMul + Add on `x` itself.
+
+    torch's ``addmm`` on flattened rows (GPT-2's Conv1D, every Linear torch.onnx lowers
+    to Gemm) hides the 3-D MatMul the attention and skip-normalization fusions look for;
+    onnxscript's own rule for it gives up on symbolic dims, this one compares them.
+    """
+    from onnxscript.rewriter import pattern
+
+    def target(op, x, w, rows, shape):
+        flat = op.Reshape(x, rows)
+        return op.Reshape(op.Gemm(flat, w, _outputs=["gemm"]), shape, _outputs=["out"])
+
+    def target_bias(op, x, w, b, rows, shape):
+        flat = op.Reshape(x, rows)
+        return op.Reshape(op.Gemm(flat, w, b, _outputs=["gemm"]), shape, _outputs=["out"])
+
+    def check(context, x, w, gemm, out, b=None, **_):
+        attrs = {k: v.value for k, v in gemm.producer().attributes.items()}
+        if (
+            attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+        ):
+            return False
+        if x.shape is None or out.shape is None or w.shape is None or len(x.shape) < 3:
+            return False
+        if len(w.shape) != 2 or (b is not None and (b.shape is None or len(b.shape) > 1)):
+            return False
+        k_dim = w.shape[1] if attrs.get("transB", 0) else w.shape[0]
+        if len(out.shape) == len(x.shape):  # rows of x itself
+            return list(out.shape)[:-1] == list(x.shape)[:-1] and x.shape[-1] == k_dim
+        # heads merged on the way ([b, s, h, d] -> [b * s, h * d], GPT-2's c_proj)
+        h, d = x.shape[-2], x.shape[-1]
+        return (
+            len(out.shape) == len(x.shape) - 1
+            and list(out.shape)[:-1] == list(x.shape)[:-2]
+            and isinstance(h, int)
+            and isinstance(d, int)
+            and h * d == k_dim
+        )
+
+    def replacement(op, x, w, gemm, out, b=None, **_):
+        if len(out.shape) < len(x.shape):  # merge the heads, keep the leading dims (0s)
+            k_dim = x.shape[-2] * x.shape[-1]
+            keep = op.Constant(value_ints=[0] * (len(out.shape) - 1) + [k_dim])
+            x = op.Reshape(x, keep)
+        if gemm.producer().attributes.get_int("transB", 0):
+            w = op.Transpose(w, perm=[1, 0])  # ONNX Runtime folds it at session creation
+        product = op.MatMul(x, w)
+        return product if b is None else op.Add(product, b)
+
+    return pattern.RewriteRuleSet(
+        [
+            pattern.RewriteRule(target_bias, replacement, check),
+            pattern.RewriteRule(target, replacement, check),
+        ]
+    )
+
+
+def _fuse_attention(model: ir.Model) -> dict[str, int]:
+    from onnxscript.rewriter.ort_fusions import _core as ort
+
+    counts = {"sdpa": ort.fuse_sdpa(model, apply_shape_inference=True)}
+    counts["gqa"] = ort.fuse_gqa(model)
+    counts["packed_qkv_for_gqa"] = ort.fuse_qkv_gqa(model)
+    counts["mha1"] = ort.fuse_mha1(model)
+    counts["mha2"] = ort.fuse_mha2(model)
+    counts["mha_scale"] = ort.fuse_mha_scale(model)
+    if counts["mha1"] or counts["mha2"]:
+        counts["mha_bias"] = ort.fuse_mha_bias(model)
+        counts["attention"] = ort.fuse_attention(model)
+    counts["sdpa_via_mha"] = ort.replace_sdpa_by_mha(model)
+    _finish(model)
+    return counts
+
+
+def _finish(model: ir.Model) -> None:
+    """Inline what a fusion left as a function, drop dead nodes, apply ORT's own rules."""
+    from onnxscript import optimizer
+    from onnxscript.rewriter import rewrite
+    from onnxscript.rewriter.ort_fusions._core import ORT_PATTERN_REWRITE_RULES
+
+    optimizer.optimize_ir(model)
+    rewrite(model, ORT_PATTERN_REWRITE_RULES)
+
+
+class _quiet:
+    """Silence onnxscript's expected folding misses for the duration of the block."""
+
+    def __enter__(self) -> None:
+        self._levels: list[tuple[logging.Logger, int]] = []
+        for name in _QUIET_LOGGERS:
+            logger = logging.getLogger(name)
+            self._levels.append((logger, logger.level))
+            logger.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc: Any) -> None:
+        for logger, level in self._levels:
+            logger.setLevel(level)

@@ -1,0 +1,264 @@
+"""The optimized copy ONNX Runtime runs: faithful graph untouched, numerics within 1e-5.
+
+Every model family of the three adapters (torch CNN with BatchNorm, tiny GPT-2 / BERT
+from configs, a Keras CNN, a keras_hub tiny BERT, nnx CNN and transformer) runs through
+`Graph.run` (the optimized copy) and through a plain ONNX Runtime session of the graph
+as captured; the two agree within rtol = atol = 1e-5 and the copy really is optimized
+(what it folded and fused is asserted by op type).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import interop
+from interop.runtime import optimization, optimized_model
+from tests.models import ResNetish, randomize_batchnorm
+
+warnings.filterwarnings("ignore")
+ROOT = Path(__file__).resolve().parents[1]
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def faithful(graph, feeds: dict) -> list[np.ndarray]:
+    """The graph as captured on a plain ONNX Runtime session (no interop optimization)."""
+    session = ort.InferenceSession(graph.to_bytes(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def ops(model) -> Counter:
+    return Counter(node.op_type for node in model.graph)
+
+
+def check(graph, *arrays) -> Counter:
+    """Optimized run == faithful run within 1e-5; returns the optimized copy's op counts."""
+    feeds = {spec.name: a for spec, a in zip(graph.inputs, arrays)}
+    feeds = {k: np.asarray(v).astype(s.dtype) for (k, v), s in zip(feeds.items(), graph.inputs)}
+    before = ops(graph.model)
+    got = graph.run(feeds, as_dict=True)
+    for (name, value), want in zip(got.items(), faithful(graph, feeds)):
+        np.testing.assert_allclose(value, want, **TOL, err_msg=name)
+    assert ops(graph.model) == before  # the captured graph is unchanged
+    return ops(optimized_model(graph))
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    module = randomize_batchnorm(ResNetish()).eval()
+    return module, interop.trace(module, (torch.randn(2, 3, 16, 16),))
+
+
+def test_torch_cnn_batchnorm_folds_into_conv(resnet):
+    module, graph = resnet
+    captured = ops(graph.model)
+    assert captured["BatchNormalization"] > 0 and captured["CastLike"] > 0
+    x = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    optimized = check(graph, x)
+    for gone in ("BatchNormalization", "CastLike", "Expand", "Shape"):
+        assert optimized[gone] == 0, optimized
+    assert optimized["Conv"] == captured["Conv"]
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            graph.run(x), module(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5
+        )
+    report = optimization(graph)
+    assert report["stage"] == "fold" and report["optimize_s"] > 0
+    assert "BatchNorm2d" in graph.summary(print_fn=None)  # inspection shows the capture
+
+
+def test_optimized_copy_is_built_once_and_rebuilt_after_a_change(resnet):
+    _, graph = resnet
+    graph = graph.clone()
+    x = np.ones((1, 3, 16, 16), np.float32)
+    first = graph.run(x)
+    copy, session = graph._optimized, graph._sessions["cpu"]
+    graph.run(x)
+    assert graph._optimized is copy and graph._sessions["cpu"] is session
+    # mutate the captured graph in place: negate the output
+    import onnx_ir as ir
+
+    body = graph.model.graph
+    out = body.outputs[0]
+    neg = ir.node("Neg", [out], name="negate")
+    body.append(neg)
+    neg.outputs[0].name, neg.outputs[0].shape, neg.outputs[0].dtype = (
+        "negated",
+        out.shape,
+        out.dtype,
+    )
+    body.outputs[0] = neg.outputs[0]
+    np.testing.assert_allclose(graph.run(x), -first, **TOL)
+    assert graph._optimized is not copy
+
+
+def test_save_optimize_writes_the_optimized_copy(resnet, tmp_path):
+    _, graph = resnet
+    x = np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    plain = interop.load(graph.save(tmp_path / "plain.onnx"))
+    deployed = interop.load(graph.save(tmp_path / "fast.onnx", optimize=True))
+    assert ops(plain.model) == ops(graph.model)  # save keeps the graph as captured
+    assert ops(deployed.model)["BatchNormalization"] == 0
+    session = ort.InferenceSession(str(tmp_path / "fast.onnx"))
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], faithful(graph, {"x": x})[0], **TOL)
+
+
+def test_disabled_by_environment(resnet):
+    _, graph = resnet
+    graph = graph.clone()
+    os.environ["INTEROP_OPTIMIZE"] = "0"
+    try:
+        graph.run(np.ones((1, 3, 16, 16), np.float32))
+    finally:
+        del os.environ["INTEROP_OPTIMIZE"]
+    assert graph._optimized is None
+
+
+def _ids(batch, seq, vocab=100, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, (batch, seq)).astype(np.int64)
+
+
+def test_gpt2_gets_skip_layernorm_and_attention_fusions():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, use_cache=False
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(config).eval()
+    for block in model.h:  # random init has zero biases, which hides the bias patterns
+        for linear in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+            torch.nn.init.normal_(linear.bias, std=0.02)
+    graph = interop.trace(model, (torch.from_numpy(_ids(2, 16)),))
+    optimized = check(graph, _ids(3, 16, seed=1))
+    assert optimized["SkipLayerNormalization"] == 4, optimized
+    assert optimized["MultiHeadAttention"] == 2, optimized
+    assert optimized["Gemm"] == 0  # flattened-row Gemms became MatMul on the 3-D input
+    assert optimization(graph)["stage"] == "attention"
+    with torch.no_grad():
+        expected = model(torch.from_numpy(_ids(3, 16, seed=1))).last_hidden_state.numpy()
+    np.testing.assert_allclose(graph.run(_ids(3, 16, seed=1)), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bert_gets_attention_fusion():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    graph = interop.trace(model, (torch.from_numpy(_ids(2, 16)),))
+    optimized = check(graph, _ids(2, 16, seed=2))
+    assert optimized["Attention"] == 2 and optimized["SkipLayerNormalization"] == 4, optimized
+    assert optimized["BiasGelu"] == 2, optimized
+
+
+def test_keras_cnn_batchnorm_folds():
+    keras = pytest.importorskip("keras")
+    from keras import layers
+
+    inp = keras.Input((16, 16, 3))
+    x = layers.BatchNormalization()(layers.Conv2D(8, 3, padding="same")(inp))
+    x = layers.BatchNormalization()(layers.Conv2D(8, 3, strides=2)(layers.ReLU()(x)))
+    model = keras.Model(inp, layers.Dense(4)(layers.GlobalAveragePooling2D()(x)))
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.moving_mean.assign(rng.standard_normal(8).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.5, 2, 8).astype("float32"))
+    x = rng.standard_normal((2, 16, 16, 3)).astype("float32")
+    graph = interop.trace(model, x)
+    optimized = check(graph, rng.standard_normal((3, 16, 16, 3)).astype("float32"))
+    assert optimized["BatchNormalization"] == 0 and optimized["Conv"] == 2, optimized
+    np.testing.assert_allclose(graph.run(x), model(x, training=False), rtol=1e-4, atol=1e-5)
+
+
+def test_keras_hub_bert():
+    pytest.importorskip("keras")
+    keras_hub = pytest.importorskip("keras_hub")
+    model = keras_hub.models.BertBackbone(
+        vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=16,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    mask = np.ones((2, 8), "int32")
+    mask[0, 6:] = 0
+    feeds = {
+        "token_ids": rng.integers(1, 50, (2, 8)).astype("int32"),
+        "padding_mask": mask,
+        "segment_ids": np.zeros((2, 8), "int32"),
+    }
+    graph = interop.trace(model, feeds)
+    optimized = check(graph, *(feeds[s.name] for s in graph.inputs))
+    assert sum(optimized.values()) < sum(ops(graph.model).values())
+
+
+def test_nnx_cnn_and_transformer():
+    pytest.importorskip("flax")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_flax import CNN, Transformer
+    from flax import nnx
+
+    rngs = nnx.Rngs(0)
+    cnn = CNN(rngs)
+    cnn.eval()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 16, 16, 3)).astype("float32")
+    graph = interop.trace(cnn, x)
+    optimized = check(graph, x)
+    assert ops(graph.model)["BatchNormalization"] == 2 and optimized["BatchNormalization"] == 0
+    np.testing.assert_allclose(graph.run(x), np.asarray(cnn(x)), rtol=1e-4, atol=1e-5)
+
+    x = rng.standard_normal((2, 16, 64)).astype("float32")
+    graph = interop.trace(Transformer(rngs), x)
+    optimized = check(graph, x)
+    assert optimized["SkipLayerNormalization"] > 0, optimized
+
+
+def test_cli_convert_optimize(tmp_path):
+    (tmp_path / "factory.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))\n"
+        "    return net.eval(), (torch.randn(1, 3, 8, 8),)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-m", "interop.cli", "convert", "factory:build", "--to", "onnx",
+         "-o", "fast.onnx", "--quiet", "--optimize"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    deployed = interop.load(tmp_path / "fast.onnx")
+    assert ops(deployed.model)["BatchNormalization"] == 0 and ops(deployed.model)["Conv"] == 1
+    from interop.cli import main
+
+    assert main(["convert", "fast.onnx", "--to", "torch", "-o", "net.pt", "--optimize"]) == 2
+
+
+CUDA = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs onnxruntime-gpu and a CUDA device")
+def test_cuda_io_binding(resnet):
+    _, graph = resnet
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    expected = graph.run(x)
+    np.testing.assert_allclose(graph.run(x, device="cuda"), expected, rtol=1e-4, atol=1e-4)
+    on_gpu = torch.from_numpy(x).cuda()  # bound in place: no copy to the host
+    np.testing.assert_allclose(graph.run(on_gpu, device="cuda"), expected, rtol=1e-4, atol=1e-4)
+    value = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
+    np.testing.assert_allclose(graph.run(value, device="cuda"), expected, rtol=1e-4, atol=1e-4)
+    assert "cuda" in graph._sessions
