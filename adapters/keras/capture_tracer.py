@@ -48,8 +48,9 @@ Tracer = Callable[[Callable[..., list[Any]], list[np.ndarray], list[tuple], Any]
 
 def lower_by_backend_tracer(
     b: Builder, layer: Any, path: str, args: list, kwargs: dict, tensors: list[Tensor]
-) -> Any:
-    """The layer's outputs (in its call's structure), traced by the running backend."""
+) -> tuple[Any, bool]:
+    """The layer's outputs (in its call's structure), traced by the running backend, and
+    whether that took the example's concrete shapes (the call computes with sizes)."""
     tracer = TRACERS.get(keras.backend.backend())
     if tracer is None:
         raise NotImplementedError(f"no tracer for the {keras.backend.backend()} backend")
@@ -74,12 +75,13 @@ def lower_by_backend_tracer(
     run_time = [(t.shape, t.dtype) for t in tensors]
     shapes = example_shapes(b, tensors) or {}
     example = [(shapes.get(id(t), t.shape), t.dtype) for t in tensors]
+    at_example = False
     try:
         model = tracer(function, weights, run_time, layer)
     except Exception:
         if example == run_time or any(_unknown(s) for s, _ in example):
             raise
-        model = tracer(function, weights, example, layer)
+        model, at_example = tracer(function, weights, example, layer), True
     feeds = [
         b.variable(v) if id(v) in counted else b.const(w)
         for v, w in zip(variables, weights, strict=True)
@@ -90,7 +92,7 @@ def lower_by_backend_tracer(
         None if x is None else Tensor(next(found), _dims(x.shape), _dtype(x))
         for x in tree.flatten(structure[0])
     ]
-    return tree.pack_sequence_as(structure[0], flat)
+    return tree.pack_sequence_as(structure[0], flat), at_example
 
 
 def _unknown(shape: tuple) -> bool:

@@ -317,29 +317,25 @@ class _NotSymbolic(Exception):
 def _with_concrete_variables(
     b: Builder, layer: Any, path: str, args: list, kwargs: dict, tensors: list[Tensor]
 ) -> tuple[Any, bool]:
-    """The symbolic call with concrete variables (True: variable-only ops fold), else at
-    traced specs / the example's shapes (False); `_NotSymbolic` when nothing runs."""
+    """The symbolic call with concrete variables (True: variable-only ops fold), else with
+    sub-layer specs traced from their calls (False); `_NotSymbolic` when neither runs."""
     try:
         traced = _symbolic_call(layer, args, kwargs, tensors, [])
     except InteropError:
         raise
     except Exception as err:
-        concrete = _with_example_shapes(b, layer, path, args, kwargs, tensors)
-        if concrete is None:
+        result = _traced_call(b, layer, path, args, kwargs, tensors, None)
+        if result is None:
             raise _NotSymbolic(err) from None
-        return concrete, False
+        return result, False
     return _walk_traced(b, path, traced), True
 
 
 def _with_example_shapes(
     b: Builder, layer: Any, path: str, args: list, kwargs: dict, tensors: list[Tensor]
 ) -> Any:
-    """The layer called again with its sub-layers' output specs traced from their calls
-    (not declared), first on run-time dims, then on the example's concrete shapes (when
-    the call computes with Python on sizes); None if that fails too."""
-    result = _traced_call(b, layer, path, args, kwargs, tensors, None)
-    if result is not None:
-        return result
+    """The layer called on KerasTensors of the example's concrete shapes (a call that
+    computes with Python on sizes), when its backend's tracer failed; None if that fails."""
     shapes = example_shapes(b, tensors)
     result = None if shapes is None else _traced_call(b, layer, path, args, kwargs, tensors, shapes)
     if result is not None:
@@ -382,15 +378,19 @@ def _by_backend_tracer(
     """The layer traced by the running backend (capture_tracer.py), with a warning saying
     so; the symbolic call's error, with the tracer's, when that fails too."""
     try:
-        result = lower_by_backend_tracer(b, layer, path, args, kwargs, tensors)
-    except InteropError:
-        raise
-    except Exception as tracer_err:
-        raise _call_failed(layer, path, err, tracer_err) from None
+        result, at_example = lower_by_backend_tracer(b, layer, path, args, kwargs, tensors)
+    except Exception as tracer_err:  # the JAX / torch captures' TraceErrors included
+        # measured on keras_hub: the tracer keeps dims dynamic and gave valid graphs where
+        # the example-shape call did not (Qwen3.5, Gemma4), so it comes second
+        concrete = _with_example_shapes(b, layer, path, args, kwargs, tensors)
+        if concrete is None:
+            raise _call_failed(layer, path, err, tracer_err) from None
+        return concrete
     warnings.warn(
         f"interop: Keras layer '{path or layer.name}' ({type(layer).__name__}) cannot run on "
         f"KerasTensors ({_first_line(err)}); it was captured through the "
-        f"{keras.backend.backend()} backend's tracer",
+        f"{keras.backend.backend()} backend's tracer"
+        + (" at the example's shapes (the dims it fixes are checked)" if at_example else ""),
         stacklevel=2,
     )
     return result
