@@ -294,11 +294,25 @@ _SAME_AS_FIRST = {
 _BROADCAST = {"Add", "Sub", "Mul", "Div", "MatMul", "Where"}
 
 
-def _info(value: ir.Value | None, env: Any = None, depth: int = 0) -> tuple[Any, int | None]:
+def _info(
+    value: ir.Value | None, env: Any = None, depth: int = 0, memo: dict | None = None
+) -> tuple[Any, int | None]:
     """(ONNX dtype, rank) of a value, from the file or, where the exporter left them out
     (torch.onnx's attention decomposition), from its producers; None when unknown."""
     if value is None:
         return None, None
+    # each value once per question: without it, chains of broadcasting ops on untyped values
+    # (a TorchScript BERT's attention mask) are walked once per path, exponentially many
+    memo = {} if memo is None else memo
+    if id(value) not in memo:
+        memo[id(value)] = (None, None)  # while it is being worked out
+        memo[id(value)] = _info_from_producers(value, env, depth, memo)
+    return memo[id(value)]
+
+
+def _info_from_producers(
+    value: ir.Value, env: Any, depth: int, memo: dict
+) -> tuple[Any, int | None]:
     dtype, rank = value.dtype, (len(value.shape) if value.shape is not None else None)
     handle = env.get(value) if env is not None else None
     if isinstance(handle, Sym):
@@ -309,11 +323,11 @@ def _info(value: ir.Value | None, env: Any = None, depth: int = 0) -> tuple[Any,
     if (dtype is not None and rank is not None) or producer is None or depth > 24:
         return dtype, rank
     op, inputs = producer.op_type, producer.inputs
-    first = _info(inputs[0], env, depth + 1) if inputs else (None, None)
+    first = _info(inputs[0], env, depth + 1, memo) if inputs else (None, None)
     if op in _SAME_AS_FIRST:
         found = first
     elif op in _BROADCAST:
-        infos = [_info(v, env, depth + 1) for v in inputs if v is not None]
+        infos = [_info(v, env, depth + 1, memo) for v in inputs if v is not None]
         dtypes = {d for d, _ in infos if d is not None}
         ranks = [r for _, r in infos]
         found = (
@@ -321,7 +335,7 @@ def _info(value: ir.Value | None, env: Any = None, depth: int = 0) -> tuple[Any,
             max(ranks) if None not in ranks else None,
         )
     elif op == "CastLike":
-        found = (_info(inputs[1], env, depth + 1)[0], first[1])
+        found = (_info(inputs[1], env, depth + 1, memo)[0], first[1])
     elif op == "Reshape":
         shape = env.get(inputs[1]) if env is not None else None
         if isinstance(shape, Sym):
