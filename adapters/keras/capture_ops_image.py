@@ -144,9 +144,14 @@ def import_resize(b: Builder, op: Any, images: Any) -> ir.Value:
     if x.dtype not in ("float32", "float64", "float16"):
         raise _unsupported(op, "only float images are converted")
     height, width = (int(s) for s in op.size)
-    # Sizes on axes 1 and 2 only (opset 18), so the batch stays dynamic.
-    attrs = {**_RESIZE[op.interpolation], "axes": [1, 2]}
-    return b.op("Resize", [x.value, None, None, b.ints([height, width])], attrs)
+    # Full NHWC sizes with the batch and channels read at run time (the batch stays
+    # dynamic). Not Resize-18's `axes=[1, 2]`: ONNX Runtime 1.32 refuses that on a 1x1
+    # image ("Number of elements of input 'sizes' (0)", keras_hub DeepLabV3's pooling).
+    shape = b.op("Shape", [x.value])
+    batch = b.op("Slice", [shape, b.ints([0]), b.ints([1])])
+    channels = b.op("Slice", [shape, b.ints([3]), b.ints([4])])
+    sizes = b.op("Concat", [batch, b.ints([height, width]), channels], {"axis": 0})
+    return b.op("Resize", [x.value, None, None, sizes], dict(_RESIZE[op.interpolation]))
 
 
 @register_layer("Resizing")
