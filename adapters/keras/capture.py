@@ -23,6 +23,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import onnx
 import onnx_ir as ir
 from keras import tree
 
@@ -152,6 +153,7 @@ def trace_model(
     model_ir = ir.Model(
         graph, ir_version=10, producer_name="interop.keras", producer_version=keras.__version__
     )
+    _correct_declared_shapes(model_ir)
     _record_provenance(model_ir, model, b)
     traced = Graph(model_ir)
     if not check_dynamic_dims:
@@ -253,6 +255,37 @@ def _assemble(b: Builder, inputs: list[ir.Value], outputs: list[tuple[str, Tenso
         name="keras",
     )
     return graph
+
+
+def _correct_declared_shapes(model_ir: ir.Model) -> None:
+    """Replace the output shapes Keras declared where ONNX shape inference proves them
+    wrong: a layer's ``compute_output_shape`` may lie (keras_hub's SigLIP embedding
+    declares one patch more than it makes), and ONNX Runtime refuses a graph whose
+    annotations contradict its nodes."""
+    proto = ir.serde.serialize_model(model_ir)
+    del proto.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # inference gave up: keep the annotations
+        return
+    found = {info.name: info.type.tensor_type for info in inferred.graph.value_info}
+    for node in model_ir.graph:
+        for out in node.outputs:
+            kind = found.get(out.name)
+            if out.shape is None or kind is None or not kind.HasField("shape"):
+                continue
+            dims = [
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                for d in kind.shape.dim
+            ]
+            declared = list(out.shape)
+            if len(dims) != len(declared) or any(
+                isinstance(a, int) and isinstance(b, int) and a != b
+                for a, b in zip(declared, dims, strict=True)
+            ):
+                out.shape = ir.Shape(
+                    [ir.SymbolicDim(d) if not isinstance(d, int) else d for d in dims]
+                )
 
 
 def _all_inputs(node: ir.Node) -> list[ir.Value]:

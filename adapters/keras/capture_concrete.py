@@ -21,10 +21,12 @@ import onnx_ir as ir
 from .capture_lowering import OPSET, Builder, Tensor
 
 
-def example_shapes(b: Builder, tensors: list[Tensor]) -> dict[int, tuple[int, ...]] | None:
-    """``{id(tensor): shape}`` for the example inputs, for tensors with unknown dims; None
-    when there are none or the graph so far cannot be evaluated."""
-    wanted = [t for t in tensors if any(d is None for d in t.shape)]
+def example_shapes(
+    b: Builder, tensors: list[Tensor], every: bool = False
+) -> dict[int, tuple[int, ...]] | None:
+    """``{id(tensor): shape}`` for the example inputs, for tensors with unknown dims (all of
+    them with `every`); None when there are none or the graph so far cannot be evaluated."""
+    wanted = [t for t in tensors if every or any(d is None for d in t.shape)]
     if not wanted or not b.examples:
         return None
     names = {t.value.name for t in wanted}
@@ -33,6 +35,8 @@ def example_shapes(b: Builder, tensors: list[Tensor]) -> dict[int, tuple[int, ..
     except Exception:  # the prefix cannot run on numpy: no concrete shapes, the caller reports
         return None
     shapes = {id(t): tuple(int(d) for d in np.shape(arrays[t.value.name])) for t in wanted}
+    if every:
+        return shapes
     return shapes if all(len(s) == len(t.shape) for t, s in zip(wanted, shapes.values())) else None
 
 

@@ -72,8 +72,8 @@ def lower_by_backend_tracer(
     weights = [np.asarray(keras.ops.convert_to_numpy(v.value)) for v in variables]
     # Keras counts `layer.weights`; other state (dropout seeds) is a constant of the graph
     counted = {id(w) for w in layer.weights}
-    run_time = [(t.shape, t.dtype) for t in tensors]
-    shapes = example_shapes(b, tensors) or {}
+    shapes = example_shapes(b, tensors, every=True) or {}
+    run_time = [(_trusted(t.shape, shapes.get(id(t))), t.dtype) for t in tensors]
     example = [(shapes.get(id(t), t.shape), t.dtype) for t in tensors]
     at_example = False
     try:
@@ -93,6 +93,16 @@ def lower_by_backend_tracer(
         for x in tree.flatten(structure[0])
     ]
     return tree.pack_sequence_as(structure[0], flat), at_example
+
+
+def _trusted(declared: tuple, example: tuple | None) -> tuple:
+    """The walk's shape with the static dims the example contradicts made unknown (a
+    layer's ``compute_output_shape`` may declare a wrong size: keras_hub's SigLIP)."""
+    if example is None:
+        return tuple(declared)
+    if len(example) != len(declared):
+        return (None,) * len(example)
+    return tuple(d if d is None or d == e else None for d, e in zip(declared, example, strict=True))
 
 
 def _unknown(shape: tuple) -> bool:
