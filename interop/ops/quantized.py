@@ -113,6 +113,7 @@ def quantize_dequantize(
         info = ml_dtypes.iinfo(target)
         low = xp.compare("greater_equal", scaled, xp.asarray(np.float32(info.min), like=scaled))
         high = xp.compare("less_equal", scaled, xp.asarray(np.float32(info.max), like=scaled))
-        inside = xp.astype(xp.compare("logical_and", low, high), xp.dtype(x))
-        through = xp.multiply(through, inside)
+        inside = xp.compare("logical_and", low, high)
+        # where, not a product: an infinite x saturates, and inf - inf would be NaN
+        through = xp.where(inside, through, xp.asarray(np.zeros((), xp.dtype(x)), like=x))
     return xp.add(values, xp.astype(through, xp.dtype(values)))
