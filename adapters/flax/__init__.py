@@ -9,8 +9,8 @@ A primitive without a converter raises `interop.UnsupportedOpError` naming it, t
 module path and the source line. Register one to extend the walk:
 
 >>> from interop.adapters.flax import register_primitive
->>> @register_primitive("cummax")                         # doctest: +SKIP
-... def convert_cummax(low, eqn, x):
+>>> @register_primitive("reduce_xor")                     # doctest: +SKIP
+... def convert_reduce_xor(low, eqn, x):
 ...     ...  # emit ONNX nodes with low.op(...), return one value per output
 """
 

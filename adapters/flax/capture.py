@@ -28,6 +28,8 @@ from interop.structure import flatten_outputs
 from . import (  # noqa: F401  (register the converters)
     capture_ops_basic,
     capture_ops_control,
+    capture_ops_index,
+    capture_ops_math,
     capture_ops_nn,
     capture_recurrent,
     is_linen_module,

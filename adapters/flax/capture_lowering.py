@@ -225,7 +225,7 @@ class Lowering:
             self.env[var] = value
         outer = (self.scope, self.location)
         for eqn in jaxpr.eqns:
-            self.emit_eqn(eqn, outer[0])
+            self.emit_eqn(eqn, outer[0], outer[1])
         self.scope, self.location = outer
         return [self.read(v) for v in jaxpr.outvars]
 
@@ -233,9 +233,13 @@ class Lowering:
         consts = [self.const(np.asarray(c)) for c in closed.consts]
         return self.emit_jaxpr(closed.jaxpr, consts, args)
 
-    def emit_eqn(self, eqn: Any, enclosing_scope: str) -> None:
+    def emit_eqn(
+        self, eqn: Any, enclosing_scope: str, enclosing_location: str | None = None
+    ) -> None:
         self.scope = self._scope_of(eqn, enclosing_scope)
-        self.location = self._location_of(eqn)
+        # equations of a library's jitted function (jnp.fft, jnp.bitwise_xor.reduce) have no
+        # user frame of their own: the call site of the enclosing equation stands for them
+        self.location = self._location_of(eqn) or enclosing_location
         name = eqn.primitive.name
         self.primitive = name
         converter = CAPTURE_PRIMITIVES.get(name)

@@ -12,13 +12,69 @@ import numpy as np
 from . import register_primitive as reg
 from .capture_lowering import is_static
 
+# dtypes ONNX Runtime's CPU kernels take, per op, where that is not every numeric type
+# (measured on onnxruntime 1.32); other dtypes are computed in a wider one and cast back
+_ARITH = {"int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "float16", "float32",
+          "float64"}  # fmt: skip
+_NARROW = {"int8", "uint8", "int32", "uint32", "int64", "float16", "float32", "float64"}
+_REDUCE = {"int32", "int64", "float16", "float32", "float64"}
+ORT_TYPES = {
+    "Add": _ARITH, "Sub": _ARITH, "Mul": _ARITH, "Div": _ARITH, "Mod": _ARITH, "Pow": {"int32", "int64", "float32", "float64"},
+    "Less": _ARITH, "LessOrEqual": _ARITH, "Greater": _ARITH, "GreaterOrEqual": _ARITH,
+    "Max": _NARROW, "Min": _NARROW, "Where": _NARROW, "Abs": _ARITH, "Sign": _ARITH,
+    "Neg": {"int8", "int16", "int32", "int64", "float16", "float32", "float64"},
+    "ReduceSum": _REDUCE, "ReduceProd": _REDUCE, "CumSum": _REDUCE,
+    "ReduceMax": {"int8", "uint8", "int32", "int64", "float16", "float32", "float64"},
+    "ReduceMin": {"int8", "uint8", "int32", "int64", "float16", "float32", "float64"},
+    "ArgMax": {"int8", "uint8", "int32", "int64", "float16", "float32", "float64"},
+    "ArgMin": {"int8", "uint8", "int32", "int64", "float16", "float32", "float64"},
+    "TopK": {"int8", "uint8", "int16", "int32", "int64", "float16", "float32", "float64"},
+    "MatMul": {"int32", "int64", "uint32", "uint64", "float16", "float32", "float64"},
+}  # fmt: skip
+
+
+def wide_dtype(op_type: str, dtype) -> np.dtype | None:
+    """The dtype to compute `op_type` in when ONNX Runtime has no kernel for `dtype`."""
+    dtype = np.dtype(dtype)
+    allowed = ORT_TYPES.get(op_type)
+    if allowed is None or dtype.name in allowed:
+        return None
+    if dtype.kind in "fV" or dtype.name == "bfloat16":
+        return np.dtype(np.float32)
+    if dtype == np.bool_:
+        return np.dtype(np.uint8) if "uint8" in allowed else np.dtype(np.int32)
+    for wide in ("int32", "int64"):
+        if wide in allowed and np.can_cast(dtype, wide):
+            return np.dtype(wide)
+    return np.dtype(np.int64)
+
+
+def typed_op(low, op_type, inputs, dtype, attrs=None, *, outputs=1, back=True, data=None):
+    """`low.op` with the inputs of `dtype` computed in a wider dtype ONNX Runtime takes.
+
+    With `back`, results come back in `dtype` (arithmetic wraps as JAX's does for narrow
+    integers); comparisons and index outputs pass ``back=False``.
+    """
+    wide = wide_dtype(op_type, dtype)
+    if wide is None:
+        return low.op(op_type, inputs, attrs, outputs=outputs)
+    data = len(inputs) if data is None else data  # the leading `data` inputs are of `dtype`
+    cast = [low.cast(x, wide) if x is not None and i < data else x for i, x in enumerate(inputs)]
+    result = low.op(op_type, cast, attrs, outputs=outputs)
+    if not back:
+        return result
+    if isinstance(result, list):
+        return [low.cast(r, dtype) for r in result]
+    return low.cast(result, dtype)
+
+
 _UNARY = {
     "neg": "Neg", "exp": "Exp", "log": "Log", "tanh": "Tanh", "logistic": "Sigmoid",
     "sqrt": "Sqrt", "abs": "Abs", "sign": "Sign", "floor": "Floor", "ceil": "Ceil",
     "sin": "Sin", "cos": "Cos", "tan": "Tan", "asin": "Asin", "acos": "Acos", "atan": "Atan",
     "sinh": "Sinh", "cosh": "Cosh", "asinh": "Asinh", "acosh": "Acosh", "atanh": "Atanh",
     "erf": "Erf", "stop_gradient": "Identity", "copy": "Identity", "copy_p": "Identity",
-    "reduce_precision": "Identity", "optimization_barrier": "Identity",
+    "optimization_barrier": "Identity",
 }  # fmt: skip
 _BINARY = {
     "add": "Add", "add_any": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "max": "Max",
@@ -30,7 +86,10 @@ _LOGICAL = {"and": ("And", "BitwiseAnd"), "or": ("Or", "BitwiseOr"), "xor": ("Xo
 
 def _unary(op_type: str):
     def convert(low, eqn, *xs):
-        return [low.op(op_type, [x]) for x in xs]  # optimization_barrier takes several
+        # optimization_barrier takes several
+        return [
+            typed_op(low, op_type, [x], v.aval.dtype) for x, v in zip(xs, eqn.invars, strict=True)
+        ]
 
     return convert
 
@@ -39,8 +98,15 @@ for _name, _op in _UNARY.items():
     reg(_name, _unary(_op))
 
 
+_COMPARISONS = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual"}
+
+
 def _binary(op_type: str):
-    return lambda low, eqn, a, b: low.op(op_type, [a, b])
+    def convert(low, eqn, a, b):
+        dtype = eqn.invars[0].aval.dtype
+        return typed_op(low, op_type, [a, b], dtype, back=op_type not in _COMPARISONS)
+
+    return convert
 
 
 for _name, _op in _BINARY.items():
@@ -70,7 +136,7 @@ def convert_ne(low, eqn, a, b):
 
 @reg("rem")
 def convert_rem(low, eqn, a, b):  # lax.rem is C fmod: the result takes the dividend's sign
-    return low.op("Mod", [a, b], {"fmod": 1})
+    return typed_op(low, "Mod", [a, b], eqn.invars[0].aval.dtype, {"fmod": 1})
 
 
 @reg("rsqrt")
@@ -139,16 +205,19 @@ def convert_convert_element_type(low, eqn, x):
 
 @reg("clamp")
 def convert_clamp(low, eqn, lo, x, hi):
-    return low.op("Max", [low.op("Min", [x, hi]), lo])
+    dtype = eqn.invars[1].aval.dtype
+    return typed_op(low, "Max", [typed_op(low, "Min", [x, hi], dtype), lo], dtype)
 
 
 @reg("select_n")
 def convert_select_n(low, eqn, which, *cases):
     if len(cases) == 1:
         return low.op("Identity", [cases[0]])
-    if eqn.outvars[0].aval.dtype == np.bool_:  # ONNX Runtime's CPU Where has no bool kernel
-        picked = _select(low, eqn, which, [low.cast(c, np.uint8) for c in cases])
-        return low.cast(picked, np.bool_)
+    dtype = eqn.outvars[0].aval.dtype
+    wide = wide_dtype("Where", dtype)  # ONNX Runtime's CPU Where has no bool/int16 kernel
+    if wide is not None:
+        picked = _select(low, eqn, which, [low.cast(c, wide) for c in cases])
+        return low.cast(picked, dtype)
     return _select(low, eqn, which, list(cases))
 
 
@@ -294,7 +363,7 @@ def _reduce(op_type: str, bool_op: str | None = None):
         if dtype == np.bool_ and bool_op:  # ONNX reductions take no booleans
             y = low.op(bool_op, [low.cast(x, np.int32), low.ints(axes)], {"keepdims": 0})
             return low.cast(y, np.bool_)
-        return low.op(op_type, [x, low.ints(axes)], {"keepdims": 0})
+        return typed_op(low, op_type, [x, low.ints(axes)], dtype, {"keepdims": 0}, data=1)
 
     return convert
 
@@ -310,7 +379,14 @@ reg("reduce_or", _reduce("ReduceMax", "ReduceMax"))
 def _arg(op_type: str):
     def convert(low, eqn, x):
         (axis,) = eqn.params["axes"]
-        index = low.op(op_type, [x], {"axis": int(axis), "keepdims": 0})
+        index = typed_op(
+            low,
+            op_type,
+            [x],
+            eqn.invars[0].aval.dtype,
+            {"axis": int(axis), "keepdims": 0},
+            back=False,
+        )
         return low.cast(index, eqn.params["index_dtype"])
 
     return convert
@@ -323,7 +399,8 @@ reg("argmin", _arg("ArgMin"))
 @reg("cumsum")
 def convert_cumsum(low, eqn, x):
     axis = low.const(np.int64(eqn.params["axis"]))
-    return low.op("CumSum", [x, axis], {"reverse": int(bool(eqn.params.get("reverse")))})
+    attrs = {"reverse": int(bool(eqn.params.get("reverse")))}
+    return typed_op(low, "CumSum", [x, axis], eqn.invars[0].aval.dtype, attrs, data=1)
 
 
 @reg("device_put")
@@ -354,7 +431,11 @@ def convert_dynamic_slice(low, eqn, x, *starts):
 @reg("top_k")
 def convert_top_k(low, eqn, x):
     k = eqn.params["k"]
-    values, indices = low.op(
-        "TopK", [x, low.shape([k])], {"axis": -1, "largest": 1, "sorted": 1}, outputs=2
-    )
-    return [values, low.cast(indices, eqn.outvars[1].aval.dtype)]
+    values, indices = typed_op(
+        low, "TopK", [x, low.shape([k])], eqn.invars[0].aval.dtype,
+        {"axis": -1, "largest": 1, "sorted": 1}, outputs=2, back=False, data=1,
+    )  # fmt: skip
+    return [
+        low.cast(values, eqn.outvars[0].aval.dtype),
+        low.cast(indices, eqn.outvars[1].aval.dtype),
+    ]

@@ -33,7 +33,7 @@ def _inline(low, eqn, *args):
     return low.emit_jaxpr(inner, [], list(args))
 
 
-for _name in ("pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call", "custom_vjp_call",
+for _name in ("pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint", "custom_jvp_call", "custom_vjp_call",
               "custom_vjp_call_jaxpr", "custom_lin"):  # fmt: skip
     reg(_name, _inline)
 

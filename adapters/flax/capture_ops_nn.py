@@ -1,5 +1,5 @@
-"""Converters for the weighted and windowed primitives: dot_general, convolution,
-pooling windows and gathers.
+"""Converters for the weighted and windowed primitives: dot_general, convolution and
+pooling windows (gathers and scatters: capture_ops_index.py).
 
 Weights keep their Flax layout (an HWIO conv kernel stays HWIO under its state name);
 the layout change to ONNX's OIHW is a Transpose on the initializer, which ONNX Runtime
@@ -31,8 +31,32 @@ def _finish_dtype(low, eqn, y):
     return y
 
 
+def _matmul_dtype(out_dtype):
+    """The dtype a MatMul computes `out_dtype` results in on ONNX Runtime's CPU kernels."""
+    out = np.dtype(out_dtype)
+    if out.name in ("float32", "float64", "int32", "int64", "uint32", "uint64"):
+        return out
+    if out.kind == "f" or out.name == "bfloat16":  # XLA's CPU dot accumulates those in f32 too
+        return np.dtype(np.float32)
+    return np.dtype(np.int64) if out.kind == "u" else np.dtype(np.int32)
+
+
 @reg("dot_general")
 def convert_dot_general(low, eqn, a, b):
+    """Operands of other dtypes than the result (int8 x int8 -> int32, bf16 -> f32, an int
+    mask times floats) are cast to the dtype the product is computed in first, so the
+    MatMul / Einsum always sees one dtype ONNX Runtime has a kernel for."""
+    out = np.dtype(eqn.outvars[0].aval.dtype)
+    compute = _matmul_dtype(out)
+    if np.dtype(eqn.invars[0].aval.dtype) != compute:
+        a = low.cast(a, compute)
+    if np.dtype(eqn.invars[1].aval.dtype) != compute:
+        b = low.cast(b, compute)
+    y = _dot_general(low, eqn, a, b)
+    return y if compute == out else low.cast(y, out)
+
+
+def _dot_general(low, eqn, a, b):
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     ra, rb_rank = len(eqn.invars[0].aval.shape), len(eqn.invars[1].aval.shape)
     lc, rc, lb, rb = list(lc), list(rc), list(lb), list(rb)
@@ -42,14 +66,14 @@ def convert_dot_general(low, eqn, a, b):
     leading = lb == rb == list(range(k))
     if leading and lc == [ra - 1] and rb_rank == k + 2 and rc == [k] and ra >= k + 1:
         if k == 0 or ra == k + 2:
-            return _finish_dtype(low, eqn, low.op("MatMul", [a, b]))
+            return low.op("MatMul", [a, b])
     if leading and lc == [ra - 1] and rb_rank == k + 2 and rc == [k + 1] and ra == k + 2:
         perm = list(range(k)) + [k + 1, k]
         bt = low.op("Transpose", [b], {"perm": perm})
-        return _finish_dtype(low, eqn, low.op("MatMul", [a, bt]))
+        return low.op("MatMul", [a, bt])
     general = _general_matmul(low, eqn, a, b, lc, rc, lb, rb)
     if general is not None:
-        return _finish_dtype(low, eqn, general)
+        return general
     letters = iter(string.ascii_letters)
     la = [next(letters) for _ in range(ra)]
     lb_letters = [None] * rb_rank
@@ -62,7 +86,7 @@ def convert_dot_general(low, eqn, a, b):
     free_b = [lb_letters[j] for j in range(rb_rank) if j not in rb and j not in rc]
     out = [la[i] for i in lb] + free_a + free_b
     equation = f"{''.join(la)},{''.join(lb_letters)}->{''.join(out)}"
-    return _finish_dtype(low, eqn, low.op("Einsum", [a, b], {"equation": equation}))
+    return low.op("Einsum", [a, b], {"equation": equation})
 
 
 def _general_matmul(low, eqn, a, b, lc, rc, lb, rb):
@@ -198,49 +222,3 @@ def _pool(kind: str):
 
 reg("reduce_window_max", _pool("max"))
 reg("reduce_window_sum", _pool("sum"))
-
-
-@reg("gather")
-def convert_gather(low, eqn, operand, indices):
-    dn = eqn.params["dimension_numbers"]
-    slice_sizes = list(eqn.params["slice_sizes"])
-    op_shape = eqn.invars[0].aval.shape
-    idx_shape = eqn.invars[1].aval.shape
-    start_map, collapsed = list(dn.start_index_map), list(dn.collapsed_slice_dims)
-    batching = list(getattr(dn, "operand_batching_dims", ()))
-    offset_dims = list(dn.offset_dims)
-    rank = len(op_shape)
-    if batching or idx_shape[-1] != len(start_map) or start_map != collapsed:
-        raise _unsupported(
-            low, f"gather with {dn}", "index with jnp.take / x[idx] along leading axes"
-        )
-    full = [i for i in range(rank) if i not in start_map]
-    if any(slice_sizes[i] != op_shape[i] for i in full) or any(
-        slice_sizes[i] != 1 for i in start_map
-    ):
-        raise _unsupported(
-            low, "a gather of partial slices", "index whole rows (jnp.take along an axis)"
-        )
-    batch_rank = len(idx_shape) - 1
-    if offset_dims != list(range(batch_rank, batch_rank + len(full))):
-        raise _unsupported(low, "offset dims not trailing", "index with jnp.take along an axis")
-    if len(start_map) == 1:  # jnp.take / x[ids] along one axis: an ONNX Gather
-        (axis,) = start_map
-        idx = low.op("Squeeze", [indices, low.ints([-1])])
-        idx = low.cast(idx, np.int64)
-        y = low.op("Gather", [operand, idx], {"axis": axis})
-        # ONNX Gather puts the index dims at `axis`; JAX puts them first.
-        if axis != 0 and batch_rank:
-            perm = (
-                list(range(axis, axis + batch_rank))
-                + list(range(axis))
-                + list(range(axis + batch_rank, rank - 1 + batch_rank))
-            )
-            y = low.op("Transpose", [y], {"perm": perm})
-        return y
-    if start_map != list(range(len(start_map))):
-        raise _unsupported(low, "a multi-axis gather not on leading axes", "index leading axes")
-    # Several leading axes at once (x[i, j]): GatherND. JAX's "clip"/"fill" modes only
-    # differ for out-of-range indices, which jnp normalises before the gather.
-    idx = low.cast(indices, np.int64)
-    return low.op("GatherND", [operand, idx])
