@@ -258,8 +258,8 @@ def _assemble(b: Builder, inputs: list[ir.Value], outputs: list[tuple[str, Tenso
 
 
 def _correct_declared_shapes(model_ir: ir.Model) -> None:
-    """Replace the output shapes Keras declared where ONNX shape inference proves them
-    wrong: a layer's ``compute_output_shape`` may lie (keras_hub's SigLIP embedding
+    """Replace the output shapes and types Keras declared where ONNX shape inference proves
+    them wrong: a layer's ``compute_output_shape`` may lie (keras_hub's SigLIP embedding
     declares one patch more than it makes), and ONNX Runtime refuses a graph whose
     annotations contradict its nodes."""
     proto = ir.serde.serialize_model(model_ir)
@@ -272,7 +272,11 @@ def _correct_declared_shapes(model_ir: ir.Model) -> None:
     for node in model_ir.graph:
         for out in node.outputs:
             kind = found.get(out.name)
-            if out.shape is None or kind is None or not kind.HasField("shape"):
+            if kind is None:
+                continue
+            if kind.elem_type and out.dtype is not None and kind.elem_type != out.dtype.value:
+                out.type = ir.TensorType(ir.DataType(kind.elem_type))
+            if out.shape is None or not kind.HasField("shape"):
                 continue
             dims = [
                 d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
