@@ -1,0 +1,297 @@
+"""Rewrite rules of our own for the optimized copy (`interop.optimize`).
+
+Each rule turns a spelling our captures (or the exporters under them) write into the one
+ONNX Runtime's kernels and fusions know; each is exact (same values up to float rounding)
+and checks the shapes that make it so. onnxscript's optimizer and its ORT fusions do the
+rest; these cover what they miss on our graphs:
+
+- `gemm_on_rows`: Reshape(x, [-1, K]) -> Gemm -> Reshape back becomes MatMul (+ Add) on x.
+- `relu`: Max(x, 0) becomes Relu (JAX's relu).
+- `no_op_max`: Max(x, -inf) is x (JAX's max with ``initial=-inf``).
+- `unit_transpose`: a Transpose that only moves axes of size 1 is a Reshape (no copy).
+- `softmax`: Exp(x - c) / ReduceSum(Exp(x - c)) over one axis, c constant along it,
+  becomes Softmax (JAX's softmax, whatever c is: the quotient does not depend on it).
+- `scale_before_reshape`: Mul(Reshape(x), scalar) becomes Reshape(Mul(x, scalar)), so the
+  scale meets the MatMul before it (ONNX Runtime's FusedMatMul).
+- `bias_before_split`: Add(Reshape(MatMul(x, W)), b), b along the trailing axes that
+  split (or keep) the product's last axis, becomes Reshape(MatMul(x, W) + b.reshape(-1)):
+  a MatMul + Add pair ONNX Runtime runs as one Gemm (Flax's DenseGeneral projections).
+- `fast_gelu_bias`: FastGelu(x + b) with a 1-D b takes b as its own bias input.
+- `gelu_tanh`: the tanh GELU written with x * x * x becomes ONNX Runtime's FastGelu.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    tensor = None if value is None else value.const_value
+    return None if tensor is None else tensor.numpy()
+
+
+def gemm_on_rows() -> pattern.RewriteRuleSet:
+    """Reshape(x, [-1, K]) -> Gemm -> Reshape(back) becomes MatMul (+ Add) on `x` itself.
+
+    torch's ``addmm`` on flattened rows (GPT-2's Conv1D) hides the 3-D MatMul that the
+    attention and skip-normalization fusions look for; onnxscript's own rule for it gives
+    up on symbolic dims, this one compares them. Heads merged on the way
+    ([b, s, h, d] -> [b * s, h * d], GPT-2's c_proj) are merged by a Reshape that keeps
+    the leading dims.
+    """
+
+    def target(op, x, w, rows, shape):
+        flat = op.Reshape(x, rows)
+        return op.Reshape(op.Gemm(flat, w, _outputs=["gemm"]), shape, _outputs=["out"])
+
+    def target_bias(op, x, w, b, rows, shape):
+        flat = op.Reshape(x, rows)
+        return op.Reshape(op.Gemm(flat, w, b, _outputs=["gemm"]), shape, _outputs=["out"])
+
+    def check(context, x, w, gemm, out, b=None, **_):
+        attrs = {k: v.value for k, v in gemm.producer().attributes.items()}
+        if (
+            attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+        ):
+            return False
+        if x.shape is None or out.shape is None or w.shape is None or len(x.shape) < 3:
+            return False
+        if len(w.shape) != 2 or (b is not None and (b.shape is None or len(b.shape) > 1)):
+            return False
+        k_dim = w.shape[1] if attrs.get("transB", 0) else w.shape[0]
+        if len(out.shape) == len(x.shape):  # rows of x itself
+            return list(out.shape)[:-1] == list(x.shape)[:-1] and x.shape[-1] == k_dim
+        h, d = x.shape[-2], x.shape[-1]
+        return (
+            len(out.shape) == len(x.shape) - 1
+            and list(out.shape)[:-1] == list(x.shape)[:-2]
+            and isinstance(h, int)
+            and isinstance(d, int)
+            and h * d == k_dim
+        )
+
+    def replacement(op, x, w, gemm, out, b=None, **_):
+        if len(out.shape) < len(x.shape):  # merge the heads, keep the leading dims (0s)
+            k_dim = x.shape[-2] * x.shape[-1]
+            keep = op.Constant(value_ints=[0] * (len(out.shape) - 1) + [k_dim])
+            x = op.Reshape(x, keep)
+        if gemm.producer().attributes.get_int("transB", 0):
+            w = op.Transpose(w, perm=[1, 0])  # ONNX Runtime folds it at session creation
+        product = op.MatMul(x, w)
+        return product if b is None else op.Add(product, b)
+
+    return pattern.RewriteRuleSet(
+        [
+            pattern.RewriteRule(target_bias, replacement, check),
+            pattern.RewriteRule(target, replacement, check),
+        ]
+    )
+
+
+def _float(value: ir.Value) -> bool:
+    return value.dtype is not None and value.dtype.is_floating_point()
+
+
+def relu() -> pattern.RewriteRuleSet:
+    """Max(x, 0) becomes Relu(x): ONNX Runtime fuses a Relu into the Conv before it (and
+    keeps NCHWc layouts across it), never a Max."""
+
+    def check(context, x, c, **_):
+        data = _const(c)
+        return data is not None and data.size <= 1 and not np.any(data) and _float(x)
+
+    def target(op, x, c):
+        return op.Max(x, c)
+
+    return pattern.RewriteRuleSet(
+        [pattern.RewriteRule(target, lambda op, x, **_: op.Relu(x), check)], commute=True
+    )
+
+
+def no_op_max() -> pattern.RewriteRuleSet:
+    """Max(x, -inf) is x (the result has x's shape: the constant is a scalar or [1])."""
+
+    def check(context, x, c, **_):
+        data = _const(c)
+        return (
+            data is not None and data.size == 1 and np.all(np.isneginf(data)) and x.shape is not None
+            and len(x.shape) >= data.ndim
+        )  # fmt: skip
+
+    def target(op, x, c):
+        return op.Max(x, c)
+
+    return pattern.RewriteRuleSet(
+        [pattern.RewriteRule(target, lambda op, x, **_: op.Identity(x), check)], commute=True
+    )
+
+
+def unit_transpose() -> pattern.RewriteRuleSet:
+    """A Transpose that keeps the order of every axis longer than 1 is a Reshape."""
+
+    def check(context, x, out, **_):
+        perm = out.producer().attributes.get_ints("perm", None)
+        if perm is None or x.shape is None or out.shape is None:
+            return False
+        moved = [axis for axis in perm if x.shape[axis] != 1]
+        unknown = [d for d in out.shape if not isinstance(d, int)]
+        return (
+            moved == sorted(moved)
+            and len(unknown) <= 1
+            and all(d != 0 for d in out.shape if isinstance(d, int))
+        )
+
+    def replacement(op, x, out, **_):
+        dims = [d if isinstance(d, int) else -1 for d in out.shape]
+        return op.Reshape(x, op.Constant(value_ints=dims))
+
+    return pattern.RewriteRuleSet(
+        [pattern.RewriteRule(lambda op, x: op.Transpose(x, _outputs=["out"]), replacement, check)]
+    )
+
+
+def softmax() -> pattern.RewriteRuleSet:
+    """Exp(x - c) / sum over one axis of it becomes Softmax(x) along that axis.
+
+    c may be anything constant along the axis (JAX subtracts the row maximum, reshaped
+    on the way): the quotient is the same for every such c, and Softmax subtracts the
+    maximum itself.
+    """
+
+    def target_unsqueezed(op, x, c, axes, axes2):
+        e = op.Exp(op.Sub(x, c), _outputs=["e"])
+        return op.Div(e, op.Unsqueeze(op.ReduceSum(e, axes, _outputs=["total"]), axes2))
+
+    def target_kept(op, x, c, axes):
+        e = op.Exp(op.Sub(x, c), _outputs=["e"])
+        return op.Div(e, op.ReduceSum(e, axes, _outputs=["total"]))
+
+    def axis_of(x: ir.Value, total: ir.Value, axes: ir.Value, axes2: ir.Value | None) -> Any:
+        data, rank = _const(axes), len(x.shape) if x.shape is not None else None
+        if data is None or data.size != 1 or rank is None:
+            return None
+        axis = int(data.reshape(-1)[0]) % rank
+        node = total.producer()
+        keep = node.attributes.get_int("keepdims", 1)
+        if node.attributes.get_int("noop_with_empty_axes", 0):
+            return None
+        if axes2 is None:
+            return axis if keep else None
+        again = _const(axes2)
+        if keep or again is None or again.size != 1 or int(again.reshape(-1)[0]) % rank != axis:
+            return None
+        return axis
+
+    def check(context, x, c, e, total, axes, axes2=None, **_):
+        axis = axis_of(x, total, axes, axes2)
+        if axis is None or c.shape is None or e.shape is None or not _float(x):
+            return False
+        rank = len(x.shape)
+        if len(c.shape) > rank or list(e.shape) != list(x.shape):
+            return False  # c must not broadcast x to another shape
+        offset = axis - (rank - len(c.shape))  # the axis in c's shape (numpy broadcasting)
+        return offset < 0 or c.shape[offset] == 1
+
+    def replacement(op, x, total, axes, axes2=None, **_):
+        return op.Softmax(x, axis=axis_of(x, total, axes, axes2))
+
+    return pattern.RewriteRuleSet(
+        [
+            pattern.RewriteRule(target_unsqueezed, replacement, check),
+            pattern.RewriteRule(target_kept, replacement, check),
+        ]
+    )
+
+
+def gelu_tanh() -> pattern.RewriteRuleSet:
+    """0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x * x * x))) becomes FastGelu."""
+
+    def target(op, x):
+        cube = op.Mul(op.Mul(x, x), x)
+        inner = op.Mul(math.sqrt(2.0 / math.pi), op.Add(x, op.Mul(0.044715, cube)))
+        return op.Mul(x, op.Mul(0.5, op.Add(1.0, op.Tanh(inner))))
+
+    def replacement(op, x):
+        return op.FastGelu(x, _domain="com.microsoft")
+
+    return pattern.RewriteRuleSet(
+        [pattern.RewriteRule(target, replacement, lambda context, x, **_: _float(x))],
+        commute=True,
+    )
+
+
+def scale_before_reshape() -> pattern.RewriteRuleSet:
+    """Mul(Reshape(x, shape), c) with a one-element c becomes Reshape(Mul(x, c), shape)."""
+
+    def check(context, x, c, out, **_):
+        data = _const(c)
+        return (
+            data is not None and data.size == 1 and _float(x) and out.shape is not None
+            and data.ndim <= len(out.shape)
+        )  # fmt: skip
+
+    def target(op, x, shape, c):
+        return op.Mul(op.Reshape(x, shape, _outputs=["out"]), c)
+
+    def replacement(op, x, shape, c, out, **_):
+        scalar = op.Constant(value=ir.tensor(_const(c).reshape(())))
+        allowzero = out.producer().attributes.get_int("allowzero", 0)
+        return op.Reshape(op.Mul(x, scalar), shape, allowzero=allowzero)
+
+    return pattern.RewriteRuleSet([pattern.RewriteRule(target, replacement, check)], commute=True)
+
+
+def bias_before_split() -> pattern.RewriteRuleSet:
+    """Add(Reshape(MatMul(x, W), [..., h, d]), b) becomes Reshape(MatMul(x, W) + b')."""
+
+    def check(context, product, b, out, **_):
+        bias = _const(b)
+        if bias is None or product.shape is None or out.shape is None or b.dtype != product.dtype:
+            return False
+        k_dim = product.shape[-1]
+        core = list(bias.shape)
+        while core and core[0] == 1 and len(core) > 1:
+            core.pop(0)  # leading 1s broadcast over the leading dims
+        tail = list(out.shape[len(out.shape) - len(core) :]) if core else []
+        # b covers the trailing axes of out that split the product's last axis, no more
+        return (
+            isinstance(k_dim, int) and bool(core) and bias.ndim <= len(out.shape)
+            and tail == core and int(np.prod(core)) == k_dim
+        )  # fmt: skip
+
+    def target(op, x, w, shape, b):
+        product = op.MatMul(x, w, _outputs=["product"])
+        return op.Add(op.Reshape(product, shape, _outputs=["out"]), b)
+
+    def replacement(op, x, w, shape, b, out, **_):
+        flat = op.Constant(value=ir.tensor(_const(b).reshape(-1)))
+        allowzero = out.producer().attributes.get_int("allowzero", 0)
+        return op.Reshape(op.Add(op.MatMul(x, w), flat), shape, allowzero=allowzero)
+
+    return pattern.RewriteRuleSet([pattern.RewriteRule(target, replacement, check)], commute=True)
+
+
+def fast_gelu_bias() -> pattern.RewriteRuleSet:
+    """FastGelu(Add(x, b)) with a constant 1-D b of x's last dim becomes FastGelu(x, b)."""
+
+    def check(context, x, b, **_):
+        bias = _const(b)
+        return (
+            bias is not None and bias.ndim == 1 and x.shape is not None and len(x.shape) >= 1
+            and x.shape[-1] == bias.shape[0] and b.dtype == x.dtype
+        )  # fmt: skip
+
+    def target(op, x, b):
+        return op.FastGelu(op.Add(x, b), _domain="com.microsoft")
+
+    def replacement(op, x, b):
+        return op.FastGelu(x, b, _domain="com.microsoft")
+
+    return pattern.RewriteRuleSet([pattern.RewriteRule(target, replacement, check)], commute=True)
