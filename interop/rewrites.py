@@ -179,6 +179,8 @@ def softmax() -> pattern.RewriteRuleSet:
             return None
         axis = int(data.reshape(-1)[0]) % rank
         node = total.producer()
+        if node is None:
+            return None
         keep = node.attributes.get_int("keepdims", 1)
         if node.attributes.get_int("noop_with_empty_axes", 0):
             return None
