@@ -153,6 +153,8 @@ def _region(start: ir.Node):
                 if reader in members or reader in exits:
                     continue
                 if _is_transpose(reader) and _perm(reader) == undo:
+                    if reader.outputs[0].is_graph_output():
+                        return None  # its value must stay produced under the output's name
                     exits.add(reader)
                 elif reader.op_type in _ELEMENTWISE and reader.domain in _STANDARD:
                     members.add(reader)

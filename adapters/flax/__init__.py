@@ -51,6 +51,28 @@ def register_primitive(
     return decorator(converter) if converter is not None else decorator
 
 
+def register_module_tree(
+    name: str,
+    accepts: Callable[[Any], bool],
+    split: Callable[[Any], Any],
+    modules: Callable[[Any], Any],
+) -> Any:
+    """Give interop the module tree of another JAX library's models (equinox's is built in).
+
+    ``accepts(model)`` says whether the hook takes `model`; ``split(model)`` returns the
+    model's arrays as a pytree and a function rebuilding a callable model from such a
+    pytree; ``modules(model)`` lists ``(dotted path, module)`` pairs, the model as ``""``.
+    See `interop.adapters.flax.capture_wrappers.register_module_tree` and
+    docs/capture-flax.md.
+
+    >>> register_module_tree("mylib", lambda m: isinstance(m, MyModule),   # doctest: +SKIP
+    ...                      my_split, my_modules)
+    """
+    from .capture_wrappers import register_module_tree as register
+
+    return register(name, accepts, split, modules)
+
+
 def _mro_modules(obj: Any) -> list[str]:
     return [f"{cls.__module__}.{cls.__name__}" for cls in type(obj).__mro__]
 

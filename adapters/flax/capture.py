@@ -38,9 +38,20 @@ from . import (  # noqa: F401  (register the converters)
 from .capture_check import check_captured
 from .capture_lowering import OPSET, Lowering, walk
 from .capture_modules import Capture, capture_function, capture_linen, capture_nnx, closure_names
+from .capture_wrappers import (
+    capture_linen_wrapper,
+    capture_module_tree,
+    is_linen_wrapper,
+    module_tree_for,
+)
 
 
 def capture(model: Any) -> Capture:
+    hook = module_tree_for(model)
+    if hook is not None:
+        return capture_module_tree(model, hook)
+    if is_linen_wrapper(model):
+        return capture_linen_wrapper(model)
     if isinstance(model, tuple) and len(model) == 2 and is_linen_module(model[0]):
         return capture_linen(model[0], model[1])
     if is_nnx_module(model):

@@ -18,6 +18,7 @@ primitive, module path and ``file:line``), which the `TraceError` names.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -32,11 +33,15 @@ def _shell_proto(model: ir.Model) -> Any:
 
     graph = model.graph
     held = {name: value.const_value for name, value in graph.initializers.items()}
+    logger = logging.getLogger(serde.__name__)  # it warns about each data-less initializer
+    level = logger.level
     try:
+        logger.setLevel(logging.ERROR)
         for value in graph.initializers.values():
             value.const_value = None
         proto = serde.serialize_model(model)
     finally:
+        logger.setLevel(level)
         for name, value in graph.initializers.items():
             value.const_value = held[name]
     infos = {info.name: info for info in proto.graph.value_info}

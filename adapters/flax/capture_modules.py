@@ -140,7 +140,7 @@ class Capture:
     finish_layers: Callable[[], list[provenance.LayerRecord]] | None = None
 
 
-def _leaf_names(tree: Any) -> list[str]:
+def leaf_names(tree: Any) -> list[str]:
     names = []
     for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
         parts = []
@@ -165,7 +165,7 @@ def capture_nnx(model: Any) -> Capture:
     from flax import nnx
 
     graphdef, rng_state, state = nnx.split(model, nnx.RngState, ...)
-    names = _leaf_names(state)
+    names = leaf_names(state)
     kinds = {}
     for name, (_, var) in zip(names, _flat_variables(state), strict=False):
         kinds[name] = provenance.TRAINABLE if isinstance(var, nnx.Param) else provenance.BUFFER
@@ -341,7 +341,10 @@ def _scoped_calls(classes: set[type], paths: _PathFinder, returns: Returns) -> I
 
 
 # ---------------------------------------------------------------------- linen
-def capture_linen(module: Any, variables: Any) -> Capture:
+def capture_linen(module: Any, variables: Any, call: Callable[..., Any] | None = None) -> Capture:
+    """A linen module with its variables; `call(variables, *args, **kwargs)` runs it (by
+    default ``module.apply``; a wrapper such as a Hugging Face ``FlaxPreTrainedModel``
+    passes its own ``__call__``, which prepares inputs and outputs around ``apply``)."""
     import flax.linen as nn
 
     variables = dict(variables)
@@ -349,15 +352,15 @@ def capture_linen(module: Any, variables: Any) -> Capture:
     kinds: dict[str, str] = {}
     names: list[str] = []
     for collection, tree in sorted(variables.items(), key=lambda kv: kv[0] != "params"):
-        for name in _leaf_names(tree):
+        for name in leaf_names(tree):
             final = name if name not in kinds else f"{collection}.{name}"
             kinds[final] = provenance.TRAINABLE if collection == "params" else provenance.BUFFER
             names.append(final)
         params[collection] = tree
     # tree_leaves sorts dict keys: put the names in that order.
-    order = _leaf_names(params)
+    order = leaf_names(params)
     by_path = dict(
-        zip([f"{c}.{n}" for c in params for n in _leaf_names(params[c])], names, strict=False)
+        zip([f"{c}.{n}" for c in params for n in leaf_names(params[c])], names, strict=False)
     )
     names = [by_path[p] for p in order]
     seen: dict[str, provenance.LayerRecord] = {
@@ -391,6 +394,8 @@ def capture_linen(module: Any, variables: Any) -> Capture:
 
     def fn(tree: Any, *args: Any, **kwargs: Any) -> Any:
         with nn.intercept_methods(interceptor):
+            if call is not None:
+                return call(tree, *args, **kwargs)
             return module.apply(tree, *args, **kwargs)
 
     returns = Returns()
@@ -398,7 +403,7 @@ def capture_linen(module: Any, variables: Any) -> Capture:
     def finish_layers() -> list[provenance.LayerRecord]:
         records = dict(seen)
         for collection in params.values():  # modules with weights that were never called
-            for name in _leaf_names(collection):
+            for name in leaf_names(collection):
                 parts = name.split(".")[:-1]
                 for i in range(1, len(parts) + 1):
                     path = ".".join(parts[:i])

@@ -439,3 +439,11 @@ def convert_top_k(low, eqn, x):
         low.cast(values, eqn.outvars[0].aval.dtype),
         low.cast(indices, eqn.outvars[1].aval.dtype),
     ]
+
+
+@reg("stack")
+def convert_stack(low, eqn, *xs):
+    axis = int(eqn.params["axis"])
+    rank = len(eqn.outvars[0].aval.shape)
+    parts = [low.op("Unsqueeze", [x, low.ints([axis % rank])]) for x in xs]
+    return parts[0] if len(parts) == 1 else low.op("Concat", parts, {"axis": axis % rank})

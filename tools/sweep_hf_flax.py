@@ -1,0 +1,214 @@
+"""Sweep: every Flax model class of Hugging Face transformers 4.x that builds from a tiny
+random config -> interop.trace -> ONNX Runtime vs the Flax call -> to_torch.
+
+transformers 5 dropped its Flax models, so this runs in its own environment (the main
+venv keeps 5.x):
+
+    python3.11 -m venv /tmp/hf4venv
+    /tmp/hf4venv/bin/pip install -c constraints-without-transformers.txt \\
+        "transformers==4.57.*" flax==0.12.8 jax==0.10.2 jaxlib==0.10.2 torch onnx onnx-ir \\
+        onnxruntime graphviz "graphviz-pure>=0.2.2,<0.3"
+    /tmp/hf4venv/bin/pip install --no-deps -e .
+    JAX_PLATFORMS=cpu /tmp/hf4venv/bin/python tools/sweep_hf_flax.py [--out results.json] [names...]
+
+Per model: capture (and the capture-time ONNX checks), the layer-tree size, ONNX Runtime
+against the model's own call (rtol 1e-4, atol 1e-4) at batch 2 and batch 3 (the graph is
+traced with a dynamic batch), and `interop.to_torch` of the capture against ONNX Runtime
+(same tolerance). Weights are random (no download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+
+RTOL = ATOL = 1e-4
+TEXT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=37, max_position_embeddings=64)  # fmt: skip
+DECODER = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=37, max_position_embeddings=64)  # fmt: skip
+SEQ2SEQ = dict(vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2,
+               encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37,
+               decoder_ffn_dim=37, max_position_embeddings=64)  # fmt: skip
+IMAGE = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+             num_attention_heads=4, intermediate_size=37)  # fmt: skip
+
+
+def ids(batch, seq=7):
+    return np.random.default_rng(batch).integers(1, 99, (batch, seq)).astype(np.int32)
+
+
+def pixels(batch, size=32):
+    return np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
+
+
+def text(batch):
+    return {"input_ids": ids(batch)}
+
+
+def seq2seq(batch):
+    return {"input_ids": ids(batch), "decoder_input_ids": ids(batch + 10, 5)}
+
+
+def image(batch):
+    return {"pixel_values": pixels(batch)}
+
+
+# name -> (config class, model class, config kwargs, inputs(batch))
+CASES = {
+    "BERT": ("BertConfig", "FlaxBertModel", TEXT, text),
+    "RoBERTa": ("RobertaConfig", "FlaxRobertaModel", TEXT, text),
+    "XLM-RoBERTa": ("XLMRobertaConfig", "FlaxXLMRobertaModel", TEXT, text),
+    "ELECTRA": ("ElectraConfig", "FlaxElectraModel", {**TEXT, "embedding_size": 16}, text),
+    "ALBERT": ("AlbertConfig", "FlaxAlbertModel", {**TEXT, "embedding_size": 16}, text),
+    "DistilBERT": ("DistilBertConfig", "FlaxDistilBertModel",
+                   dict(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37), text),
+    "RoFormer": ("RoFormerConfig", "FlaxRoFormerModel", TEXT, text),
+    "BigBird": ("BigBirdConfig", "FlaxBigBirdModel", {**TEXT, "attention_type": "original_full"}, text),
+    "GPT-2": ("GPT2Config", "FlaxGPT2Model", dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64), text),
+    "GPT-Neo": ("GPTNeoConfig", "FlaxGPTNeoModel",
+                dict(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4,
+                     attention_types=[[["global", "local"], 1]], max_position_embeddings=64), text),
+    "GPT-J": ("GPTJConfig", "FlaxGPTJModel", dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64), text),
+    "OPT": ("OPTConfig", "FlaxOPTModel", dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=37, max_position_embeddings=64, word_embed_proj_dim=32), text),
+    "XGLM": ("XGLMConfig", "FlaxXGLMModel", dict(vocab_size=99, d_model=32, num_layers=2, attention_heads=4, ffn_dim=37, max_position_embeddings=64), text),
+    "Llama": ("LlamaConfig", "FlaxLlamaModel", DECODER, text),
+    "Mistral": ("MistralConfig", "FlaxMistralModel", DECODER, text),
+    "Gemma": ("GemmaConfig", "FlaxGemmaModel", {**DECODER, "head_dim": 8}, text),
+    "T5": ("T5Config", "FlaxT5Model", dict(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4), seq2seq),
+    "T5 encoder": ("T5Config", "FlaxT5EncoderModel", dict(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4), text),
+    "mT5": ("MT5Config", "FlaxMT5Model", dict(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4), seq2seq),
+    "LongT5": ("LongT5Config", "FlaxLongT5Model", dict(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4), seq2seq),
+    "BART": ("BartConfig", "FlaxBartModel", SEQ2SEQ, seq2seq),
+    "mBART": ("MBartConfig", "FlaxMBartModel", SEQ2SEQ, seq2seq),
+    "Pegasus": ("PegasusConfig", "FlaxPegasusModel", SEQ2SEQ, seq2seq),
+    "Marian": ("MarianConfig", "FlaxMarianModel", {**SEQ2SEQ, "decoder_vocab_size": 99}, seq2seq),
+    "Blenderbot": ("BlenderbotConfig", "FlaxBlenderbotModel", SEQ2SEQ, seq2seq),
+    "BlenderbotSmall": ("BlenderbotSmallConfig", "FlaxBlenderbotSmallModel", SEQ2SEQ, seq2seq),
+    "Whisper": ("WhisperConfig", "FlaxWhisperModel",
+                dict(vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2,
+                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37,
+                     decoder_ffn_dim=37, num_mel_bins=8, max_source_positions=16,
+                     max_target_positions=16),
+                lambda b: {"input_features": np.random.default_rng(b).standard_normal((b, 8, 32)).astype(np.float32),
+                           "decoder_input_ids": ids(b + 10, 5)}),
+    "Wav2Vec2": ("Wav2Vec2Config", "FlaxWav2Vec2Model",
+                 dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=37, conv_dim=(8, 8), conv_stride=(4, 4), conv_kernel=(8, 8),
+                      num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, do_stable_layer_norm=True),
+                 lambda b: {"input_values": np.random.default_rng(b).standard_normal((b, 400)).astype(np.float32)}),
+    "ViT": ("ViTConfig", "FlaxViTModel", IMAGE, image),
+    "BEiT": ("BeitConfig", "FlaxBeitModel", {**IMAGE, "use_relative_position_bias": True}, image),
+    "DINOv2": ("Dinov2Config", "FlaxDinov2Model", IMAGE, image),
+    "CLIP text": ("CLIPTextConfig", "FlaxCLIPTextModel", dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, max_position_embeddings=64), text),
+    "CLIP vision": ("CLIPVisionConfig", "FlaxCLIPVisionModel", IMAGE, image),
+    "RegNet": ("RegNetConfig", "FlaxRegNetModel",
+               dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8), image),
+    "ResNet": ("ResNetConfig", "FlaxResNetModel",
+               dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"), image),
+}  # fmt: skip
+
+
+def _flat(outputs):
+    from interop.structure import flatten_outputs
+
+    return [np.asarray(v) for _, v in flatten_outputs(outputs, lambda x: hasattr(x, "shape"))]
+
+
+def _close(got, want):
+    if len(got) != len(want):
+        return False, f"{len(got)} outputs vs {len(want)}"
+    worst = 0.0
+    for a, b in zip(got, want, strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a.shape != b.shape:
+            return False, f"shape {a.shape} vs {b.shape}"
+        if not np.allclose(a, b, rtol=RTOL, atol=ATOL):
+            return False, f"max abs diff {np.max(np.abs(a - b)):.2e}"
+        worst = max(worst, float(np.max(np.abs(a - b))) if a.size else 0.0)
+    return True, f"max abs diff {worst:.1e}"
+
+
+def run_case(name):
+    import transformers
+
+    import interop
+
+    config_cls, model_cls, kwargs, make = CASES[name]
+    row = {"model": name, "class": model_cls}
+    config = getattr(transformers, config_cls)(**kwargs)
+    model = getattr(transformers, model_cls)(config, seed=0)
+    inputs = make(2)
+    start = time.perf_counter()
+    try:
+        g = interop.trace(model, inputs)
+    except Exception as err:
+        row["capture"] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        return row
+    row["capture"] = "ok"
+    row["trace_s"] = round(time.perf_counter() - start, 2)
+    row["layers"] = len(g.layers)
+    row["nodes"] = len(list(g.model.graph))
+    for batch in (2, 3):
+        feed = make(batch)
+        want = _flat(model(**feed))
+        try:
+            got = g.run(**feed)
+            got = got if isinstance(got, list | tuple) else [got]
+            ok, detail = _close(got, want)
+        except Exception as err:
+            ok, detail = False, f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+        row[f"ort_batch{batch}"] = "ok" if ok else detail
+        row.setdefault("ort_detail", detail)
+    try:
+        import torch
+
+        module = interop.to_torch(g)
+        feed = make(3)
+        with torch.no_grad():
+            out = module(*[torch.from_numpy(np.asarray(feed[i.name])) for i in g.inputs])
+        out = out if isinstance(out, list | tuple) else [out]
+        ok, detail = _close(
+            [o.numpy() for o in out], g.run(**feed) if len(out) > 1 else [g.run(**feed)]
+        )
+        row["torch"] = "ok" if ok else detail
+    except Exception as err:
+        row["torch"] = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="models to run (default: all)")
+    parser.add_argument("--out", default="hf_flax_sweep.json")
+    args = parser.parse_args()
+    rows = []
+    for name in args.names or list(CASES):
+        try:
+            row = run_case(name)
+        except Exception as err:  # the model itself does not build from the config
+            row = {"model": name, "capture": f"build: {type(err).__name__}: {str(err)[:200]}"}
+            traceback.print_exc()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    captured = sum(r.get("capture") == "ok" for r in rows)
+    matched = sum(r.get("ort_batch2") == "ok" and r.get("ort_batch3") == "ok" for r in rows)
+    torch_ok = sum(r.get("torch") == "ok" for r in rows)
+    print(
+        f"{captured}/{len(rows)} capture, {matched} match ORT at batch 2 and 3, {torch_ok} to_torch"
+    )
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
