@@ -331,3 +331,8 @@ def test_fft_is_refused_at_capture_with_the_reason():
     with pytest.raises(interop.UnsupportedOpError, match="complex") as info:
         interop.trace(spectrum, f32(2, 16))
     assert info.value.op == "fft" and "test_jax_primitives.py" in info.value.location
+
+
+def test_tile_and_stack():
+    check(lambda x: (jnp.tile(x, (2, 3)), jnp.stack([x, -x], axis=1), jnp.stack([x, x * 2], -1)),
+          f32(3, 4), dynamic_batch=True, again=(f32(5, 4),))  # fmt: skip

@@ -447,3 +447,8 @@ def convert_stack(low, eqn, *xs):
     rank = len(eqn.outvars[0].aval.shape)
     parts = [low.op("Unsqueeze", [x, low.ints([axis % rank])]) for x in xs]
     return parts[0] if len(parts) == 1 else low.op("Concat", parts, {"axis": axis % rank})
+
+
+@reg("tile")
+def convert_tile(low, eqn, x):
+    return low.op("Tile", [x, low.shape(list(eqn.params["reps"]))])
