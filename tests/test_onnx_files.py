@@ -439,3 +439,58 @@ def test_unemittable_file_names_node_op_opset_and_producer():
     message = str(info.value)
     for part in ("'TfIdfVectorizer'", "node 'tfidf'", "opset 9", "oldtool 2.1", "Fix: re-export"):
         assert part in message, message
+
+
+# ------------------------------------------------------------------ the exporter sweep, sampled
+def _sweep():
+    """tools/sweep_onnx_files.py as a module (tools/ is not a package)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "sweep_onnx_files.py"
+    if "sweep_onnx_files" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("sweep_onnx_files", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["sweep_onnx_files"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["sweep_onnx_files"]
+
+
+# cases of the sweep (the full sweep: the script); the dynamo exporter and jax2onnx take
+# 10-30 s to load their registries on a first call, so their cases are slow ones
+SWEEP_SAMPLE = [
+    ("mobilenet_depthwise", "torchscript", 9),
+    ("gru_bidirectional", "torchscript", 13),
+    ("keras_cnn_separable", "tf2onnx", 15),
+    ("zoo_cnn", "ir3", 8),
+]
+SWEEP_SLOW = [
+    ("bert_tiny", "torchscript", 13),
+    ("gpt2_tiny", "dynamo", None),
+    ("resnet_blocks", "dynamo", None),
+    ("flax_cnn", "jax2onnx", None),
+]
+
+
+def _sweep_case(arch, exporter, opset):
+    sweep = _sweep()
+    data, inputs = sweep.make_file(arch, exporter, opset)
+    cells = sweep.check_file(data, inputs)
+    failed = {k: v for k, v in cells.items() if k in sweep.CHECKS and not v.startswith("ok")}
+    assert not failed, failed
+    assert set(sweep.CHECKS) <= cells.keys()
+
+
+@pytest.mark.parametrize(("arch", "exporter", "opset"), SWEEP_SAMPLE)
+def test_sweep_sample_matches_onnxruntime(arch, exporter, opset):
+    """load().run and the three emitters equal ONNX Runtime within rtol/atol 1e-4."""
+    _sweep_case(arch, exporter, opset)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "exporter", "opset"), SWEEP_SLOW)
+def test_sweep_slow_cases_match_onnxruntime(arch, exporter, opset):
+    """A TorchScript BERT (its untyped mask chain once made to_torch exponential), a dynamo
+    GPT-2 and ResNet, a jax2onnx CNN."""
+    _sweep_case(arch, exporter, opset)
