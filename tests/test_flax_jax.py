@@ -265,3 +265,21 @@ def test_accepts_does_not_import_jax():
         "assert 'jax' not in sys.modules and 'flax' not in sys.modules, sorted(sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_invalid_graph_is_reported_at_capture_with_primitive_and_line():
+    def bad_reduce_xor(low, eqn, x):
+        # an ill-typed node: MatMul of a bool and a float, which ONNX rejects
+        return low.op("MatMul", [x, low.const(np.ones((5, 1), np.float32))])
+
+    register_primitive("reduce_xor", bad_reduce_xor)
+    try:
+        with pytest.raises(interop.TraceError) as info:
+            interop.trace(uses_reduce_xor, f32(2, 5))
+    finally:
+        CAPTURE_PRIMITIVES._entries.pop("reduce_xor")
+    text = str(info.value)
+    line = uses_reduce_xor.__code__.co_firstlineno + 2
+    assert "JAX primitive 'reduce_xor'" in text and f"test_flax_jax.py:{line}" in text
+    assert "MatMul" in text and "register_primitive('reduce_xor', replace=True)" in text
+    assert not isinstance(info.value, interop.ModelLoadError)

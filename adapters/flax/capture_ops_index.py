@@ -56,7 +56,7 @@ def _element_indices(low, starts, batch, window, shape_b, op_shape, sizes, index
     clamped, valid = {}, None
     for d, start in starts.items():
         s = low.cast(start, np.int64)
-        upper = low.op("Sub", [_scalar_dim(low, op_shape[d]), low.const(np.int64(sizes[d]))])
+        upper = low.op("Sub", [_scalar_dim(low, op_shape[d]), _scalar_dim(low, sizes[d])])
         ok = low.op(
             "And",
             [
@@ -157,7 +157,7 @@ def convert_gather(low, eqn, operand, indices):
     dn = p["dimension_numbers"]
     op_shape, idx_shape = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
     out_shape = eqn.outvars[0].aval.shape
-    sizes = [int(s) for s in p["slice_sizes"]]
+    sizes = [int(s) if is_static(s) else s for s in p["slice_sizes"]]  # batch-sized slices too
     start_map = [int(d) for d in dn.start_index_map]
     collapsed = [int(d) for d in dn.collapsed_slice_dims]
     obatch = [int(d) for d in getattr(dn, "operand_batching_dims", ())]
