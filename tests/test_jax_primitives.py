@@ -324,15 +324,17 @@ def test_switch_with_int_index_and_while_with_int_carry():
 
 
 # ---------------------------------------------------------------------- FFT
-def test_fft_is_refused_at_capture_with_the_reason():
-    def spectrum(x):
-        return jnp.abs(jnp.fft.rfft(x))  # complex intermediate values
+def test_fft_rfft_irfft_and_complex_parts():
+    x = f32(2, 16)
+    check(lambda x: (jnp.abs(jnp.fft.rfft(x)), jnp.fft.irfft(jnp.fft.rfft(x), n=16)), x,
+          rtol=1e-4, atol=1e-4)  # fmt: skip
+    check(lambda x: (jnp.fft.fft(x).real, jnp.fft.ifft(x).imag, jnp.angle(jnp.fft.fft(x))), x,
+          rtol=1e-4, atol=1e-4)  # fmt: skip
+    check(lambda x: (jnp.fft.irfft(jnp.fft.rfft(x) * jnp.conj(jnp.fft.rfft(x)), n=15),
+                     jnp.abs(jnp.fft.fft2(x)), jnp.fft.irfft2(jnp.fft.rfft2(x), s=(2, 16))),
+          f32(2, 15), rtol=1e-4, atol=1e-4)  # fmt: skip
 
-    with pytest.raises(interop.UnsupportedOpError, match="complex") as info:
-        interop.trace(spectrum, f32(2, 16))
-    assert info.value.op == "fft" and "test_jax_primitives.py" in info.value.location
 
-
-def test_tile_and_stack():
-    check(lambda x: (jnp.tile(x, (2, 3)), jnp.stack([x, -x], axis=1), jnp.stack([x, x * 2], -1)),
-          f32(3, 4), dynamic_batch=True, again=(f32(5, 4),))  # fmt: skip
+def test_a_complex_graph_output_is_refused_at_capture():
+    with pytest.raises(interop.TraceError, match="Output 'output' is complex64"):
+        interop.trace(lambda x: jnp.fft.fft(x), f32(2, 8))

@@ -27,6 +27,7 @@ from interop.structure import flatten_outputs
 
 from . import (  # noqa: F401  (register the converters)
     capture_ops_basic,
+    capture_ops_complex,
     capture_ops_control,
     capture_ops_index,
     capture_ops_math,
@@ -282,6 +283,13 @@ def _finalize_outputs(low, outs, inputs, outvars, names) -> list[ir.Value]:
     seen: set[int] = set()
     taken = {v.name for v in inputs}
     for value, var, name in zip(outs, outvars, names, strict=False):
+        if np.dtype(var.aval.dtype).kind == "c":
+            raise TraceError(
+                f"Output '{name}' is {var.aval.dtype}: ONNX Runtime has no complex tensors",
+                "real, integer or boolean outputs",
+                "return jnp.real / jnp.imag / jnp.abs / jnp.angle of the complex value (complex "
+                "values inside the graph, FFTs included, are supported)",
+            )
         if value.producer() is None or id(value) in seen or value.is_initializer():
             low.scope, low.location = "", None
             value = low.op("Identity", [value])

@@ -264,14 +264,3 @@ reg("cumprod", _cumulative("prod"))
 reg("cummax", _cumulative("max"))
 reg("cummin", _cumulative("min"))
 reg("cumlogsumexp", _cumulative("logsumexp"))
-
-
-@reg("fft")
-def convert_fft(low, eqn, x):
-    raise _unsupported(
-        low,
-        f"{eqn.params['fft_type']} of lengths {tuple(eqn.params['fft_lengths'])}: its complex "
-        "values have no ONNX Runtime kernels",
-        "compute the transform outside the captured function, or as a real matrix product "
-        "(jnp.cos / jnp.sin of the frequency grid) that interop captures",
-    )
