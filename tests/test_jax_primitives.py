@@ -229,13 +229,15 @@ def test_convert_element_type_to_every_dtype(src):
 
     def fn(x):
         x = x.astype(src)
-        outs = [
-            x.astype(d)
-            for d in CASTS
-            if d is not jnp.bfloat16 and (signed or np.dtype(d).kind != "u" or True)
-        ]
-        outs.append(x.astype(jnp.bfloat16).astype(np.float32))
-        return tuple(o for o in outs if not (signed and np.dtype(o.dtype).kind == "u"))
+        outs = []
+        for d in CASTS:
+            if d is jnp.bfloat16:  # ORT returns no bfloat16 arrays: round-trip it
+                outs.append(x.astype(d).astype(np.float32))
+            elif signed and np.dtype(d).kind == "u":  # negative -> unsigned is undefined
+                outs.append(jnp.abs(x).astype(d))
+            else:
+                outs.append(x.astype(d))
+        return tuple(outs)
 
     check(fn, feed)
 
@@ -298,10 +300,8 @@ def softplus(x):
 softplus.defjvp(lambda p, t: (softplus(p[0]), t[0] * jax.nn.sigmoid(p[0])))
 
 
-def test_custom_jvp_vjp_pjit_closed_call_remat():
+def test_custom_jvp_vjp_pjit_and_remat_are_inlined():
     inner = jax.jit(lambda x: jnp.sin(x) * 2)
-    closed = jax.core.closed_call_p if hasattr(jax.core, "closed_call_p") else None
-    del closed
 
     def fn(x):
         y = jax.checkpoint(lambda z: jnp.tanh(z) ** 2)(x)
