@@ -379,3 +379,41 @@ class CausalAttention(nnx.Module):
 def test_attention_with_a_causal_mask():
     model = CausalAttention(nnx.Rngs(0))
     check(model, (f32(2, 5, 8),), (f32(3, 5, 8),))
+
+
+class Router(nnx.Module):
+    def __init__(self, dim, experts, rngs):
+        self.gate = nnx.Linear(dim, experts, use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        weights, chosen = jax.lax.top_k(self.gate(x), 2)
+        return jax.nn.softmax(weights, axis=-1), chosen
+
+
+class MoE(nnx.Module):
+    """A mixture-of-experts block: top-2 routing, stacked expert weights, take_along_axis,
+    a scatter-add of the routing weights (the load-balancing counts)."""
+
+    def __init__(self, dim=8, hidden=16, experts=4):
+        rngs = nnx.Rngs(0)
+        self.router = Router(dim, experts, rngs)
+        self.up = nnx.Param(jax.random.normal(rngs.params(), (experts, dim, hidden)) * 0.3)
+        self.down = nnx.Param(jax.random.normal(rngs.params(), (experts, hidden, dim)) * 0.3)
+        self.experts = experts
+
+    def __call__(self, x):
+        weights, chosen = self.router(x)
+        every = jnp.einsum("bsd,edh->bseh", x, self.up.value)
+        every = jnp.einsum("bseh,ehd->bsed", jax.nn.gelu(every), self.down.value)
+        picked = jnp.take_along_axis(every, chosen[..., None], axis=2)
+        load = jnp.zeros((self.experts,)).at[chosen.reshape(-1)].add(weights.reshape(-1))
+        return (picked * weights[..., None]).sum(2), load
+
+
+def test_mixture_of_experts_router_with_top_k_gather_and_scatter():
+    model = MoE()
+    g = check(model, (f32(2, 5, 8),), (f32(3, 5, 8),))
+    assert [la.path for la in g.layers] == ["router", "router.gate"]
+    assert g.count_params() == state_count(model)
+    ops = {n.op_type for n in g.model.graph}
+    assert {"TopK", "GatherND", "ScatterND"} <= ops
