@@ -253,8 +253,8 @@ def measure(case: Case, batch: int, rounds: int, threads: int) -> dict[str, Any]
     calls["anchor"]()
     single = time.perf_counter() - begin
     # each round takes the fastest of a few calls per side: a call the shared machine
-    # preempted says nothing about the graph (about 50 ms of calls per side and round)
-    repeat = int(min(20, max(1, 0.05 // max(single, 1e-6))))
+    # preempted says nothing about the graph (at least 3 calls, about 0.3 s, per side and round)
+    repeat = int(min(20, max(3, 0.3 // max(single, 1e-6))))
     times: dict[str, list[float]] = {k: [] for k in calls}
     order = list(calls)
     for index in range(rounds):
@@ -332,7 +332,7 @@ def main() -> None:
             "",
             f"{machine()}; onnxruntime {ort.__version__}, {args.threads} intra-op threads; "
             f"{sizes}; {args.rounds} interleaved rounds, each the fastest of a few calls per "
-            "side (about 50 ms of calls), medians; the ratio is the median of "
+            "side (3 to 20 calls, about 0.3 s), medians; the ratio is the median of "
             "per-round ratios with its 25-75% range. *stage*: the optimization stage ours ran "
             "(interop/optimize.py). *max diff*: largest difference between the two graphs' "
             "first outputs.",

@@ -113,6 +113,7 @@ def _fold(model: ir.Model) -> dict[str, int]:
         "relu": rewrites.relu().apply_to_model(model),
         "no-op max": rewrites.no_op_max().apply_to_model(model),
         "transpose as reshape": rewrites.unit_transpose().apply_to_model(model),
+        "einsum as matmul": rewrites.einsum_as_matmul().apply_to_model(model),
     }
     counts["softmax"] = rewrites.softmax().apply_to_model(model)
     if any(counts.values()):

@@ -17,7 +17,8 @@ rest; these cover what they miss on our graphs:
   split (or keep) the product's last axis, becomes Reshape(MatMul(x, W) + b.reshape(-1)):
   a MatMul + Add pair ONNX Runtime runs as one Gemm (Flax's DenseGeneral projections).
 - `fast_gelu_bias`: FastGelu(x + b) with a 1-D b takes b as its own bias input.
-- `gelu_tanh`: the tanh GELU written with x * x * x becomes ONNX Runtime's FastGelu.
+- `einsum_as_matmul`: an Einsum that is a matrix product becomes MatMul (Keras).
+- `gelu_tanh`: the tanh GELU (JAX's, Keras's, torch's spelling) becomes FastGelu.
 """
 
 from __future__ import annotations
@@ -213,20 +214,132 @@ def softmax() -> pattern.RewriteRuleSet:
 
 
 def gelu_tanh() -> pattern.RewriteRuleSet:
-    """0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x * x * x))) becomes FastGelu."""
+    """0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))) becomes FastGelu.
 
-    def target(op, x):
-        cube = op.Mul(op.Mul(x, x), x)
+    x^3 as Pow(x, 3) or x * x * x, the 0.5 applied to x, to the bracket or last: how JAX,
+    Keras and torch write it.
+    """
+
+    def bracket(op, x, cube):
         inner = op.Mul(math.sqrt(2.0 / math.pi), op.Add(x, op.Mul(0.044715, cube)))
-        return op.Mul(x, op.Mul(0.5, op.Add(1.0, op.Tanh(inner))))
+        return op.Add(1.0, op.Tanh(inner))
+
+    def half_outside(cube_of):
+        return lambda op, x: op.Mul(x, op.Mul(0.5, bracket(op, x, cube_of(op, x))))
+
+    def half_on_x(cube_of):
+        return lambda op, x: op.Mul(op.Mul(0.5, x), bracket(op, x, cube_of(op, x)))
+
+    def half_last(cube_of):
+        return lambda op, x: op.Mul(op.Mul(x, bracket(op, x, cube_of(op, x))), 0.5)
+
+    def product(op, x):
+        return op.Mul(op.Mul(x, x), x)
+
+    def power(op, x):
+        return op.Pow(x, 3.0)
 
     def replacement(op, x):
         return op.FastGelu(x, _domain="com.microsoft")
 
+    def check(context, x, **_):
+        return _float(x)
+
+    shapes = (half_outside, half_on_x, half_last)
+    targets = [shape(cube) for shape in shapes for cube in (product, power)]
     return pattern.RewriteRuleSet(
-        [pattern.RewriteRule(target, replacement, lambda context, x, **_: _float(x))],
-        commute=True,
+        [pattern.RewriteRule(target, replacement, check) for target in targets], commute=True
     )
+
+
+def einsum_as_matmul() -> pattern.RewriteRuleSet:
+    """A two-operand Einsum that is a (batched) matrix product becomes MatMul.
+
+    ONNX Runtime's Einsum kernel is much slower than MatMul on the equations Keras's
+    EinsumDense and MultiHeadAttention write (``abc,cde->abde``, ``aecd,abcd->acbe``...).
+    With a constant right operand, its contracted and free axes are merged into a 2-D
+    weight (static sizes); with two computed operands, each of the batch, free and
+    contracted groups must be one axis. Transposes put the axes in place.
+    """
+
+    def check(context, x, y, out, **_):
+        return _einsum_plan(out.producer(), x, y) is not None
+
+    def replacement(op, x, y, out, **_):
+        plan = _einsum_plan(out.producer(), x, y)
+        assert plan is not None
+        return plan(op, x, y)
+
+    target = lambda op, x, y: op.Einsum(x, y, _outputs=["out"])  # noqa: E731
+    return pattern.RewriteRuleSet([pattern.RewriteRule(target, replacement, check)])
+
+
+def _einsum_plan(node: ir.Node | None, x: ir.Value, y: ir.Value) -> Any:
+    if node is None or x.shape is None or y.shape is None:
+        return None
+    equation = node.attributes.get_string("equation", "").replace(" ", "")
+    if "..." in equation or "->" not in equation or equation.count(",") != 1:
+        return None
+    inputs, result = equation.split("->")
+    left, right = inputs.split(",")
+    if len(left) != len(x.shape) or len(right) != len(y.shape):
+        return None
+    if any(len(set(t)) != len(t) for t in (left, right, result)):
+        return None  # a diagonal or a repeated output label
+    if set(result) - set(left) - set(right) or (set(left) ^ set(right)) - set(result):
+        return None  # a label summed inside one operand
+    batch = [c for c in left if c in right and c in result]
+    contract = [c for c in left if c in right and c not in result]
+    free_x = [c for c in left if c not in right]
+    free_y = [c for c in right if c not in left]
+    if not contract:
+        return None
+    dims = {c: x.shape[i] for i, c in enumerate(left)} | {
+        c: y.shape[i] for i, c in enumerate(right)
+    }
+    weight = _const(y)
+    if not batch and weight is not None:
+        if not all(isinstance(dims[c], int) for c in contract + free_y):
+            return None
+        return _weight_plan(left, right, result, free_x, contract, free_y, dims, weight)
+    if len(contract) == len(free_x) == len(free_y) == 1 and batch:
+        return _batched_plan(left, right, result, batch, free_x, contract, free_y)
+    return None
+
+
+def _perm(source: str, target: list[str]) -> list[int]:
+    return [source.index(c) for c in target]
+
+
+def _transposed(op: Any, value: Any, source: str, target: list[str]) -> Any:
+    perm = _perm(source, target)
+    return value if perm == sorted(perm) else op.Transpose(value, perm=perm)
+
+
+def _weight_plan(left, right, result, free_x, contract, free_y, dims, weight) -> Any:
+    k = int(np.prod([dims[c] for c in contract]))
+    n_dims = [dims[c] for c in free_y]
+    matrix = np.transpose(weight, _perm(right, contract + free_y)).reshape(k, -1)
+
+    def build(op: Any, x: Any, y: Any) -> Any:
+        a = _transposed(op, x, left, free_x + contract)
+        if len(contract) > 1:  # merge the contracted axes; the free ones are copied (0)
+            a = op.Reshape(a, op.Constant(value_ints=[0] * len(free_x) + [k]))
+        product = op.MatMul(a, op.Constant(value=ir.tensor(np.ascontiguousarray(matrix))))
+        if len(free_y) != 1:
+            product = op.Reshape(product, op.Constant(value_ints=[0] * len(free_x) + n_dims))
+        return _transposed(op, product, "".join(free_x + free_y), list(result))
+
+    return build
+
+
+def _batched_plan(left, right, result, batch, free_x, contract, free_y) -> Any:
+    def build(op: Any, x: Any, y: Any) -> Any:
+        a = _transposed(op, x, left, batch + free_x + contract)
+        b = _transposed(op, y, right, batch + contract + free_y)
+        return _transposed(op, op.MatMul(a, b), "".join(batch + free_x + free_y), list(result))
+
+    return build
 
 
 def scale_before_reshape() -> pattern.RewriteRuleSet:

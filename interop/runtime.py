@@ -5,8 +5,9 @@ folding, BatchNormalization into Conv, transformer fusions), built once per grap
 cached with the sessions; the graph itself stays as captured. The copy is rebuilt when
 the graph's structure changes (nodes, initializers, inputs or outputs added, removed or
 replaced). Weights given by name at run time (`weight_inputs`) run on the graph as
-captured, whose weights are still inputs. ``INTEROP_OPTIMIZE=0`` in the environment
-runs every graph as captured.
+captured, whose weights are still inputs; so do graphs with over 2 GB of weights (the
+optimizer would read every weight). ``INTEROP_OPTIMIZE=0`` in the environment runs
+every graph as captured.
 
 Inputs are checked against the signature first (rank, static dims, dtype family), so a
 mistake reads as a `ShapeError` naming the input instead of an ONNX Runtime trace.
@@ -152,14 +153,21 @@ def _create_session(graph: Graph, device: str, *, overrides: bool = False) -> An
         except ModelLoadError:
             graph._optimized = None  # this device refuses it: choose again
     from .optimize import optimized_copy
+    from .serialization import PROTO_LIMIT, weight_bytes
 
-    _inline_external(graph)
     start = time.perf_counter()
-    try:
-        stages = optimized_copy(graph.model)
-    except Exception as err:  # an optimizer bug must not stop the graph from running
-        stages = []
-        report["tried"].append(f"optimizer failed: {type(err).__name__}: {_first_lines(err)}")
+    stages = []
+    if weight_bytes(graph.model) >= PROTO_LIMIT:
+        # the optimizer reads every weight (deduplication hashes them): over 2 GB that
+        # would hold copies of mapped external data, against issue 7's memory bound
+        report["tried"].append("not optimized: weights over 2 GB")
+    else:
+        _inline_external(graph)
+        try:
+            stages = optimized_copy(graph.model)
+        except Exception as err:  # an optimizer bug must not stop the graph from running
+            reason = f"{type(err).__name__}: {_first_lines(err)}"
+            report["tried"].append(f"optimizer failed: {reason}")
     report["optimize_s"] = time.perf_counter() - start
     session = None
     for stage in stages:
@@ -180,19 +188,16 @@ def _create_session(graph: Graph, device: str, *, overrides: bool = False) -> An
 
 
 def _inline_external(graph: Graph) -> None:
-    """Read external weights into memory (as `to_proto` does) when they fit one protobuf.
+    """Read external weights into memory (as `to_proto` does; they fit one protobuf).
 
     The optimized copy shares the graph's tensors; locations relative to the model's
     folder would dangle in the copy's serialized bytes.
     """
     import onnx_ir as ir
 
-    from .serialization import PROTO_LIMIT, weight_bytes
-
     inits = graph.model.graph.initializers.values()
     if any(isinstance(v.const_value, ir.ExternalTensor) for v in inits):
-        if weight_bytes(graph.model) < PROTO_LIMIT:
-            ir.external_data.load_to_model(graph.model)
+        ir.external_data.load_to_model(graph.model)
 
 
 def _session(graph: Graph, model: Any, device: str, *, overrides: bool = False) -> Any:
