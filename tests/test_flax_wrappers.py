@@ -179,3 +179,33 @@ def test_a_library_registers_its_module_tree():
         np.testing.assert_allclose(g.run(x), model(x), rtol=RTOL, atol=ATOL)
     finally:
         MODULE_TREES.remove(hook)
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="out")(nn.relu(nn.Dense(8, name="hidden")(x)))
+
+
+def test_linen_modules_called_through_apply_keep_their_tree():
+    import functools
+
+    net = Net()
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    variables = net.init(jax.random.key(0), x)
+    # partial(module.apply, variables): the weights are the variables, named by path
+    g = interop.trace(functools.partial(net.apply, variables), x)
+    assert [la.path for la in g.layers] == ["hidden", "out"]
+    assert sorted(g.get_weights()) == ["hidden.bias", "hidden.kernel", "out.bias", "out.kernel"]
+    np.testing.assert_allclose(g.run(x), net.apply(variables, x), rtol=RTOL, atol=ATOL)
+
+    # a function that calls apply: its closed-over weights, the modules' scopes and layers
+    def fn(x):
+        return net.apply(variables, x) * 2
+
+    g = interop.trace(fn, x)
+    assert [la.path for la in g.layers] == ["hidden", "out"]
+    assert "variables.params.hidden.kernel" in g.get_weights() and g.count_params() == 67
+    assert {"hidden", "out"} <= {n.metadata_props.get("interop.scope") for n in g.model.graph}
+    x5 = rng.standard_normal((5, 4)).astype(np.float32)
+    np.testing.assert_allclose(g.run(x5), fn(x5), rtol=RTOL, atol=ATOL)

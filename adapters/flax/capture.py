@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Mapping
@@ -53,6 +54,9 @@ def capture(model: Any) -> Capture:
         return capture_module_tree(model, hook)
     if is_linen_wrapper(model):
         return capture_linen_wrapper(model)
+    applied = _applied_linen(model)
+    if applied is not None:  # functools.partial(module.apply, variables)
+        return capture_linen(*applied)
     if isinstance(model, tuple) and len(model) == 2 and is_linen_module(model[0]):
         return capture_linen(model[0], model[1])
     if is_nnx_module(model):
@@ -67,6 +71,16 @@ def capture(model: Any) -> Capture:
         unbound, variables = model.unbind()
         return capture_linen(unbound, variables)
     return capture_function(model)
+
+
+def _applied_linen(model: Any) -> tuple[Any, Any] | None:
+    """(module, variables) of ``functools.partial(module.apply, variables)``, else None."""
+    if not isinstance(model, functools.partial) or model.keywords or len(model.args) != 1:
+        return None
+    owner = getattr(model.func, "__self__", None)
+    if getattr(model.func, "__name__", "") != "apply" or not is_linen_module(owner):
+        return None
+    return (owner, model.args[0]) if isinstance(model.args[0], Mapping) else None
 
 
 def _is_leaf(value: Any) -> bool:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -341,6 +342,42 @@ def _scoped_calls(classes: set[type], paths: _PathFinder, returns: Returns) -> I
 
 
 # ---------------------------------------------------------------------- linen
+def linen_interceptor(
+    seen: dict[str, provenance.LayerRecord], sink: Callable[[], Returns]
+) -> Callable[..., Any]:
+    """The linen method interceptor: opens each module call's scope, records the module in
+    `seen` (path -> record) and its returns in `sink()`, forces inference mode
+    (BatchNorm on running averages, Dropout as a marker) and binds the layer primitives."""
+    import flax.linen as nn
+
+    def interceptor(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
+        mod = context.module
+        method = context.method_name
+        if method == "setup" or (method.startswith("_") and method != "__call__"):
+            return next_fun(*args, **kwargs)
+        parts = mod.scope.path if mod.scope is not None else ()
+        path = join_path(parts)
+        if path not in seen:
+            seen[path] = provenance.LayerRecord(path, qualname(mod), join_path(parts[:-1]))
+        if isinstance(mod, nn.BatchNorm):
+            # linen merges the attribute with the call argument and rejects both being
+            # set: set the attribute on this apply-time instance and clear the argument.
+            object.__setattr__(mod, "use_running_average", True)
+            kwargs = {k: v for k, v in kwargs.items() if k != "use_running_average"}
+            args = tuple(args[:1]) + (None,) + tuple(args[2:]) if len(args) > 1 else args
+        with jax.named_scope(MARK + path) if path else contextlib.nullcontext():
+            result = NotImplemented
+            if isinstance(mod, nn.Dropout) and args:
+                result = mark_dropout(args[0], mod.rate)
+            elif method == "__call__":  # BatchNorm, LayerNorm, Conv/Dense bias: ONNX layer ops
+                result = linen_layer_call(mod, next_fun, args, kwargs)
+            if result is NotImplemented:
+                result = next_fun(*args, **kwargs)
+            return mark_returns(result, path, sink())
+
+    return interceptor
+
+
 def capture_linen(module: Any, variables: Any, call: Callable[..., Any] | None = None) -> Capture:
     """A linen module with its variables; `call(variables, *args, **kwargs)` runs it (by
     default ``module.apply``; a wrapper such as a Hugging Face ``FlaxPreTrainedModel``
@@ -367,30 +404,7 @@ def capture_linen(module: Any, variables: Any, call: Callable[..., Any] | None =
         "": provenance.LayerRecord("", qualname(module), None)
     }
 
-    def interceptor(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
-        mod = context.module
-        method = context.method_name
-        if method == "setup" or (method.startswith("_") and method != "__call__"):
-            return next_fun(*args, **kwargs)
-        parts = mod.scope.path if mod.scope is not None else ()
-        path = join_path(parts)
-        if path not in seen:
-            seen[path] = provenance.LayerRecord(path, qualname(mod), join_path(parts[:-1]))
-        if isinstance(mod, nn.BatchNorm):
-            # linen merges the attribute with the call argument and rejects both being
-            # set: set the attribute on this apply-time instance and clear the argument.
-            object.__setattr__(mod, "use_running_average", True)
-            kwargs = {k: v for k, v in kwargs.items() if k != "use_running_average"}
-            args = tuple(args[:1]) + (None,) + tuple(args[2:]) if len(args) > 1 else args
-        with jax.named_scope(MARK + path) if path else contextlib.nullcontext():
-            result = NotImplemented
-            if isinstance(mod, nn.Dropout) and args:
-                result = mark_dropout(args[0], mod.rate)
-            elif method == "__call__":  # BatchNorm, LayerNorm, Conv/Dense bias: ONNX layer ops
-                result = linen_layer_call(mod, next_fun, args, kwargs)
-            if result is NotImplemented:
-                result = next_fun(*args, **kwargs)
-            return mark_returns(result, path, returns)
+    interceptor = linen_interceptor(seen, lambda: returns)
 
     def fn(tree: Any, *args: Any, **kwargs: Any) -> Any:
         with nn.intercept_methods(interceptor):
@@ -426,18 +440,31 @@ def capture_linen(module: Any, variables: Any, call: Callable[..., Any] | None =
 
 # ---------------------------------------------------------------------- plain JAX
 def capture_function(fn: Any) -> Capture:
+    """A plain JAX function; linen modules it calls (``lambda x: model.apply(v, x)``) get
+    their scopes and layer records through the linen method interceptor."""
+    root = provenance.LayerRecord(
+        "", qualname(fn) if not inspect.isfunction(fn) else fn.__qualname__, None
+    )
+    seen: dict[str, provenance.LayerRecord] = {"": root}
+    returns = Returns()
+
+    def call(_params: Any, *args: Any, **kwargs: Any) -> Any:
+        if "flax.linen" not in sys.modules:
+            return fn(*args, **kwargs)
+        import flax.linen as nn
+
+        with nn.intercept_methods(linen_interceptor(seen, lambda: returns)):
+            return fn(*args, **kwargs)
+
     return Capture(
-        lambda _params, *args, **kwargs: fn(*args, **kwargs),
+        call,
         {},
         [],
         {},
-        [
-            provenance.LayerRecord(
-                "", qualname(fn) if not inspect.isfunction(fn) else fn.__qualname__, None
-            )
-        ],
+        [root],
         {"framework": "jax", "api": "jax", "class": getattr(fn, "__qualname__", qualname(fn))},
         _signature(fn),
+        lambda: returns.layers(list(seen.values())),
     )
 
 
