@@ -494,3 +494,53 @@ def test_sweep_slow_cases_match_onnxruntime(arch, exporter, opset):
     """A TorchScript BERT (its untyped mask chain once made to_torch exponential), a dynamo
     GPT-2 and ResNet, a jax2onnx CNN."""
     _sweep_case(arch, exporter, opset)
+
+
+# ------------------------------------------------------------------ torch direct calls
+def _resize_file(scales, **attributes):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 6, 8])
+    nodes = [
+        N("Slice", ["x", "starts", "ends", "axes", "steps"], ["s"], name="slice"),
+        N("Resize", ["s", "", "scales"], ["y"], name="resize", **attributes),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(v, dtype), name)
+        for name, v, dtype in [("starts", [0, -7], np.int64), ("ends", [2, 2**62], np.int64),
+                               ("axes", [1, 3], np.int64), ("steps", [1, 2], np.int64),
+                               ("scales", scales, np.float32)]
+    ]  # fmt: skip
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "g", [x], [y], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("scales", "attributes", "direct"),
+    [
+        ([1, 1, 2, 2], {"mode": "nearest", "coordinate_transformation_mode": "asymmetric",
+                        "nearest_mode": "floor"}, True),
+        ([1, 1, 2, 4], {"mode": "linear"}, True),
+        ([1, 1, 0.5, 0.5], {"mode": "linear"}, True),
+        ([1, 1, 2, 2], {"mode": "linear", "coordinate_transformation_mode": "align_corners"}, True),
+        ([1, 1, 0.5, 0.5], {"mode": "linear",
+                            "coordinate_transformation_mode": "pytorch_half_pixel"}, False),
+        ([1, 1, 3, 3], {"mode": "nearest", "coordinate_transformation_mode": "asymmetric",
+                        "nearest_mode": "floor"}, False),
+        ([1, 1, 2, 2], {"mode": "nearest"}, False),
+    ],
+)  # fmt: skip
+def test_torch_slice_and_resize_are_direct_calls(scales, attributes, direct):
+    """Constant Slice -> x[a:b:c]; Resize by power-of-two scales -> F.interpolate (what
+    onnx2torch emits); other Resizes stay the generic op. All equal ONNX Runtime."""
+    import torch
+
+    data = _resize_file(scales, **attributes)
+    x = np.random.default_rng(3).standard_normal((2, 3, 6, 8)).astype(np.float32)
+    module = interop.to_torch(data)
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, _ort(data, x), rtol=1e-5, atol=1e-6)
+    assert "interop_interpret_onnx_Slice" not in module.code
+    assert ("interpolate" in module.code) == direct
+    assert ("interop_interpret_onnx_Resize" in module.code) != direct

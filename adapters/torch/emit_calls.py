@@ -11,6 +11,7 @@ to the generic op. The handles of other values are ``emitter.env``.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import numpy as np
@@ -313,6 +314,95 @@ def _with_symbolic(builder: Any) -> Any:
         return builder(emitter, node, args) if builder is not None else None
 
     return build
+
+
+def _constant(emitter: Any, value: Any) -> Any:
+    """A value's array when the graph knows it before running: a folded or initializer constant."""
+    if value is None:
+        return None
+    static = emitter.static.get(value)
+    if static is None and value.const_value is not None:
+        static = value.const_value.numpy()
+    return static
+
+
+@EMIT_CALLS.register("Slice")
+def slice_call(emitter: Any, node: Any, args: list) -> Any:
+    """Slice with constant starts / ends / axes and positive steps -> ``x[a:b:c, ...]``: Python
+    slicing counts negative bounds from the end and clamps, as ONNX does."""
+    if not args or not isinstance(args[0], fx.Node) or len(node.inputs) < 3:
+        return None
+    parts = [_constant(emitter, v) for v in node.inputs[1:5]] + [None] * (5 - len(node.inputs))
+    if (
+        parts[0] is None
+        or parts[1] is None
+        or any(v is not None and p is None for v, p in zip(node.inputs[3:5], parts[2:]))
+    ):
+        return None
+    starts, ends = (np.asarray(p).reshape(-1).tolist() for p in parts[:2])
+    axes = np.asarray(parts[2]).reshape(-1).tolist() if parts[2] is not None else None
+    steps = np.asarray(parts[3]).reshape(-1).tolist() if parts[3] is not None else None
+    axes = list(range(len(starts))) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    rank = input_rank(node.inputs[0])
+    if any(a < 0 for a in axes):
+        if rank is None:
+            return None
+        axes = [a + rank if a < 0 else a for a in axes]
+    if any(step <= 0 for step in steps) or len(set(axes)) != len(axes):
+        return None
+    key: list[Any] = [slice(None)] * (max(axes) + 1)
+    for axis, start, end, step in zip(axes, starts, ends, steps):
+        key[axis] = slice(int(start), int(end), None if step == 1 else int(step))
+    return operator.getitem, [args[0], tuple(key)], {}
+
+
+_INTERPOLATE_MODES = {3: "linear", 4: "bilinear", 5: "trilinear"}
+
+
+@EMIT_CALLS.register("Resize")
+def resize_call(emitter: Any, node: Any, args: list) -> Any:
+    """Resize by constant power-of-two scales on the spatial axes -> F.interpolate: nearest
+    with asymmetric coordinates rounded down, or linear with half-pixel / align-corners
+    coordinates. Powers of two only: torch samples at ``x * (1 / scale)``, ONNX at
+    ``x / scale``, equal when 1 / scale is exact."""
+    attrs = emitter.node_attributes(node)
+    scales = _constant(emitter, node.inputs[2]) if len(node.inputs) > 2 else None
+    rank = np.size(scales) if scales is not None else None  # one scale per axis
+    dtypes = {v.dtype for v in (node.inputs[0], node.outputs[0]) if v.dtype is not None}
+    if (
+        rank not in _INTERPOLATE_MODES
+        or not dtypes <= _FLOATS
+        or (len(node.inputs) > 3 and node.inputs[3] is not None)
+        or attrs.get("antialias", 0)
+        or attrs.get("exclude_outside", 0)
+        or attrs.get("axes") is not None
+        or not isinstance(args[0], fx.Node)
+    ):
+        return None
+    factors = [float(f) for f in np.asarray(scales).reshape(-1)]
+    if factors[:2] != [1.0, 1.0] or not all(
+        f > 0 and math.frexp(f)[0] == 0.5 for f in factors[2:]
+    ):  # frexp's mantissa is 0.5 exactly for powers of two
+        return None
+    mode = attrs.get("mode", "nearest")
+    coordinates = attrs.get("coordinate_transformation_mode", "half_pixel")
+    kwargs: dict[str, Any] = {"scale_factor": tuple(factors[2:])}
+    if mode == "nearest":
+        if (
+            coordinates != "asymmetric"
+            or attrs.get("nearest_mode", "round_prefer_floor") != "floor"
+        ):
+            return None
+        kwargs["mode"] = "nearest"
+    elif mode == "linear" and coordinates in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+        if coordinates == "pytorch_half_pixel" and min(factors[2:]) < 1:
+            return None  # samples an output of length 1 at 0, torch at half_pixel's point
+        kwargs["mode"] = _INTERPOLATE_MODES[rank]
+        kwargs["align_corners"] = coordinates == "align_corners"
+    else:
+        return None
+    return F.interpolate, [args[0]], kwargs
 
 
 for _op_type in (
