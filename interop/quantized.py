@@ -47,8 +47,9 @@ def quantized_fix(op: str) -> str:
         f"'{op}' is an op of onnxruntime's QOperator quantization format; quantize the float "
         "model in the QDQ format instead (onnxruntime.quantization.quantize_static(..., "
         "quant_format=QuantFormat.QDQ)), which emits as dequantized weights and fake-quantized "
-        "activations, or quantize only Conv / MatMul (op_types_to_quantize=['Conv', 'MatMul'], "
-        "written as QLinearConv / QLinearMatMul, which emit)"
+        "activations, or leave the op unquantized: op_types_to_quantize=['Conv', 'MatMul'] "
+        "(QLinearConv / QLinearMatMul in quantize_static's QOperator format, ConvInteger / "
+        "MatMulInteger in quantize_dynamic's; all of them emit)"
     )
 
 
