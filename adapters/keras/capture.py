@@ -283,8 +283,10 @@ def _correct_declared_shapes(model_ir: ir.Model) -> None:
                 for d in kind.shape.dim
             ]
             declared = list(out.shape)
+            # wrong: another rank, another size, or a size where inference follows a
+            # named dynamic dim (a layer called at the example's shapes annotates those)
             if len(dims) != len(declared) or any(
-                isinstance(a, int) and isinstance(b, int) and a != b
+                isinstance(a, int) and b is not None and a != b
                 for a, b in zip(declared, dims, strict=True)
             ):
                 out.shape = ir.Shape(

@@ -73,25 +73,45 @@ def _as_array(arg: Any) -> Any:
 def promoted(b: Builder, *args: Any) -> tuple[list[ir.Value], str]:
     """The operands of a binary op in the dtype Keras computes it in: two tensors of
     different dtypes (an int32 mask and a bool one) meet at Keras's result type."""
-    dtypes = {a.dtype for a in args if isinstance(a, Tensor)}
+    dtypes = {_real_dtype(a) for a in args if isinstance(a, Tensor)}
     args = tuple(_as_array(a) for a in args)
     arrays = [a for a in args if isinstance(a, np.ndarray)]
-    if len(dtypes) < 2 and not any(a.dtype.name not in dtypes for a in arrays if dtypes):
-        dtype = dtype_of(*args)
-        return [value(b, a, dtype) for a in args], dtype
     import keras
+
+    if len(dtypes) < 2 and not any(a.dtype.name not in dtypes for a in arrays if dtypes):
+        if not dtypes:
+            dtype = dtype_of(*args)
+            return [value(b, a, dtype) for a in args], dtype
+        (real,) = dtypes  # Python scalars are weak: bool mask == 0.0 compares as float32
+        scalars = [type(a) for a in args if isinstance(a, bool | int | float)]
+        dtype = keras.backend.result_type(real, *scalars) if scalars else real
+        values = [
+            b.op("Cast", [a.value], {"to": onnx_dtype(dtype)})
+            if isinstance(a, Tensor) and real != dtype
+            else value(b, a, dtype)
+            for a in args
+        ]
+        return values, dtype
 
     # an array constant of another dtype (a bool mask against an int one) counts too
     dtype = keras.backend.result_type(*sorted(dtypes | {a.dtype.name for a in arrays}))
     values = [
         b.op("Cast", [a.value], {"to": onnx_dtype(dtype)})
-        if isinstance(a, Tensor) and a.dtype != dtype
+        if isinstance(a, Tensor) and _real_dtype(a) != dtype
         else b.const(a.astype(dtype))
         if isinstance(a, np.ndarray)
         else value(b, a, dtype)
         for a in args
     ]
     return values, dtype
+
+
+def _real_dtype(tensor: Tensor) -> str:
+    """The dtype the graph computes, which a layer's declared output spec may misstate
+    (keras_hub PaliGemma's mask: declared float32, computed bool)."""
+    if tensor.value.dtype is None:
+        return tensor.dtype
+    return np.dtype(tensor.value.dtype.numpy()).name
 
 
 def _as_bool(b: Builder, arg: Any) -> ir.Value:
