@@ -37,7 +37,12 @@ def dynamic_axes(graph: ir.Graph) -> dict[str, list[tuple[int, int]]]:
 
 
 def _resized(array: np.ndarray, axis: int, size: int) -> np.ndarray:
-    """`array` sliced or repeated (cyclically) to `size` along `axis`."""
+    """`array` sliced or repeated (cyclically) to `size` along `axis`; zeros when the
+    example's axis is empty (keras_hub SAM's prompt without boxes)."""
+    if array.shape[axis] == 0:
+        shape = list(array.shape)
+        shape[axis] = size
+        return np.zeros(shape, array.dtype)
     return np.take(array, np.arange(size) % array.shape[axis], axis=axis)
 
 
