@@ -136,6 +136,7 @@ def test_unsupported_primitive_names_primitive_layer_and_line_and_can_be_registe
     assert err.op == "reduce_xor" and err.adapter == "flax"
     assert err.location.endswith(f"test_flax_jax.py:{uses_reduce_xor.__code__.co_firstlineno + 2}")
     assert "register_primitive('reduce_xor')" in str(err)
+    assert "bool[batch,5]" in str(err) and "axes=(1,)" in str(err)  # operands and params
 
     def convert_reduce_xor(low, eqn, x):
         # parity of the number of True values along the axes

@@ -251,9 +251,7 @@ class Lowering:
                 layer=self.scope,
                 location=self.location,
                 close_matches=CAPTURE_PRIMITIVES.close_matches(name),
-                detail=f"JAX primitive with params {sorted(eqn.params)}"
-                if eqn.params
-                else "JAX primitive",
+                detail=_describe(eqn),
                 fix=(
                     "express it with supported jax.numpy/lax calls, or register a converter: "
                     f"@interop.adapters.flax.register_primitive('{name}') on a function "
@@ -318,6 +316,17 @@ class Lowering:
             seen.add(id(value))
             final.append(value)
         return ir.Graph(inputs, final, nodes=nodes, name=name)
+
+
+def _describe(eqn: Any) -> str:
+    """The primitive's parameters and operand types, short enough for an error message."""
+    params = []
+    for key in sorted(eqn.params):
+        text = " ".join(repr(eqn.params[key]).split())
+        params.append(f"{key}={text[:60] + '...' if len(text) > 60 else text}")
+    types = ", ".join(str(v.aval) for v in eqn.invars)
+    detail = f"JAX primitive on ({types})"
+    return detail + (f" with params {', '.join(params)}" if params else "")
 
 
 def walk(
