@@ -384,3 +384,14 @@ def test_keras_hub_backbone_emits_trains_and_nests_in_torch_and_flax():
     np.testing.assert_allclose(
         np.asarray(nested(*args)[0]), expected[names[0]], rtol=1e-4, atol=1e-5
     )
+
+
+def test_output_returning_an_input_under_its_name():
+    """keras_hub SD3 returns its `images` input as the `images` output: the graph output
+    gets another name (ONNX names each value once) and matches by position."""
+    images, t = keras.Input((4,), name="images"), keras.Input((4,), name="t")
+    model = keras.Model({"images": images, "t": t}, {"images": images, "out": layers.Dense(2)(t)})
+    x = {"images": _rand(2, 4), "t": _rand(2, 4, seed=1)}
+    graph = _check(model, x)
+    assert [v.name for v in graph.model.graph.outputs] == ["images_output", "out"]
+    assert [v.name for v in graph.model.graph.inputs] == ["images", "t"]

@@ -242,8 +242,11 @@ def _assemble(b: Builder, inputs: list[ir.Value], outputs: list[tuple[str, Tenso
         graph_outputs.append(value)
     used = _live_nodes(b.nodes, graph_outputs)
     nodes = [n for n in b.nodes if id(n) in used]
+    input_names = {v.name for v in inputs}
     for (name, _), value in zip(outputs, graph_outputs, strict=False):
-        value.name = name
+        # an output returning an input under its own name (keras_hub SD3's "images") gets
+        # another: ONNX names each value once
+        value.name = f"{name}_output" if name in input_names else name
     live_inits = {id(v) for n in nodes for v in _all_inputs(n)}
     inits = [v for v in b.initializers.values() if id(v) in live_inits or v.name in b.kinds]
     graph = ir.Graph(

@@ -120,8 +120,10 @@ def _try(
 
 
 def _differs(got: dict[str, Any], want: list[tuple[str, np.ndarray]]) -> str | None:
-    for name, expected in want:
-        actual = np.asarray(got[name])
+    # by position, as interop.verify: a graph output may be renamed (one returning an
+    # input under the input's name)
+    for (name, expected), actual in zip(want, got.values(), strict=True):
+        actual = np.asarray(actual)
         if actual.shape != expected.shape:
             return f"output '{name}' has shape {actual.shape}, Keras {expected.shape}"
         scale = float(np.max(np.abs(expected), initial=1.0))
