@@ -417,3 +417,40 @@ def test_mixture_of_experts_router_with_top_k_gather_and_scatter():
     assert g.count_params() == state_count(model)
     ops = {n.op_type for n in g.model.graph}
     assert {"TopK", "GatherND", "ScatterND"} <= ops
+
+
+class ViT(nnx.Module):
+    """A vision transformer in the style of the Flax examples: a strided-conv patch
+    embedding, a class token and position embeddings, the Blocks above, a head."""
+
+    def __init__(self, rngs, dim=16, patch=4, size=16):
+        self.patches = nnx.Conv(3, dim, (patch, patch), strides=(patch, patch), rngs=rngs)
+        self.cls = nnx.Param(jnp.zeros((1, 1, dim)))
+        self.pos = nnx.Param(jax.random.normal(rngs.params(), (1, (size // patch) ** 2 + 1, dim)))
+        self.layers = nnx.List([Block(dim, 4, rngs) for _ in range(2)])
+        self.norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.head = nnx.Linear(dim, 5, rngs=rngs)
+
+    def __call__(self, images):
+        x = self.patches(images)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        cls = jnp.broadcast_to(self.cls.value, (x.shape[0], 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1) + self.pos.value
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x[:, 0]))
+
+
+def test_vision_transformer_captures_and_emits_to_torch():
+    torch = pytest.importorskip("torch")
+    model = ViT(nnx.Rngs(0))
+    g = check(model, (f32(2, 16, 16, 3),), (f32(3, 16, 16, 3),))
+    assert g.count_params() == state_count(model)
+    assert {"patches", "layers.0.attn", "layers.1.mlp", "norm", "head"} <= {
+        la.path for la in g.layers
+    }
+    x = f32(3, 16, 16, 3)
+    module = interop.to_torch(g)
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, g.run(x), rtol=RTOL, atol=ATOL)
