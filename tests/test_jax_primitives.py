@@ -338,3 +338,13 @@ def test_fft_rfft_irfft_and_complex_parts():
 def test_a_complex_graph_output_is_refused_at_capture():
     with pytest.raises(interop.TraceError, match="Output 'output' is complex64"):
         interop.trace(lambda x: jnp.fft.fft(x), f32(2, 8))
+
+
+def test_scatter_clip_mode_and_a_dynamic_batch():
+    i = np.array([7, 1, -9], np.int32)  # clip mode clamps out-of-range indices
+    check(lambda x, u: x.at[:, i].set(u, mode="clip"), f32(2, 5), f32(2, 3))
+    fn = lambda x, u: x.at[:, np.array([4, 0, 4])].add(u)  # noqa: E731
+    check(fn, f32(2, 5), f32(2, 3), dynamic_batch=True, again=(f32(6, 5), f32(6, 3)))
+    kv = lambda c, u, p: lax.dynamic_update_slice(c, u, (0, p, 0))  # noqa: E731
+    check(kv, f32(2, 8, 4), f32(2, 1, 4), np.int32(5), dynamic_batch=True,
+          again=(f32(3, 8, 4), f32(3, 1, 4), np.int32(7)))  # fmt: skip
