@@ -328,7 +328,9 @@ def main() -> None:
     sizes = "full sizes (--full)" if args.full else "quick sizes (default; --full for real sizes)"
     text = "\n".join(
         [
-            "### Our graphs vs each exporter's graph on ONNX Runtime (benchmarks/bench_runtime.py)",
+            "### Our graphs vs each exporter's graph on ONNX Runtime (benchmarks/bench_runtime.py)"
+            if not args.full
+            else "#### At full size (bench_runtime.py --full)",
             "",
             f"{machine()}; onnxruntime {ort.__version__}, {args.threads} intra-op threads; "
             f"{sizes}; {args.rounds} interleaved rounds, each the fastest of a few calls per "
@@ -342,7 +344,7 @@ def main() -> None:
     )
     print(text)
     if args.write:
-        write_section("runtime", text)
+        write_section("runtime-full" if args.full else "runtime", text)
 
 
 if __name__ == "__main__":

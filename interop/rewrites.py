@@ -17,6 +17,8 @@ rest; these cover what they miss on our graphs:
   split (or keep) the product's last axis, becomes Reshape(MatMul(x, W) + b.reshape(-1)):
   a MatMul + Add pair ONNX Runtime runs as one Gemm (Flax's DenseGeneral projections).
 - `fast_gelu_bias`: FastGelu(x + b) with a 1-D b takes b as its own bias input.
+- `pad_after_transpose`: Transpose(Pad(x)) becomes Pad(Transpose(x)), so a Keras
+  ZeroPadding2D in NHWC meets the NCHW Conv it pads (onnxscript folds Pad into Conv).
 - `einsum_as_matmul`: an Einsum that is a matrix product becomes MatMul (Keras).
 - `gelu_tanh`: the tanh GELU (JAX's, Keras's, torch's spelling) becomes FastGelu.
 """
@@ -410,3 +412,37 @@ def fast_gelu_bias() -> pattern.RewriteRuleSet:
         return op.FastGelu(x, b, _domain="com.microsoft")
 
     return pattern.RewriteRuleSet([pattern.RewriteRule(target, replacement, check)], commute=True)
+
+
+def pad_after_transpose() -> pattern.RewriteRuleSet:
+    """Transpose(Pad(x, pads), perm) becomes Pad(Transpose(x, perm), pads permuted)."""
+
+    def check(context, x, pads, out, **_):
+        data = _const(pads)
+        node = out.producer()
+        perm = node.attributes.get_ints("perm", None) if node is not None else None
+        return data is not None and perm is not None and data.size == 2 * len(perm)
+
+    def target(op, x, pads, value):
+        return op.Transpose(op.Pad(x, pads, value, _outputs=["padded"]), _outputs=["out"])
+
+    def target_zero(op, x, pads):
+        return op.Transpose(op.Pad(x, pads, _outputs=["padded"]), _outputs=["out"])
+
+    def replacement(op, x, pads, out, padded, value=None, **_):
+        perm = list(out.producer().attributes.get_ints("perm"))
+        data, rank = _const(pads).reshape(-1), len(perm)
+        moved = [int(data[p]) for p in perm] + [int(data[rank + p]) for p in perm]
+        mode = padded.producer().attributes.get_string("mode", "constant")
+        new_pads = op.Constant(value=ir.tensor(np.array(moved, np.int64)))
+        transposed = op.Transpose(x, perm=perm)
+        if value is None:
+            return op.Pad(transposed, new_pads, mode=mode)
+        return op.Pad(transposed, new_pads, value, mode=mode)
+
+    return pattern.RewriteRuleSet(
+        [
+            pattern.RewriteRule(target, replacement, check),
+            pattern.RewriteRule(target_zero, replacement, check),
+        ]
+    )

@@ -128,7 +128,7 @@ def _ids(batch, seq, vocab=100, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, (batch, seq)).astype(np.int64)
 
 
-def test_gpt2_gets_attention_and_skip_layernorm_fusions():
+def test_gpt2_gemm_rows_become_matmul_and_gelu_fuses():
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(
         n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, use_cache=False
@@ -140,10 +140,13 @@ def test_gpt2_gets_attention_and_skip_layernorm_fusions():
             torch.nn.init.normal_(linear.bias, std=0.02)
     graph = interop.trace(model, (torch.from_numpy(_ids(2, 16)),))
     optimized = check(graph, _ids(3, 16, seed=1))
-    assert optimized["SkipLayerNormalization"] == 4, optimized
-    assert optimized["MultiHeadAttention"] == 2, optimized
     assert optimized["Gemm"] == 0  # flattened-row Gemms became MatMul on the 3-D input
-    assert optimization(graph)["stage"] == "attention"
+    assert optimized["FastGelu"] == 2 and optimized["Pow"] == 0, optimized
+    # MultiHeadAttention alone measured slower than the unfused graph: that stage is
+    # not kept (docs/design.md), and the local fusions run
+    report = optimization(graph)
+    assert report["stage"] == "fuse", report
+    assert optimized["MultiHeadAttention"] == 0
     with torch.no_grad():
         expected = model(torch.from_numpy(_ids(3, 16, seed=1))).last_hidden_state.numpy()
     np.testing.assert_allclose(graph.run(_ids(3, 16, seed=1)), expected, rtol=1e-4, atol=1e-5)
