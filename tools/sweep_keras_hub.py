@@ -1205,6 +1205,11 @@ def main(argv=None):
     ap.add_argument(
         "--markdown", default=None, help="write the table into this file (between markers)"
     )
+    ap.add_argument(
+        "--section",
+        default="sweep",
+        help="marker name in the markdown file (<!-- NAME:begin -->), one per backend",
+    )
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--list", action="store_true")
@@ -1269,15 +1274,15 @@ def main(argv=None):
     print(summary_counts(results))
     if a.markdown:
         p = Path(a.markdown)
-        begin, end = "<!-- sweep:begin -->", "<!-- sweep:end -->"
+        begin, end = f"<!-- {a.section}:begin -->", f"<!-- {a.section}:end -->"
         body = f"{begin}\n{summary_counts(results)}.\n\n{table}\n{end}"
-        if p.exists() and begin in p.read_text():
-            text = p.read_text()
+        text = p.read_text() if p.exists() else ""
+        if begin in text:
             pre, rest = text.split(begin, 1)
             post = rest.split(end, 1)[1] if end in rest else ""
             p.write_text(pre + body + post)
-        else:
-            p.write_text(body + "\n")
+        else:  # a new section at the end, never over the page
+            p.write_text(text + ("\n" if text else "") + body + "\n")
     return 0
 
 
