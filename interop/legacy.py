@@ -161,7 +161,11 @@ def fold_constants(model: ir.Model) -> None:
 def _foldable(node: ir.Node, outputs_of_graph: set[int]) -> bool:
     """A standard, deterministic node without subgraphs whose inputs are all initializers and
     whose outputs are not graph outputs (those keep their producer)."""
-    if node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDED or not node.outputs:
+    if node.domain not in ("", "ai.onnx") or not node.outputs:
+        return False
+    if node.op_type == "Identity":
+        return _uniform_copy(node)
+    if node.op_type in _NOT_FOLDED:
         return False
     if any(isinstance(a.value, (ir.Graph, list)) and a.type in _GRAPH_ATTRIBUTES
            for a in node.attributes.values()):  # fmt: skip
@@ -172,6 +176,24 @@ def _foldable(node: ir.Node, outputs_of_graph: set[int]) -> bool:
 
 
 _GRAPH_ATTRIBUTES = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+
+
+def _uniform_copy(identity: ir.Node) -> bool:
+    """An Identity of an initializer whose entries are all equal (zeros, ones).
+
+    The TorchScript exporter keeps one copy of equal tensors and reads it through Identity
+    nodes: the zero biases of BatchNorm-folded convolutions and the unit scales of fresh
+    LayerNorms come out shared. Such a tie is the exporter's, not the model's; folded, each
+    reader has its own constant, and hosts that cannot share one variable between layers
+    (Keras, Flax) build native layers for all of them. Other shared weights stay tied.
+    """
+    source = identity.inputs[0] if identity.inputs else None
+    if source is None or not source.is_initializer() or source.const_value is None:
+        return False
+    if identity.outputs[0].is_graph_output():
+        return False
+    array = source.const_value.numpy()
+    return array.size > 0 and array.dtype.kind == "f" and bool(np.all(array == array.flat[0]))
 
 
 def unsupported_detail(

@@ -544,3 +544,25 @@ def test_torch_slice_and_resize_are_direct_calls(scales, attributes, direct):
     assert "interop_interpret_onnx_Slice" not in module.code
     assert ("interpolate" in module.code) == direct
     assert ("interop_interpret_onnx_Resize" in module.code) != direct
+
+
+def test_keras_builds_native_layers_for_a_torchscript_mobilenet():
+    """The TorchScript exporter shares equal tensors through Identity (the zero biases of
+    BatchNorm-folded convolutions): folded per reader, every conv is a native Keras layer,
+    and Clip(0, 6) / HardSwish ride on the convolutions as relu6 / hard_swish."""
+    sweep = _sweep()
+    data, inputs = sweep.make_file("mobilenet_depthwise", "torchscript", 17)
+    assert any(n.op_type == "Identity" for n in onnx.load_from_string(data).graph.node)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = interop.to_keras(data)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds.count("Conv2D") == 3 and kinds.count("DepthwiseConv2D") == 2
+    activations = [
+        layer.activation.__name__ for layer in model.layers if "Conv" in type(layer).__name__
+    ]
+    assert activations == ["hard_silu", "relu6", "relu6", "relu6", "relu6"]  # Keras: hard_swish
+    ops = [getattr(layer, "op_type", None) for layer in model.layers]
+    assert "Conv" not in ops and "Clip" not in ops and "HardSwish" not in ops
+    expected = sweep.onnxruntime_outputs(data, inputs)[0]
+    np.testing.assert_allclose(np.asarray(model(inputs[0])), expected, rtol=RTOL, atol=ATOL)

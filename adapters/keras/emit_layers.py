@@ -113,14 +113,28 @@ def _channels_last(emitter, call=None):
 
 
 # ONNX activations a Keras Dense / Conv layer applies itself (same formula, no attributes)
-_ACTIVATIONS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}
+_ACTIVATIONS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "HardSwish": "hard_swish"}
 
 
 def _activation(emitter, value) -> tuple[str | None, tuple[Any, ...]]:
     """(Keras activation name, absorbed nodes) when a layer output's only reader is a plain
     activation: the layer then applies it, one layer call fewer, as the source model did."""
-    reader = following_activation(emitter, value, _ACTIVATIONS)
+    reader = following_activation(emitter, value, (*_ACTIVATIONS, "Clip"))
+    if reader is not None and reader.op_type == "Clip":
+        # Clip(0, 6) is ReLU6 (min(max(x, 0), 6), the same formula): MobileNets' activation
+        bounds = [emitter.static.get(v) if v is not None else None for v in reader.inputs[1:3]]
+        bounds = [b if b is not None or v is None else _constant_of(v)
+                  for b, v in zip(bounds, reader.inputs[1:3])]  # fmt: skip
+        if len(bounds) != 2 or any(b is None or np.size(b) != 1 for b in bounds):
+            return None, ()
+        if (float(np.ravel(bounds[0])[0]), float(np.ravel(bounds[1])[0])) != (0.0, 6.0):
+            return None, ()
+        return "relu6", (reader,)
     return (None, ()) if reader is None else (_ACTIVATIONS[reader.op_type], (reader,))
+
+
+def _constant_of(value):
+    return value.const_value.numpy() if value.const_value is not None else None
 
 
 # ---------------------------------------------------------------------- weighted ops
