@@ -142,7 +142,7 @@ def _fuse_local(model: ir.Model) -> dict[str, int]:
     )
     common_passes.CommonSubexpressionEliminationPass()(model)
     counts["partial_rotary_embedding"] = ort.fuse_partial_rotary_embedding(model)
-    counts["gelu"] = ort.fuse_gelu(model) + rewrites.gelu_tanh().apply_to_model(model)
+    counts["gelu"] = ort.fuse_gelu(model) + rewrites.gelu_tanh(model)
     counts["gelu"] += rewrites.fast_gelu_bias().apply_to_model(model)
     counts["bias_gelu"] = ort.fuse_bias_gelu(model)
     _finish(model)

@@ -215,43 +215,107 @@ def softmax() -> pattern.RewriteRuleSet:
     )
 
 
-def gelu_tanh() -> pattern.RewriteRuleSet:
+def gelu_tanh(model: ir.Model) -> int:
     """0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))) becomes FastGelu.
 
-    x^3 as Pow(x, 3) or x * x * x, the 0.5 applied to x, to the bracket or last: how JAX,
-    Keras and torch write it.
+    JAX, Keras and torch each order the products differently (x^3 as Pow or x * x * x,
+    constants first or second, the 0.5 on x, on the bracket or last); a pattern per
+    ordering would be hundreds of patterns, so this walks up and down from each Tanh
+    with commutative checks instead. Returns how many it replaced.
     """
+    count = 0
+    for tanh in [n for n in model.graph if n.op_type == "Tanh" and not n.domain]:
+        found = _gelu_at(tanh)
+        if found is None:
+            continue
+        x, last = found
+        fused = ir.node("FastGelu", [x], domain="com.microsoft", name=f"{tanh.name}_fast_gelu")
+        output = fused.outputs[0]
+        output.shape, output.type = last.outputs[0].shape, last.outputs[0].type
+        model.graph.insert_before(last, fused)
+        ir.convenience.replace_all_uses_with(last.outputs[0], output)
+        if last.outputs[0].is_graph_output():
+            index = model.graph.outputs.index(last.outputs[0])
+            output.name, last.outputs[0].name = last.outputs[0].name, None
+            model.graph.outputs[index] = output
+        if "com.microsoft" not in model.opset_imports:
+            model.opset_imports["com.microsoft"] = 1
+        count += 1
+    if count:
+        import onnx_ir.passes.common as common_passes
 
-    def bracket(op, x, cube):
-        inner = op.Mul(math.sqrt(2.0 / math.pi), op.Add(x, op.Mul(0.044715, cube)))
-        return op.Add(1.0, op.Tanh(inner))
+        common_passes.RemoveUnusedNodesPass()(model)
+    return count
 
-    def half_outside(cube_of):
-        return lambda op, x: op.Mul(x, op.Mul(0.5, bracket(op, x, cube_of(op, x))))
 
-    def half_on_x(cube_of):
-        return lambda op, x: op.Mul(op.Mul(0.5, x), bracket(op, x, cube_of(op, x)))
+def _split(node: ir.Node | None, op: str, value: float | None = None) -> Any:
+    """(other operand, constant) of a binary `op` node with one scalar constant near `value`."""
+    if node is None or node.op_type != op or node.domain or len(node.inputs) != 2:
+        return None
+    for const, other in (node.inputs, node.inputs[::-1]):
+        data = _const(const)
+        if data is not None and data.size == 1 and other is not None:
+            if value is None or math.isclose(float(data.reshape(-1)[0]), value, rel_tol=1e-5):
+                return other
+    return None
 
-    def half_last(cube_of):
-        return lambda op, x: op.Mul(op.Mul(x, bracket(op, x, cube_of(op, x))), 0.5)
 
-    def product(op, x):
-        return op.Mul(op.Mul(x, x), x)
+def _only_use(value: ir.Value) -> ir.Node | None:
+    uses = list(value.uses())
+    return uses[0][0] if len(uses) == 1 and not value.is_graph_output() else None
 
-    def power(op, x):
-        return op.Pow(x, 3.0)
 
-    def replacement(op, x):
-        return op.FastGelu(x, _domain="com.microsoft")
+def _is_cube(value: ir.Value | None, x: ir.Value) -> bool:
+    node = value.producer() if value is not None else None
+    if node is None or node.domain:
+        return False
+    if node.op_type == "Pow":
+        data = _const(node.inputs[1])
+        return node.inputs[0] is x and data is not None and data.size == 1 and data.item() == 3
+    if node.op_type != "Mul":
+        return False
+    a, b = node.inputs
+    square = b if a is x else a if b is x else None
+    sq = square.producer() if square is not None else None
+    return sq is not None and sq.op_type == "Mul" and not sq.domain and list(sq.inputs) == [x, x]
 
-    def check(context, x, **_):
-        return _float(x)
 
-    shapes = (half_outside, half_on_x, half_last)
-    targets = [shape(cube) for shape in shapes for cube in (product, power)]
-    return pattern.RewriteRuleSet(
-        [pattern.RewriteRule(target, replacement, check) for target in targets], commute=True
-    )
+def _gelu_at(tanh: ir.Node) -> tuple[ir.Value, ir.Node] | None:
+    """(x, the node whose output is the GELU) of the tanh GELU around `tanh`, or None."""
+    source = tanh.inputs[0]
+    inner = _split(source.producer() if source is not None else None, "Mul", _SQRT_2_PI)
+    total = inner.producer() if inner is not None else None
+    if total is None or total.op_type != "Add" or total.domain:
+        return None
+    x = None
+    for cand, rest in (total.inputs, total.inputs[::-1]):
+        cube = _split(rest.producer() if rest is not None else None, "Mul", 0.044715)
+        if cand is not None and _is_cube(cube, cand):
+            x = cand
+    bracket = _only_use(tanh.outputs[0])
+    if x is None or bracket is None or _split(bracket, "Add", 1.0) is None:
+        return None
+    out = bracket.outputs[0]
+    step = _only_use(out)
+    if step is None or step.op_type != "Mul" or step.domain:
+        return None
+    last = _only_use(step.outputs[0])
+    if _split(step, "Mul", 0.5) is out:  # 0.5 * bracket, then * x
+        ok = last is not None and last.op_type == "Mul" and x in last.inputs
+        return (x, last) if ok and last is not None else None
+    other = [v for v in step.inputs if v is not out]
+    if len(other) != 1 or other[0] is None:
+        return None
+    if other[0] is x:  # x * bracket, then * 0.5
+        return (
+            (x, last) if last is not None and _split(last, "Mul", 0.5) is step.outputs[0] else None
+        )
+    if _split(other[0].producer(), "Mul", 0.5) is x:  # (0.5 * x) * bracket
+        return x, step
+    return None
+
+
+_SQRT_2_PI = math.sqrt(2.0 / math.pi)
 
 
 def einsum_as_matmul() -> pattern.RewriteRuleSet:
