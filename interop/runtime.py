@@ -244,6 +244,8 @@ def to_numpy(value: Any) -> np.ndarray:
         return value
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor without importing torch
         return value.detach().cpu().numpy()
+    if type(value).__name__ == "OrtValue":  # an ONNX Runtime value, on the host or a device
+        return value.numpy()
     return np.asarray(value)
 
 
