@@ -173,3 +173,32 @@ def test_fourier_transforms(fft):
     assert [n.op_type for n in graph.model.graph].count("DFT") == (1 if fft == "fft" else 2)
     for batch in (x, x[:1]):
         np.testing.assert_allclose(graph.run(batch), np.asarray(model(batch)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow backend")
+def test_model_whose_layer_declares_a_wrong_shape_is_retraced_by_the_backend():
+    """A layer declaring one position less than it returns (keras_hub PARSeq, XLNet), and a
+    layer computing with the declared length: the symbolic graph fails at the example, so
+    the custom layers are traced by the backend, which sees the real shapes."""
+
+    class AppendsOne(layers.Layer):
+        def call(self, x):
+            return ops.concatenate([x, x[:, :1]], axis=1)
+
+        def compute_output_shape(self, shape):
+            return shape  # wrong: the length grows by one
+
+    class AddsPositions(layers.Layer):
+        def call(self, x):
+            positions = ops.arange(x.shape[1], dtype="float32")  # Python on the length
+            return x + positions[None, :, None]
+
+    inputs = keras.Input((5, 3))
+    model = keras.Model(inputs, AddsPositions(name="positions")(AppendsOne(name="append")(inputs)))
+    x = np.random.RandomState(0).rand(2, 5, 3).astype("float32")
+    with pytest.warns(UserWarning, match="traced by the tensorflow backend instead"):
+        graph = interop.trace(model, x)
+    for batch in (x, np.random.RandomState(1).rand(4, 5, 3).astype("float32")):
+        expected = np.asarray(model(batch))
+        assert expected.shape == (len(batch), 6, 3)
+        np.testing.assert_allclose(graph.run(batch), expected, rtol=1e-6)

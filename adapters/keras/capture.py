@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,7 +46,15 @@ from . import (  # noqa: F401  (register the converters)
     capture_wrappers,
 )
 from .capture_lowering import OPSET, Builder, Tensor, onnx_dtype
-from .capture_walk import functional_of, is_functional, lower_callable, lower_layer, with_training
+from .capture_walk import (
+    functional_of,
+    is_functional,
+    layers_traced_first,
+    lower_callable,
+    lower_layer,
+    tracing_layers_first,
+    with_training,
+)
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -165,7 +174,45 @@ def trace_model(
         return [(n, _to_numpy(v)) for n, v in flatten_outputs(_sorted_dicts(outputs), _is_array)]
 
     examples = [_to_numpy(e) for e in flat_examples]
+    if not tracing_layers_first() and not capture_dim_check.holds_at_example(
+        traced, run_source, examples
+    ):
+        traced = _retraced(model, example_inputs, traced, run_source, examples, dynamic_batch, dims)
     return capture_dim_check.check_dynamic_dims(traced, run_source, examples, model_name=model.name)
+
+
+def _retraced(
+    model: Any,
+    example_inputs: Any,
+    traced: Graph,
+    run_source: Any,
+    examples: list[np.ndarray],
+    dynamic_batch: bool,
+    dims: Mapping[str, Mapping[int, str]],
+) -> Graph:
+    """A graph that does not reproduce the model at the example itself (ONNX Runtime
+    refuses it, or it computes otherwise) is captured again with every layer a symbolic
+    call would open traced by the backend instead: a layer's ``compute_output_shape`` may
+    declare a wrong shape that the rest of its Python then computes with (keras_hub's
+    XLNet, PARSeq), while the backend's tracer sees the real ones. Kept only if it does
+    reproduce the model; otherwise the first graph stays, for interop.verify to report."""
+    try:
+        with layers_traced_first():
+            again = trace_model(
+                model, example_inputs, dynamic_batch=dynamic_batch, dynamic_dims=dims,
+                check_dynamic_dims=False,
+            )  # fmt: skip
+    except Exception:
+        return traced
+    if not capture_dim_check.holds_at_example(again, run_source, examples):
+        return traced
+    warnings.warn(
+        f"interop: Keras model '{model.name}': the graph of its symbolic calls does not "
+        "reproduce the model at the example; its custom layers were traced by the "
+        f"{keras.backend.backend()} backend instead",
+        stacklevel=3,
+    )
+    return again
 
 
 def _input_names(model: Any, args: list, kwargs: dict, count: int) -> list[str]:

@@ -68,7 +68,7 @@ def check_dynamic_dims(
     examples = [np.asarray(e) for e in examples]
     sizes = {name: examples[i].shape[axis] for name, [(i, axis), *_] in dims.items()}
     verdict = _try(graph, run_source, examples, dims, list(dims), sizes)
-    if verdict is None or not _holds_at_example(graph, run_source, examples):
+    if verdict is None or not holds_at_example(graph, run_source, examples):
         return graph  # holds; or wrong at any size, which interop.verify reports
     failing: dict[str, str] = {}
     for name in dims if len(dims) > 1 else []:
@@ -133,7 +133,7 @@ def _differs(got: dict[str, Any], want: list[tuple[str, np.ndarray]]) -> str | N
     return None
 
 
-def _holds_at_example(graph: Graph, run_source: Any, examples: list[np.ndarray]) -> bool:
+def holds_at_example(graph: Graph, run_source: Any, examples: list[np.ndarray]) -> bool:
     """Whether the graph matches Keras at the example itself (else the dims are not to blame)."""
     try:
         return _differs(graph.run(*examples, as_dict=True), run_source(examples)) is None

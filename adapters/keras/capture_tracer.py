@@ -226,11 +226,29 @@ def trace_tensorflow(
     traced = tf.function(flat, input_signature=signature, autograph=False)
     traced.get_concrete_function()  # the layer's own failure, before tf2onnx's
     with _quiet_tf2onnx():
-        model, _ = tf2onnx.convert.from_function(traced, input_signature=signature, opset=OPSET)
+        model, _ = tf2onnx.convert.from_function(
+            traced, input_signature=signature, opset=OPSET, custom_op_handlers=_TF_OPS
+        )
     unconverted = sorted(_unknown_ops(model.graph))
     if unconverted:  # tf2onnx leaves TF ops it cannot convert in the graph
         raise ValueError(f"tf2onnx cannot convert the TF ops {', '.join(unconverted)}")
     return model
+
+
+def _erfc(ctx: Any, node: Any, name: str, args: Any) -> None:
+    """TF's Erfc (Keras's exact GELU on TensorFlow), which tf2onnx does not convert, as
+    1 - Erf(x)."""
+    from tf2onnx import utils
+
+    x = node.input[0]
+    one = np.array(1, dtype=utils.map_onnx_to_numpy_type(ctx.get_dtype(x)))
+    erf = ctx.make_node("Erf", [x]).output[0]
+    node.type = "Sub"
+    ctx.replace_inputs(node, [ctx.make_const(utils.make_name("one"), one).output[0], erf])
+
+
+# TF ops tf2onnx leaves out, converted here: name -> (handler, extra arguments)
+_TF_OPS = {"Erfc": (_erfc, [])}
 
 
 def _unknown_ops(graph: Any) -> set[str]:

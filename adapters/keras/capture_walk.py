@@ -273,6 +273,8 @@ def _lower_by_symbolic_call(b: Builder, layer: Any, path: str, args: list, kwarg
     no converter) is traced again with concrete variables, and a warning says what folds.
     """
     tensors = [x for x in tree.flatten((args, kwargs)) if isinstance(x, Tensor)]
+    if _TRACER_FIRST[0]:  # a retry: the symbolic calls' graph did not reproduce the model
+        return _by_backend_tracer(b, layer, path, args, kwargs, tensors, _RETRACE)
     try:
         with SymbolicVariables(layer) as swapped:
             traced = _symbolic_call(layer, args, kwargs, tensors, swapped.placeholders)
@@ -370,6 +372,23 @@ def _traced_call(
 
 
 _RETRIED = "_interop_traced_with_concrete_variables"
+_TRACER_FIRST = [False]
+_RETRACE = RuntimeError("its symbolic call's graph did not reproduce the model at the example")
+
+
+@contextlib.contextmanager
+def layers_traced_first() -> Iterator[None]:
+    """Every layer a symbolic call would open is traced by the backend (capture.py's retry
+    when the symbolic graph does not reproduce the model at the example)."""
+    saved, _TRACER_FIRST[0] = _TRACER_FIRST[0], True
+    try:
+        yield
+    finally:
+        _TRACER_FIRST[0] = saved
+
+
+def tracing_layers_first() -> bool:
+    return _TRACER_FIRST[0]
 
 
 def _by_backend_tracer(
@@ -387,8 +406,9 @@ def _by_backend_tracer(
             raise _call_failed(layer, path, err, tracer_err) from None
         return concrete
     warnings.warn(
-        f"interop: Keras layer '{path or layer.name}' ({type(layer).__name__}) cannot run on "
-        f"KerasTensors ({_first_line(err)}); it was captured through the "
+        f"interop: Keras layer '{path or layer.name}' ({type(layer).__name__}): "
+        + (str(err) if err is _RETRACE else f"cannot run on KerasTensors ({_first_line(err)})")
+        + "; it was captured through the "
         f"{keras.backend.backend()} backend's tracer"
         + (" at the example's shapes (the dims it fixes are checked)" if at_example else ""),
         stacklevel=2,
