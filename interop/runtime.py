@@ -373,11 +373,21 @@ def run(
     overrides = len(feeds) > len(graph.inputs)  # weights given by name
     session = session_for(graph, device, overrides=overrides)
     names = list(output_names) if output_names else [s.name for s in graph.outputs]
+
+    def call(session: Any) -> list[Any]:
+        return run_bound(session, names, feeds) if device == "cuda" else session.run(names, feeds)
+
     try:
-        if device == "cuda":
-            results = run_bound(session, names, feeds)
-        else:
-            results = session.run(names, feeds)
+        try:
+            results = call(session)
+        except Exception:
+            captured = _captured_fallback(graph, device, overrides)
+            if captured is None:
+                raise
+            results = call(captured)  # the optimized copy failed where the capture runs
+            with graph._lock:
+                graph._sessions[device] = captured
+                graph._optimize_report["stage"] = "as captured (the optimized copy failed)"
     except Exception as err:  # ORT's exception types share no base with ours
         raise InteropError(
             f"ONNX Runtime failed while running graph '{graph.name}': "
@@ -388,6 +398,19 @@ def run(
     if as_dict:
         return dict(zip(names, results))
     return results[0] if len(results) == 1 else tuple(results)
+
+
+def _captured_fallback(graph: Graph, device: str, overrides: bool) -> Any:
+    """A session of the graph as captured, when the failed session ran the optimized copy."""
+    if overrides or graph._optimized is None or graph._sessions.get(device) is None:
+        return None
+    key = device + "+captured"  # built once: bad inputs fail on it too, without a rebuild
+    if key not in graph._sessions:
+        try:
+            graph._sessions[key] = _session(graph, graph.model, device)
+        except ModelLoadError:
+            graph._sessions[key] = None
+    return graph._sessions[key]
 
 
 def run_bound(session: Any, names: Sequence[str], feeds: Mapping[str, Any]) -> list[np.ndarray]:
