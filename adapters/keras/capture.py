@@ -46,15 +46,8 @@ from . import (  # noqa: F401  (register the converters)
     capture_wrappers,
 )
 from .capture_lowering import OPSET, Builder, Tensor, onnx_dtype
-from .capture_walk import (
-    functional_of,
-    is_functional,
-    layers_traced_first,
-    lower_callable,
-    lower_layer,
-    tracing_layers_first,
-    with_training,
-)
+from .capture_tracer import layers_traced_first, tracing_layers_first
+from .capture_walk import functional_of, is_functional, lower_callable, lower_layer, with_training
 
 
 # ---------------------------------------------------------------------------- inputs

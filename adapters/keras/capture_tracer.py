@@ -27,6 +27,7 @@ The dims such a layer fixes are found by `capture_dim_check` like any other.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -363,3 +364,41 @@ def _quiet_tf2onnx() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(saved)
+
+
+# ---------------------------------------------------------------------------- retry mode
+_TRACER_FIRST = [False]
+RETRACE = RuntimeError("its symbolic call's graph did not reproduce the model at the example")
+
+
+@contextlib.contextmanager
+def layers_traced_first() -> Iterator[None]:
+    """Every layer a symbolic call would open is traced by the backend (capture.py's retry
+    when the symbolic graph does not reproduce the model at the example)."""
+    saved, _TRACER_FIRST[0] = _TRACER_FIRST[0], True
+    try:
+        yield
+    finally:
+        _TRACER_FIRST[0] = saved
+
+
+def tracing_layers_first() -> bool:
+    return _TRACER_FIRST[0]
+
+
+def first_line(err: BaseException) -> str:
+    """The message's first informative line (Keras wraps errors in a generic first line)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+    lines = [line for line in lines if line and not line.startswith("Exception encountered")]
+    return lines[0][:300] if lines else type(err).__name__
+
+
+def source_line(layer: Any) -> str | None:
+    """``file:line`` of the layer class's ``call``, where Python can tell."""
+    if layer is None:
+        return None
+    try:
+        call = type(layer).call
+        return f"{inspect.getsourcefile(call)}:{inspect.getsourcelines(call)[1]}"
+    except (TypeError, OSError):
+        return None

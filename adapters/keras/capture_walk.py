@@ -27,7 +27,13 @@ from . import CAPTURE_LAYERS, CAPTURE_OPS
 from .capture_concrete import example_shapes
 from .capture_dynamic_shapes import dynamic_shapes
 from .capture_lowering import Builder, Tensor, onnx_dtype
-from .capture_tracer import lower_by_backend_tracer
+from .capture_tracer import (
+    RETRACE,
+    first_line,
+    lower_by_backend_tracer,
+    source_line,
+    tracing_layers_first,
+)
 from .capture_variables import SymbolicVariables, used
 
 # Keras's message when a layer cannot be called symbolically names it and its class.
@@ -273,8 +279,8 @@ def _lower_by_symbolic_call(b: Builder, layer: Any, path: str, args: list, kwarg
     no converter) is traced again with concrete variables, and a warning says what folds.
     """
     tensors = [x for x in tree.flatten((args, kwargs)) if isinstance(x, Tensor)]
-    if _TRACER_FIRST[0]:  # a retry: the symbolic calls' graph did not reproduce the model
-        return _by_backend_tracer(b, layer, path, args, kwargs, tensors, _RETRACE)
+    if tracing_layers_first():  # a retry: the symbolic calls' graph did not reproduce the model
+        return _by_backend_tracer(b, layer, path, args, kwargs, tensors, RETRACE)
     try:
         with SymbolicVariables(layer) as swapped:
             traced = _symbolic_call(layer, args, kwargs, tensors, swapped.placeholders)
@@ -372,23 +378,6 @@ def _traced_call(
 
 
 _RETRIED = "_interop_traced_with_concrete_variables"
-_TRACER_FIRST = [False]
-_RETRACE = RuntimeError("its symbolic call's graph did not reproduce the model at the example")
-
-
-@contextlib.contextmanager
-def layers_traced_first() -> Iterator[None]:
-    """Every layer a symbolic call would open is traced by the backend (capture.py's retry
-    when the symbolic graph does not reproduce the model at the example)."""
-    saved, _TRACER_FIRST[0] = _TRACER_FIRST[0], True
-    try:
-        yield
-    finally:
-        _TRACER_FIRST[0] = saved
-
-
-def tracing_layers_first() -> bool:
-    return _TRACER_FIRST[0]
 
 
 def _by_backend_tracer(
@@ -407,20 +396,13 @@ def _by_backend_tracer(
         return concrete
     warnings.warn(
         f"interop: Keras layer '{path or layer.name}' ({type(layer).__name__}): "
-        + (str(err) if err is _RETRACE else f"cannot run on KerasTensors ({_first_line(err)})")
+        + (str(err) if err is RETRACE else f"cannot run on KerasTensors ({first_line(err)})")
         + "; it was captured through the "
         f"{keras.backend.backend()} backend's tracer"
         + (" at the example's shapes (the dims it fixes are checked)" if at_example else ""),
         stacklevel=2,
     )
     return result
-
-
-def _first_line(err: BaseException) -> str:
-    """The message's first informative line (Keras wraps errors in a generic first line)."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
-    lines = [line for line in lines if line and not line.startswith("Exception encountered")]
-    return lines[0][:300] if lines else type(err).__name__
 
 
 def _call_failed(
@@ -432,31 +414,20 @@ def _call_failed(
         where, cls = f"{path}/{inner.group(1)}" if path else inner.group(1), inner.group(2)
         source = None
     detail = f"{cls} has no converter and its call could not be run on symbolic KerasTensors: "
-    detail += _first_line(err)
+    detail += first_line(err)
     if tracer_err is not None:
         detail += f"; nor by the {keras.backend.backend()} backend's tracer: "
-        detail += f"{type(tracer_err).__name__}: {_first_line(tracer_err)}"
+        detail += f"{type(tracer_err).__name__}: {first_line(tracer_err)}"
     return UnsupportedOpError(
         cls,
         direction="import",
         adapter="keras",
         layer=where,
-        location=_source_line(source),
+        location=source_line(source),
         close_matches=CAPTURE_LAYERS.close_matches(cls),
         detail=detail,
         fix=_FIX.format(cls=cls),
     )
-
-
-def _source_line(layer: Any) -> str | None:
-    """``file:line`` of the layer class's ``call``, where Python can tell."""
-    if layer is None:
-        return None
-    try:
-        call = type(layer).call
-        return f"{inspect.getsourcefile(call)}:{inspect.getsourcelines(call)[1]}"
-    except (TypeError, OSError):
-        return None
 
 
 def _walk_traced(b: Builder, path: str, traced: tuple[Any, Any, list[Any]]) -> Any:
