@@ -298,6 +298,18 @@ class _PathFinder:
         return matches[0] if len(matches) == 1 else None
 
 
+def call_owners(classes: set[type]) -> dict[type, Any]:
+    """For each class, the class in its MRO that defines ``__call__`` -> that function (the
+    method a scope wrapper must replace and call through)."""
+    owners: dict[type, Any] = {}
+    for cls in classes:
+        for klass in cls.__mro__:
+            if "__call__" in klass.__dict__:
+                owners.setdefault(klass, klass.__dict__["__call__"])
+                break
+    return owners
+
+
 @contextlib.contextmanager
 def _scoped_calls(classes: set[type], paths: _PathFinder, returns: Returns) -> Iterator[None]:
     """Wrap ``__call__`` of the classes defining it so that calls open a named scope and
@@ -306,12 +318,7 @@ def _scoped_calls(classes: set[type], paths: _PathFinder, returns: Returns) -> I
 
     # classes whose own __call__ nnx_layer_call may stand for (capture_layers.py)
     layer_owners = {nnx.BatchNorm, nnx.LayerNorm, nnx.Conv, nnx.Linear}
-    owners = {}
-    for cls in classes:
-        for klass in cls.__mro__:
-            if "__call__" in klass.__dict__:
-                owners.setdefault(klass, klass.__dict__["__call__"])
-                break
+    owners = call_owners(classes)
     for klass, original in owners.items():
 
         def wrapper(

@@ -41,6 +41,7 @@ from .capture_lowering import MARK
 from .capture_modules import (
     Capture,
     Returns,
+    call_owners,
     capture_linen,
     leaf_names,
     mark_returns,
@@ -232,12 +233,7 @@ def capture_module_tree(model: Any, hook: ModuleTree) -> Capture:
 
 @contextlib.contextmanager
 def _scoped(classes: set[type], by_id: dict[int, str], returns: Returns) -> Iterator[None]:
-    owners: dict[type, Any] = {}
-    for cls in classes:
-        for klass in cls.__mro__:
-            if "__call__" in klass.__dict__:
-                owners.setdefault(klass, klass.__dict__["__call__"])
-                break
+    owners = call_owners(classes)
     for klass, original in owners.items():
 
         def wrapper(self: Any, *args: Any, __original: Any = original, **kwargs: Any) -> Any:
