@@ -304,7 +304,12 @@ def _correct_declared_shapes(model_ir: ir.Model) -> None:
     """Replace the output shapes and types Keras declared where ONNX shape inference proves
     them wrong: a layer's ``compute_output_shape`` may lie (keras_hub's SigLIP embedding
     declares one patch more than it makes), and ONNX Runtime refuses a graph whose
-    annotations contradict its nodes."""
+    annotations contradict its nodes. Skipped for graphs whose weights exceed one protobuf
+    (the serialized copy and ONNX's inference could not hold them)."""
+    from interop.serialization import PROTO_LIMIT, weight_bytes
+
+    if weight_bytes(model_ir) >= PROTO_LIMIT:
+        return
     proto = ir.serde.serialize_model(model_ir)
     del proto.graph.value_info[:]
     try:
