@@ -54,6 +54,11 @@ class TorchAdapter:
         return _is_torch_module(model) and not _is_keras(model)
 
     def trace(self, model: Any, example_inputs: Any, **options: Any) -> Any:
+        weights = options.pop("weights", None)
+        if weights is not None:  # weights apart from a meta-device model (issue 20)
+            from .capture_weights import trace_with_weights
+
+            return trace_with_weights(model, example_inputs, weights=weights, **options)
         from .capture import trace_module
 
         return trace_module(model, example_inputs, **options)
