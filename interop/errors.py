@@ -21,6 +21,7 @@ __all__ = [
     "MissingDependencyError",
     "LayerNotFoundError",
     "EmitError",
+    "WeightsError",
     "close_matches",
 ]
 
@@ -146,3 +147,8 @@ class LayerNotFoundError(InteropError, KeyError):
 
 class EmitError(InteropError, RuntimeError):
     """A node failed while being emitted or evaluated; the cause is chained."""
+
+
+class WeightsError(InteropError, ValueError):
+    """Weights given apart from the model (a safetensors checkpoint, a mapping) do not fit it:
+    missing or extra tensors, a shape or dtype mismatch, a truncated shard."""
