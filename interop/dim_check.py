@@ -1,0 +1,277 @@
+"""A declared dynamic dimension must hold: checked once before `trace` returns.
+
+Every adapter's capture ends here (Keras, torch, Flax; no framework is imported). The
+graph is run on ONNX Runtime at a second size of its dynamic dimensions (the example
+grown by one along them, by repeating it cyclically, or shrunk by one, by slicing it;
+token ids stay in range as only the example's own values are used) and compared with the
+source model at the same inputs. All dimensions change together first, so a graph that
+holds costs one source call and one graph run (whose ONNX Runtime session the graph
+keeps for later runs). A dimension that does not hold (a run error, another output
+shape, other numbers) is declared static, at the example's size, with a warning naming
+the dimension and the layer of the node that failed; the dimensions left dynamic are
+checked again together. Sizes the source model itself cannot run (a ViT's patch grid, a
+position table) are not held against the graph.
+
+>>> import numpy as np
+>>> _resized(np.array([[1, 2, 3]]), 1, 4).tolist()    # repeated cyclically: ids stay valid
+[[1, 2, 3, 1]]
+>>> second_sizes(2), second_sizes(1)
+([3, 1], [2])
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from interop import provenance
+from interop.graph import Graph
+
+# ``run_source(feeds) -> [(output name, array)]``: the source model on inputs named as
+# the graph's, outputs flattened in the graph's order
+RunSource = Callable[[dict[str, np.ndarray]], list[tuple[str, np.ndarray]]]
+
+_NODE = re.compile(r"node\. Name:'([^']+)'")
+_SIZE_OPS = {"Reshape", "Expand", "Tile", "ConstantOfShape", "Slice", "Range", "Split"}
+_ARITHMETIC = re.compile(r"^[\d\s+\-*/()]+$")
+
+
+def dynamic_axes(graph: ir.Graph) -> dict[str, list[tuple[str, int]]]:
+    """Symbolic dim name -> the (input name, axis) pairs that declare it."""
+    dims: dict[str, list[tuple[str, int]]] = {}
+    for value in graph.inputs:
+        for axis, dim in enumerate(value.shape or ()):
+            if isinstance(dim, ir.SymbolicDim) and dim.value is not None:
+                dims.setdefault(dim.value, []).append((str(value.name), axis))
+    return dims
+
+
+def _resized(array: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """`array` sliced or repeated (cyclically) to `size` along `axis`; zeros when the
+    example's axis is empty (keras_hub SAM's prompt without boxes)."""
+    if array.shape[axis] == 0:
+        shape = list(array.shape)
+        shape[axis] = size
+        return np.zeros(shape, array.dtype)
+    return np.take(array, np.arange(size) % array.shape[axis], axis=axis)
+
+
+def second_sizes(example: int) -> list[int]:
+    """The sizes tried, in order: one more, then one less (never 0)."""
+    return [example + 1] + ([example - 1] if example > 1 else [])
+
+
+def check_dims(
+    graph: Graph,
+    run_source: RunSource,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    source: str,
+    stacklevel: int = 4,
+) -> Graph:
+    """`graph`, or a copy whose failing dynamic dims are static (with a warning each).
+
+    `feeds` are the example inputs by graph input name (inputs the graph does not list
+    are passed to the source unchanged); `source` names the model in warnings
+    ("Keras model 'vit'").
+    """
+    feeds = {name: np.asarray(value) for name, value in feeds.items()}
+    dims = {
+        name: [(i, axis) for i, axis in where if i in feeds]
+        for name, where in dynamic_axes(graph.model.graph).items()
+    }
+    dims = {name: where for name, where in dims.items() if where}
+    if not dims:
+        return graph
+    sizes = {name: feeds[i].shape[axis] for name, [(i, axis), *_] in dims.items()}
+    verdict = _try(graph, run_source, feeds, dims, list(dims), sizes)
+    if verdict is None or not holds_at_example(graph, run_source, feeds):
+        return graph  # holds; or wrong at any size, which interop.verify reports
+    failing: dict[str, str] = {}
+    for name in dims if len(dims) > 1 else []:
+        reason = _try(graph, run_source, feeds, dims, [name], sizes)
+        if reason is not None:
+            failing[name] = reason
+    if failing and len(failing) < len(dims):  # the rest must hold together, too
+        rest = [name for name in dims if name not in failing]
+        fixed = made_static(graph, {name: sizes[name] for name in failing})
+        again = _try(fixed, run_source, feeds, dims, rest, sizes)
+        if again is not None:
+            failing.update(dict.fromkeys(rest, again))
+    if not failing:  # only together do they fail
+        failing = dict.fromkeys(dims, verdict)
+    for name, reason in failing.items():
+        warnings.warn(
+            f"interop: {source}: the dynamic dimension '{name}' does not hold ({reason}); "
+            f"the graph declares it static, of size {sizes[name]}",
+            stacklevel=stacklevel,
+        )
+    return made_static(graph, {name: sizes[name] for name in failing})
+
+
+def _try(
+    graph: Graph,
+    run_source: RunSource,
+    feeds: dict[str, np.ndarray],
+    dims: dict[str, list[tuple[str, int]]],
+    names: list[str],
+    sizes: dict[str, int],
+) -> str | None:
+    """None when the graph matches the source at a second size of `names` (or the source
+    cannot run any); else why not."""
+    for step in range(2):
+        inputs = dict(feeds)
+        new: dict[str, int] = {}
+        for name in names:
+            options = second_sizes(sizes[name])
+            if step >= len(options):
+                continue
+            new[name] = options[step]
+            for i, axis in dims[name]:
+                inputs[i] = _resized(inputs[i], axis, new[name])
+        if not new:
+            return None
+        try:
+            want = run_source(inputs)
+        except Exception:
+            continue  # the source cannot run at this size either
+        at = ", ".join(f"{n}={s}" for n, s in new.items())
+        try:
+            got = _run(graph, inputs)
+        except Exception as err:
+            text = f"{err} {err.__cause__ or ''}"
+            return f"at {at} the graph fails{_where(graph, text)}: {_first_line(err)}{_baked(graph, sizes, names)}"  # fmt: skip
+        differs = _differs(got, want)
+        return None if differs is None else f"at {at} {differs}{_baked(graph, sizes, names)}"
+    return None
+
+
+def _run(graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    listed = {str(v.name) for v in graph.model.graph.inputs}
+    return graph.run(**{k: v for k, v in feeds.items() if k in listed}, as_dict=True)
+
+
+def _differs(got: dict[str, Any], want: list[tuple[str, np.ndarray]]) -> str | None:
+    # by position, as interop.verify: a graph output may be renamed (one returning an
+    # input under the input's name)
+    if len(got) != len(want):
+        return f"{len(got)} outputs, the source {len(want)}"
+    for (name, expected), actual in zip(want, got.values(), strict=True):
+        actual, expected = np.asarray(actual), np.asarray(expected)
+        if actual.shape != expected.shape:
+            return f"output '{name}' has shape {actual.shape}, the source {expected.shape}"
+        if expected.dtype.kind not in "fciub":
+            continue
+        scale = float(np.max(np.abs(expected), initial=1.0))
+        if not np.allclose(actual, expected, rtol=1e-3, atol=1e-4 * scale, equal_nan=True):
+            gap = float(np.max(np.abs(actual.astype(np.float64) - expected)))
+            return f"output '{name}' differs from the source by {gap:.3g}"
+    return None
+
+
+def holds_at_example(graph: Graph, run_source: RunSource, feeds: Mapping[str, Any]) -> bool:
+    """Whether the graph matches the source at the example itself (else the dims are not
+    to blame)."""
+    feeds = {name: np.asarray(value) for name, value in feeds.items()}
+    try:
+        return _differs(_run(graph, feeds), run_source(feeds)) is None
+    except Exception:
+        return False
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]
+
+
+def layer_of(node: ir.Node) -> str:
+    """ "layer 'blocks.0.attn' (file.py:12)" from a node's provenance."""
+    scope = node.metadata_props.get(provenance.SCOPE, "")
+    where = f"layer '{scope}'" if scope else "the model itself"
+    location = node.metadata_props.get(provenance.LOCATION)
+    return f"{where} ({location})" if location else where
+
+
+def _where(graph: Graph, message: str) -> str:
+    """' in <op> of layer ...' for the node an ONNX Runtime error names."""
+    match = _NODE.search(message)
+    if match is None:
+        return ""
+    named = match.group(1)  # ONNX Runtime may add a suffix to a node it fused
+    best = max(
+        (n for n in graph.model.graph.all_nodes() if n.name and named.startswith(n.name)),
+        key=lambda n: len(n.name or ""),
+        default=None,
+    )
+    return "" if best is None else f" in {best.op_type} of {layer_of(best)}"
+
+
+def _baked(graph: Graph, sizes: dict[str, int], names: list[str]) -> str:
+    """'; a shape constant holds ...' naming layers whose shape constants hold an example size."""
+    example = {sizes[n] for n in names if sizes[n] > 1}
+    suspects: list[str] = []
+    for node in graph.model.graph.all_nodes():
+        if node.op_type not in _SIZE_OPS:
+            continue
+        for value in node.inputs[1:]:
+            const = None if value is None else value.const_value
+            if const is None or const.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
+                continue
+            if example & {int(v) for v in np.asarray(const.numpy()).ravel()}:
+                layer = layer_of(node)
+                if layer not in suspects:
+                    suspects.append(layer)
+    return f"; a shape constant holds the example size in {', '.join(suspects[:3])}" if suspects else ""  # fmt: skip
+
+
+def _static_dim(dim: Any, static: Mapping[str, int]) -> Any:
+    """`dim` with the names of `static` replaced by their sizes: an int where the result
+    is arithmetic of numbers only ("2*batch" -> 6), else the dim as it was."""
+    if not isinstance(dim, ir.SymbolicDim) or dim.value is None:
+        return dim
+    if dim.value in static:
+        return static[dim.value]
+    pattern = re.compile(r"\b(" + "|".join(re.escape(k) for k in static) + r")\b")
+    text = pattern.sub(lambda m: str(static[m.group(1)]), dim.value)
+    if text == dim.value or not _ARITHMETIC.match(text):
+        return dim
+    try:
+        value = eval(text, {"__builtins__": {}}, {})  # digits and + - * / ( ) only
+    except (SyntaxError, ZeroDivisionError):
+        return dim
+    return int(value) if float(value).is_integer() else dim
+
+
+def made_static(graph: Graph, static: Mapping[str, int]) -> Graph:
+    """A new Graph on the same model where each dim of `static` is the given size.
+
+    >>> import onnx_ir as ir
+    >>> x = ir.Value(name="x", shape=ir.Shape(["batch", 4]), type=ir.TensorType(ir.DataType.FLOAT))
+    >>> y = ir.node("Identity", [x]).outputs[0]
+    >>> y.shape, y.type = ir.Shape(["2*batch"]), x.type
+    >>> g = made_static(Graph(ir.Model(ir.Graph([x], [y], nodes=[y.producer()]), ir_version=10)), {"batch": 3})
+    >>> g.model.graph.inputs[0].shape, g.model.graph.outputs[0].shape
+    (Shape([3, 4]), Shape([6]))
+    """
+    if not static:
+        return graph
+    model = graph.model
+
+    def fix(value: ir.Value) -> None:
+        if value.shape is None:
+            return
+        dims = [_static_dim(d, static) for d in value.shape]
+        if dims != list(value.shape):
+            value.shape = ir.Shape(dims)
+
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        fix(value)
+    for node in model.graph.all_nodes():
+        for value in node.outputs:
+            fix(value)
+    return Graph(model)
