@@ -707,7 +707,7 @@ CONFIGS = {
         decoder_num_heads=2,
         _inputs={
             "encoder_input_values": _rng().standard_normal((BATCH, 1600, 1)).astype("float32"),
-            "encoder_padding_mask": __import__("numpy").ones((BATCH, 1600), "int32"),
+            "encoder_padding_mask": __import__("numpy").ones((BATCH, 1600), bool),
         },
     ),
     "OPTBackbone": lambda: backbone("OPTBackbone", **ENC),

@@ -241,8 +241,11 @@ def _as_tensor(value: Any, spec: Any, operation: Any, first: Tensor | None) -> T
 def _annotate(value: ir.Value, spec: Any) -> None:
     """Give a layer's output value the shape and type Keras inferred (for summaries)."""
     if value.shape is None and not value.is_graph_input() and not value.is_initializer():
+        # a vector's one axis is as often a length as the batch (keras_hub Moonshine's
+        # positions, an arange of the sequence length): named only on rank 2 and up
+        batched = len(spec.shape) > 1
         dims = [
-            ("batch" if axis == 0 else None) if d is None else int(d)
+            ("batch" if axis == 0 and batched else None) if d is None else int(d)
             for axis, d in enumerate(spec.shape)
         ]
         value.shape = ir.Shape(
