@@ -110,8 +110,28 @@ def _lower_layer(b: Builder, layer: Any, path: str, args: list, kwargs: dict) ->
         return result
     functional = functional_of(layer)
     if functional is not None:
-        return walk_function(b, functional, path, _functional_feeds(functional, args, kwargs))
+        feeds = _functional_feeds(functional, args, kwargs)
+        with b.scoped(path):
+            feeds = _adjust_ranks(b, functional, feeds)
+        return walk_function(b, functional, path, feeds)
     return _lower_by_symbolic_call(b, layer, path, args, kwargs)
+
+
+def _adjust_ranks(b: Builder, functional: Any, feeds: list[Any]) -> list[Any]:
+    """A feed one rank off its Input adjusted as Keras's Functional call does: a trailing
+    axis of 1 added or dropped (keras_hub Stable Diffusion 3 feeds its diffuser's
+    ``(batch, 1)`` timestep a vector)."""
+    adjusted = []
+    for feed, spec in zip(feeds, functional.inputs, strict=False):
+        ref = tuple(spec.shape)
+        if isinstance(feed, Tensor) and feed.rank == len(ref) - 1 and ref and ref[-1] == 1:
+            value = b.op("Unsqueeze", [feed.value, b.ints([-1])])
+            feed = Tensor(value, (*feed.shape, 1), feed.dtype, feed.mask)
+        elif isinstance(feed, Tensor) and feed.rank == len(ref) + 1 and feed.shape[-1] == 1:
+            value = b.op("Squeeze", [feed.value, b.ints([-1])])
+            feed = Tensor(value, feed.shape[:-1], feed.dtype, feed.mask)
+        adjusted.append(feed)
+    return adjusted + list(feeds[len(adjusted) :])
 
 
 def _positional(layer: Any, args: list, kwargs: dict) -> tuple[list, dict]:
