@@ -202,3 +202,36 @@ def test_model_whose_layer_declares_a_wrong_shape_is_retraced_by_the_backend():
         expected = np.asarray(model(batch))
         assert expected.shape == (len(batch), 6, 3)
         np.testing.assert_allclose(graph.run(batch), expected, rtol=1e-6)
+
+
+def test_nested_functional_fed_one_rank_less_than_its_input():
+    """A nested Functional whose ``Input((1,))`` is fed a vector gets the trailing axis
+    Keras's Functional call adds (keras_hub Stable Diffusion 3's diffuser timestep)."""
+    inner_in = keras.Input((1,), name="timestep")
+    inner = keras.Model(inner_in, layers.Dense(4, name="embed")(inner_in), name="inner")
+    inputs = keras.Input((), name="t")
+    model = keras.Model(inputs, inner(inputs))
+    x = np.random.RandomState(0).rand(3).astype("float32")
+    graph = interop.trace(model, x)
+    for batch in (x, x[:2]):
+        np.testing.assert_allclose(graph.run(batch), np.asarray(model(batch)), rtol=1e-5)
+
+
+def test_vector_output_axis_is_not_named_batch():
+    """A layer returning the positions of the sequence (rank 1, its length, not the batch:
+    keras_hub Moonshine's ``Arange``) keeps an unnamed axis, so ONNX Runtime does not take
+    it for the batch."""
+
+    class Positions(layers.Layer):
+        def call(self, x):
+            return ops.arange(ops.shape(x)[1], dtype="float32")
+
+    inputs = keras.Input((None, 3))
+    positions = Positions(name="positions")(inputs)
+    model = keras.Model(inputs, inputs * positions[None, :, None])
+    x = np.random.RandomState(0).rand(2, 7, 3).astype("float32")
+    graph = interop.trace(model, x)
+    shapes = [v.shape for n in graph.model.graph for v in n.outputs if n.op_type == "Range"]
+    assert shapes and all(s is None or s[0] != "batch" for s in shapes), shapes
+    for batch in (x, x[:1, :4]):
+        np.testing.assert_allclose(graph.run(batch), np.asarray(model(batch)), rtol=1e-6)

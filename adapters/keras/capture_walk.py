@@ -26,6 +26,7 @@ from interop.errors import InteropError, TraceError, UnsupportedOpError
 from . import CAPTURE_LAYERS, CAPTURE_OPS
 from .capture_concrete import example_shapes
 from .capture_dynamic_shapes import dynamic_shapes
+from .capture_feeds import adjust_ranks, functional_feeds
 from .capture_lowering import Builder, Tensor, onnx_dtype
 from .capture_tracer import (
     RETRACE,
@@ -110,28 +111,11 @@ def _lower_layer(b: Builder, layer: Any, path: str, args: list, kwargs: dict) ->
         return result
     functional = functional_of(layer)
     if functional is not None:
-        feeds = _functional_feeds(functional, args, kwargs)
+        feeds = functional_feeds(functional, args, kwargs)
         with b.scoped(path):
-            feeds = _adjust_ranks(b, functional, feeds)
+            feeds = adjust_ranks(b, functional, feeds)
         return walk_function(b, functional, path, feeds)
     return _lower_by_symbolic_call(b, layer, path, args, kwargs)
-
-
-def _adjust_ranks(b: Builder, functional: Any, feeds: list[Any]) -> list[Any]:
-    """A feed one rank off its Input adjusted as Keras's Functional call does: a trailing
-    axis of 1 added or dropped (keras_hub Stable Diffusion 3 feeds its diffuser's
-    ``(batch, 1)`` timestep a vector)."""
-    adjusted = []
-    for feed, spec in zip(feeds, functional.inputs, strict=False):
-        ref = tuple(spec.shape)
-        if isinstance(feed, Tensor) and feed.rank == len(ref) - 1 and ref and ref[-1] == 1:
-            value = b.op("Unsqueeze", [feed.value, b.ints([-1])])
-            feed = Tensor(value, (*feed.shape, 1), feed.dtype, feed.mask)
-        elif isinstance(feed, Tensor) and feed.rank == len(ref) + 1 and feed.shape[-1] == 1:
-            value = b.op("Squeeze", [feed.value, b.ints([-1])])
-            feed = Tensor(value, feed.shape[:-1], feed.dtype, feed.mask)
-        adjusted.append(feed)
-    return adjusted + list(feeds[len(adjusted) :])
 
 
 def _positional(layer: Any, args: list, kwargs: dict) -> tuple[list, dict]:
@@ -151,20 +135,6 @@ def _positional(layer: Any, args: list, kwargs: dict) -> tuple[list, dict]:
             break
         args.append(kwargs.pop(param.name))
     return args, kwargs
-
-
-def _functional_feeds(functional: Any, args: list, kwargs: dict) -> list[Any]:
-    """The call's inputs in the order of the graph's inputs: a dict given to a model whose
-    inputs are a list is matched by input name, as Keras does (a flattened dict is in
-    sorted key order)."""
-    if len(args) == 1 and not kwargs and isinstance(args[0], dict):
-        names = []
-        for spec in functional.inputs:
-            history = getattr(spec, "_keras_history", None)
-            names.append(history.operation.name if history is not None else spec.name)
-        if set(names) == set(args[0]) and len(names) == len(args[0]):
-            return [args[0][name] for name in names]
-    return tree.flatten((args, kwargs))
 
 
 def walk_function(b: Builder, function: Any, path: str, inputs: list[Tensor]) -> Any:
