@@ -29,7 +29,7 @@ from interop.graph import Graph
 from interop.progress import progress
 from interop.structure import flatten_outputs
 
-from . import CAPTURE_OPS
+from . import CAPTURE_OPS, capture_dim_check
 from .capture_provenance import (
     TORCH_DIR,
     fx_provenance,
@@ -110,8 +110,14 @@ def trace_module(
     dynamic_batch: bool = True,
     dynamic_dims: Mapping[str, Mapping[int, str]] | None = None,
     verbose: bool = False,
+    check_dims: bool = True,
 ) -> Graph:
-    """Trace `module` on `example_inputs` into a Graph (see `interop.trace`)."""
+    """Trace `module` on `example_inputs` into a Graph (see `interop.trace`).
+
+    With `check_dims` (the default) a dim torch.export specialises is left static with a
+    warning, and the graph runs at a second size of each dynamic dim against the module
+    (capture_dim_check.py); ``check_dims=False`` skips both (a specialised dim raises).
+    """
     args, kwargs = normalize_inputs(example_inputs)
     signature = inspect.signature(module.forward)
     try:
@@ -131,9 +137,12 @@ def trace_module(
     )
     next(steps)
     returns = ModuleReturns(module, _expand_cache)
+    fixed: dict[str, Any] = {}  # where torch.export fixed a dynamic dim (capture_dim_check)
     with _eval_mode(module), _flat_forward(module, output_names), _quiet(verbose):
         with returns.recording():
-            exported = _export(module, args, kwargs, dynamic_shapes)
+            exported = capture_dim_check.export(
+                _export, module, args, kwargs, dynamic_shapes, fixed, check_dims=check_dims
+            )
         next(steps)
         program = _to_onnx(exported)
     next(steps)
@@ -147,7 +156,10 @@ def trace_module(
     provenance.write_layers(model, provenance.with_returns(provenance.read_layers(model), returned))
     model.graph.name = type(module).__name__
     next(steps, None)
-    return Graph(model)
+    graph = Graph(model)
+    return capture_dim_check.checked(
+        graph, module, bound, signature, dims, fixed, check_dims=check_dims
+    )
 
 
 def _roots(
