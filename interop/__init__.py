@@ -12,6 +12,7 @@ imported by their adapters, when a model of theirs is traced.
 from __future__ import annotations
 
 from . import errors
+from .compare import CompareReport, compare
 from .conversion import convert
 from .errors import (
     DeviceError,
@@ -57,10 +58,12 @@ __all__ = [
     "Layer",
     "TensorSpec",
     "VerifyReport",
+    "CompareReport",
     "trace",
     "load",
     "convert",
     "verify",
+    "compare",
     "register_adapter",
     "to_torch",
     "to_keras",

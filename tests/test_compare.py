@@ -1,0 +1,148 @@
+"""interop.compare: per-layer errors between a model and its trace or emissions.
+
+The fault tests change one weight element of an emitted model (torch, Keras, Flax) and
+check that the report names that layer first and flags nothing upstream of it; the
+clean emissions match the source model layer by layer within float32 tolerances.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import interop
+
+torch = pytest.importorskip("torch")
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.norm = torch.nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(torch.relu(self.fc(x)) + x)
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(4, 8)
+        self.blocks = torch.nn.ModuleList([Block(), Block()])
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+UPSTREAM = ["inp", "blocks.0.fc", "blocks.0.norm"]  # computed before blocks.1.fc
+
+
+@pytest.fixture(scope="module")
+def source():
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(3, 4)
+    return model, x, interop.trace(model, (x,))
+
+
+def _set_fault(target: str, emitted):
+    """Add 1.0 to one element of blocks.1.fc's weight, in the emitted model's framework."""
+    if target == "torch":
+        with torch.no_grad():
+            emitted.get_submodule("blocks.1.fc").weight[0, 0] += 1.0
+    elif target == "keras":
+        kernel = emitted.get_layer("blocks.1.fc").kernel
+        value = np.array(kernel.numpy())
+        value[0, 0] += 1.0
+        kernel.assign(value)
+    else:
+        from flax import nnx
+
+        fc = dict(nnx.iter_modules(emitted))[("blocks", "1", "fc")]
+        fc.kernel[...] = fc.kernel[...].at[0, 0].add(1.0)
+
+
+@pytest.mark.parametrize("target", ["torch", "keras", "flax"])
+def test_fault_in_emitted_model_is_named_first(source, target):
+    if target != "torch":
+        pytest.importorskip("keras" if target == "keras" else "flax")
+    model, x, g = source
+    emitted = getattr(interop, f"to_{target}")(g)
+    clean = interop.compare(model, emitted, (x,), rtol=1e-4, atol=1e-5)
+    assert clean.ok, str(clean)
+    assert clean.first_divergence is None
+    compared = [row.path for row in clean.layers]
+    # the native layers the emitter placed under the source paths, then the outputs
+    for path in ["inp", "blocks.0.fc", "blocks.0.norm", "blocks.1.fc", "blocks.1.norm", "head"]:
+        assert path in compared
+    assert compared[-1] == "<outputs>"
+
+    _set_fault(target, emitted)
+    report = interop.compare(model, emitted, (x,), rtol=1e-4, atol=1e-5)
+    assert not report.ok
+    first = report.first_divergence
+    assert first is not None and first.path == "blocks.1.fc", str(report)
+    assert first.max_abs_error > 0.01
+    paths = [row.path for row in report.layers]
+    upstream = paths[: paths.index("blocks.1.fc")]
+    assert set(UPSTREAM) <= set(upstream)
+    assert all(report.layer(p).ok for p in upstream), str(report)
+    assert not report.layer("<outputs>").ok
+    assert "<- first divergence" in str(report).splitlines()[2 + paths.index("blocks.1.fc")]
+
+
+def test_source_against_its_graph_and_file(source, tmp_path):
+    model, x, g = source
+    report = interop.compare(model, g, (x,))
+    assert report.ok, str(report)
+    paths = [row.path for row in report.layers]
+    # containers are layers of both: the hooks see Block calls, the graph their returns
+    assert paths == [
+        "inp", "blocks.0.fc", "blocks.0.norm", "blocks.0", "blocks.1.fc", "blocks.1.norm",
+        "blocks.1", "head", "<outputs>",
+    ]  # fmt: skip
+    assert report.layer("blocks.0").class_name == "Block"
+    # value names of the graph travel with the rows (the view's overlay keys on them)
+    assert report.layer("head").outputs[0].name == g.layer("head").returns[0].name
+    assert report.layer("blocks.0.fc").outputs[0].shape == (3, 8)
+
+    path = g.save(tmp_path / "net.onnx")
+    between_graphs = interop.compare(g, str(path), (x.numpy(),), atol=0, rtol=0)
+    assert between_graphs.ok and len(between_graphs.layers) == 10  # blocks too: both graphs
+    data = between_graphs.to_dict()
+    json.dumps(data)
+    assert data["first_divergence"] is None and data["layers"][0]["path"] == "inp"
+    assert "<table>" in between_graphs._repr_html_()
+
+
+def test_graph_fault_and_table(source):
+    model, x, g = source
+    broken = g.clone()
+    weight = broken.model.graph.initializers["blocks.0.norm.weight"]
+    array = weight.const_value.numpy().copy()
+    array[3] += 0.5
+    import onnx_ir as ir
+
+    weight.const_value = ir.tensor(array, name="blocks.0.norm.weight")
+    report = interop.compare(g, broken, {"x": x.numpy()})
+    assert report.first_divergence.path == "blocks.0.norm"
+    assert [r.path for r in report.layers if not r.ok][:2] == ["blocks.0.norm", "blocks.0"]
+    text = str(report)
+    assert "first divergence: blocks.0.norm" in text.splitlines()[0]
+
+
+def test_across_devices(source):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("no CUDA execution provider (onnxruntime-gpu and a GPU)")
+    _, x, g = source
+    report = interop.compare(g, g, (x.numpy(),), device=("cpu", "cuda"), rtol=1e-3, atol=1e-4)
+    assert report.ok, str(report)
+    assert report.device == ("cpu", "cuda")
