@@ -27,6 +27,7 @@ from interop.graph import Graph
 from interop.structure import flatten_outputs
 
 from . import (  # noqa: F401  (register the converters)
+    capture_dim_check,
     capture_ops_basic,
     capture_ops_complex,
     capture_ops_control,
@@ -144,13 +145,17 @@ def trace_model(
     dynamic_dims: Mapping[str, Mapping[int, str]] | None = None,
     name: str | None = None,
     check: bool = True,
+    check_dims: bool = True,
 ) -> Graph:
     """Trace a Flax/JAX model on `example_inputs` into a Graph (see `interop.trace`).
 
     With `check` (the default) the graph must pass the ONNX checker with full type
     inference and load in ONNX Runtime before it is returned (capture_check.py);
     otherwise a `TraceError` names the JAX primitive and source line that wrote the
-    offending node.
+    offending node. With `check_dims` (the default) a dynamic dim JAX cannot trace
+    symbolically is left static with a warning, and the graph runs at a second size of
+    each dynamic dim against the model (capture_dim_check.py); ``check_dims=False``
+    skips both.
 
     >>> import interop, jax.numpy as jnp                    # doctest: +SKIP
     >>> from flax import nnx
@@ -177,7 +182,9 @@ def trace_model(
         return tuple(t for _, t in flat)
 
     try:
-        closed = jax.make_jaxpr(flat_fn)(cap.params, *specs)
+        closed, specs = capture_dim_check.make_jaxpr(
+            flat_fn, cap.params, specs, arrays, source=_source(model), check_dims=check_dims
+        )
     except InteropError:
         raise
     except Exception as err:
@@ -188,7 +195,15 @@ def trace_model(
     if check:
         check_captured(graph.model, graph.model.graph.meta.get(_ORIGINS, {}))
     graph.model.graph.meta.pop(_ORIGINS, None)
-    return graph
+    if not check_dims:
+        return graph
+    return capture_dim_check.checked(
+        graph, run_model, model, arrays, input_names, n_args, list(kwargs), source=_source(model)
+    )
+
+
+def _source(model: Any) -> str:
+    return f"JAX model {getattr(model, '__name__', None) or type(model).__name__}"
 
 
 def _dead_code_eliminated(closed: Any) -> Any:
