@@ -71,7 +71,12 @@ def trace(model: Any, example_inputs: Any = None, **options: Any) -> Graph:
 
     `example_inputs` is one tensor/array, a tuple of them, or a dict of named inputs.
     The batch dimension is dynamic by default (``dynamic_batch=False`` turns it off);
-    ``dynamic_dims={"input_ids": {1: "seq"}}`` makes other dims dynamic.
+    ``dynamic_dims={"input_ids": {1: "seq"}}`` makes other dims dynamic. Each declared
+    dynamic dim is checked before `trace` returns (`interop.dim_check`): the graph runs at
+    a second size of it against the model, and a dim the model fixes (a reshape to the
+    example's batch, a constant it broadcasts with) is declared static with a warning
+    naming the layer or source line; ``check_dims=False`` skips the check (about one
+    extra model call and one ONNX Runtime run per trace).
 
     >>> import interop, torch
     >>> g = interop.trace(torch.nn.Linear(4, 2), (torch.randn(3, 4),))

@@ -40,7 +40,7 @@ def check_dynamic_dims(
     """
     run_named, feeds = _named(graph, run_source, examples)
     return dim_check.check_dims(
-        graph, run_named, feeds, source=f"Keras model '{model_name}'", stacklevel=5
+        graph, run_named, feeds, source=f"Keras model '{model_name}'", stacklevel=6
     )
 
 
