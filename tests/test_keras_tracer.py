@@ -235,3 +235,52 @@ def test_vector_output_axis_is_not_named_batch():
     assert shapes and all(s is None or s[0] != "batch" for s in shapes), shapes
     for batch in (x, x[:1, :4]):
         np.testing.assert_allclose(graph.run(batch), np.asarray(model(batch)), rtol=1e-6)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow backend")
+def test_branch_on_a_size_folds_at_the_example_sizes_with_a_dynamic_batch():
+    """``ops.cond`` on the number of masks (keras_hub SAM's prompt encoder): at run-time
+    dims tf2onnx writes an ``If`` whose untaken conv branch ONNX cannot type; traced again
+    with the batch dynamic and the other dims at the example's, the branch folds."""
+
+    class MaybeMasks(layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = layers.Conv2D(4, 2, strides=2, name="conv")
+            self.none = layers.Embedding(1, 4, name="none")
+
+        def build(self, x_shape, masks_shape):
+            self.conv.build((None, 8, 8, 1))
+            self.none.build((1,))
+
+        def call(self, x, masks):
+            batch = ops.shape(x)[0]
+
+            def no_mask():
+                vector = ops.reshape(self.none(ops.arange(1)), (1, 1, 1, 4))
+                return ops.broadcast_to(vector, (batch, 4, 4, 4))
+
+            def with_mask():
+                if masks.shape[1] == 0:
+                    return no_mask()
+                s = ops.shape(masks)
+                return self.conv(ops.reshape(masks, (s[0] * s[1], s[2], s[3], s[4])))
+
+            embedded = ops.cond(ops.equal(ops.shape(masks)[1], 0), no_mask, with_mask)
+            return embedded + ops.mean(x)
+
+        def compute_output_shape(self, x_shape, masks_shape):
+            return (None, 4, 4, 4)
+
+    x_in, masks_in = keras.Input((3,)), keras.Input((None, 8, 8, 1))
+    model = keras.Model([x_in, masks_in], MaybeMasks(name="maybe")(x_in, masks_in))
+    rng = np.random.RandomState(0)
+    x, masks = rng.rand(2, 3).astype("float32"), np.zeros((2, 0, 8, 8, 1), "float32")
+    with pytest.warns(UserWarning, match="backend's tracer"):
+        graph = interop.trace(model, [x, masks])
+    assert "If" not in [n.op_type for n in graph.model.graph]
+    assert graph.inputs[0].shape[0] == "batch"
+    assert graph.count_params() == model.count_params()
+    for batch in (2, 5):
+        xs, ms = rng.rand(batch, 3).astype("float32"), np.zeros((batch, 0, 8, 8, 1), "float32")
+        np.testing.assert_allclose(graph.run(xs, ms), np.asarray(model([xs, ms])), rtol=1e-6)

@@ -76,13 +76,18 @@ def lower_by_backend_tracer(
     shapes = example_shapes(b, tensors, every=True) or {}
     run_time = [(_trusted(t.shape, shapes.get(id(t))), t.dtype) for t in tensors]
     example = [(shapes.get(id(t), t.shape), t.dtype) for t in tensors]
-    at_example = False
-    try:
-        model = tracer(function, weights, run_time, layer)
-    except Exception:
-        if example == run_time or any(_unknown(s) for s, _ in example):
-            raise
-        model, at_example = tracer(function, weights, example, layer), True
+    # the batch kept dynamic, the other dims at the example's: a branch on a size folds
+    # (keras_hub SAM's `ops.cond` on the number of masks, whose untaken branch tf2onnx
+    # cannot type), and a call that needs static sizes may still keep a dynamic batch
+    batch_free = [
+        ((r[0], *e[1:]) if len(r) == len(e) and r else e, d)
+        for (r, _), (e, d) in zip(run_time, example, strict=True)
+    ]
+
+    def trace(specs: list[tuple]) -> tuple[Any, Any]:
+        return tracer(function, weights, specs, layer), structure[0]
+
+    (model, structure[0]), at_example = _first_traced(trace, run_time, batch_free, example)
     feeds = [
         b.variable(v) if id(v) in counted else b.const(w)
         for v, w in zip(variables, weights, strict=True)
@@ -94,6 +99,48 @@ def lower_by_backend_tracer(
         for x in tree.flatten(structure[0])
     ]
     return tree.pack_sequence_as(structure[0], flat), at_example
+
+
+def _first_traced(
+    trace: Callable[[list[tuple]], tuple[Any, Any]],
+    run_time: list[tuple],
+    batch_free: list[tuple],
+    example: list[tuple],
+) -> tuple[Any, bool]:
+    """`trace` (graph, outputs) of the first specs the tracer takes, and whether they were not the run-time
+    ones. A run-time graph with an ``If`` gives way to the batch-free one where that folds
+    the branch; the full example (a static batch) only when nothing else traces."""
+    tries = [run_time] + [s for s in (batch_free, example) if s != run_time]
+    if len(tries) == 3 and tries[1] == tries[2]:
+        tries.pop()
+    model, error = None, None
+    for specs in tries:
+        if model is not None and specs is example:
+            break
+        try:
+            traced = trace(specs)
+        except Exception as err:
+            error = err
+            if model is not None:
+                break
+            continue
+        if specs is not run_time:
+            return (model, False) if model is not None and _has_branches(traced) else (traced, True)
+        if not _has_branches(traced):
+            return traced, False
+        model = traced
+    if model is None:
+        assert error is not None
+        raise error
+    return model, False
+
+
+def _has_branches(model: Any) -> bool:
+    """Whether a traced (graph, outputs)'s graph (ModelProto or ir.Model) has a top-level
+    ``If``."""
+    graph = model[0].graph
+    nodes = graph.node if hasattr(graph, "node") else graph
+    return any(node.op_type == "If" for node in nodes)
 
 
 def _trusted(declared: tuple, example: tuple | None) -> tuple:
