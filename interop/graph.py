@@ -192,6 +192,19 @@ class Graph:
 
         return plot(self, path, depth=depth, **kwargs)
 
+    def view(self, report: Any = None, **kwargs: Any) -> Any:
+        """Open the graph in Model Explorer (extra ``explorer``): the layer tree as collapsible
+        groups, shapes and dtypes on the edges, parameter counts per layer, and a `compare`
+        report (`report`) as an error overlay. Returns an inline frame in Jupyter, else the
+        URL of the local page (opened in a browser unless ``open_browser=False``).
+
+        >>> g.view()                                        # doctest: +SKIP
+        >>> g.view(interop.compare(model, g, (x,)))         # doctest: +SKIP
+        """
+        from .explorer import view
+
+        return view(self, report, **kwargs)
+
     def _repr_html_(self) -> str:
         from .inspection import summarize_html
 

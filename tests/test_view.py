@@ -1,0 +1,147 @@
+"""Graph.view(): the Model Explorer graph (namespaces, shapes, parameter counts, overlay)
+and, where a Chromium is installed, the page itself in a headless browser."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+import interop
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("model_explorer")
+
+from interop import explorer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_compare import Net  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(3, 4)
+    return model, x, interop.trace(model, (x,))
+
+
+def test_one_namespace_per_layer_path(net):
+    model, _, g = net
+    me = explorer.build_graph(g)
+    spaces = {node.namespace for node in me.nodes}
+    groups = {"/".join(s.split("/")[: i + 1]) for s in spaces if s for i in range(s.count("/") + 1)}
+    assert groups == {
+        "inp", "blocks", "blocks/0", "blocks/0/fc", "blocks/0/norm",
+        "blocks/1", "blocks/1/fc", "blocks/1/norm", "head",
+    }  # fmt: skip
+    assert explorer.namespaces(g)["blocks.1.fc"] == "blocks/1/fc"
+    # one node per data-carrying ONNX node plus the graph's input and output
+    ops = [n for n in me.nodes if n.id.startswith("n")]
+    assert [n.label for n in ops] == ["Gemm", "Gemm", "Relu", "Add", "LayerNormalization"] * 1 + [
+        "Gemm",
+        "Relu",
+        "Add",
+        "LayerNormalization",
+        "Gemm",
+    ]
+    # parameter counts per layer, as torch counts them
+    attrs = me.groupNodeAttributes
+    for path, module in model.named_modules():
+        if path and not path.endswith("blocks"):
+            expected = sum(p.numel() for p in module.parameters())
+            assert attrs[explorer.namespaces(g)[path]]["parameters"] == f"{expected:,}"
+    assert attrs["blocks/0"]["class"].endswith("Block")
+    # shapes and dtypes on every edge's source output
+    head = next(n for n in ops if n.namespace == "head")
+    shapes = {a.key: a.value for a in head.outputsMetadata[0].attrs}
+    assert shapes["tensor_shape"] == "float32[batch,3]"
+    assert shapes["tensor_name"] == g.layer("head").returns[0].name
+    assert head.incomingEdges[0].sourceNodeId == next(
+        n.id for n in ops if n.namespace == "blocks/1/norm"
+    )
+    assert any(a.key == "weight 1" and "head.weight" in a.value for a in head.attrs)
+
+
+def test_overlay_equals_report(net):
+    model, x, g = net
+    emitted = interop.to_torch(g)
+    with torch.no_grad():
+        emitted.get_submodule("blocks.0.norm").weight[2] += 0.25
+    report = interop.compare(model, emitted, (x,))
+    assert report.first_divergence.path == "blocks.0.norm"
+    values = explorer.overlay(g, report)
+    data = explorer.node_data(g, report)
+    results = data["max abs error"].graphsData[explorer.GRAPH_ID].results
+    beyond = data["beyond tolerance"].graphsData[explorer.GRAPH_ID].results
+    checked = 0
+    for row in report.layers:
+        if row.path not in g.tree.by_path:
+            continue
+        for value, check in zip(g.layer(row.path).returns, row.outputs):
+            assert values[value.name] == check.max_abs_error
+            assert results[value.name].value == check.max_abs_error
+            assert beyond[value.name].value == (0.0 if check.ok else 1.0)
+            checked += 1
+    assert checked == 6  # inp, blocks.0.fc, blocks.0.norm, blocks.1.fc, blocks.1.norm, head
+    assert beyond[g.layer("blocks.0.fc").returns[0].name].value == 0.0
+    assert beyond[g.layer("blocks.0.norm").returns[0].name].value == 1.0
+    # every overlay key is the tensor_name of a node output, which is how Model Explorer
+    # attaches node data to nodes
+    names = {
+        a.value
+        for n in explorer.build_graph(g).nodes
+        for m in n.outputsMetadata
+        for a in m.attrs
+        if a.key == "tensor_name"
+    }
+    assert set(values) <= names
+
+
+def _chromium() -> str | None:
+    return next(
+        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p),
+        None,
+    )
+
+
+@pytest.mark.slow
+def test_browser_shows_top_level_layers(tmp_path):
+    """A traced Hugging Face BERT (tiny random config) in the local Model Explorer page,
+    in the system's headless Chromium: its top-level layers are listed."""
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no Chromium installed (CI installs Debian's chromium package)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    inputs = {"input_ids": torch.randint(0, 64, (1, 8))}
+    g = interop.trace(model, inputs)
+    report = interop.compare(model, g, inputs)
+    assert report.ok, str(report)
+    url = g.view(report, open_browser=False)
+    assert url.startswith("http://localhost:")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=browser_path, headless=True, args=["--no-sandbox"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url)
+            page.get_by_text("Root-level nodes stats").wait_for(timeout=60_000)
+            page.screenshot(path=str(tmp_path / "view.png"))
+            text = page.inner_text("body")
+        finally:
+            browser.close()
+    # the top-level layers are the root-level groups of the drawn graph
+    for layer in ("embeddings", "encoder", "pooler"):
+        assert f"\n{layer}\t" in text or f"\t{layer}\t" in text, text[:2000]
+    assert "layer count" in text
+    assert (tmp_path / "view.png").stat().st_size > 10_000
