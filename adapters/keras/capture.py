@@ -128,6 +128,7 @@ def trace_model(
     args, kwargs = _call_structure(model, example_inputs)
     if not model.built:
         model(*args, **with_training(model, kwargs))
+    seeds = capture_dim_check.seed_states(model)  # the noise the trace draws, for the check
     b = Builder()
     b.lower_callable = lower_callable
     graph_inputs: list[ir.Value] = []
@@ -148,7 +149,8 @@ def trace_model(
         b.examples[str(tensor.value.name)] = _to_numpy(example)
         flat_inputs.append(tensor)
     call_args, call_kwargs = tree.pack_sequence_as((args, kwargs), flat_inputs)
-    outputs = lower_layer(b, model, "", list(call_args), dict(call_kwargs))
+    with capture_dim_check.frozen_seeds():  # keras.random draws at the state `seeds` holds
+        outputs = lower_layer(b, model, "", list(call_args), dict(call_kwargs))
     for variable in model.weights:  # weights no node reads (Normalization's count) still count
         b.variable(variable)
     flat_outputs = flatten_outputs(_sorted_dicts(outputs), lambda v: isinstance(v, Tensor))
@@ -163,6 +165,7 @@ def trace_model(
         return traced
 
     def run_source(flat: list[np.ndarray]) -> list[tuple[str, np.ndarray]]:
+        capture_dim_check.restore_seeds(seeds)
         call_args, call_kwargs = tree.pack_sequence_as((args, kwargs), flat)
         outputs = model(*call_args, **with_training(model, dict(call_kwargs)))
         return [(n, _to_numpy(v)) for n, v in flatten_outputs(_sorted_dicts(outputs), _is_array)]
