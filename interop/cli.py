@@ -4,6 +4,8 @@ interop inspect model.onnx [--depth N]
 interop plot model.onnx -o model.svg [--depth N]
 interop run model.onnx --random [--dim batch=4] [--repeat 10] [--device cpu]
 interop convert SRC --to onnx|torch|keras|flax|<installed host> -o OUT [--optimize]
+interop compare reference.onnx candidate.onnx [--rtol R] [--atol A] [--dim batch=2] [--json]
+interop view model.onnx [--compare reference.onnx] [--port P] [--no-browser]
 
 SRC is an .onnx file or a factory ``module:function`` (``path/to/file.py:function``
 works too) whose function takes no arguments and returns ``(model, example_inputs)``,
@@ -59,7 +61,85 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     run.add_argument("--seed", type=int, default=0)
     _add_convert_parser(commands)
+    _add_debug_parsers(commands)
     return parser
+
+
+def _add_debug_parsers(commands: Any) -> None:
+    compare = commands.add_parser(
+        "compare",
+        help="compare two models layer by layer on random inputs (interop.compare)",
+        description="Run both files on the same random inputs (ONNX Runtime) and print the "
+        "error of every layer both have, in topological order, and the first layer beyond "
+        "tolerance. Exit status 1 when they differ.",
+    )
+    compare.add_argument("reference", help="an .onnx file")
+    compare.add_argument("candidate", help="an .onnx file with the same inputs")
+    compare.add_argument("--rtol", type=float, default=1e-4)
+    compare.add_argument("--atol", type=float, default=1e-5)
+    compare.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
+                         help="size of a symbolic dim (default 1), e.g. --dim batch=8")  # fmt: skip
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    compare.add_argument("--json", action="store_true", help="print the report as JSON")
+    view = commands.add_parser(
+        "view",
+        help="open a model in Model Explorer (extra 'explorer'): layer tree, shapes, params",
+        description="Serve the graph in Google's Model Explorer: layers as collapsible groups, "
+        "shapes and dtypes on edges, parameter counts per layer. With --compare, the errors "
+        "of interop.compare against a reference model are an overlay. Ctrl+C stops it.",
+    )
+    view.add_argument("file", help="an .onnx file")
+    view.add_argument("--compare", metavar="REFERENCE", default=None,
+                      help="an .onnx file to compare with on random inputs (error overlay)")  # fmt: skip
+    view.add_argument("--host", default="localhost")
+    view.add_argument("--port", type=int, default=None, help="default: a free port")
+    view.add_argument("--no-browser", action="store_true", help="print the URL only")
+
+
+def _sizes(items: Sequence[str]) -> dict[str, int]:
+    sizes = {}
+    for item in items:
+        name, _, size = item.partition("=")
+        if not size.isdigit():
+            raise InteropError(f"--dim '{item}' is malformed", "NAME=SIZE, e.g. batch=8")
+        sizes[name] = int(size)
+    return sizes
+
+
+def debug_command(args: argparse.Namespace) -> int:
+    """`interop compare` and `interop view`."""
+    import json
+
+    from .compare import compare
+    from .serialization import load
+
+    if args.command == "compare":
+        reference, candidate = load(args.reference), load(args.candidate)
+        feeds = random_inputs(reference, _sizes(args.dim), args.seed)
+        report = compare(reference, candidate, feeds, rtol=args.rtol, atol=args.atol,
+                         device=args.device)  # fmt: skip
+        print(json.dumps(report.to_dict(), indent=1) if args.json else report)
+        return 0 if report.ok else 1
+    from .explorer import serve
+
+    graph = load(args.file)
+    overlay = None
+    if args.compare:
+        base = load(args.compare)
+        overlay = compare(base, graph, random_inputs(base, {}, 0))
+        print(overlay)
+    url = serve(graph, overlay, host=args.host, port=args.port)
+    print(f"Model Explorer: {url}")
+    if not args.no_browser:
+        import webbrowser
+
+        webbrowser.open_new_tab(url)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        return 0
 
 
 CONVERT_HELP = """\
@@ -276,6 +356,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "convert":
         return convert_command(args)
+    if args.command in ("compare", "view"):
+        try:
+            return debug_command(args)
+        except InteropError as err:
+            print(f"interop: error: {err}", file=sys.stderr)
+            return 2
     try:
         graph = load(args.file)
         if args.command == "inspect":

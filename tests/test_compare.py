@@ -146,3 +146,25 @@ def test_across_devices(source):
     report = interop.compare(g, g, (x.numpy(),), device=("cpu", "cuda"), rtol=1e-3, atol=1e-4)
     assert report.ok, str(report)
     assert report.device == ("cpu", "cuda")
+
+
+def test_cli_compare(source, tmp_path, capsys):
+    import onnx_ir as ir
+
+    from interop.cli import main
+
+    _, _, g = source
+    a = g.save(tmp_path / "a.onnx")
+    broken = g.clone()
+    weight = broken.model.graph.initializers["head.weight"]
+    array = weight.const_value.numpy().copy()
+    array[0, 0] += 1.0
+    weight.const_value = ir.tensor(array, name="head.weight")
+    b = broken.save(tmp_path / "b.onnx")
+    assert main(["compare", str(a), str(a)]) == 0
+    assert "10 layers compared, OK" in capsys.readouterr().out
+    assert main(["compare", str(a), str(b), "--dim", "batch=2", "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["first_divergence"] == "head"
+    assert [row["ok"] for row in data["layers"]] == [True] * 8 + [False, False]
+    assert data["layers"][0]["outputs"][0]["shape"] == [2, 8]
