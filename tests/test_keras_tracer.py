@@ -284,3 +284,40 @@ def test_branch_on_a_size_folds_at_the_example_sizes_with_a_dynamic_batch():
     for batch in (2, 5):
         xs, ms = rng.rand(batch, 3).astype("float32"), np.zeros((batch, 0, 8, 8, 1), "float32")
         np.testing.assert_allclose(graph.run(xs, ms), np.asarray(model([xs, ms])), rtol=1e-6)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow backend")
+def test_tensor_array_of_a_python_loop_is_lowered():
+    """A recurrence unrolled by a Python loop over the length into a ``tf.TensorArray``
+    (keras_hub RWKV7's time mix): tf2onnx leaves its TensorList ops unconverted; interop
+    lowers them to ScatterND on a ``(length, *item)`` tensor, the batch kept dynamic."""
+    import tensorflow as tf
+
+    class Recurrence(layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = layers.Dense(4, name="proj")
+
+        def call(self, x):
+            h = self.dense(x)
+            state = ops.zeros((ops.shape(x)[0], 4))
+            out = tf.TensorArray(h.dtype, size=ops.shape(x)[1])
+            for t in range(ops.shape(x)[1]):
+                state = ops.tanh(state * 0.5 + h[:, t])
+                out = out.write(t, state)
+            return ops.transpose(out.stack(), [1, 0, 2])
+
+        def compute_output_shape(self, shape):
+            return (*shape[:2], 4)
+
+    inputs = keras.Input((None, 3))
+    model = keras.Model(inputs, Recurrence(name="rec")(inputs))
+    rng = np.random.RandomState(0)
+    x = rng.rand(2, 5, 3).astype("float32")
+    with pytest.warns(UserWarning, match="backend's tracer"):
+        graph = interop.trace(model, x)
+    assert [n.op_type for n in graph.model.graph].count("ScatterND") == 5
+    assert graph.inputs[0].shape == ("batch", 5, 3)  # the length is the example's
+    assert graph.count_params() == model.count_params()
+    for batch in (x, rng.rand(3, 5, 3).astype("float32")):
+        np.testing.assert_allclose(graph.run(batch), np.asarray(model(batch)), rtol=1e-5)

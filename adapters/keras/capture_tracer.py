@@ -295,8 +295,63 @@ def _erfc(ctx: Any, node: Any, name: str, args: Any) -> None:
     ctx.replace_inputs(node, [ctx.make_const(utils.make_name("one"), one).output[0], erf])
 
 
+def _tensor_list_reserve(ctx: Any, node: Any, name: str, args: Any) -> None:
+    """A TensorArray of a Python loop (keras_hub RWKV7's recurrence, unrolled over the
+    example's length): the list is a tensor ``(length, *item)``, made by its first write
+    (which knows the item's shape); the reserve itself stands for its length."""
+    from onnx import TensorProto
+
+    _RESERVED[node.output[0]] = node.input[1]
+    node.type = "Identity"
+    ctx.replace_inputs(node, [node.input[1]])
+    ctx.set_dtype(node.output[0], TensorProto.INT32)
+    ctx.set_shape(node.output[0], [])
+
+
+def _tensor_list_set_item(ctx: Any, node: Any, name: str, args: Any) -> None:
+    """``list[index] = item`` as ScatterND on the list's tensor."""
+    from onnx import TensorProto
+
+    handle, index, item = node.input[:3]
+    dtype = ctx.get_dtype(item)
+    if handle in _RESERVED or ctx.get_node_by_output(handle).type == "TensorListReserve":
+        length = _RESERVED.get(handle) or ctx.get_node_by_output(handle).input[1]
+        length = ctx.make_node("Cast", [length], attr={"to": TensorProto.INT64}).output[0]
+        length = ctx.make_node("Reshape", [length, _int64s(ctx, [1])]).output[0]
+        shape = ctx.make_node("Shape", [item]).output[0]
+        shape = ctx.make_node("Concat", [length, shape], attr={"axis": 0}).output[0]
+        zero = ctx.make_node("Cast", [_int64s(ctx, [0])], attr={"to": dtype}).output[0]
+        handle = ctx.make_node("Expand", [ctx.make_node("Squeeze", [zero]).output[0], shape])
+        handle = handle.output[0]
+    position = ctx.make_node("Cast", [index], attr={"to": TensorProto.INT64}).output[0]
+    position = ctx.make_node("Reshape", [position, _int64s(ctx, [1, 1])]).output[0]
+    update = ctx.make_node("Unsqueeze", [item, _int64s(ctx, [0])]).output[0]
+    node.type = "ScatterND"
+    ctx.replace_inputs(node, [handle, position, update])
+    ctx.set_dtype(node.output[0], dtype)
+
+
+def _tensor_list_stack(ctx: Any, node: Any, name: str, args: Any) -> None:
+    """The list's tensor as it is."""
+    node.type = "Identity"
+    ctx.replace_inputs(node, [node.input[0]])
+
+
+def _int64s(ctx: Any, values: list[int]) -> str:
+    from tf2onnx import utils
+
+    return ctx.make_const(utils.make_name("ints"), np.array(values, np.int64)).output[0]
+
+
+_RESERVED: dict[str, str] = {}  # a reserve's output -> its length, during one conversion
+
 # TF ops tf2onnx leaves out, converted here: name -> (handler, extra arguments)
-_TF_OPS = {"Erfc": (_erfc, [])}
+_TF_OPS = {
+    "Erfc": (_erfc, []),
+    "TensorListReserve": (_tensor_list_reserve, []),
+    "TensorListSetItem": (_tensor_list_set_item, []),
+    "TensorListStack": (_tensor_list_stack, []),
+}
 
 
 def _unknown_ops(graph: Any) -> set[str]:
