@@ -75,7 +75,8 @@ def build_digraph(graph: Graph, depth: int | None = None, rankdir: str = "TB") -
         warnings.warn(
             f"Plotting {len(units)} boxes: the drawing will be hard to read (raster images are "
             f"capped at {MAX_RASTER_PIXELS} px on their long side). Pass depth=1 or depth=2 "
-            "to draw layers as single boxes, or plot to .svg.",
+            "to draw layers as single boxes, or browse the whole graph interactively with "
+            "graph.view() (Model Explorer, extra 'explorer'; `interop view model.onnx`).",
             stacklevel=3,
         )
     dot = graphviz.Digraph(graph.name, graph_attr={"rankdir": rankdir, "fontname": "Helvetica"},

@@ -3,6 +3,7 @@ and, where a Chromium is installed, the page itself in a headless browser."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import sys
 from pathlib import Path
@@ -10,14 +11,24 @@ from pathlib import Path
 import pytest
 
 import interop
+from interop import explorer, plotting
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("model_explorer")
-
-from interop import explorer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_compare import Net  # noqa: E402
+from test_plotting import chain_graph  # noqa: E402
+
+needs_explorer = pytest.mark.skipif(
+    importlib.util.find_spec("model_explorer") is None,
+    reason="ai-edge-model-explorer not installed (extra 'explorer')",
+)
+
+
+def test_large_plot_suggests_view():
+    graph = chain_graph(plotting.LARGE_GRAPH_NODES + 10)
+    with pytest.warns(UserWarning, match=r"depth=1 .*graph\.view\(\)"):
+        plotting.build_digraph(graph)
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +39,7 @@ def net():
     return model, x, interop.trace(model, (x,))
 
 
+@needs_explorer
 def test_one_namespace_per_layer_path(net):
     model, _, g = net
     me = explorer.build_graph(g)
@@ -65,6 +77,7 @@ def test_one_namespace_per_layer_path(net):
     assert any(a.key == "weight 1" and "head.weight" in a.value for a in head.attrs)
 
 
+@needs_explorer
 def test_overlay_equals_report(net):
     model, x, g = net
     emitted = interop.to_torch(g)
@@ -107,6 +120,7 @@ def _chromium() -> str | None:
     )
 
 
+@needs_explorer
 @pytest.mark.slow
 def test_browser_shows_top_level_layers(tmp_path):
     """A traced Hugging Face BERT (tiny random config) in the local Model Explorer page,
