@@ -86,7 +86,9 @@ def auto_inputs(model, overrides=None):
             shape.append(int(s))
         dt = str(t.dtype)
         if "int" in dt or "bool" in dt:
-            if "mask" in name:
+            if "position" in name:  # MaskedLM's mask_positions: indices into the sequence
+                a = rng.integers(0, SEQ, size=shape).astype("int32")
+            elif "mask" in name:
                 a = np.ones(shape, "int32")
             elif "segment" in name:
                 a = np.zeros(shape, "int32")
@@ -878,21 +880,80 @@ ENC_NOLEN = {k: v for k, v in ENC.items() if k != "max_sequence_length"}
 # ---------------------------------------------------------------- task models
 
 
-def _task(task, bb_entry, **kw):
-    bb, x = CONFIGS[bb_entry]()
-    model = _m(task)(backbone=bb, preprocessor=None, **kw)
-    return model, x
-
-
-TASKS = {
-    "BertTextClassifier": lambda: _task("BertTextClassifier", "BertBackbone", num_classes=3),
-    "GPT2CausalLM": lambda: _task("GPT2CausalLM", "GPT2Backbone"),
-    "LlamaCausalLM": lambda: _task("LlamaCausalLM", "LlamaBackbone"),
-    "ViTImageClassifier": lambda: _task("ViTImageClassifier", "ViTBackbone", num_classes=3),
-    "ResNetImageClassifier": lambda: _task(
-        "ResNetImageClassifier", "ResNetBackbone", num_classes=3
-    ),
+# task kinds built on a backbone with ``preprocessor=None``, and the arguments they need
+TASK_KINDS = {
+    "CausalLM": {},
+    "TextClassifier": {"num_classes": 3},
+    "ImageClassifier": {"num_classes": 3},
+    "Seq2SeqLM": {},
+    "MaskedLM": {},
+    "MaskedPLM": {},
+    "ProteinClassifier": {"num_classes": 3},
+    "TextEmbedder": {},
+    "ObjectDetector": {"num_classes": 3},
+    "ImageSegmenter": {"num_classes": 3},
+    "DepthEstimator": {},
+    "AudioToText": {},
 }
+
+
+def _task(task, bb_entry, **kw):
+    """``keras_hub.models.<task>`` on the tiny backbone of CONFIGS[bb_entry]; its inputs are
+    the backbone's where the names agree (``mask_positions`` and the like made anew)."""
+    bb, x = CONFIGS[bb_entry]()
+    cls = _m(task)
+    params = __import__("inspect").signature(cls.__init__).parameters
+    if "preprocessor" not in params:
+        kw.pop("preprocessor", None)
+    else:
+        kw["preprocessor"] = None
+    if "num_classes" in kw and "num_classes" not in params:
+        kw.pop("num_classes")
+    model = cls(backbone=bb, **kw)
+    if not isinstance(x, dict):
+        ts = model.inputs if isinstance(model.inputs, (list, tuple)) else [model.inputs]
+        if not isinstance(model.input, dict) and len(ts) == 1:
+            return model, x
+        x = {}
+    return model, _fix_ids(auto_inputs(model, x), _vocab_of(bb))
+
+
+def _vocab_of(bb):
+    return int(getattr(bb, "vocabulary_size", None) or VOCAB)
+
+
+def _task_entries():
+    """Every ``keras_hub.models`` class ending in a TASK_KINDS kind (aliases once) whose
+    backbone the sweep builds; those without one raise Unbuildable with the reason."""
+    models = _kh().models
+    entries, seen = {}, {}
+    for name in sorted(dir(models)):
+        kind = next((k for k in TASK_KINDS if name.endswith(k) and name != k), None)
+        cls = getattr(models, name)
+        if kind is None or not isinstance(cls, type) or cls in seen:
+            continue
+        seen[cls] = name
+        prefix = name[: -len(kind)]
+        bb_entry = next(
+            (
+                e
+                for e in (f"{prefix}Backbone", f"{prefix}PromptableConceptBackbone")
+                if e in CONFIGS
+            ),
+            None,
+        )
+        if bb_entry is None:
+            bb_cls = getattr(getattr(cls, "backbone_cls", None), "__name__", None)
+            bb_entry = bb_cls if bb_cls in CONFIGS else None
+        if bb_entry is None:
+            reason = f"no tiny {prefix}Backbone in this sweep (a base class or another backbone)"
+            entries[name] = lambda reason=reason: (_ for _ in ()).throw(Unbuildable(reason))
+            continue
+        entries[name] = lambda n=name, e=bb_entry, k=kind: _task(n, e, **TASK_KINDS[k])
+    return entries
+
+
+TASKS = _task_entries()
 CONFIGS.update(TASKS)
 
 
