@@ -18,6 +18,7 @@ outputs. ``report.first_divergence`` is the first layer whose outputs are beyond
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -227,21 +228,31 @@ def compare(
     ref = record(reference, example_inputs, feeds, devices[0])
     cand = record(candidate, example_inputs, feeds, devices[1])
     report = CompareReport(ref.name, cand.name, rtol=rtol, atol=atol, device=devices)
+    # a path as each framework can spell it: an emitted torch module of the Keras layer
+    # "block/dense" is "block_dense", the Keras layer of torch's "blocks.0.fc" keeps its dots
+    theirs = {canonical(p): p for p in cand.layers}
+    matched = set()
     for path, ref_values in ref.layers.items():
-        got = cand.layers.get(path)
-        if got is None:
+        other = theirs.get(canonical(path)) or _by_suffix(theirs, canonical(path))
+        got = cand.layers.get(other) if other is not None else None
+        if got is None or other is None:
             report.reference_only.append(path)
             continue
+        matched.add(other)
+        if other != path:
+            cand.value_names.setdefault(path, cand.value_names.get(other, []))
+            cand.alternates.setdefault(path, cand.alternates.get(other, []))
+            cand.classes.setdefault(path, cand.classes.get(other, ""))
         names = ref.value_names.get(path) or cand.value_names.get(path) or []
         cls = ref.classes.get(path) or cand.classes.get(path, "")
         row = _check(path, cls, ref_values, got, names, rtol, atol)
-        other = cand.alternates.get(path)
-        if not row.ok and other is not None:
-            before = _check(path, cls, ref_values, other, names, rtol, atol)
+        alternate = cand.alternates.get(path)
+        if not row.ok and alternate:
+            before = _check(path, cls, ref_values, alternate, names, rtol, atol)
             if before.ok:
                 row = replace(before, note="before the activation the layer absorbed")
         report.layers.append(row)
-    report.candidate_only = [p for p in cand.layers if p not in ref.layers]
+    report.candidate_only = [p for p in cand.layers if p not in matched]
     if len(ref.outputs) != len(cand.outputs):
         raise InteropError(
             f"The reference returned {len(ref.outputs)} tensors but the candidate "
@@ -252,6 +263,18 @@ def compare(
     names = ref.value_names.get(OUTPUTS) or cand.value_names.get(OUTPUTS) or []
     report.layers.append(_check(OUTPUTS, "", ref.outputs, cand.outputs, names, rtol, atol))
     return report
+
+
+def _by_suffix(paths: dict[str, str], key: str) -> str | None:
+    """The one path ending in ``_<key>``: an emitter that prefixed the model's name
+    (a Flax module ``k_net_dense`` for the Keras layer ``dense`` of model ``k_net``)."""
+    found = [p for k, p in paths.items() if k.endswith("_" + key)]
+    return found[0] if len(found) == 1 else None
+
+
+def canonical(path: str) -> str:
+    """A layer path with every separator and other non-word character as ``_``."""
+    return re.sub(r"\W", "_", path)
 
 
 def _check(

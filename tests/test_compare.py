@@ -168,3 +168,60 @@ def test_cli_compare(source, tmp_path, capsys):
     assert data["first_divergence"] == "head"
     assert [row["ok"] for row in data["layers"]] == [True] * 8 + [False, False]
     assert data["layers"][0]["outputs"][0]["shape"] == [2, 8]
+
+
+def test_keras_and_flax_sources_against_other_frameworks():
+    """Layers match across spellings: the Keras layer ``blk/dense_1`` is the emitted torch
+    module ``blk_dense_1``; an nnx source's paths are the Keras emission's layer names."""
+    keras = pytest.importorskip("keras")
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Blk(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.fc = keras.layers.Dense(8)
+            self.norm = keras.layers.LayerNormalization()
+
+        def call(self, x):
+            return self.norm(keras.ops.relu(self.fc(x)) + x)
+
+    class KNet(keras.Model):
+        def __init__(self):
+            super().__init__(name="knet")
+            self.inp = keras.layers.Dense(8, name="inp")
+            self.blk = Blk(name="blk")
+            self.head = keras.layers.Dense(3, name="head")
+
+        def call(self, x):
+            return self.head(self.blk(self.inp(x)))
+
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype("float32")
+    model = KNet()
+    model(x)
+    emitted = interop.to_torch(interop.trace(model, (x,)))
+    clean = interop.compare(model, emitted, (x,))
+    assert clean.ok, str(clean)
+    assert {"inp", "blk/dense", "blk/layer_normalization", "head"} <= {
+        r.path for r in clean.layers
+    }, str(clean)
+    module = next(m for n, m in emitted.named_modules() if n.endswith("dense") and "blk" in n)
+    with torch.no_grad():
+        module.weight[0, 0] += 1.0
+    report = interop.compare(model, emitted, (x,))
+    assert report.first_divergence.path == "blk/dense", str(report)
+    assert report.layer("inp").ok
+
+    class Small(nnx.Module):
+        def __init__(self, rngs):
+            self.inp = nnx.Linear(4, 8, rngs=rngs)
+            self.head = nnx.Linear(8, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(nnx.relu(self.inp(x)))
+
+    small = Small(nnx.Rngs(0))
+    keras_model = interop.to_keras(interop.trace(small, (x,)))
+    report = interop.compare(small, keras_model, (x,))
+    assert report.ok and [r.path for r in report.layers] == ["inp", "head", "<outputs>"], str(
+        report
+    )
