@@ -223,6 +223,10 @@ def config(graph: Graph, report: CompareReport | None = None) -> Any:
     return cfg
 
 
+def _no_version_check(print_msg: bool = True) -> dict[str, str]:
+    return {"version": "", "runningVersion": "", "releaseUrl": "", "desktopAppUrl": ""}
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host if host != "localhost" else "127.0.0.1", 0))
@@ -240,6 +244,9 @@ def serve(
     _explorer()
     from model_explorer import server
 
+    # Model Explorer asks PyPI and GitHub for a newer release when it starts and when the
+    # page loads: a view of a local model stays local (and offline machines do not wait)
+    server._check_new_version = _no_version_check  # type: ignore[attr-defined]
     cfg = config(graph, report)
     port = port or _free_port(host)
     thread = threading.Thread(
@@ -273,6 +280,7 @@ def view(
         _explorer()
         from model_explorer import server
 
+        server._check_new_version = _no_version_check  # type: ignore[attr-defined]
         server.start(host=host, port=port or 8080, config=config(graph, report))
         return None
     url = serve(graph, report, host=host, port=port)
