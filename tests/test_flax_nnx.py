@@ -241,6 +241,75 @@ def test_nnx_scan_over_stacked_layers_becomes_one_loop():
     assert g.count_params() == 4 * (64 + 8) + 18
 
 
+class LMBlock(nnx.Module):
+    """A pre-norm transformer block (causal attention, RMSNorm, GELU MLP)."""
+
+    def __init__(self, d, heads, rngs):
+        self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(heads, d, decode=False, rngs=rngs)
+        self.ln2 = nnx.RMSNorm(d, rngs=rngs)
+        self.up = nnx.Linear(d, 4 * d, rngs=rngs)
+        self.down = nnx.Linear(4 * d, d, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(self.ln1(x), mask=nnx.make_causal_mask(x[..., 0]))
+        return x + self.down(nnx.gelu(self.up(self.ln2(x))))
+
+
+class ScanLM(nnx.Module):
+    """A language model in the style of flax's examples: the blocks are one stacked module
+    made with nnx.vmap and applied with nnx.scan over its layer axis."""
+
+    def __init__(self, rngs, vocab=50, d=32, heads=4, layers=3):
+        @nnx.split_rngs(splits=layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return LMBlock(d, heads, rngs)
+
+        self.embed = nnx.Embed(vocab, d, rngs=rngs)
+        self.blocks = make(rngs)
+        self.norm = nnx.LayerNorm(d, rngs=rngs)
+        self.head = nnx.Linear(d, vocab, rngs=rngs)
+
+    def __call__(self, tokens):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def step(h, block):
+            return block(h)
+
+        return self.head(self.norm(step(self.embed(tokens), self.blocks)))
+
+
+@pytest.mark.slow  # three emitters (Keras loads TensorFlow): about 20 s on a quiet machine
+def test_scan_over_layers_language_model_keeps_its_block_tree_and_emits():
+    import torch
+
+    model = ScanLM(nnx.Rngs(0))
+    g = interop.trace(model, (ids(2, 7, high=50),), dynamic_dims={"tokens": {1: "seq"}})
+    assert g.inputs[0].shape == ("batch", "seq")
+    x = ids(3, 11, high=50)
+    for tokens in (ids(2, 7, high=50), x):
+        report = interop.verify(model, g, (tokens,), rtol=RTOL, atol=ATOL)
+        assert report.ok, str(report)
+    assert g.count_params() == state_count(model)
+    # one Loop over the three layers; the block's submodules are layers of the tree, with
+    # the stacked weights (leading layer axis) and their nodes inside the Loop body
+    ops = [n.op_type for n in g.model.graph]
+    assert ops.count("Loop") == 1 and ops.count("MatMul") == 1  # the head's
+    paths = {la.path: la.class_name for la in g.layers}
+    assert paths["blocks"] == "LMBlock" and paths["blocks.attn.query"] == "LinearGeneral"
+    assert paths["blocks.ln2"] == "RMSNorm" and paths["blocks.up"] == "Linear"
+    assert g.get_weights()["blocks.up.kernel"].shape == (3, 32, 128)
+    body = next(n for n in g.model.graph if n.op_type == "Loop").attributes["body"].value
+    scopes = {n.metadata_props["interop.scope"] for n in body}
+    assert {"blocks.attn.query", "blocks.up", "blocks.down", "blocks.ln1"} <= scopes
+    want = np.asarray(nnx.jit(lambda m, t: m(t))(model, x))
+    module = interop.to_torch(g)
+    with torch.no_grad():
+        np.testing.assert_allclose(module(torch.from_numpy(x)).numpy(), want, 1e-4, 1e-4)
+    np.testing.assert_allclose(np.asarray(interop.to_flax(g)(x)), want, 1e-4, 1e-4)
+    np.testing.assert_allclose(np.asarray(interop.to_keras(g)(x)), want, 1e-4, 1e-4)
+
+
 def test_rnn_with_dynamic_time_axis_runs_any_length():
     model = nnx.RNN(nnx.LSTMCell(3, 5, rngs=nnx.Rngs(0)))
     g = interop.trace(model, (f32(2, 6, 3),), dynamic_dims={"inputs": {1: "time"}})

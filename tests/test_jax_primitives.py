@@ -277,6 +277,25 @@ def test_cumulative_ops(dtype):
         check(lambda x: lax.cumlogsumexp(x, 1), x, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.int32, np.int8])
+def test_cumulative_ops_over_a_symbolic_axis(dtype):
+    # the batch axis is symbolic: the log-step scan is one ONNX Loop, run at 1, 5 and 9 rows
+    def make(n):
+        return (f32(n, 4) * 3).astype(dtype)
+
+    def fn(x):
+        return (jnp.cumprod(x, 0), lax.cummax(x, 0), lax.cummin(x, 0, reverse=True),
+                jnp.cumsum(x, 0))  # fmt: skip
+
+    g = check(fn, make(5), dynamic_batch=True, again=(make(9),))
+    assert g.inputs[0].shape[0] == "batch"
+    assert "Loop" in [n.op_type for n in g.model.graph]
+    check(fn, make(5), dynamic_batch=True, again=(make(1),))
+    if dtype == np.float32:
+        check(lambda x: lax.cumlogsumexp(x, 0, reverse=True), make(5), dynamic_batch=True,
+              again=(make(7),), rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
 def test_iota_in_several_dtypes_and_axes():
     check(lambda x: (x + lax.broadcasted_iota(jnp.float32, (3, 4), 1),
                      lax.broadcasted_iota(jnp.int8, (2, 3, 4), 2), jnp.arange(5, dtype=jnp.uint8),
@@ -348,3 +367,52 @@ def test_scatter_clip_mode_and_a_dynamic_batch():
     kv = lambda c, u, p: lax.dynamic_update_slice(c, u, (0, p, 0))  # noqa: E731
     check(kv, f32(2, 8, 4), f32(2, 1, 4), np.int32(5), dynamic_batch=True,
           again=(f32(3, 8, 4), f32(3, 1, 4), np.int32(7)))  # fmt: skip
+
+
+# ---------------------------------------------------------------------- half precision
+def half_program(x, w):
+    h = jnp.tanh(x) * 2 + jnp.exp(-x * x) / (1 + jnp.abs(x)) - jnp.sqrt(jnp.abs(x) + 1)
+    h = jax.nn.gelu(h) + jnp.maximum(x, 0.1) + jnp.where(x > 0, x, -x) ** 2
+    h = jax.nn.softmax(h @ w, axis=-1) + jnp.cumsum(h, 1)[:, :6]
+    mean = h.mean(-1, keepdims=True)
+    return (h - mean) * lax.rsqrt(((h - mean) ** 2).mean(-1, keepdims=True) + 1e-5), h.max(0)
+
+
+def ort_outputs_as_float32(g, *inputs):
+    """ONNX Runtime's outputs of `g` (numpy has no bfloat16: ORT's Python API takes and
+    gives none, so bfloat16 inputs go in as OrtValues and outputs come out cast)."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = g.to_proto()
+    for out in proto.graph.output:
+        if out.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16:
+            cast = onnx.helper.make_node("Cast", [out.name], [out.name + "_f32"], to=1)
+            proto.graph.node.append(cast)
+            out.name, out.type.tensor_type.elem_type = out.name + "_f32", onnx.TensorProto.FLOAT
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {}
+    for spec, x in zip(session.get_inputs(), inputs, strict=True):
+        if x.dtype == jnp.bfloat16:
+            x = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(x.view(np.uint16), 16)
+        feed[spec.name] = x
+    if any(isinstance(v, ort.OrtValue) for v in feed.values()):
+        return [v.numpy() for v in session.run_with_ort_values(None, feed)]
+    return session.run(None, feed)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, np.float16])
+def test_half_precision_elementwise_programs_keep_their_dtype(dtype):
+    # bfloat16 arithmetic runs in float32 per equation, rounded back (as XLA on CPU does);
+    # float16 runs in ONNX Runtime's own float16 kernels
+    x, w = f32(4, 8).astype(dtype), (f32(8, 6) / 3).astype(dtype)
+    g = interop.trace(half_program, (x, w), dynamic_batch=False, dynamic_dims={"x": {0: "batch"}})
+    assert [i.dtype for i in g.inputs] == [np.dtype(dtype)] * 2
+    assert [o.dtype for o in g.outputs] == [np.dtype(dtype)] * 2
+    tol = 2e-2 if dtype == jnp.bfloat16 else 4e-3  # a few ulps of the dtype (2^-8, 2^-11)
+    for batch in (4, 7):
+        xb = f32(batch, 8).astype(dtype)
+        got = ort_outputs_as_float32(g, xb, w)
+        want = [np.asarray(a, np.float32) for a in jax.jit(half_program)(xb, w)]
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=tol, atol=tol)

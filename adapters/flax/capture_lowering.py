@@ -32,6 +32,7 @@ from interop import provenance
 from interop.errors import TraceError, UnsupportedOpError
 
 from . import CAPTURE_PRIMITIVES
+from .capture_precision import narrow_results, widen_inputs, widened
 
 MARK = "interop:"  # prefix of the jax.named_scope that capture_modules.py opens per module call
 OPSET = 18
@@ -259,9 +260,15 @@ class Lowering:
                 ),
             )
         inputs = [self.read(v) for v in eqn.invars]
-        results = converter(self, eqn, *inputs)
+        wide = widened(eqn)  # bfloat16 arithmetic: the same equation in float32
+        if wide is None:
+            results = converter(self, eqn, *inputs)
+        else:
+            results = converter(self, wide, *widen_inputs(self, eqn, inputs))
         if isinstance(results, ir.Value):
             results = [results]
+        if wide is not None:
+            results = narrow_results(self, eqn, wide, results)
         if len(results) != len(eqn.outvars):
             raise TraceError(
                 f"converter for '{name}' returned {len(results)} values for {len(eqn.outvars)} outputs"

@@ -278,6 +278,7 @@ class _PathFinder:
 
     def __init__(self, paths: dict[int, str], modules: list[tuple[tuple[Any, ...], Any]]):
         self.paths, self.modules = paths, modules
+        self._alive: list[Any] = []
         self._shapes: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
 
     def get(self, module: Any) -> str | None:
@@ -295,7 +296,21 @@ class _PathFinder:
             shapes = self._shapes.setdefault(key, _shapes(node))
             if shapes == wanted or [(k, s[1:]) for k, s in shapes] == wanted:
                 matches.append(key)
-        return matches[0] if len(matches) == 1 else None
+        if len(matches) != 1:
+            return None
+        self._adopt(module, matches[0])
+        return matches[0]
+
+    def _adopt(self, module: Any, path: str) -> None:
+        """Give the submodules of a rebuilt module their paths under it by identity, so that
+        siblings of one class and shape (attention's query / key / value) are told apart.
+        The objects are kept alive with the paths so that their ids stay theirs."""
+        from flax import nnx
+
+        for sub_path, node in nnx.iter_graph(module):
+            if sub_path and isinstance(node, nnx.Module) and id(node) not in self.paths:
+                self.paths[id(node)] = join_path((path, *sub_path))
+                self._alive.append(node)
 
 
 def call_owners(classes: set[type]) -> dict[type, Any]:

@@ -5,12 +5,14 @@ logsumexp, cbrt and atan2.
 Each is written with ONNX ops whose results match XLA's to float rounding: erf_inv is
 the same polynomial (Giles 2010) XLA evaluates; sort is ONNX TopK, whose ties keep index
 order as the ONNX spec requires, which is JAX's stable sort; cumulative ops are a
-log-step (Hillis-Steele) scan over the static axis.
+log-step (Hillis-Steele) scan: unrolled over a static axis, one ONNX Loop over a
+symbolic one.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 
 from interop.errors import UnsupportedOpError
 
@@ -226,16 +228,59 @@ def _combine(low, kind, a, b, dtype):
     return typed_op(low, op_type, [a, b], dtype)
 
 
+def _shift_combine(low, kind, y, step, n, axis, rank, work):
+    """One log-step: y combined with y shifted by `step` along `axis` (identity fill)."""
+    pads = low.op("Concat", [low.ints([0] * axis), step, low.ints([0] * (2 * rank - axis - 1))],
+                  {"axis": 0}) if not isinstance(step, int) else None  # fmt: skip
+    if pads is None:
+        pads = [0] * (2 * rank)
+        pads[axis] = step
+        pads, end = low.ints(pads), low.ints([int(n) - step])
+    else:
+        end = low.op("Sub", [low.dim(n), step])
+    head = low.op("Slice", [y, low.ints([0]), end, low.ints([axis])])
+    fill = low.const(_identity(kind, work), work)
+    shifted = low.op("Pad", [head, pads, fill], {"mode": "constant"})
+    return _combine(low, kind, y, shifted, work)
+
+
+def _symbolic_scan(low, kind, y, aval, axis, n, work):
+    """The log-step scan over a symbolic axis: one ONNX Loop carrying (step, y) while
+    step < n, doubling step (the same combination order as the static unrolled scan)."""
+    rank = len(aval.shape)
+    size = low.dim(n)
+    one = low.ints([1])
+    first = low.op("Squeeze", [low.op("Less", [one, size]), low.ints([0])])
+    iteration = ir.Value(
+        name=low.fresh("iter"), type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([])
+    )
+    cond_in = ir.Value(
+        name=low.fresh("cond"), type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([])
+    )
+    step_in = ir.Value(
+        name=low.fresh("step"), type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1])
+    )
+    y_in = low.new_input(aval.update(dtype=np.dtype(work)), "cumulative")
+    scope = low.scope
+
+    def body():
+        low.scope = scope
+        out = _shift_combine(low, kind, y_in, step_in, n, axis, rank, work)
+        step = low.op("Mul", [step_in, low.ints([2])])
+        again = low.op("Squeeze", [low.op("Less", [step, size]), low.ints([0])])
+        return [again, step, out]
+
+    graph = low.subgraph(low.fresh("cumulative_body"), [iteration, cond_in, step_in, y_in], body)
+    return low.op("Loop", [None, first, one, y], {"body": graph}, outputs=2)[1]
+
+
 def _cumulative(kind):
     def convert(low, eqn, x):
         axis = int(eqn.params["axis"])
         reverse = bool(eqn.params.get("reverse"))
-        shape = eqn.invars[0].aval.shape
-        dtype = eqn.invars[0].aval.dtype
+        aval = eqn.invars[0].aval
+        shape, dtype = aval.shape, aval.dtype
         n = shape[axis]
-        if not is_static(n):
-            raise _unsupported(low, "a cumulative op over a symbolic axis",
-                               "give that axis a static size (dynamic_dims)")  # fmt: skip
         big = np.iinfo(np.int64).max
         flip = [low.ints([-1]), low.ints([-big]), low.ints([axis]), low.ints([-1])]
         y = low.op("Slice", [x, *flip]) if reverse else x
@@ -243,15 +288,11 @@ def _cumulative(kind):
             y, work = low.cast(y, np.uint8), np.uint8
         else:
             work = dtype
-        fill = low.const(_identity(kind, work), work)
-        rank = len(shape)
+        if not is_static(n):  # a sequence axis: the same scan as a Loop of ceil(log2 n) steps
+            y = _symbolic_scan(low, kind, y, aval, axis, n, work)
         step = 1
-        while step < int(n):
-            pads = [0] * (2 * rank)
-            pads[axis] = step
-            head = low.op("Slice", [y, low.ints([0]), low.ints([int(n) - step]), low.ints([axis])])
-            shifted = low.op("Pad", [head, low.ints(pads), fill], {"mode": "constant"})
-            y = _combine(low, kind, y, shifted, work)
+        while is_static(n) and step < int(n):
+            y = _shift_combine(low, kind, y, step, n, axis, len(shape), work)
             step *= 2
         if np.dtype(dtype) == np.bool_:
             y = low.cast(y, np.bool_)
