@@ -159,3 +159,25 @@ def test_browser_shows_top_level_layers(tmp_path):
         assert f"\n{layer}\t" in text or f"\t{layer}\t" in text, text[:2000]
     assert "layer count" in text
     assert (tmp_path / "view.png").stat().st_size > 10_000
+
+
+@needs_explorer
+def test_served_page_holds_graph_and_overlay(net):
+    """The local server answers the web app's requests with our graph and node data."""
+    import json
+    import urllib.request
+
+    model, x, g = net
+    report = interop.compare(model, g, (x,))
+    url = g.view(report, open_browser=False)
+    base = url.split("/?", 1)[0]
+    with urllib.request.urlopen(f"{base}/api/v1/load_graphs_json?graph_index=0", timeout=30) as r:
+        payload = json.loads(r.read())
+    graph = payload["graphs"][0]
+    assert {n["namespace"] for n in graph["nodes"]} >= {"inp", "blocks/0/fc", "head"}
+    assert graph["groupNodeAttributes"]["blocks/1/fc"]["parameters"] == "72"
+    with urllib.request.urlopen(f"{base}/api/v1/load_node_data?node_data_index=0", timeout=30) as r:
+        data = json.loads(json.loads(r.read())["content"])
+    results = data[explorer.GRAPH_ID]["results"]
+    name = g.layer("head").returns[0].name
+    assert results[name]["value"] == report.layer("head").max_abs_error
