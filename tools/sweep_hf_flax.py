@@ -1,20 +1,25 @@
 """Sweep: every Flax model class of Hugging Face transformers 4.x that builds from a tiny
-random config -> interop.trace -> ONNX Runtime vs the Flax call -> to_torch.
+random config -> interop.trace -> ONNX Runtime vs the Flax call -> to_torch / to_keras /
+to_flax vs the Flax call.
 
 transformers 5 dropped its Flax models, so this runs in its own environment (the main
-venv keeps 5.x):
+venv keeps 5.x); .ci/run makes it the same way for its sample:
 
     python3.11 -m venv /tmp/hf4venv
-    /tmp/hf4venv/bin/pip install -c constraints-without-transformers.txt \\
-        "transformers==4.57.*" flax==0.12.8 jax==0.10.2 jaxlib==0.10.2 torch onnx onnx-ir \\
-        onnxruntime graphviz "graphviz-pure>=0.2.2,<0.3"
-    /tmp/hf4venv/bin/pip install --no-deps -e .
-    JAX_PLATFORMS=cpu /tmp/hf4venv/bin/python tools/sweep_hf_flax.py [--out results.json] [names...]
+    grep -v '^transformers==' .ci/constraints.txt > /tmp/constraints-hf4.txt
+    /tmp/hf4venv/bin/pip install -c /tmp/constraints-hf4.txt torch==2.13.0
+    /tmp/hf4venv/bin/pip install -c /tmp/constraints-hf4.txt -e '.[all]' "transformers==4.57.*"
+    JAX_PLATFORMS=cpu /tmp/hf4venv/bin/python tools/sweep_hf_flax.py [--out results.json] \
+        [--only BERT Llama ...] [--emit torch,keras,flax] [--check]
 
 Per model: capture (and the capture-time ONNX checks), the layer-tree size, ONNX Runtime
 against the model's own call (rtol 1e-4, atol 1e-4) at batch 2 and batch 3 (the graph is
-traced with a dynamic batch), and `interop.to_torch` of the capture against ONNX Runtime
-(same tolerance). Weights are random (no download).
+traced with a dynamic batch), and each emitter (`interop.to_torch`, `to_keras`, `to_flax`)
+against the model's own call at batch 3 (same tolerance). Weights are random (no
+download). `--check` exits 1 when any model fails any of these (CI).
+
+transformers 4.57's Flax T5 family calls ``jnp.clip(a_max=...)``, a spelling jax 0.10
+removed; `_jax_compat` restores it for the sweep so that those models build at all.
 """
 
 from __future__ import annotations
@@ -118,6 +123,30 @@ CASES = {
 }  # fmt: skip
 
 
+CHECKS = ("torch", "keras", "flax")  # emitters, each against the Flax call
+
+
+def _jax_compat() -> None:
+    """transformers 4.57's Flax T5 / mT5 / LongT5 call ``jnp.clip(x, a_max=...)``; jax 0.10
+    removed the ``a_min`` / ``a_max`` spellings (TypeError inside transformers, before any
+    capture). The sweep maps them to ``min`` / ``max`` so that those models build: the
+    computation is the same ``clamp``, and nothing of interop is patched."""
+    import inspect
+
+    import jax.numpy as jnp
+
+    if "a_max" in inspect.signature(jnp.clip).parameters:
+        return
+    clip = jnp.clip
+
+    def compat(arr=None, /, min=None, max=None, *, a_min=None, a_max=None, **kwargs):
+        low = min if a_min is None else a_min
+        high = max if a_max is None else a_max
+        return clip(arr, low, high, **kwargs)
+
+    jnp.clip = compat
+
+
 def _flat(outputs):
     from interop.structure import flatten_outputs
 
@@ -138,7 +167,29 @@ def _close(got, want):
     return True, f"max abs diff {worst:.1e}"
 
 
-def run_case(name):
+def _reason(err: BaseException) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+
+
+def _emitted_outputs(framework, g, feed):
+    """Emit the capture to `framework` and call it on `feed` (in the graph's input order)."""
+    import interop
+
+    inputs = [np.asarray(feed[i.name]) for i in g.inputs]
+    if framework == "torch":
+        import torch
+
+        module = interop.to_torch(g)
+        with torch.no_grad():
+            return _flat(module(*[torch.from_numpy(a) for a in inputs]))
+    if framework == "keras":
+        model = interop.to_keras(g)
+        return _flat(model(inputs[0] if len(inputs) == 1 else inputs))
+    module = interop.to_flax(g)
+    return _flat(module(*inputs))
+
+
+def run_case(name, checks=CHECKS):
     import transformers
 
     import interop
@@ -154,66 +205,72 @@ def run_case(name):
         g = interop.trace(model, inputs)
     except interop.TraceError as err:
         if "dynamic_batch=False" not in str(err):
-            row["capture"] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            row["capture"] = _reason(err)
             return row
         # the model fixes its batch size while tracing (a Python branch on a shape)
         try:
             g = interop.trace(model, inputs, dynamic_batch=False)
         except Exception as err2:
-            row["capture"] = f"{type(err2).__name__}: {' '.join(str(err2).split())[:300]}"
+            row["capture"] = _reason(err2)
             return row
         row["batch"], batches = "static", (2,)
     except Exception as err:
-        row["capture"] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        row["capture"] = _reason(err)
         return row
     row["capture"] = "ok"
     row["trace_s"] = round(time.perf_counter() - start, 2)
     row["layers"] = len(g.layers)
     row["nodes"] = len(list(g.model.graph))
+    want = {}
     for batch in batches:
         feed = make(batch)
-        want = _flat(model(**feed))
+        want[batch] = _flat(model(**feed))
         try:
             got = g.run(**feed)
             got = got if isinstance(got, list | tuple) else [got]
-            ok, detail = _close(got, want)
+            ok, detail = _close(got, want[batch])
         except Exception as err:
-            ok, detail = False, f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+            ok, detail = False, _reason(err)
         row[f"ort_batch{batch}"] = "ok" if ok else detail
         row.setdefault("ort_detail", detail)
-    try:
-        import torch
-
-        module = interop.to_torch(g)
-        feed = make(batches[-1])
-        with torch.no_grad():
-            out = module(*[torch.from_numpy(np.asarray(feed[i.name])) for i in g.inputs])
-        out = out if isinstance(out, list | tuple) else [out]
-        ok, detail = _close(
-            [o.numpy() for o in out], g.run(**feed) if len(out) > 1 else [g.run(**feed)]
-        )
-        row["torch"] = "ok" if ok else detail
-    except Exception as err:
-        row["torch"] = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+    # each emitter against the model's own call at the last batch size
+    feed = make(batches[-1])
+    for framework in checks:
+        start = time.perf_counter()
+        try:
+            ok, detail = _close(_emitted_outputs(framework, g, feed), want[batches[-1]])
+            row[framework] = "ok" if ok else detail
+        except Exception as err:
+            row[framework] = _reason(err)
+        row[framework + "_s"] = round(time.perf_counter() - start, 1)
     return row
 
 
-def markdown(rows) -> str:
+def failures(row, checks=CHECKS) -> list[str]:
+    """The checks of one row that did not pass (empty: the model is fine)."""
+    if row.get("capture") != "ok":
+        return ["capture"]
+    bad = [f"ort_batch{b}" for b in (2, 3) if row.get(f"ort_batch{b}", "ok") != "ok"]
+    return bad + [c for c in checks if row.get(c) != "ok"]
+
+
+def markdown(rows, checks=CHECKS) -> str:
     """The results as the table in docs/capture-flax.md."""
-    lines = ["| model | capture | layers | nodes | ORT batch 2 / 3 (rtol 1e-4) | to_torch |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    head = "| model | capture | layers | nodes | ORT batch 2 / 3 (rtol 1e-4) |"
+    lines = [head + "".join(f" to_{c} |" for c in checks), "|---" * (5 + len(checks)) + "|"]
     for r in rows:
         capture = r.get("capture", "")
         if capture != "ok":
-            lines.append(f"| {r['model']} | {capture[:160]} | | | | |")
+            lines.append(f"| {r['model']} | {capture[:160]} |" + " |" * (3 + len(checks)))
             continue
         if r.get("batch") == "static":
             ort = f"{r['ort_batch2']} (static batch)"
         else:
             ort = f"{r['ort_batch2']} / {r['ort_batch3']}"
+        emitted = "".join(f" {r.get(c, '')[:100]} |" for c in checks)
         lines.append(
-            f"| {r['model']} | ok ({r['trace_s']} s) | {r['layers']} | {r['nodes']} | {ort} "
-            f"| {r.get('torch', '')[:100]} |"
+            f"| {r['model']} | ok ({r['trace_s']} s) | {r['layers']} | {r['nodes']} | {ort} |"
+            + emitted
         )
     return "\n".join(lines)
 
@@ -221,27 +278,45 @@ def markdown(rows) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="models to run (default: all)")
+    parser.add_argument("--only", nargs="+", default=[], help="models to run (as the names)")
     parser.add_argument("--out", default="hf_flax_sweep.json")
+    parser.add_argument(
+        "--emit", default=",".join(CHECKS), help="emitters to check, comma-separated"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 when any model fails any check (CI)"
+    )
     args = parser.parse_args()
+    names = args.names + args.only or list(CASES)
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        parser.error(f"unknown models {unknown}; known: {', '.join(CASES)}")
+    checks = tuple(c for c in args.emit.split(",") if c)
+    _jax_compat()
     rows = []
-    for name in args.names or list(CASES):
+    start = time.perf_counter()
+    for name in names:
         try:
-            row = run_case(name)
+            row = run_case(name, checks)
         except Exception as err:  # the model itself does not build from the config
-            row = {"model": name, "capture": f"build: {type(err).__name__}: {str(err)[:200]}"}
+            row = {"model": name, "capture": f"build: {_reason(err)}"}
             traceback.print_exc()
         rows.append(row)
         print(json.dumps(row), flush=True)
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
-    print(markdown(rows))
+    print(markdown(rows, checks))
     captured = sum(r.get("capture") == "ok" for r in rows)
     matched = sum(r.get("ort_batch2") == "ok" and r.get("ort_batch3", "ok") == "ok" for r in rows)
-    torch_ok = sum(r.get("torch") == "ok" for r in rows)
+    emitted = ", ".join(f"{sum(r.get(c) == 'ok' for r in rows)} to_{c}" for c in checks)
     print(
-        f"{captured}/{len(rows)} capture, {matched} match ORT at batch 2 and 3, {torch_ok} to_torch"
+        f"{captured}/{len(rows)} capture, {matched} match ORT at batch 2 and 3, {emitted} "
+        f"({time.perf_counter() - start:.0f} s)"
     )
-    sys.exit(0)
+    failed = {r["model"]: failures(r, checks) for r in rows if failures(r, checks)}
+    if args.check and failed:
+        print(f"FAILED: {failed}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
