@@ -220,6 +220,12 @@ def _session(graph: Graph, model: Any, device: str, *, overrides: bool = False) 
             else:
                 data = ir.serde.serialize_model(model).SerializeToString()
             session = ort.InferenceSession(data, options, providers=providers)
+        elif (folder := _external_folder(model)) is not None:
+            # weights on disk in one folder (a loaded file, a safetensors checkpoint): ONNX
+            # Runtime reads them from there itself, nothing is copied or held by us
+            options.add_session_config_entry(_EXTERNAL_FOLDER, folder)
+            data = ir.serde.serialize_model(model).SerializeToString()
+            session = ort.InferenceSession(data, options, providers=providers)
         else:  # too large for one protobuf: hand ONNX Runtime a file with external data
             with tempfile.TemporaryDirectory(prefix="interop-run-") as tmp:
                 path = os.path.join(tmp, "model.onnx")
@@ -237,6 +243,41 @@ def _session(graph: Graph, model: Any, device: str, *, overrides: bool = False) 
     if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         raise DeviceError("ONNX Runtime could not start the CUDA execution provider for this graph")
     return session
+
+
+_EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
+
+
+def _external_folder(model: Any) -> str | None:
+    """The one folder every external weight of `model` is in, when the rest fit a protobuf.
+
+    Locations are made relative to it (they are as loaded, or the shard's name for a
+    safetensors checkpoint); None when weights are spread over folders or too many are
+    held in memory.
+    """
+    import onnx_ir as ir
+
+    from .serialization import PROTO_LIMIT
+
+    folders, inline = set(), 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                folders.add(os.path.dirname(os.path.abspath(tensor.path)))
+            elif tensor is not None:
+                inline += tensor.nbytes
+    if len(folders) != 1 or inline >= PROTO_LIMIT // 2:
+        return None
+    folder = folders.pop()
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and str(tensor.location) != os.path.basename(
+                tensor.path
+            ):
+                return None  # a location with folders in it: ORT resolves it from the folder
+    return folder
 
 
 def to_numpy(value: Any) -> np.ndarray:

@@ -125,30 +125,94 @@ def save(
 
 
 def save_model(model: ir.Model, path: str | Path, *, external_data: bool | None = None) -> Path:
-    """`save` for a bare `onnx_ir.Model`."""
+    """`save` for a bare `onnx_ir.Model`.
+
+    Weights that already live in a file inside the destination folder (the shards of a
+    safetensors checkpoint the model was traced with, `interop.weights`) are referenced
+    where they are, not copied. Other external weights are copied file to file
+    (``copy_file_range``) and lazy ones written one at a time, so a save holds one tensor
+    at most, whatever the model's size.
+    """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
     if external_data is None:
         external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
     in_use = _data_files_of(path)
+    ours = {path.name + ".data", path.name + ".data.1"}
+    values = [v for g in model.graphs() for v in g.initializers.values()]
+    originals = {v: v.const_value for v in values if v.const_value is not None}
+    kept = _referenced(originals, folder, ours) if external_data else {}
     with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.") as tmp:
         staged = Path(tmp) / path.name
-        if external_data:
+        written = [
+            v
+            for v, t in originals.items()
+            if v not in kept and t.nbytes >= _INLINE_BYTES and external_data
+        ]
+        data_name = None
+        if written:
             data_name = path.name + ".data"
             if data_name in in_use:
                 data_name += ".1"
-            ir.save(model, staged, external_data=data_name)
-            os.replace(Path(tmp) / data_name, folder / data_name)
-        else:
-            data_name = None
+            externals = ir.external_data.convert_tensors_to_external(
+                [originals[v] for v in written], base_dir=tmp, relative_path=data_name
+            )
+        try:
+            for value, ref in kept.items():
+                value.const_value = ref
+            if written:
+                for value, ref in zip(written, externals, strict=True):
+                    value.const_value = ref
+            done = set(written)
+            for value, tensor in originals.items():  # other files' small tensors: inline
+                if isinstance(tensor, ir.ExternalTensor) and value not in kept:
+                    if value not in done:
+                        value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype)
             proto = ir.serde.serialize_model(model)
-            staged.write_bytes(proto.SerializeToString())
+        finally:
+            for value, tensor in originals.items():
+                value.const_value = tensor
+        staged.write_bytes(proto.SerializeToString())
+        if data_name is not None:
+            os.replace(Path(tmp) / data_name, folder / data_name)
         os.replace(staged, path)
-    for old in in_use - {data_name}:
-        if old in (path.name + ".data", path.name + ".data.1"):  # only files we wrote
+    referenced = {str(t.location) for t in kept.values()}
+    for old in in_use - {data_name} - referenced:
+        if old in ours:  # only files we wrote
             (folder / old).unlink(missing_ok=True)
     return path
+
+
+# tensors under this many bytes stay inline with external data (onnx_ir's default)
+_INLINE_BYTES = 256
+
+
+def _referenced(
+    tensors: dict[ir.Value, Any], folder: Path, ours: set[str]
+) -> dict[ir.Value, ir.ExternalTensor]:
+    """External tensors whose file lies inside `folder`, as tensors located relative to it.
+
+    Our own data files (``<name>.data``) are rewritten instead: a save replaces them.
+    """
+    root = os.path.abspath(folder)
+    kept = {}
+    for value, tensor in tensors.items():
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        location = os.path.relpath(os.path.abspath(tensor.path), root)
+        if location.startswith("..") or os.path.isabs(location) or location in ours:
+            continue
+        kept[value] = ir.ExternalTensor(
+            Path(location).as_posix(),
+            tensor.offset,
+            tensor.length,
+            tensor.dtype,
+            shape=tensor.shape,
+            name=tensor.name or str(value.name),
+            base_dir=root,
+        )
+    return kept
 
 
 def _data_files_of(path: Path) -> set[str]:

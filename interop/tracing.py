@@ -78,6 +78,17 @@ def trace(model: Any, example_inputs: Any = None, **options: Any) -> Graph:
     naming the layer or source line; ``check_dims=False`` skips the check (about one
     extra model call and one ONNX Runtime run per trace).
 
+    ``weights=`` traces a model built without its weights (torch's meta device) and reads
+    them lazily from a safetensors file, a folder of shards with its index json, or a
+    mapping of names to arrays: nothing is read until the graph is saved, run or emitted
+    (``compute_dtype="float32"`` computes in float32 from half-precision files; the
+    second-size dim check is skipped, a meta model cannot run). See
+    docs/guides/large-models.md.
+
+    >>> with torch.device("meta"):                                  # doctest: +SKIP
+    ...     model = LlamaForCausalLM(config)
+    >>> g = interop.trace(model, inputs, weights="checkpoint/")     # doctest: +SKIP
+
     >>> import interop, torch
     >>> g = interop.trace(torch.nn.Linear(4, 2), (torch.randn(3, 4),))
     >>> len(g.layers)                  # a bare Linear has no sub-layers
