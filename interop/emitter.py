@@ -45,6 +45,7 @@ from . import provenance
 from .interpret import RANDOM_OPS, Interpreter, fold_on_host, node_free_values
 from .normalize import DEFAULT_DOMAINS, check_supported
 from .registry import Registry
+from .weights import host_array
 
 
 @dataclass
@@ -190,8 +191,17 @@ class Emitter(Interpreter):
             return None
         if relaid or perm is not None:
             self.relaid.add(root)
-        array = np.array(_array(root))
+        assert root.const_value is not None
+        array = host_array(root.const_value)  # the host's own (mapped when on disk)
         return array if perm is None else np.transpose(array, perm)
+
+    def weight_array(self, value: ir.Value) -> np.ndarray:
+        """An initializer's array for a host that stores it in its own buffers (a generic op's
+        variable): weights on disk are mapped copy-on-write and released when the host drops
+        the array, so emission holds one weight at a time beside the host's copy (or none,
+        for a host that keeps the mapping: `interop.weights.host_array`)."""
+        assert value.const_value is not None, f"{value.name} is not a constant"
+        return host_array(value.const_value, copy=False)
 
     def weight_source(self, value: ir.Value | None) -> tuple[ir.Value, Sequence[int] | None] | None:
         """(initializer, perm) of the source weight a value is; perm when read transposed."""

@@ -155,7 +155,7 @@ class FlaxEmitter(Emitter):
     def variable(self, value: ir.Value) -> str:
         cls = self.variable_class(value)
         path = self.unique_path(attribute_path(value.name) if value.name else "_weight")
-        set_path(self.module, path, cls(jax.device_put(value.const_value.numpy())))
+        set_path(self.module, path, cls(jax.device_put(self.weight_array(value))))
         self.module.source_names[path] = value.name
         return path
 

@@ -134,7 +134,7 @@ class KerasEmitter(Emitter):
         return Const(value, array, None)
 
     def weight_handle(self, value: ir.Value, kind: str) -> Const:
-        return Const(value, value.const_value.numpy(), kind)
+        return Const(value, self.weight_array(value), kind)
 
     def output(self, results: list[Any]) -> list[Any]:
         return results

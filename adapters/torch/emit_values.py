@@ -26,7 +26,7 @@ class Deferred:
 
     def node(self) -> fx.Node:
         if self._node is None:
-            array = self.array if self.array is not None else self.value.const_value.numpy()
+            array = self.array if self.array is not None else self.emitter.weight_array(self.value)
             kind = self.emitter.kind_of(self.value) if self.array is None else None
             self._node = self.emitter.attribute(self.value, array, kind)
         return self._node

@@ -30,6 +30,7 @@ from torch import fx, nn
 from interop import provenance
 from interop.emitter import Emitter, Native, attribute_path, packed_sources
 from interop.normalize import DEFAULT_DOMAINS
+from interop.weights import is_mapped
 
 # emit_calls, emit_layers and emit_recurrent register the builders
 from . import EMIT_CALLS, EMIT_LAYERS, emit_calls, emit_layers, emit_recurrent  # noqa: F401
@@ -95,7 +96,7 @@ class TorchEmitter(Emitter):
         every layer that reads it as is (`register_layer`), so training moves it once for
         all, as the file means."""
         array = super().weight(value, relaid=relaid)
-        return None if array is None else torch.from_numpy(array)
+        return None if array is None else torch_backend.asarray(array)
 
     def source_name(self, value: ir.Value) -> str:
         """A layer is named after the names its node reads: the TorchScript exporter reads
@@ -175,7 +176,7 @@ class TorchEmitter(Emitter):
         if path in self._attribute_names or self._inside_native_layer(path):
             path = self._unique(path.replace(".", "_"))
         self._attribute_names.add(path)
-        tensor = torch_backend.asarray(np.array(array))
+        tensor = torch_backend.asarray(array if is_mapped(array) else np.array(array))
         if kind in (provenance.TRAINABLE, provenance.FROZEN) and tensor.is_floating_point():
             _set_path(
                 self.root, path, nn.Parameter(tensor, requires_grad=kind == provenance.TRAINABLE)
@@ -247,7 +248,7 @@ def _as_is(tensor: torch.Tensor, value: ir.Value) -> bool:
     const = value.const_value
     return (
         tuple(tensor.shape) == tuple(const.shape)
-        and tensor.dtype == torch.from_numpy(np.zeros(0, const.dtype.numpy())).dtype
+        and tensor.dtype == torch_backend.asarray(np.zeros(0, const.dtype.numpy())).dtype
     )
 
 
