@@ -45,7 +45,7 @@ def _explorer() -> Any:
         from model_explorer import graph_builder, node_data_builder  # noqa: F401
     except ImportError as err:
         raise MissingDependencyError(
-            "ai-edge-model-explorer", purpose="view graphs in Model Explorer (extra 'explorer')"
+            "ai-edge-model-explorer", extra="explorer", purpose="view graphs in Model Explorer"
         ) from err
     return model_explorer
 
