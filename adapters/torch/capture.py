@@ -30,6 +30,7 @@ from interop.progress import progress
 from interop.structure import flatten_outputs
 
 from . import CAPTURE_OPS, capture_dim_check
+from .capture_fallback import ModuleStack, fallback
 from .capture_provenance import (
     TORCH_DIR,
     fx_provenance,
@@ -39,6 +40,7 @@ from .capture_provenance import (
     restore_dropout,
 )
 from .capture_returns import ModuleReturns
+from .capture_rewrites import rewritten
 
 _FAILED_TARGET = re.compile(r"target=torch\.ops\.([\w.]+?)\.(\w+)\]?\(|OpOverload\(op='([\w.]+)'")
 
@@ -138,17 +140,40 @@ def trace_module(
     next(steps)
     returns = ModuleReturns(module, _expand_cache)
     fixed: dict[str, Any] = {}  # where torch.export fixed a dynamic dim (capture_dim_check)
-    with _eval_mode(module), _flat_forward(module, output_names), _quiet(verbose):
-        with returns.recording():
+    stack = ModuleStack(module)
+
+    def capture() -> tuple[Any, dict[str, Any]]:
+        with returns.recording(), stack.recording():
             exported = capture_dim_check.export(
                 _export, module, args, kwargs, dynamic_shapes, fixed, check_dims=check_dims
             )
-        next(steps)
+        next(steps, None)
         program = _to_onnx(exported)
-    next(steps)
-    model = program.model
-    returned = returns.resolve(exported, program)
+        return program.model, returns.resolve(exported, program)
+
+    how = "torch.export"
+    with _eval_mode(module), _flat_forward(module, output_names), _quiet(verbose):
+        try:
+            with rewritten(module, upfront=True) as upfront:  # patterns known to fail plain
+                model, returned = capture()
+            how += f" with rewrites {', '.join(upfront)}" if upfront else ""
+        except (TraceError, UnsupportedOpError) as first:
+            # rewrites of known patterns, then the TorchScript exporter (capture_fallback.py)
+            failed_in = getattr(first, "layer", None) or stack.failed_in()
+            leaves = {n: v for n, v in _tensor_leaves(bound, signature) if _is_tensor(v)}
+            flat = module.forward
+
+            def call(feeds: dict[str, Any]) -> Any:
+                mapped = _map_arguments(bound, signature, lambda n, v: feeds.get(n, v))
+                again = inspect.BoundArguments(signature, mapped)  # type: ignore[arg-type]
+                return flat(*again.args, **again.kwargs)
+
+            model, returned, how = fallback(
+                module, first, failed_in, capture, leaves, call, dims, output_names, upfront
+            )
+    next(steps, None)
     record_provenance(model, module)
+    provenance.write_source(model, {**provenance.read_source(model), "capture": how})
     rename_dims(model, dims)
     name_outputs(model, output_names)
     restore_dropout(model, module)
@@ -368,15 +393,16 @@ def _export(module, args, kwargs, dynamic_shapes) -> torch.export.ExportedProgra
         message = str(err)
         where = _user_location(err)
         at = f" at {where}" if where else ""
-        if "Constraints violated" in message or "specialized" in message:
+        if "data-dependent" in message or "DataDependent" in type(err).__name__:
+            fix = (
+                "forward branches or loops on tensor values; use torch.where / torch.cond, "
+                "torch._check to state what holds, or register a rewrite of that module "
+                "(interop.adapters.torch.capture_rewrites.register_rewrite)"
+            )
+        elif "Constraints violated" in message or "specialized" in message:
             fix = (
                 "the model fixes the size of a dimension that interop made dynamic; pass "
                 "dynamic_batch=False or drop that axis from dynamic_dims"
-            )
-        elif "data-dependent" in message or "DataDependent" in type(err).__name__:
-            fix = (
-                "forward branches or loops on tensor values; use torch.where / torch.cond, "
-                "or torch._check to state what holds"
             )
         else:
             fix = "make forward exportable by torch.export (no Python-side effects on tensors, "

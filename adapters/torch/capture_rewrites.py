@@ -1,0 +1,179 @@
+"""Module rewrites applied for the duration of a trace, when torch.export alone fails.
+
+Some layers compute in a way torch.export or torch.onnx cannot capture, while an
+equivalent formulation (the same numbers, other ops) captures cleanly. The mixture-of-
+experts layers of Hugging Face transformers 5 are the case that matters: by default they
+dispatch tokens through ``torch.ops.transformers.grouped_mm_fallback`` (a custom op with
+no ONNX translation) or, with ``experts_implementation="eager"``, through a Python loop
+over the experts that ``nonzero()`` found hit (data-dependent: torch.export stops).
+Their ``batched_mm`` formulation gathers each token's expert weights
+(``gate_up_proj[expert_ids]``) and runs one batched matmul: no data-dependent shape, the
+same parameters, results equal to float rounding.
+
+A rewrite is a predicate on a submodule and a replacement ``forward(module, *args,
+**kwargs)``; during the retry the replacement is bound to every matching submodule
+instance (the class is not touched) and removed afterwards, so module paths, parameter
+names and hooks are those of the original model. Register your own the way op
+translations are registered:
+
+>>> from interop.adapters.torch.capture_rewrites import register_rewrite  # doctest: +SKIP
+>>> @register_rewrite("my-moe", matches=lambda m: type(m).__name__ == "MyMoE")  # doctest: +SKIP
+... def dense_moe(module, hidden):       # every expert on every token, weighted by the router
+...     weights = module.router(hidden).softmax(-1)
+...     outs = torch.stack([e(hidden) for e in module.experts], -1)
+...     return (outs * weights.unsqueeze(-2)).sum(-1)
+
+A rewrite must compute what the module computes; interop does not check it beyond the
+verification the caller runs (``interop.verify``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from interop.registry import Registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewrite:
+    """A replacement forward for the submodules that `matches` accepts."""
+
+    name: str
+    matches: Callable[[Any], bool]
+    forward: Callable[..., Any]
+    upfront: bool = False  # applied on the first attempt: the plain capture is known to fail
+
+
+REWRITES: Registry[Rewrite] = Registry("import", adapter="torch rewrites")
+
+
+def register_rewrite(
+    name: str,
+    forward: Callable[..., Any] | None = None,
+    *,
+    matches: Callable[[Any], bool],
+    upfront: bool = False,
+    replace: bool = False,
+) -> Any:
+    """Register ``forward(module, *args, **kwargs)`` for submodules where ``matches(module)``.
+
+    Used as a decorator (``@register_rewrite("name", matches=...)``) or called with the
+    function. `interop.trace` applies registered rewrites only when the plain
+    torch.export capture failed (``upfront=True``: on the first attempt already, for a
+    pattern the plain capture can never take), names the rewrites it used in the graph's
+    source (``capture``) and what it tried in the error otherwise.
+    """
+
+    def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        REWRITES.register(name, Rewrite(name, matches, fn, upfront), replace=replace)
+        return fn
+
+    return decorator(forward) if forward is not None else decorator
+
+
+def matching(module: Any, upfront: bool = False) -> dict[str, list[str]]:
+    """``{rewrite name: [module paths it applies to]}`` for `module` and its submodules
+    (only the ``upfront`` rewrites if asked)."""
+    found: dict[str, list[str]] = {}
+    for path, sub in module.named_modules():
+        for name, rewrite in REWRITES.items():
+            if upfront and not rewrite.upfront:
+                continue
+            try:
+                hit = rewrite.matches(sub)
+            except Exception:  # a predicate that cannot read this module: not a match
+                hit = False
+            if hit:
+                found.setdefault(name, []).append(path)
+                break
+    return found
+
+
+@contextlib.contextmanager
+def rewritten(module: Any, upfront: bool = False) -> Iterator[dict[str, list[str]]]:
+    """Bind each matching rewrite's forward to its submodules; restore them on exit."""
+    applied = matching(module, upfront)
+    subs = dict(module.named_modules())
+    patched: list[tuple[Any, bool, Any]] = []
+    try:
+        for name, paths in applied.items():
+            rewrite = REWRITES.get(name)
+            assert rewrite is not None
+            for path in paths:
+                sub = subs[path]
+                own = "forward" in sub.__dict__
+                patched.append((sub, own, sub.__dict__.get("forward")))
+                bound = functools.partial(rewrite.forward, sub)
+                sub.forward = functools.wraps(rewrite.forward)(bound)
+        yield applied
+    finally:
+        for sub, own, original in reversed(patched):
+            if own:
+                sub.forward = original
+            else:
+                del sub.forward
+
+
+# ----------------------------------------------------------------- built-in rewrites
+def _is_transformers_experts(module: Any) -> bool:
+    """An experts layer decorated with transformers' ``use_experts_implementation``."""
+    config = getattr(module, "config", None)
+    return (
+        hasattr(module, "has_gate")
+        and hasattr(module, "is_transposed")
+        and hasattr(module, "_is_expert_parallel")
+        and config is not None
+        and hasattr(config, "_experts_implementation")
+        and getattr(config, "_experts_implementation", None) != "batched_mm"
+        and not module._is_expert_parallel
+    )
+
+
+def _transformers_batched_experts(module: Any, *args: Any, **kwargs: Any) -> Any:
+    from transformers.integrations.moe import batched_mm_experts_forward
+
+    return batched_mm_experts_forward(module, *args, **kwargs)
+
+
+register_rewrite(
+    "transformers-experts-batched",
+    _transformers_batched_experts,
+    matches=_is_transformers_experts,
+    upfront=True,  # grouped_mm has no ONNX translation, the eager loop is data-dependent
+)
+
+
+def unregister_rewrite(name: str) -> None:
+    """Remove a registered rewrite (a no-op if there is none of that name)."""
+    REWRITES._entries.pop(name, None)
+
+
+def _is_dbrx_experts(module: Any) -> bool:
+    cls = type(module)
+    return cls.__name__ == "DbrxExperts" and cls.__module__.startswith("transformers.")
+
+
+def _dbrx_gathered_experts(
+    module: Any, hidden_states: Any, top_k_index: Any, top_k_weights: Any
+) -> Any:
+    """DBRX's expert loop as a gather of each token's experts and batched matmuls."""
+    batch = hidden_states.shape[0]
+    x = hidden_states.reshape(-1, module.hidden_size)
+    shape = (module.num_experts, module.ffn_hidden_size, module.hidden_size)
+    mlp = module.mlp
+    w1, v1, w2 = (w.view(shape)[top_k_index] for w in (mlp.w1, mlp.v1, mlp.w2))  # (T, K, F, H)
+    rows = x[:, None, None, :]  # (T, 1, 1, H)
+    gate = mlp.activation_fn(rows @ w1.transpose(-1, -2))
+    up = rows @ v1.transpose(-1, -2)  # (T, K, 1, F)
+    down = ((gate * up) @ w2)[:, :, 0]  # (T, K, H)
+    out = (down * top_k_weights[..., None].to(down.dtype)).sum(1)
+    return out.view(batch, -1, module.hidden_size)
+
+
+register_rewrite(
+    "transformers-dbrx-experts-gathered", _dbrx_gathered_experts, matches=_is_dbrx_experts
+)
