@@ -223,6 +223,54 @@ def config(graph: Graph, report: CompareReport | None = None) -> Any:
     return cfg
 
 
+# The page a view opens first: it turns on Model Explorer's "tensor shape" edge labels and
+# keeps layers of one node as groups (choices the web app keeps in the browser's
+# localStorage and offers no URL parameter for; the graph's own layoutConfigs flag is not
+# read by the standalone app), unless the user chose otherwise before, then loads the app
+# with the same query.
+START_PAGE = "interop"
+_EDGE_SETTING = "model_explorer_show_on_edge_item_v3"
+_SETTINGS = "model_explorer_settings"
+_START_HTML = f"""<!doctype html><script>
+if (!localStorage.getItem("{_EDGE_SETTING}"))
+  localStorage.setItem("{_EDGE_SETTING}", JSON.stringify({{type: "Tensor shape"}}));
+const settings = JSON.parse(localStorage.getItem("{_SETTINGS}") || "{{}}");
+if (!("keep_layers_with_a_single_child" in settings)) {{
+  settings["keep_layers_with_a_single_child"] = true;  // a one-node layer stays a group
+  localStorage.setItem("{_SETTINGS}", JSON.stringify(settings));
+}}
+location.replace("/" + location.search);
+</script>"""
+
+
+def _add_start_page(server: Any) -> None:
+    """Make the Flask app `server.start` builds answer `START_PAGE` too (once per process).
+
+    `server.start` creates its app inside; the `flask` it sees is swapped for a view of
+    the real module whose `Flask` adds the route, so no other Flask app is affected."""
+    import types
+
+    import flask
+
+    if getattr(server.flask, "_interop", False):
+        return
+
+    class App(flask.Flask):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.add_url_rule(f"/{START_PAGE}", START_PAGE, lambda: _START_HTML)
+
+    class Flask(types.ModuleType):
+        _interop = True
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(flask, name)
+
+    shim = Flask("flask")
+    shim.Flask = App  # type: ignore[attr-defined]
+    server.flask = shim
+
+
 def _no_version_check(print_msg: bool = True) -> dict[str, str]:
     return {"version": "", "runningVersion": "", "releaseUrl": "", "desktopAppUrl": ""}
 
@@ -247,6 +295,7 @@ def serve(
     # Model Explorer asks PyPI and GitHub for a newer release when it starts and when the
     # page loads: a view of a local model stays local (and offline machines do not wait)
     server._check_new_version = _no_version_check  # type: ignore[attr-defined]
+    _add_start_page(server)
     cfg = config(graph, report)
     port = port or _free_port(host)
     thread = threading.Thread(
@@ -263,7 +312,7 @@ def serve(
             if s.connect_ex((host, port)) == 0:
                 break
         time.sleep(0.1)
-    return f"http://{host}:{port}/?data={cfg.to_url_param_value()}"
+    return f"http://{host}:{port}/{START_PAGE}?data={cfg.to_url_param_value()}"
 
 
 def view(

@@ -4,6 +4,7 @@ and, where a Chromium is installed, the page itself in a headless browser."""
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -141,7 +142,7 @@ def test_browser_shows_top_level_layers(tmp_path):
     report = interop.compare(model, g, inputs)
     assert report.ok, str(report)
     url = g.view(report, open_browser=False)
-    assert url.startswith("http://localhost:")
+    assert url.startswith("http://localhost:") and "/interop?data=" in url
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=browser_path, headless=True, args=["--no-sandbox"]
@@ -152,12 +153,19 @@ def test_browser_shows_top_level_layers(tmp_path):
             page.get_by_text("Root-level nodes stats").wait_for(timeout=60_000)
             page.screenshot(path=str(tmp_path / "view.png"))
             text = page.inner_text("body")
+            # the start page turned on the tensor-shape labels of the edges
+            edges = page.evaluate("localStorage.getItem('model_explorer_show_on_edge_item_v3')")
         finally:
             browser.close()
     # the top-level layers are the root-level groups of the drawn graph
     for layer in ("embeddings", "encoder", "pooler"):
         assert f"\n{layer}\t" in text or f"\t{layer}\t" in text, text[:2000]
-    assert "layer count" in text
+    # every layer path is a group, one-node layers included (the start page's setting)
+    spaces = {n.namespace for n in explorer.build_graph(g).nodes if n.namespace}
+    groups = {"/".join(s.split("/")[: i + 1]) for s in spaces for i in range(s.count("/") + 1)}
+    shown = re.search(r"layer count\s+(\d+)", text)
+    assert shown is not None and int(shown.group(1)) == len(groups) > 28, text[:500]
+    assert edges is not None and "Tensor shape" in edges
     assert (tmp_path / "view.png").stat().st_size > 10_000
 
 
@@ -170,7 +178,9 @@ def test_served_page_holds_graph_and_overlay(net):
     model, x, g = net
     report = interop.compare(model, g, (x,))
     url = g.view(report, open_browser=False)
-    base = url.split("/?", 1)[0]
+    base = url.split("/interop?", 1)[0]
+    with urllib.request.urlopen(f"{base}/interop", timeout=30) as r:  # the start page
+        assert "model_explorer_show_on_edge_item_v3" in r.read().decode()
     with urllib.request.urlopen(f"{base}/api/v1/load_graphs_json?graph_index=0", timeout=30) as r:
         payload = json.loads(r.read())
     graph = payload["graphs"][0]
