@@ -4,10 +4,10 @@ interop inspect model.onnx [--depth N]
 interop plot model.onnx -o model.svg [--depth N]
 interop run model.onnx --random [--dim batch=4] [--repeat 10] [--device cpu]
 interop convert SRC --to onnx|torch|keras|flax|<installed host> -o OUT [--optimize]
-interop compare reference.onnx candidate.onnx [--rtol R] [--atol A] [--dim batch=2] [--json]
+interop compare REF candidate.onnx [--rtol R] [--atol A] [--dim batch=2] [--json]
 interop view model.onnx [--compare reference.onnx] [--port P] [--no-browser]
 
-SRC is an .onnx file or a factory ``module:function`` (``path/to/file.py:function``
+SRC (and REF) is an .onnx file or a factory ``module:function`` (``path/to/file.py:function``
 works too) whose function takes no arguments and returns ``(model, example_inputs)``,
 the two arguments of `interop.trace`. `convert` documents the output formats.
 """
@@ -73,7 +73,11 @@ def _add_debug_parsers(commands: Any) -> None:
         "error of every layer both have, in topological order, and the first layer beyond "
         "tolerance. Exit status 1 when they differ.",
     )
-    compare.add_argument("reference", help="an .onnx file")
+    compare.add_argument(
+        "reference",
+        help="an .onnx file, or a factory module:function returning (model, example_inputs): "
+        "the model then runs in its own framework on those inputs",
+    )
     compare.add_argument("candidate", help="an .onnx file with the same inputs")
     compare.add_argument("--rtol", type=float, default=1e-4)
     compare.add_argument("--atol", type=float, default=1e-5)
@@ -115,9 +119,13 @@ def debug_command(args: argparse.Namespace) -> int:
     from .serialization import load
 
     if args.command == "compare":
-        reference, candidate = load(args.reference), load(args.candidate)
-        feeds = random_inputs(reference, _sizes(args.dim), args.seed)
-        report = compare(reference, candidate, feeds, rtol=args.rtol, atol=args.atol,
+        candidate = load(args.candidate)
+        if args.reference.endswith(".onnx") or ":" not in args.reference:
+            reference: Any = load(args.reference)
+            inputs: Any = random_inputs(reference, _sizes(args.dim), args.seed)
+        else:  # a factory: its model in its framework, on its example inputs
+            reference, inputs = load_factory(args.reference)
+        report = compare(reference, candidate, inputs, rtol=args.rtol, atol=args.atol,
                          device=args.device)  # fmt: skip
         print(json.dumps(report.to_dict(), indent=1) if args.json else report)
         return 0 if report.ok else 1

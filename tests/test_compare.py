@@ -225,3 +225,24 @@ def test_keras_and_flax_sources_against_other_frameworks():
     assert report.ok and [r.path for r in report.layers] == ["inp", "head", "<outputs>"], str(
         report
     )
+
+
+def test_cli_compare_factory_reference(tmp_path, capsys):
+    """`interop compare module:function file.onnx`: the factory's model runs in torch."""
+    from interop.cli import load_factory, main
+
+    factory = tmp_path / "factory_for_compare.py"
+    factory.write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(1)\n"
+        "    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),"
+        " torch.nn.Linear(6, 2)).eval()\n"
+        "    return model, (torch.randn(2, 4),)\n"
+    )
+    spec = f"{factory}:build"
+    model, inputs = load_factory(spec)
+    path = interop.trace(model, inputs).save(tmp_path / "seq.onnx")
+    assert main(["compare", spec, str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Sequential (torch) vs Graph" in out and "4 layers compared, OK" in out
