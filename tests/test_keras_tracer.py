@@ -321,3 +321,33 @@ def test_tensor_array_of_a_python_loop_is_lowered():
     assert graph.count_params() == model.count_params()
     for batch in (x, rng.rand(3, 5, 3).astype("float32")):
         np.testing.assert_allclose(graph.run(batch), np.asarray(model(batch)), rtol=1e-5)
+
+
+def test_flattened_rows_are_not_named_batch():
+    """A reshape to ``(-1, hidden)`` inside a layer (keras_hub Qwen3.5-MoE's router) has
+    batch * length rows: its unknown first axis must not be named the batch, or making the
+    batch static later declares the wrong size there and ONNX Runtime refuses the graph."""
+
+    class Route(layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.gate = layers.Dense(3, name="gate")
+
+        def call(self, x):
+            rows = ops.reshape(x, (-1, 4))
+            logits = self.gate(rows)
+            weights = ops.sum(ops.softmax(logits), -1, keepdims=True)
+            return ops.reshape(rows * weights, ops.shape(x)), logits
+
+    inputs = keras.Input((None, 4))
+    model = keras.Model(inputs, Route(name="route")(inputs))
+    rng = np.random.RandomState(0)
+    x = rng.rand(2, 5, 4).astype("float32")
+    graph = interop.trace(model, x)
+    nodes = list(graph.model.graph)
+    rows = [n.outputs[0].shape for n in nodes if n.op_type == "Reshape"][:-1]
+    rows += [n.outputs[0].shape for n in nodes if "gate" in (n.name or "")]  # a Dense on rows
+    assert len(rows) > 1 and all(s is None or s[0] != "batch" for s in rows), rows
+    for batch in (x, rng.rand(3, 2, 4).astype("float32")):
+        for got, expected in zip(graph.run(batch), model(batch), strict=True):
+            np.testing.assert_allclose(got, np.asarray(expected), rtol=1e-5, atol=1e-6)

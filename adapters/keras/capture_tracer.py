@@ -139,7 +139,7 @@ def _has_branches(model: Any) -> bool:
     """Whether a traced (graph, outputs)'s graph (ModelProto or ir.Model) has a top-level
     ``If``."""
     graph = model[0].graph
-    nodes = graph.node if hasattr(graph, "node") else graph
+    nodes = graph if isinstance(graph, ir.Graph) else graph.node
     return any(node.op_type == "If" for node in nodes)
 
 

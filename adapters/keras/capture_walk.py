@@ -209,10 +209,15 @@ class RecordedGraph:
 
 def _as_tensor(value: Any, spec: Any, operation: Any, first: Tensor | None) -> Tensor:
     """Attach the Keras shape/dtype of `spec`; propagate the input mask as Keras would."""
+    # a layer's unknown first axis is the batch where its first input's is (a Dense on
+    # flattened rows is not: keras_hub Qwen3.5-MoE's router)
+    layer = isinstance(operation, keras.layers.Layer) and (
+        first is None or _batch_named(first.value)
+    )
     if isinstance(value, Tensor):
-        _annotate(value.value, spec)
+        _annotate(value.value, spec, layer)
         return Tensor(value.value, tuple(spec.shape), str(spec.dtype), value.mask)
-    _annotate(value, spec)
+    _annotate(value, spec, layer)
     mask = None
     if (
         first is not None
@@ -228,12 +233,18 @@ def _as_tensor(value: Any, spec: Any, operation: Any, first: Tensor | None) -> T
     return Tensor(value, tuple(spec.shape), str(spec.dtype), mask)
 
 
-def _annotate(value: ir.Value, spec: Any) -> None:
+def _batch_named(value: ir.Value) -> bool:
+    shape = value.shape
+    return shape is not None and len(shape) > 0 and str(shape[0]) == "batch"
+
+
+def _annotate(value: ir.Value, spec: Any, layer: bool = True) -> None:
     """Give a layer's output value the shape and type Keras inferred (for summaries)."""
     if value.shape is None and not value.is_graph_input() and not value.is_initializer():
-        # a vector's one axis is as often a length as the batch (keras_hub Moonshine's
-        # positions, an arange of the sequence length): named only on rank 2 and up
-        batched = len(spec.shape) > 1
+        # an unknown first axis is named the batch on a layer's output of rank 2 and up
+        # only: a vector's one axis is as often a length (keras_hub Moonshine's positions),
+        # and an op's as often batch * length (a reshape to (-1, hidden): Qwen3.5-MoE)
+        batched = layer and len(spec.shape) > 1
         dims = [
             ("batch" if axis == 0 and batched else None) if d is None else int(d)
             for axis, d in enumerate(spec.shape)
