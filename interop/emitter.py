@@ -129,8 +129,8 @@ class Emitter(Interpreter):
     # ------------------------------------------------------------------ constants
     def constant(self, value: ir.Value) -> Any:
         kind = self.kind_of(value)
-        array = _array(value)
         if kind is None:  # a constant of the graph: folding may use it
+            array = _array(value)
             self.static[value] = array
             return self.static_handle(value, array)
         return self.weight_handle(value, kind)

@@ -348,6 +348,6 @@ def host_array(tensor: ir.TensorProtocol, *, copy: bool = True) -> np.ndarray:
 def is_mapped(array: Any) -> bool:
     """Whether `array` views a `host_array` mapping (already private to whoever holds it)."""
     base = array
-    while isinstance(base, np.ndarray):
-        base = base.base
+    while isinstance(base, np.ndarray | memoryview):
+        base = base.obj if isinstance(base, memoryview) else base.base
     return isinstance(base, mmap.mmap)

@@ -96,7 +96,7 @@ class TorchEmitter(Emitter):
         every layer that reads it as is (`register_layer`), so training moves it once for
         all, as the file means."""
         array = super().weight(value, relaid=relaid)
-        return None if array is None else torch_backend.asarray(array)
+        return None if array is None else _host_tensor(array)
 
     def source_name(self, value: ir.Value) -> str:
         """A layer is named after the names its node reads: the TorchScript exporter reads
@@ -176,7 +176,7 @@ class TorchEmitter(Emitter):
         if path in self._attribute_names or self._inside_native_layer(path):
             path = self._unique(path.replace(".", "_"))
         self._attribute_names.add(path)
-        tensor = torch_backend.asarray(array if is_mapped(array) else np.array(array))
+        tensor = _host_tensor(array if is_mapped(array) else np.array(array))
         if kind in (provenance.TRAINABLE, provenance.FROZEN) and tensor.is_floating_point():
             _set_path(
                 self.root, path, nn.Parameter(tensor, requires_grad=kind == provenance.TRAINABLE)
@@ -241,6 +241,14 @@ class TorchEmitter(Emitter):
     def _unique(self, base: str) -> str:
         self._counter += 1
         return f"{base}_{self._counter}" if base in self._attribute_names or not base else base
+
+
+def _host_tensor(array: np.ndarray) -> torch.Tensor:
+    """A weight array as a torch tensor sharing its memory (a mapped bfloat16 weight too,
+    through its bits: the backend's conversion would copy it)."""
+    if array.dtype.name == "bfloat16" and array.flags.writeable:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch_backend.asarray(array)
 
 
 def _as_is(tensor: torch.Tensor, value: ir.Value) -> bool:
