@@ -523,3 +523,25 @@ def test_vision_transformer_captures_and_emits_to_torch():
     with torch.no_grad():
         got = module(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, g.run(x), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.slow  # Keras (TensorFlow) emission of three models
+def test_example_style_models_emit_to_torch_keras_and_flax():
+    torch = pytest.importorskip("torch")
+    cases = [(CNN(nnx.Rngs(0)), f32(3, 16, 16, 3)), (ViT(nnx.Rngs(0)), f32(3, 16, 16, 3)),
+             (MoE(), f32(3, 5, 8))]  # fmt: skip
+    for model, x in cases:
+        model.eval()  # the capture is the inference computation (BatchNorm averages, no dropout)
+        g = interop.trace(model, x[:2])
+        want = [np.asarray(a) for a in jax.tree.leaves(nnx.jit(lambda m, v: m(v))(model, x))]
+        with torch.no_grad():
+            emitted = {"torch": interop.to_torch(g)(torch.from_numpy(x))}
+        emitted["keras"] = interop.to_keras(g)(x)
+        emitted["flax"] = interop.to_flax(g)(x)
+        for name, got in emitted.items():
+            got = [np.asarray(a) for a in (got if isinstance(got, list | tuple) else [got])]
+            assert len(got) == len(want), (type(model).__name__, name)
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_allclose(
+                    a, b, 1e-4, 1e-4, err_msg=f"{type(model).__name__} to_{name}"
+                )
