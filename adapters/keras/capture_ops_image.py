@@ -12,6 +12,7 @@ coordinate mode of ``tf.image.resize`` (half-pixel centres), and ``affine_transf
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ import onnx_ir as ir
 
 from interop.errors import UnsupportedOpError
 
-from . import register_layer, register_op
+from . import capture_ops_sampling, register_layer, register_op
 from .capture_conv import padding_attrs
 from .capture_lowering import Builder, Tensor
 from .capture_ops import value
@@ -31,13 +32,27 @@ def _unsupported(op: Any, detail: str) -> UnsupportedOpError:
     )
 
 
-def _image(op: Any, x: Any) -> Tensor:
-    """Check the image is a rank-4 channels_last Tensor with static height/width/channels."""
-    if getattr(op, "data_format", "channels_last") != "channels_last":
-        raise _unsupported(op, "only data_format='channels_last' is converted")
-    if not isinstance(x, Tensor) or x.rank != 4 or any(d is None for d in x.shape[1:]):
-        raise _unsupported(op, "only batched images (batch, h, w, c) with static h, w, c")
-    return x
+def _image(b: Builder, op: Any, x: Any) -> tuple[Tensor, Callable[[ir.Value], ir.Value]]:
+    """The images as a batched channels_last Tensor with static height, width and
+    channels, and the function that gives a result of that layout the op's own (an
+    unbatched ``(h, w, c)`` image is a batch of one; channels_first is transposed)."""
+    first = getattr(op, "data_format", "channels_last") == "channels_first"
+    if not isinstance(x, Tensor) or x.rank not in (3, 4):
+        raise _unsupported(op, "only images of rank 3 (one image) or 4 (a batch)")
+    v, shape, single = x.value, tuple(x.shape), x.rank == 3
+    if single:
+        v, shape = b.op("Unsqueeze", [v, b.ints([0])]), (1, *shape)
+    if first:
+        v, shape = b.transpose(v, [0, 2, 3, 1]), (shape[0], shape[2], shape[3], shape[1])
+    if any(d is None for d in shape[1:]):
+        raise _unsupported(op, "only images with a static height, width and channel count")
+
+    def back(y: ir.Value) -> ir.Value:
+        if first:
+            y = b.transpose(y, [0, 3, 1, 2])
+        return b.op("Squeeze", [y, b.ints([0])]) if single else y
+
+    return Tensor(v, shape, x.dtype), back
 
 
 def _pair(v: Any) -> list[int]:
@@ -46,7 +61,7 @@ def _pair(v: Any) -> list[int]:
 
 @register_op("ExtractPatches")
 def import_extract_patches(b: Builder, op: Any, images: Any) -> ir.Value:
-    x = _image(op, images)
+    x, back = _image(b, op, images)
     if op.is_3d:
         raise _unsupported(op, "3D patches are not converted")
     (ph, pw), strides = _pair(op.size), _pair(op.strides or op.size)
@@ -62,21 +77,21 @@ def import_extract_patches(b: Builder, op: Any, images: Any) -> ir.Value:
         **padding_attrs(x, str(op.padding).lower(), [ph, pw], strides, dilation),
     }
     y = b.op("Conv", [b.to_channels_first(x.value, 4), weight], attrs)
-    return b.to_channels_last(y, 4)
+    return back(b.to_channels_last(y, 4))
 
 
 @register_op("RGBToGrayscale")
 def import_rgb_to_grayscale(b: Builder, op: Any, images: Any) -> ir.Value:
-    x = _image(op, images)
+    x, back = _image(b, op, images)
     if x.shape[-1] != 3 or x.dtype not in ("float32", "float64", "float16"):
         raise _unsupported(op, "only float images with 3 channels are converted")
     weights = b.const(np.asarray([[0.2989], [0.5870], [0.1140]], dtype=np.dtype(x.dtype)))
-    return b.op("MatMul", [x.value, weights])
+    return back(b.op("MatMul", [x.value, weights]))
 
 
 @register_op("CropImages")
 def import_crop_images(b: Builder, op: Any, images: Any) -> ir.Value:
-    x = _image(op, images)
+    x, back = _image(b, op, images)
     height, width = x.shape[1], x.shape[2]
     top, bottom = op.top_cropping, op.bottom_cropping
     left, right = op.left_cropping, op.right_cropping
@@ -93,14 +108,13 @@ def import_crop_images(b: Builder, op: Any, images: Any) -> ir.Value:
     top, left, th, tw = int(top), int(left), int(th), int(tw)
     if min(top, left) < 0 or th <= 0 or tw <= 0 or top + th > height or left + tw > width:
         raise _unsupported(op, "the crop does not fit the image")
-    return b.op(
-        "Slice", [x.value, b.ints([top, left]), b.ints([top + th, left + tw]), b.ints([1, 2])]
-    )
+    ends = b.ints([top + th, left + tw])
+    return back(b.op("Slice", [x.value, b.ints([top, left]), ends, b.ints([1, 2])]))
 
 
 @register_op("PadImages")
 def import_pad_images(b: Builder, op: Any, images: Any) -> ir.Value:
-    x = _image(op, images)
+    x, back = _image(b, op, images)
     height, width = x.shape[1], x.shape[2]
     top, bottom = op.top_padding, op.bottom_padding
     left, right = op.left_padding, op.right_padding
@@ -119,7 +133,7 @@ def import_pad_images(b: Builder, op: Any, images: Any) -> ir.Value:
         raise _unsupported(op, "negative padding")
     top, left, bottom, right = pads
     zero = value(b, 0.0, x.dtype)
-    return b.op("Pad", [x.value, b.ints([0, top, left, 0, 0, bottom, right, 0]), zero])
+    return back(b.op("Pad", [x.value, b.ints([0, top, left, 0, 0, bottom, right, 0]), zero]))
 
 
 _RESIZE = {
@@ -136,7 +150,7 @@ _RESIZE = {
 
 @register_op("Resize")
 def import_resize(b: Builder, op: Any, images: Any) -> ir.Value:
-    x = _image(op, images)
+    x, back = _image(b, op, images)
     if op.interpolation not in _RESIZE:
         raise _unsupported(op, f"interpolation={op.interpolation!r} is not converted")
     if op.antialias or op.crop_to_aspect_ratio or op.pad_to_aspect_ratio:
@@ -151,7 +165,7 @@ def import_resize(b: Builder, op: Any, images: Any) -> ir.Value:
     batch = b.op("Slice", [shape, b.ints([0]), b.ints([1])])
     channels = b.op("Slice", [shape, b.ints([3]), b.ints([4])])
     sizes = b.op("Concat", [batch, b.ints([height, width]), channels], {"axis": 0})
-    return b.op("Resize", [x.value, None, None, sizes], dict(_RESIZE[op.interpolation]))
+    return back(b.op("Resize", [x.value, None, None, sizes], dict(_RESIZE[op.interpolation])))
 
 
 @register_layer("Resizing")
@@ -170,21 +184,21 @@ def import_resizing(b: Builder, layer: Any, images: Any, **_: Any) -> ir.Value:
 
 @register_op("AffineTransform")
 def import_affine_transform(b: Builder, op: Any, images: Any, transform: Any) -> ir.Value:
-    """ImageProjectiveTransformV3 (bilinear, constant fill) as GridSample.
+    """ImageProjectiveTransformV3 on the pixel coordinates of each output pixel.
 
     Output pixel (x, y) reads the input at ((a0 x + a1 y + a2) / k, (a3 x + a4 y + a5) / k),
-    k = a6 x + a7 y + 1, in pixel units; GridSample with ``align_corners=1`` and zero
-    padding reads the same points, and a non-zero fill value is added where the
-    interpolation weights fall outside the image.
+    k = a6 x + a7 y + 1, in pixel units. Bilinear with a constant fill is GridSample
+    (``align_corners=1``, zero padding, a non-zero fill added where the interpolation
+    weights fall outside the image); nearest and the other fill modes gather the
+    neighbours (capture_ops_sampling.py) with the backend's rules: TensorFlow maps the
+    coordinate into the image first, JAX / torch map each neighbour's index.
     """
-    x = _image(op, images)
-    if op.interpolation != "bilinear" or op.fill_mode != "constant":
-        raise _unsupported(op, "only interpolation='bilinear' with fill_mode='constant'")
+    x, back = _image(b, op, images)
+    if op.interpolation not in ("bilinear", "nearest"):
+        raise _unsupported(op, f"interpolation={op.interpolation!r} is not converted")
     if x.dtype != "float32":
         raise _unsupported(op, "only float32 images are converted")
     height, width = int(x.shape[1]), int(x.shape[2])
-    if height < 2 or width < 2:
-        raise _unsupported(op, "images of height or width 1")
     t = value(b, transform)
     t = b.op("Reshape", [b.op("Cast", [t], {"to": ir.DataType.FLOAT}), b.ints([-1, 8])])
     ys, xs = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
@@ -196,16 +210,26 @@ def import_affine_transform(b: Builder, op: Any, images: Any, transform: Any) ->
                             b.ints([-1, 1, 2])])  # fmt: skip
     k = b.op("Add", [b.op("MatMul", [proj, b.const(points[:2])]), b.const(np.float32(1.0))])
     coords = b.op("Div", [num, k])
+    # One transform (shape (8,) or (1, 8)) applies to every image, as in TensorFlow.
+    batch = b.op("Slice", [b.op("Shape", [x.value]), b.ints([0]), b.ints([1])])
+    coords = b.op("Expand", [coords, b.op("Concat", [batch, b.ints([2, height * width])], {"axis": 0})])  # fmt: skip
+    if op.interpolation == "bilinear" and op.fill_mode == "constant" and min(height, width) > 1:
+        return back(_grid_sample(b, x, coords, batch, float(op.fill_value)))
+    try:
+        y = capture_ops_sampling.affine_gather(b, x, coords, op.interpolation, op.fill_mode, float(op.fill_value))
+    except ValueError as err:
+        raise _unsupported(op, str(err)) from None
+    return back(y)
+
+
+def _grid_sample(b: Builder, x: Tensor, coords: ir.Value, batch: ir.Value, fill: float) -> ir.Value:
+    height, width = int(x.shape[1]), int(x.shape[2])
     # Pixel -> [-1, 1] with align_corners=1: 2 * p / (size - 1) - 1.
     scale = b.const(np.asarray([[2.0 / (width - 1)], [2.0 / (height - 1)]], dtype=np.float32))
     grid = b.op("Sub", [b.op("Mul", [coords, scale]), b.const(np.float32(1.0))])
     grid = b.op("Reshape", [b.transpose(grid, [0, 2, 1]), b.ints([-1, height, width, 2])])
-    # One transform (shape (8,) or (1, 8)) applies to every image, as in TensorFlow.
-    batch = b.op("Slice", [b.op("Shape", [x.value]), b.ints([0]), b.ints([1])])
-    grid = b.op("Expand", [grid, b.op("Concat", [batch, b.ints([height, width, 2])], {"axis": 0})])
     attrs = {"mode": "bilinear", "padding_mode": "zeros", "align_corners": 1}
     y = b.op("GridSample", [b.to_channels_first(x.value, 4), grid], attrs)
-    fill = float(op.fill_value)
     if fill != 0.0:
         ones = b.op("Expand", [b.const(np.ones((1, 1, height, width), np.float32)),
                                b.op("Concat", [batch, b.ints([1, height, width])], {"axis": 0})])  # fmt: skip
