@@ -183,7 +183,7 @@ def trace_module(
     next(steps, None)
     graph = Graph(model)
     return capture_dim_check.checked(
-        graph, module, bound, signature, dims, fixed, check_dims=check_dims
+        graph, module, bound, signature, dims, fixed, flatten_module_outputs, check_dims=check_dims
     )
 
 

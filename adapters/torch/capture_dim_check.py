@@ -18,7 +18,7 @@ import inspect
 import os
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -121,24 +121,26 @@ def checked(
     signature: inspect.Signature,
     dims: dict[str, dict[int, str]],
     fixed: dict[str, Any],
+    flatten: Callable[[Any], list[tuple[str, Any]]],
     *,
     check_dims: bool = True,
 ) -> Graph:
     """The graph after `interop.dim_check` ran it at a second size of each dynamic dim;
     a warning for each dim `export` had to leave static."""
-    from .capture import _eval_mode, _map_arguments, _tensor_leaves, flatten_module_outputs
-
     source = f"torch module {type(module).__name__}"
     if fixed:
         graph = _made_static(graph, dims, fixed, source)
     if not check_dims:
         return graph
 
-    feeds = {
-        name: value.detach().cpu().numpy()
-        for name, value in _tensor_leaves(bound, signature)
-        if isinstance(value, torch.Tensor)
-    }
+    feeds: dict[str, np.ndarray] = {}
+
+    def record(name: str, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            feeds[name] = value.detach().cpu().numpy()
+        return value
+
+    _map_arguments(bound, signature, record)
 
     def run_source(named: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
         def leaf(name: str, value: Any) -> Any:
@@ -147,11 +149,42 @@ def checked(
             return value
 
         call = inspect.BoundArguments(signature, _map_arguments(bound, signature, leaf))
-        with _eval_mode(module), torch.no_grad():
-            outputs = module(*call.args, **call.kwargs)
-        return [(n, t.detach().cpu().numpy()) for n, t in flatten_module_outputs(outputs)]
+        modes = [(m, m.training) for m in module.modules()]
+        module.eval()
+        try:
+            with torch.no_grad():
+                outputs = module(*call.args, **call.kwargs)
+        finally:
+            for m, training in modes:
+                m.training = training
+        return [(n, t.detach().cpu().numpy()) for n, t in flatten(outputs)]
 
     return dim_check.check_dims(graph, run_source, feeds, source=source, stacklevel=6)
+
+
+def _map_leaves(name: str, value: Any, fn: Callable[[str, Any], Any]) -> Any:
+    """The structure with each leaf replaced by ``fn(leaf name, leaf)``, leaves named as
+    torch.onnx names graph inputs (``batch_x``), as capture.py does."""
+    if isinstance(value, Mapping):
+        return {k: _map_leaves(f"{name}_{k}", v, fn) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_map_leaves(f"{name}_{i}", v, fn) for i, v in enumerate(value))
+    return fn(name, value)
+
+
+def _map_arguments(
+    bound: inspect.BoundArguments, signature: inspect.Signature, fn: Callable[[str, Any], Any]
+) -> dict[str, Any]:
+    mapped: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            mapped[name] = tuple(_map_leaves(f"{name}_{i}", v, fn) for i, v in enumerate(value))
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            mapped[name] = {k: _map_leaves(k, v, fn) for k, v in value.items()}
+        else:
+            mapped[name] = _map_leaves(name, value, fn)
+    return mapped
 
 
 def _made_static(
