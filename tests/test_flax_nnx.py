@@ -410,7 +410,10 @@ def test_trace_rejects_model_that_fixes_the_batch_size():
             return x * 2 if x.shape[0] >= 2 else x  # Python branching on the batch size
 
     with pytest.raises(interop.errors.TraceError, match="dynamic_batch=False"):
-        interop.trace(Fixed(), f32(2, 3, 4))
+        interop.trace(Fixed(), f32(2, 3, 4), check_dims=False)
+    # with the dim check (the default) the batch is static, with a warning (issue 22)
+    with pytest.warns(UserWarning, match="'batch' does not hold"):
+        assert interop.trace(Fixed(), f32(2, 3, 4)).inputs[0].shape == (2, 3, 4)
     g = interop.trace(Fixed(), f32(2, 3, 4), dynamic_batch=False)
     assert g.inputs[0].shape == (2, 3, 4)
     np.testing.assert_array_equal(g.run(np.ones((2, 3, 4), np.float32)), np.full((2, 3, 4), 2.0))
