@@ -183,6 +183,8 @@ def _splice(
             bound[init] = b.const(const.numpy())
         del graph.initializers[name]
     nodes = list(graph)
+    if model.opset_imports.get("", OPSET) > OPSET:
+        _dft_axis_as_attribute(nodes)
     graph.remove(nodes, safe=False)
     for value, feed in bound.items():
         value.replace_all_uses_with(feed)
@@ -198,6 +200,22 @@ def _splice(
             out.shape = None  # inferred again: the tracer's dim names (unk__N) would clash
         b.nodes.append(node)
     return [bound.get(v, v) for v in outputs]
+
+
+def _dft_axis_as_attribute(nodes: list[ir.Node]) -> None:
+    """DFT-20's constant axis input back to DFT-17's attribute: the torch capture writes
+    opset 20 (keras_hub FNet's FFTs on torch), the Keras graph is opset `OPSET`."""
+    for node in nodes:
+        if node.op_type != "DFT" or len(node.inputs) < 3 or node.inputs[2] is None:
+            continue
+        axis = node.inputs[2].const_value
+        producer = node.inputs[2].producer()
+        if axis is None and producer is not None and producer.op_type == "Constant":
+            axis = producer.attributes["value"].as_tensor()
+        if axis is None:
+            raise ValueError("a DFT with a computed axis cannot be written at opset 18")
+        node.attributes["axis"] = ir.AttrInt64("axis", int(np.asarray(axis.numpy()).item()))
+        node.resize_inputs(2)
 
 
 def _place(nodes: list[ir.Node], path: str, scopes: Callable[[str], str]) -> dict[ir.Node, str]:
