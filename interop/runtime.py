@@ -2,11 +2,12 @@
 
 The session runs an inference-optimized copy of the graph (`interop.optimize`: constant
 folding, BatchNormalization into Conv, transformer fusions), built once per graph and
-cached with the sessions; the graph itself stays as captured. The copy is rebuilt when
-the graph's structure changes (nodes, initializers, inputs or outputs added, removed or
-replaced). Weights given by name at run time (`weight_inputs`) run on the graph as
-captured, whose weights are still inputs; so do graphs with over 2 GB of weights (the
-optimizer would read every weight). ``INTEROP_OPTIMIZE=0`` in the environment runs
+cached with the sessions; the graph itself stays as captured. Both are rebuilt when the
+graph changes: a node, input, attribute, initializer or weight tensor added, removed or
+replaced (`interop.runtime_cache` has the rule; writing into a weight's array in place
+is not seen: call `refresh`). Weights given by name at run time (`weight_inputs`) run
+on the graph as captured, whose weights are still inputs; so do graphs with over 2 GB
+of weights (the optimizer would read every weight). ``INTEROP_OPTIMIZE=0`` in the environment runs
 every graph as captured.
 
 Inputs are checked against the signature first (rank, static dims, dtype family), so a
@@ -29,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import DeviceError, InteropError, ModelLoadError, ShapeError
+from .runtime_cache import current
+from .runtime_cache import refresh as refresh  # public: interop.runtime.refresh(g)
 
 if TYPE_CHECKING:
     from .graph import Graph
@@ -73,33 +76,10 @@ def optimizing() -> bool:
     return os.environ.get("INTEROP_OPTIMIZE", "1").strip().lower() not in ("0", "false", "no")
 
 
-def _fingerprint(graph: Graph) -> tuple[int, ...]:
-    """What changes when the graph's structure does; O(1), checked on every run."""
-    model = graph.model
-    body = model.graph
-    nodes = len(body)
-    ends = (id(next(iter(body))), id(next(reversed(body)))) if nodes else (0, 0)
-    return (
-        id(model),
-        id(body),
-        nodes,
-        *ends,
-        len(body.initializers),
-        *map(id, body.inputs),
-        *map(id, body.outputs),
-    )
-
-
 def _current(graph: Graph) -> None:
-    """Drop the cached sessions and optimized copy if the graph changed since they were built."""
-    key = _fingerprint(graph)
-    if graph._runtime_key == key:
-        return
-    with graph._lock:
-        if graph._runtime_key != key:
-            graph._sessions.clear()
-            graph._optimized = None
-            graph._runtime_key = key
+    """Drop the cached sessions and optimized copy if the graph changed since they were built
+    (the rule: `interop.runtime_cache`)."""
+    current(graph)
 
 
 def session_for(graph: Graph, device: str, *, overrides: bool = False) -> Any:

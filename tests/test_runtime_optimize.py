@@ -102,6 +102,63 @@ def test_optimized_copy_is_built_once_and_rebuilt_after_a_change(resnet):
     assert graph._optimized is not copy
 
 
+def _edited_matches_fresh_session(graph, x) -> None:
+    """Graph.run after an edit == a fresh ONNX Runtime session of the edited model."""
+    np.testing.assert_allclose(graph.run(x), faithful(graph, {graph.inputs[0].name: x})[0], **TOL)
+
+
+def test_weight_replaced_in_place_rebuilds_the_copy(resnet):
+    import onnx_ir as ir
+
+    _, graph = resnet
+    graph = graph.clone()
+    x = np.random.default_rng(3).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    before = graph.run(x)
+    copy = graph._optimized
+    # a BatchNorm scale: the optimized copy folded it into its Conv's kernel
+    scale = next(
+        node.inputs[1] for node in graph.model.graph if node.op_type == "BatchNormalization"
+    )
+    assert scale.is_initializer()
+    scale.const_value = ir.tensor(scale.const_value.numpy() * 3.0, name=scale.name)
+    after = graph.run(x)
+    assert graph._optimized is not copy and not np.allclose(after, before, atol=1e-3)
+    _edited_matches_fresh_session(graph, x)
+    # in place in the initializer table: a Conv kernel replaced by the same name
+    kernel = next(node.inputs[1] for node in graph.model.graph if node.op_type == "Conv")
+    kernel.const_value = ir.tensor(-kernel.const_value.numpy(), name=kernel.name)
+    assert not np.allclose(graph.run(x), after, atol=1e-3)
+    _edited_matches_fresh_session(graph, x)
+    # writing into a weight's array is not seen by the key (documented): refresh()
+    kernel.const_value.numpy()[...] = 0.5
+    interop.runtime.refresh(graph)
+    _edited_matches_fresh_session(graph, x)
+
+
+def test_attribute_and_rewiring_edits_rebuild_the_session():
+    import onnx_ir as ir
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Linear(8, 8), torch.nn.LeakyReLU(0.1), torch.nn.Linear(8, 4), torch.nn.Tanh()
+    ).eval()
+    graph = interop.trace(module, (torch.randn(2, 8),))
+    x = np.random.default_rng(4).standard_normal((3, 8)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(graph.run(x), module(torch.from_numpy(x)).numpy(), **TOL)
+    leaky = next(node for node in graph.model.graph if node.op_type == "LeakyRelu")
+    leaky.attributes["alpha"] = ir.AttrFloat32("alpha", 0.7)  # an attribute replaced
+    module[1].negative_slope = 0.7
+    with torch.no_grad():
+        np.testing.assert_allclose(graph.run(x), module(torch.from_numpy(x)).numpy(), **TOL)
+    _edited_matches_fresh_session(graph, x)
+    # a node in the middle rewired (same node count, same first and last node)
+    tanh = next(node for node in graph.model.graph if node.op_type == "Tanh")
+    tanh.replace_input_with(0, leaky.inputs[0])  # skip LeakyRelu and the second Linear
+    assert graph.run(x).shape == (3, 8)
+    _edited_matches_fresh_session(graph, x)
+
+
 def test_save_optimize_writes_the_optimized_copy(resnet, tmp_path):
     _, graph = resnet
     x = np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)
