@@ -236,9 +236,17 @@ def main() -> None:
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
     parser.add_argument("--f32-preset", default=None, choices=sorted(PRESETS))
     parser.add_argument("--keep", help="work folder (default: the system's temp folder)")
+    parser.add_argument(
+        "--stages",
+        default="trace,torch,flax",
+        help="of the main preset: trace, torch, flax (to_flax holds ~2x the weights: leave it "
+        "out where that does not fit)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print, do not write the doc")
     args = parser.parse_args()
-    stages = [s for s in STAGES if not s.startswith("bare")]
+    keys = {"trace": "trace + save", "torch": "load + to_torch", "flax": "load + to_flax"}
+    wanted = [keys[k.strip()] for k in args.stages.split(",")]
+    stages = [s for s in STAGES if any(s.startswith(w) for w in wanted)]
     rows, extra = measure(args.preset, "bfloat16", stages, args.keep)
     notes = [
         f"{args.preset} bfloat16: {extra['weights'] / 1e9:.2f} GB of weights "

@@ -114,6 +114,23 @@ def test_emitted_torch_module_maps_the_weights(checkpoint, traced):
     np.testing.assert_array_equal(before, after)
 
 
+def test_run_reads_weights_from_the_checkpoint_folder(checkpoint, traced, monkeypatch):
+    """Over 2 GB (here: a lowered limit), ONNX Runtime is given the shards' folder and reads
+    the weights itself; the graph keeps its lazy tensors."""
+    from interop import runtime, serialization
+
+    eager, folder = checkpoint
+    graph = interop.Graph(traced.model)  # its own sessions
+    monkeypatch.setattr(serialization, "PROTO_LIMIT", 1024)
+    assert runtime._external_folder(graph.model) == str(folder)
+    np.testing.assert_allclose(graph.run(IDS.numpy()), _logits(eager), atol=1e-5)
+    assert all(
+        isinstance(v.const_value, ir.ExternalTensor)
+        for v in graph.model.graph.initializers.values()
+        if v.name != "model.rotary_emb.inv_freq"
+    )
+
+
 def test_sharded_checkpoint_is_referenced_not_read(checkpoint, traced, tmp_path):
     eager, folder = checkpoint
     inits = traced.model.graph.initializers

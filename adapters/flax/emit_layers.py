@@ -28,6 +28,7 @@ from interop.emitter import (
     optional_weight,
     output_read,
 )
+from interop.weights import is_mapped
 
 from . import EMIT_LAYERS
 
@@ -39,6 +40,13 @@ def _assemble(cls: type, arrays: dict[str, np.ndarray], **config: Any) -> Any:
     """``cls(**config)`` holding ``arrays`` as its variables, without its constructor per layer."""
     key = repr((cls.__qualname__, sorted(config.items())))
     return assemble(key, lambda: cls(**config, rngs=nnx.Rngs(0)), arrays)
+
+
+def owned(array: np.ndarray) -> np.ndarray:
+    """A weight mapped from disk (`interop.weights.host_array`) copied into memory: JAX would
+    alias the map and copy it on first use anyway, holding both; the copy made here lets the
+    map go with the array, one tensor at a time."""
+    return np.array(array) if is_mapped(array) else array
 
 
 def assemble(key: str, factory: Callable[[], Any], arrays: dict[str, np.ndarray]) -> Any:
@@ -65,7 +73,7 @@ def assemble(key: str, factory: Callable[[], Any], arrays: dict[str, np.ndarray]
         parent = nested
         for part in path[:-1]:
             parent = parent.setdefault(part, {})
-        parent[path[-1]] = jax.device_put(array)
+        parent[path[-1]] = jax.device_put(owned(array))
     nnx.replace_by_pure_dict(state, nested)
     return nnx.merge(graphdef, state)
 

@@ -33,6 +33,7 @@ from interop.normalize import DEFAULT_DOMAINS
 from . import EMIT_LAYERS, emit_layers, emit_recurrent  # noqa: F401  (register the builders)
 from .backend import jax_backend
 from .emit_control import control_function
+from .emit_layers import owned
 from .emit_program import SLOT, STATIC, VARIABLE, FlaxModule, Frozen, Program, lookup, set_path
 
 __all__ = ["FlaxEmitter", "FlaxModule", "Frozen", "Program", "to_flax_module"]
@@ -155,7 +156,7 @@ class FlaxEmitter(Emitter):
     def variable(self, value: ir.Value) -> str:
         cls = self.variable_class(value)
         path = self.unique_path(attribute_path(value.name) if value.name else "_weight")
-        set_path(self.module, path, cls(jax.device_put(self.weight_array(value))))
+        set_path(self.module, path, cls(jax.device_put(owned(self.weight_array(value)))))
         self.module.source_names[path] = value.name
         return path
 
