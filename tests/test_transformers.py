@@ -95,3 +95,27 @@ def test_gpt2_tied_embeddings_count_once():
     graph = interop.trace(model, (_ids(2, 6),), dynamic_dims={"input_ids": {1: "seq"}})
     assert graph.count_params() == sum(p.numel() for p in model.parameters())
     assert interop.verify(model, graph, (_ids(1, 9, seed=3),)).ok
+
+
+# a sample of tools/sweep_hf_torch.py (the full sweep: docs/capture-torch.md), one model of
+# each kind the fallback matters for: an MoE through the experts rewrite, an MoE with
+# complex rotary embeddings, an encoder-decoder with a dynamic decoder length
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["Qwen3-MoE", "DeepSeek-V2", "T5"])
+def test_sweep_sample(name):
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
+    try:
+        import sweep_hf_torch
+    finally:
+        sys.path.pop(0)
+    result = sweep_hf_torch.run_one(name)
+    assert result["capture"], result.get("capture_error")
+    assert result["numerics"], result.get("numerics_error")  # two batches and lengths
+    assert result["layer_tree"] and result["layers"] > 10, result
+    assert result["flax"], result.get("flax_error")
+    assert result["keras"], result.get("keras_error")
+    if name != "T5":  # MoE: the plain torch.onnx export fails where the rewrites succeed
+        assert "rewrites" in result["path"] and not result["onnx_capture"]

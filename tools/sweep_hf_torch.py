@@ -218,6 +218,14 @@ CASES: dict[str, tuple] = {
     "GLM-4-MoE": ("moe", "Glm4MoeConfig", "Glm4MoeForCausalLM", {**DEC, **MOE}, text),
     "dots1": ("moe", "Dots1Config", "Dots1ForCausalLM", {**DEC, **MOE}, text),
     "FlexOlmo": ("moe", "FlexOlmoConfig", "FlexOlmoForCausalLM", {**DEC, **MOE}, text),
+    "Llama4": (
+        "moe",
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        {**DEC, **MOE, "intermediate_size_mlp": 48, "interleave_moe_layer_step": 1,
+         "attention_chunk_size": 64, "num_key_value_heads": 4},
+        text,
+    ),  # fmt: skip
     "DBRX": (
         "moe",
         "DbrxConfig",
@@ -809,7 +817,9 @@ def _line(r):
 
 
 def table(results):
-    """Per-family counts, then one row per model (markdown)."""
+    """Per-family counts, then one row per model (markdown); a model run twice counts once,
+    its last result."""
+    results = list({r["name"]: r for r in results}.values())
     families = list(dict.fromkeys(r["family"] for r in results))
     keys = ("capture", "numerics", "layer_tree", "flax", "keras", "onnx_capture", "onnx_numerics")
     rows = ["| family | models | interop capture | interop numerics (2 inputs) | layer tree "

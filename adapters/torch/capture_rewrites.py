@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,6 +47,9 @@ class Rewrite:
     matches: Callable[[Any], bool]
     forward: Callable[..., Any]
     upfront: bool = False  # applied on the first attempt: the plain capture is known to fail
+    # (module name, attribute, replacement): module-level functions replaced as well while
+    # the rewrite is applied (the callers of a rewritten layer's new output format)
+    patches: tuple[tuple[str, str, Any], ...] = ()
 
 
 REWRITES: Registry[Rewrite] = Registry("import", adapter="torch rewrites")
@@ -57,6 +61,7 @@ def register_rewrite(
     *,
     matches: Callable[[Any], bool],
     upfront: bool = False,
+    patches: tuple[tuple[str, str, Any], ...] = (),
     replace: bool = False,
 ) -> Any:
     """Register ``forward(module, *args, **kwargs)`` for submodules where ``matches(module)``.
@@ -69,7 +74,7 @@ def register_rewrite(
     """
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
-        REWRITES.register(name, Rewrite(name, matches, fn, upfront), replace=replace)
+        REWRITES.register(name, Rewrite(name, matches, fn, upfront, patches), replace=replace)
         return fn
 
     return decorator(forward) if forward is not None else decorator
@@ -99,10 +104,15 @@ def rewritten(module: Any, upfront: bool = False) -> Iterator[dict[str, list[str
     applied = matching(module, upfront)
     subs = dict(module.named_modules())
     patched: list[tuple[Any, bool, Any]] = []
+    replaced: list[tuple[Any, str, Any]] = []
     try:
         for name, paths in applied.items():
             rewrite = REWRITES.get(name)
             assert rewrite is not None
+            for module_name, attribute, replacement in rewrite.patches:
+                owner = importlib.import_module(module_name)
+                replaced.append((owner, attribute, getattr(owner, attribute)))
+                setattr(owner, attribute, replacement)
             for path in paths:
                 sub = subs[path]
                 own = "forward" in sub.__dict__
@@ -111,6 +121,8 @@ def rewritten(module: Any, upfront: bool = False) -> Iterator[dict[str, list[str
                 sub.forward = functools.wraps(rewrite.forward)(bound)
         yield applied
     finally:
+        for owner, attribute, original in reversed(replaced):
+            setattr(owner, attribute, original)
         for sub, own, original in reversed(patched):
             if own:
                 sub.forward = original
@@ -176,4 +188,56 @@ def _dbrx_gathered_experts(
 
 register_rewrite(
     "transformers-dbrx-experts-gathered", _dbrx_gathered_experts, matches=_is_dbrx_experts
+)
+
+
+# Complex rotary embeddings (torch.polar, view_as_complex): torch.onnx has no complex
+# dtype. The rotary layer returns (cos, sin) in a trailing axis of 2 instead, and the
+# function that applies it multiplies the pairs out, the same arithmetic as the complex
+# product; indexing such as ``freqs[:, :, None, :]`` keeps the trailing axis.
+def _is_complex_rotary(module: Any) -> bool:
+    cls = type(module)
+    return cls.__name__ in _COMPLEX_ROTARY and cls.__module__ == _COMPLEX_ROTARY[cls.__name__]
+
+
+def _real_rotary(module: Any, x: Any, position_ids: Any) -> Any:
+    import torch
+
+    inv_freq = module.inv_freq.to(device=x.device, dtype=torch.float)
+    freqs = position_ids[..., None].float() * inv_freq
+    return torch.stack([freqs.cos(), freqs.sin()], -1) * module.attention_scaling
+
+
+def _rotate_pairs(x: Any, freqs: Any) -> Any:
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    c, d = freqs[..., 0], freqs[..., 1]
+    import torch
+
+    return torch.stack([a * c - b * d, a * d + b * c], -1).flatten(3)
+
+
+def _deepseek_v2_apply(xq: Any, xk: Any, freqs_cis: Any) -> tuple[Any, Any]:
+    freqs = freqs_cis.unsqueeze(1).to(xq.device)
+    return _rotate_pairs(xq, freqs).type_as(xq), _rotate_pairs(xk, freqs).type_as(xk)
+
+
+def _llama4_apply(xq: Any, xk: Any, freqs_cis: Any) -> tuple[Any, Any]:
+    freqs = freqs_cis[:, :, None, :]
+    return _rotate_pairs(xq, freqs).type_as(xq), _rotate_pairs(xk, freqs).type_as(xk)
+
+
+_COMPLEX_ROTARY = {
+    "DeepseekV2RotaryEmbedding": "transformers.models.deepseek_v2.modeling_deepseek_v2",
+    "Llama4TextRotaryEmbedding": "transformers.models.llama4.modeling_llama4",
+}
+register_rewrite(
+    "transformers-complex-rotary-as-pairs",
+    _real_rotary,
+    matches=_is_complex_rotary,
+    upfront=True,  # torch.onnx cannot translate complex tensors
+    patches=(
+        (_COMPLEX_ROTARY["DeepseekV2RotaryEmbedding"], "apply_rotary_emb", _deepseek_v2_apply),
+        (_COMPLEX_ROTARY["Llama4TextRotaryEmbedding"], "apply_rotary_emb", _llama4_apply),
+    ),
 )
