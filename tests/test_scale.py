@@ -114,6 +114,19 @@ def test_emitted_torch_module_maps_the_weights(checkpoint, traced):
     np.testing.assert_array_equal(before, after)
 
 
+def test_emitted_flax_module_matches(checkpoint, traced):
+    eager, _ = checkpoint
+    module = interop.to_flax(traced)
+    np.testing.assert_allclose(np.asarray(module(IDS.numpy())), _logits(eager), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_emitted_keras_model_matches(checkpoint, traced):
+    eager, _ = checkpoint
+    model = interop.to_keras(traced)
+    np.testing.assert_allclose(np.asarray(model(IDS.numpy())), _logits(eager), atol=1e-5)
+
+
 def test_run_reads_weights_from_the_checkpoint_folder(checkpoint, traced, monkeypatch):
     """Over 2 GB (here: a lowered limit), ONNX Runtime is given the shards' folder and reads
     the weights itself; the graph keeps its lazy tensors."""
