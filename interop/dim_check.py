@@ -39,6 +39,7 @@ RunSource = Callable[[dict[str, np.ndarray]], list[tuple[str, np.ndarray]]]
 _NODE = re.compile(r"node\. Name:'([^']+)'")
 _SIZE_OPS = {"Reshape", "Expand", "Tile", "ConstantOfShape", "Slice", "Range", "Split"}
 _ARITHMETIC = re.compile(r"^[\d\s+\-*/()]+$")
+_SESSIONS: dict[int, tuple[Any, Any]] = {}  # id(model) -> (model, session), during one check
 
 
 def dynamic_axes(graph: ir.Graph) -> dict[str, list[tuple[str, int]]]:
@@ -83,6 +84,19 @@ def check_dims(
     feeds = {name: np.asarray(value) for name, value in feeds.items()}
     if any(spec.name not in feeds for spec in graph.inputs):
         return graph  # an input the source does not name: nothing to compare with
+    try:
+        return _check(graph, run_source, feeds, source, stacklevel + 1)
+    finally:
+        _SESSIONS.clear()  # one check's sessions: the graph builds its own to run
+
+
+def _check(
+    graph: Graph,
+    run_source: RunSource,
+    feeds: dict[str, np.ndarray],
+    source: str,
+    stacklevel: int,
+) -> Graph:
     dims = {
         name: [(i, axis) for i, axis in where if i in feeds]
         for name, where in dynamic_axes(graph.model.graph).items()
@@ -154,8 +168,30 @@ def _try(
 
 
 def _run(graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
-    # positionally: an input may be named like one of run's own keywords ("device")
-    return graph.run(*(feeds[spec.name] for spec in graph.inputs), as_dict=True)
+    """The graph as captured on ONNX Runtime (CPU), in a session of the check's own: not
+    the optimized copy `graph.run` builds (seconds on a transformer: a trace that is only
+    emitted to another framework would pay it for nothing)."""
+    session = _SESSIONS.get(id(graph.model))
+    if session is None or session[0] is not graph.model:
+        try:
+            import onnxruntime as ort
+
+            from .serialization import PROTO_LIMIT, weight_bytes
+
+            if weight_bytes(graph.model) >= PROTO_LIMIT:
+                raise ValueError("over one protobuf")
+            options = ort.SessionOptions()
+            options.log_severity_level = 4  # a failing size is reported by the check
+            ort_session = ort.InferenceSession(
+                graph.to_bytes(), options, providers=["CPUExecutionProvider"]
+            )
+        except ValueError:  # weights over 2 GB: graph.run knows how to load those
+            return graph.run(*(feeds[spec.name] for spec in graph.inputs), as_dict=True)
+        session = _SESSIONS[id(graph.model)] = (graph.model, ort_session)
+    ort_session = session[1]
+    names = [o.name for o in ort_session.get_outputs()]
+    inputs = {i.name: feeds[i.name] for i in ort_session.get_inputs()}
+    return dict(zip(names, ort_session.run(names, inputs), strict=True))
 
 
 def _differs(got: dict[str, Any], want: list[tuple[str, np.ndarray]]) -> str | None:
@@ -184,6 +220,8 @@ def holds_at_example(graph: Graph, run_source: RunSource, feeds: Mapping[str, An
         return _differs(_run(graph, feeds), run_source(feeds)) is None
     except Exception:
         return False
+    finally:
+        _SESSIONS.clear()
 
 
 def _first_line(err: Exception) -> str:
