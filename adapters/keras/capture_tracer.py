@@ -183,9 +183,10 @@ def _splice(
             bound[init] = b.const(const.numpy())
         del graph.initializers[name]
     nodes = list(graph)
-    if model.opset_imports.get("", OPSET) > OPSET:
-        _dft_axis_as_attribute(nodes)
     graph.remove(nodes, safe=False)
+    if model.opset_imports.get("", OPSET) > OPSET:  # the torch capture writes opset 20
+        _dft_axis_as_attribute(nodes)
+        nodes = _gelu_expanded(b, nodes)
     for value, feed in bound.items():
         value.replace_all_uses_with(feed)
     graph.inputs.clear()
@@ -208,14 +209,54 @@ def _dft_axis_as_attribute(nodes: list[ir.Node]) -> None:
     for node in nodes:
         if node.op_type != "DFT" or len(node.inputs) < 3 or node.inputs[2] is None:
             continue
-        axis = node.inputs[2].const_value
+        const, axis = node.inputs[2].const_value, None
         producer = node.inputs[2].producer()
-        if axis is None and producer is not None and producer.op_type == "Constant":
-            axis = producer.attributes["value"].as_tensor()
+        if const is not None:
+            axis = const.numpy()
+        elif producer is not None and producer.op_type == "Constant" and producer.attributes:
+            attr = next(iter(producer.attributes.values()))  # value, value_int or value_ints
+            axis = attr.as_tensor().numpy() if attr.type == ir.AttributeType.TENSOR else attr.value
         if axis is None:
             raise ValueError("a DFT with a computed axis cannot be written at opset 18")
-        node.attributes["axis"] = ir.AttrInt64("axis", int(np.asarray(axis.numpy()).item()))
+        node.attributes["axis"] = ir.AttrInt64("axis", int(np.asarray(axis).reshape(-1)[0]))
         node.resize_inputs(2)
+
+
+def _gelu_expanded(b: Builder, nodes: list[ir.Node]) -> list[ir.Node]:
+    """Gelu (opset 20) as its function body at opset `OPSET`; the Gelu node becomes the
+    body's last Mul, so its output value and consumers stay."""
+    result: list[ir.Node] = []
+    for node in nodes:
+        if node.op_type != "Gelu" or node.domain not in ("", "ai.onnx"):
+            result.append(node)
+            continue
+        x = node.inputs[0]
+        dtype = x.dtype.numpy() if x is not None and x.dtype is not None else np.float32
+
+        def const(v: float, dtype: Any = dtype) -> ir.Value:
+            return b.const(np.array(v, dtype))
+
+        def add(op: str, *inputs: ir.Value, name: str = node.name or "gelu") -> ir.Value:
+            made = ir.Node("", op, inputs, name=f"{name}_{op}_{len(result)}")
+            result.append(made)
+            return made.outputs[0]
+
+        attr = node.attributes.get("approximate")
+        if attr is not None and attr.value == "tanh":
+            cube = add("Mul", add("Mul", x, x), x)
+            inner = add(
+                "Mul", add("Add", x, add("Mul", cube, const(0.044715))), const(0.7978845608028654)
+            )
+            gate = add("Add", add("Tanh", inner), const(1.0))
+        else:
+            gate = add("Add", add("Erf", add("Div", x, const(np.sqrt(2.0)))), const(1.0))
+        node.op_type = "Mul"
+        node.attributes.clear()
+        node.resize_inputs(2)
+        node.replace_input_with(0, add("Mul", x, gate))
+        node.replace_input_with(1, const(0.5))
+        result.append(node)
+    return result
 
 
 def _place(nodes: list[ir.Node], path: str, scopes: Callable[[str], str]) -> dict[ir.Node, str]:
