@@ -67,6 +67,10 @@ def image(batch):
     return {"pixel_values": pixels(batch)}
 
 
+def text_image(batch):
+    return {"input_ids": ids(batch), "pixel_values": pixels(batch)}
+
+
 # name -> (config class, model class, config kwargs, inputs(batch))
 CASES = {
     "BERT": ("BertConfig", "FlaxBertModel", TEXT, text),
@@ -116,6 +120,16 @@ CASES = {
     "DINOv2": ("Dinov2Config", "FlaxDinov2Model", IMAGE, image),
     "CLIP text": ("CLIPTextConfig", "FlaxCLIPTextModel", dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, max_position_embeddings=64), text),
     "CLIP vision": ("CLIPVisionConfig", "FlaxCLIPVisionModel", IMAGE, image),
+    "BLOOM": ("BloomConfig", "FlaxBloomModel", dict(vocab_size=99, hidden_size=32, n_layer=2, n_head=4), text),
+    "RoBERTa-PreLayerNorm": ("RobertaPreLayerNormConfig", "FlaxRobertaPreLayerNormModel", TEXT, text),
+    "CLIP": ("CLIPConfig", "FlaxCLIPModel",
+             dict(text_config=dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=37, max_position_embeddings=64),
+                  vision_config=IMAGE, projection_dim=16), text_image),
+    "VisionTextDualEncoder": ("VisionTextDualEncoderConfig", "FlaxVisionTextDualEncoderModel",
+                              dict(vision_config={"model_type": "vit", **IMAGE},
+                                   text_config={"model_type": "bert", **TEXT}, projection_dim=16),
+                              text_image),
     "RegNet": ("RegNetConfig", "FlaxRegNetModel",
                dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8), image),
     "ResNet": ("ResNetConfig", "FlaxResNetModel",
