@@ -49,7 +49,7 @@ def _check(model, graph, inputs):
 def test_tiny_mixtral_is_captured_through_the_experts_rewrite():
     transformers = pytest.importorskip("transformers")
     config = transformers.MixtralConfig(
-        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
         num_local_experts=4, num_experts_per_tok=2, use_cache=False,
     )  # fmt: skip

@@ -222,8 +222,14 @@ CASES: dict[str, tuple] = {
         "moe",
         "Llama4TextConfig",
         "Llama4ForCausalLM",
-        {**DEC, **MOE, "intermediate_size_mlp": 48, "interleave_moe_layer_step": 1,
-         "attention_chunk_size": 64, "num_key_value_heads": 4},
+        {
+            **DEC,
+            **MOE,
+            "intermediate_size_mlp": 48,
+            "interleave_moe_layer_step": 1,
+            "attention_chunk_size": 64,
+            "num_key_value_heads": 4,
+        },
         text,
     ),  # fmt: skip
     "DBRX": (
@@ -641,10 +647,14 @@ def run_one(name):
         tops = {p.split(".")[0] for p, _ in model.named_modules() if p}
         layers = {layer.path for layer in graph.layers}
         inits = set(graph.model.graph.initializers)
-        named = dict(model.named_parameters())
-        kept = sum(p.numel() for n, p in named.items() if n in inits)
+        aliases = {}  # tied weights: one tensor, several names; the graph keeps one of them
+        for n, p in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), (p, []))[1].append(n)
+        kept = sum(p.numel() for p, names in aliases.values() if inits & set(names))
         # parameters forward never reads (Wav2Vec2's masked_spec_embed) are not in any graph
-        result["unused_params"] = sorted(n for n in named if n not in inits)
+        result["unused_params"] = sorted(
+            names[0] for _, names in aliases.values() if not inits & set(names)
+        )
         result["layers"] = len(layers)
         result["layer_tree"] = bool(tops & layers) and graph.count_params() == kept
         if not result["layer_tree"]:
@@ -682,7 +692,9 @@ def _bare(model, first, second, dims, want):
         for k in first
     }
     try:
-        with warnings.catch_warnings():
+        from interop.adapters.torch.capture import _cached_torchlib_registry
+
+        with warnings.catch_warnings(), _cached_torchlib_registry():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model, (), kwargs=dict(first), dynamo=True, dynamic_shapes=shapes, verbose=False
@@ -754,9 +766,18 @@ def _preload(names):
     import torch  # noqa: F401
     import transformers as T
 
+    # torch.onnx's aten->ONNX registry, built once here for every child (interop's cache,
+    # which the bare export below uses too: the same registry, without rebuilding it from
+    # torchlib on every export, about 5 s each on a loaded machine)
+    from interop.adapters.torch import capture
+
     import interop  # noqa: F401
     from interop.conversion import run_native  # noqa: F401
 
+    with capture._cached_torchlib_registry():
+        from torch.onnx._internal.exporter import _registration
+
+        _registration.ONNXRegistry.from_torchlib()
     for name in names:
         config_cls, model_cls = CASES[name][1], CASES[name][2]
         getattr(T, model_cls)

@@ -276,7 +276,8 @@ def fallback(
         tried.append(f"module rewrites: none of the registered ones ({known}) matches a submodule")
 
     try:
-        model, note = _torchscript(module, leaves, call, dims, output_names)
+        with rewritten(module):  # exact rewrites help the TorchScript exporter too
+            model, note = _torchscript(module, leaves, call, dims, output_names)
         if note is None:
             return model, {}, "torchscript"
         tried.append(f"the TorchScript exporter: refused, {note}")
