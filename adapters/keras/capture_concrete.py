@@ -44,6 +44,18 @@ def _evaluate(b: Builder, names: set[str]) -> dict[str, Any]:
     """The values named `names`, computed from the example inputs by the nodes so far."""
     from interop.interpret import evaluate
 
+    known = {n: b.examples[n] for n in names if n in b.examples}
+    known.update(  # a constant the walk made (keras_hub D-FINE's decoder on torch)
+        {
+            n: b.initializers[n].const_value.numpy()
+            for n in names
+            if n in b.initializers and b.initializers[n].const_value is not None
+        }
+    )
+    names = names - set(known)
+    if not names:
+        return known
+
     producers = {out.name: node for node in b.nodes for out in node.outputs}
     needed: list[ir.Node] = []
     seen: set[str] = set()
@@ -82,7 +94,7 @@ def _evaluate(b: Builder, names: set[str]) -> dict[str, Any]:
         results = evaluate(model, **b.examples)
     except Exception:  # the reference evaluator's normalization cannot take every prefix
         results = _run_onnxruntime(model, b.examples)  # (tf2onnx's graphs: Moonshine)
-    return dict(zip(sorted(names), results, strict=True))
+    return {**known, **dict(zip(sorted(names), results, strict=True))}
 
 
 def _run_onnxruntime(model: onnx.ModelProto, examples: dict[str, Any]) -> list[Any]:
