@@ -216,7 +216,9 @@ def import_affine_transform(b: Builder, op: Any, images: Any, transform: Any) ->
     if op.interpolation == "bilinear" and op.fill_mode == "constant" and min(height, width) > 1:
         return back(_grid_sample(b, x, coords, batch, float(op.fill_value)))
     try:
-        y = capture_ops_sampling.affine_gather(b, x, coords, op.interpolation, op.fill_mode, float(op.fill_value))
+        y = capture_ops_sampling.affine_gather(
+            b, x, coords, op.interpolation, op.fill_mode, float(op.fill_value)
+        )
     except ValueError as err:
         raise _unsupported(op, str(err)) from None
     return back(y)
