@@ -155,8 +155,13 @@ def save_model(model: ir.Model, path: str | Path, *, external_data: bool | None 
             data_name = path.name + ".data"
             if data_name in in_use:
                 data_name += ".1"
+            # large tensors at 64 KiB offsets: ONNX Runtime memory-maps aligned external data
+            # instead of reading it into buffers of its own
             externals = ir.external_data.convert_tensors_to_external(
-                [originals[v] for v in written], base_dir=tmp, relative_path=data_name
+                [originals[v] for v in written],
+                base_dir=tmp,
+                relative_path=data_name,
+                alignment=1 << 16,
             )
         try:
             for value, ref in kept.items():
