@@ -351,3 +351,44 @@ def test_flattened_rows_are_not_named_batch():
     for batch in (x, rng.rand(3, 2, 4).astype("float32")):
         for got, expected in zip(graph.run(batch), model(batch), strict=True):
             np.testing.assert_allclose(got, np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
+TORCH_OPSET20 = r"""
+import numpy as np, keras, torch, interop
+from keras import layers
+
+class Spectral(layers.Layer):
+    '''Calls torch directly: an FFT (DFT-20 with its axis as an input) and the exact and
+    tanh GELUs (Gelu-20) in the torch capture's opset-20 graph (keras_hub FNet, SigLIP).'''
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = layers.Dense(6, name="proj")
+    def call(self, x):
+        h = self.dense(x)
+        spectrum = torch.fft.fft2(torch.complex(h, torch.zeros_like(h)))
+        mixed = torch.nn.functional.gelu(spectrum.real)
+        return torch.nn.functional.gelu(mixed + spectrum.imag, approximate="tanh")
+
+inputs = keras.Input((4, 3))
+model = keras.Model(inputs, Spectral(name="spectral")(inputs))
+x = np.random.RandomState(0).rand(2, 4, 3).astype("float32")
+graph = interop.trace(model, x)
+ops = [n.op_type for n in graph.model.graph]
+assert "Gelu" not in ops and ops.count("DFT") == 2 and "Erf" in ops and "Tanh" in ops, ops
+np.testing.assert_allclose(graph.run(x), np.asarray(model(x).detach()), rtol=1e-4, atol=1e-5)
+assert graph.count_params() == model.count_params()
+print("OK")
+"""
+
+
+@pytest.mark.slow
+def test_torch_traced_opset_20_ops_are_written_at_the_graphs_opset():
+    """The torch capture writes opset 20; the Keras graph is opset 18: DFT's axis input
+    becomes its attribute and Gelu its function body when the layer is spliced."""
+    pytest.importorskip("torch")
+    env = {**os.environ, "KERAS_BACKEND": "torch", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(
+        [sys.executable, "-c", TORCH_OPSET20], env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
