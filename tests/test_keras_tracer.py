@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 keras = pytest.importorskip("keras")
@@ -392,3 +393,18 @@ def test_torch_traced_opset_20_ops_are_written_at_the_graphs_opset():
         timeout=600,
     )  # fmt: skip
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_example_shapes_of_a_constant_and_of_a_computed_value():
+    """A layer input the walk made as a constant (keras_hub D-FINE's decoder on torch) and
+    one computed from the example input both get their example shapes."""
+    from interop.adapters.keras.capture_concrete import example_shapes
+    from interop.adapters.keras.capture_lowering import Builder, Tensor
+
+    b = Builder()
+    x = ir.Value(name="x", shape=ir.Shape(["batch", 4]), type=ir.TensorType(ir.DataType.FLOAT))
+    b.examples = {"x": np.ones((3, 4), "float32")}
+    constant = Tensor(b.const(np.zeros((5, 4, 2), "float32")), (None, 4, 2))
+    computed = Tensor(b.op("Concat", [x, x], {"axis": 1}), (None, None))
+    shapes = example_shapes(b, [constant, computed], every=True)
+    assert shapes == {id(constant): (5, 4, 2), id(computed): (3, 8)}
