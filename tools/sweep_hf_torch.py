@@ -701,7 +701,11 @@ def _bare(model, first, second, dims, want):
             )
         out["onnx_capture"] = True
     except Exception as err:
-        out["onnx_capture"], out["onnx_error"] = False, _short(err)
+        cause = err
+        while cause.__cause__ is not None:  # torch.onnx wraps the exporter's own error
+            cause = cause.__cause__
+        out["onnx_capture"] = False
+        out["onnx_error"] = _short(err)[:120] + (" <- " + _short(cause) if cause is not err else "")
         return out
     finally:
         out["onnx_s"] = round(time.time() - t0, 1)
@@ -837,6 +841,17 @@ def _line(r):
     )
 
 
+def _onnx_stage(error):
+    """Which step of torch.onnx.export failed, from its message."""
+    if "step 1/3" in error:
+        return "torch.export failed"
+    if "step 3/3" in error:
+        return "ONNX translation failed"
+    if "timeout" in error:
+        return "timeout"
+    return error[:80] or "not run"
+
+
 def table(results):
     """Per-family counts, then one row per model (markdown); a model run twice counts once,
     its last result."""
@@ -854,17 +869,22 @@ def table(results):
     rows += ["", "| model | family | interop path | numerics | tree | flax | keras "
              "| torch.onnx | note |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
-        note = next((r[k] for k in ("capture_error", "numerics_error", "flax_error", "keras_error")
-                     if k in r), "")  # fmt: skip
+        notes = [r[k] for k in ("capture_error", "numerics_error", "flax_error", "keras_error")
+                 if k in r]  # fmt: skip
+        if r.get("unused_params"):
+            notes.append("unused by forward: " + ", ".join(r["unused_params"]))
         onnx = (
             "yes" if r.get("onnx_numerics") else ("export only" if r.get("onnx_capture") else "no")
         )
-        if not r.get("onnx_capture") and r.get("onnx_error"):
-            note = note or ""
+        if not r.get("onnx_capture"):
+            onnx += " (" + _onnx_stage(r.get("onnx_error", "")) + ")"
+        elif not r.get("onnx_numerics") and r.get("onnx_numerics_error"):
+            notes.append("torch.onnx: " + r["onnx_numerics_error"])
+        note = "; ".join(notes)
         rows.append(
             f"| {r['name']} | {r['family']} | {r.get('path') or 'failed'} | {_ok(r, 'numerics')} "
             f"| {_ok(r, 'layer_tree')} | {_ok(r, 'flax')} | {_ok(r, 'keras')} | {onnx} "
-            f"| {note[:160].replace('|', '/')} |"
+            f"| {note[:200].replace('|', '/')} |"
         )
     return "\n".join(rows)
 

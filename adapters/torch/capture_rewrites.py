@@ -241,3 +241,50 @@ register_rewrite(
         (_COMPLEX_ROTARY["Llama4TextRotaryEmbedding"], "apply_rotary_emb", _llama4_apply),
     ),
 )
+
+
+# Switch Transformers: the router moves its classifier to the router dtype inside forward
+# (``self.classifier = self.classifier.to(self.dtype)``, a module swap torch.export refuses)
+# and the experts loop over the experts nonzero() found.
+_SWITCH = "transformers.models.switch_transformers.modeling_switch_transformers"
+
+
+def _is_switch(name: str) -> Callable[[Any], bool]:
+    return lambda m: type(m).__name__ == name and type(m).__module__ == _SWITCH
+
+
+def _switch_router(module: Any, hidden_states: Any) -> Any:
+    """The router without the classifier swap (a no-op once the classifier has the router
+    dtype, which the first eager call leaves it in); the rest as transformers computes it."""
+    import torch
+
+    module.input_dtype = hidden_states.dtype
+    logits = module.classifier(hidden_states.to(module.dtype))
+    probs = torch.nn.functional.softmax(logits, dim=-1, dtype=module.dtype).to(module.input_dtype)
+    index = torch.nn.functional.one_hot(torch.argmax(probs, dim=-1), num_classes=module.num_experts)
+    index = index * (torch.cumsum(index, dim=-2) <= module.expert_capacity)
+    return index, torch.max(probs, dim=-1).values.unsqueeze(-1), logits
+
+
+def _switch_experts(module: Any, hidden_states: Any, selected: Any, weights: Any) -> Any:
+    """Every expert on every token, scaled by its routing weight where the token chose it and
+    capacity allowed (one expert per token: the other terms add exact zeros)."""
+    out = hidden_states.new_zeros(hidden_states.shape)
+    for e in range(module.num_experts):
+        scale = weights * selected[:, 0, e : e + 1].to(hidden_states.dtype)
+        out = out + module[f"expert_{e}"](hidden_states) * scale
+    return out
+
+
+register_rewrite(
+    "transformers-switch-router",
+    _switch_router,
+    matches=_is_switch("SwitchTransformersTop1Router"),
+    upfront=True,
+)
+register_rewrite(
+    "transformers-switch-experts-dense",
+    _switch_experts,
+    matches=_is_switch("SwitchTransformersExperts"),
+    upfront=True,
+)
