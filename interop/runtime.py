@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import DeviceError, InteropError, ModelLoadError, ShapeError
-from .runtime_cache import current
+from .runtime_cache import current, rekey
 from .runtime_cache import refresh as refresh  # public: interop.runtime.refresh(g)
 
 if TYPE_CHECKING:
@@ -178,6 +178,7 @@ def _inline_external(graph: Graph) -> None:
     inits = graph.model.graph.initializers.values()
     if any(isinstance(v.const_value, ir.ExternalTensor) for v in inits):
         ir.external_data.load_to_model(graph.model)
+        rekey(graph)  # the same weights, in memory: not an edit that stales the cache
 
 
 def _session(graph: Graph, model: Any, device: str, *, overrides: bool = False) -> Any:

@@ -151,6 +151,12 @@ def current(graph: Graph) -> bool:
     return False
 
 
+def rekey(graph: Graph) -> None:
+    """Take the key again, keeping the cache: after the runtime itself replaced tensors
+    with equal ones (external weights read into memory). The caller holds the lock."""
+    _KEYS[graph] = _Key(graph.model)
+
+
 def refresh(graph: Graph) -> None:
     """Forget `graph`'s sessions and optimized copy: the next run builds them again.
 

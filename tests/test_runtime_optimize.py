@@ -159,6 +159,16 @@ def test_attribute_and_rewiring_edits_rebuild_the_session():
     _edited_matches_fresh_session(graph, x)
 
 
+def test_external_weights_read_in_do_not_rebuild_the_copy(resnet, tmp_path):
+    _, graph = resnet
+    loaded = interop.load(graph.save(tmp_path / "ext.onnx", external_data=True))
+    x = np.ones((1, 3, 16, 16), np.float32)
+    first = loaded.run(x)  # reads the external weights into memory, then optimizes
+    copy, session = loaded._optimized, loaded._sessions["cpu"]
+    np.testing.assert_allclose(loaded.run(x), first, **TOL)
+    assert loaded._optimized is copy and loaded._sessions["cpu"] is session
+
+
 def test_save_optimize_writes_the_optimized_copy(resnet, tmp_path):
     _, graph = resnet
     x = np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)
