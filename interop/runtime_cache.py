@@ -134,8 +134,9 @@ def current(graph: Graph) -> bool:
     """Whether `graph`'s cache is still valid; if not, drop its sessions and optimized copy."""
     key = _KEYS.get(graph)
     version = _VERSION[0]
-    if key is not None and key.model is graph.model:
-        if key.seen == version:
+    model = graph.model
+    if key is not None and key.model is model and key.graphs[0] is model.graph:
+        if key.seen == version:  # `model.graph = ...` is an attribute: checked above
             return True
         if tuple(map(id, _watched(key.model, key.graphs))) == key.ids:
             key.seen = version
