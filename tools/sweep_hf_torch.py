@@ -551,7 +551,7 @@ CASES: dict[str, tuple] = {
 }
 
 
-# the default run (62 architectures, about an hour on two shared cores); --all adds these
+# the default run (63 architectures, 20 min to an hour on two shared cores); --all adds these
 EXTRA = {"GPT-Neo", "GPT-J", "StableLM", "Starcoder2", "OLMo2", "Cohere", "Granite", "CodeGen",
          "GPTBigCode", "SmolLM3", "Gemma2", "Qwen2", "Phi3", "GPT-NeoX", "MobileNetV2", "SegFormer", "RoFormer", "XLM-RoBERTa", "MPNet", "BEiT",
          "DINOv2", "RegNet", "PoolFormer", "Data2VecAudio", "UMT5", "PLBart"}  # fmt: skip
@@ -845,6 +845,8 @@ def _onnx_stage(error):
     """Which step of torch.onnx.export failed, from its message."""
     if "step 1/3" in error:
         return "torch.export failed"
+    if "step 2/3" in error:
+        return "decomposition failed"
     if "step 3/3" in error:
         return "ONNX translation failed"
     if "timeout" in error:
