@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 keras = pytest.importorskip("keras")
@@ -111,3 +112,21 @@ def test_op_without_converter_in_lambda_goes_through_the_backend_tracer():
         graph = interop.trace(model, x)
     for batch in (x, np.concatenate([x, x + 1.0])):
         np.testing.assert_allclose(graph.run(batch), np.asarray(model(batch)), rtol=1e-5)
+
+
+def test_where_between_bool_tensors_runs_on_onnx_runtime():
+    """ops.where choosing between bool masks (keras_hub Gemma3n's multimodal mask): ONNX
+    Runtime's CPU Where has no bool kernel, so the graph picks among uint8 and casts back."""
+    i = keras.Input((6,))
+    mask = layers.Lambda(
+        lambda x: ops.cast(ops.where(x[:, :1] > 0, x > 0.5, x < -0.5), "float32"), name="pick"
+    )(i)
+    model = keras.Model(i, mask)
+    x = np.random.RandomState(1).randn(3, 6).astype("float32")
+    graph = interop.trace(model, x)
+    wheres = [n for n in graph.model.graph if n.op_type == "Where"]
+    assert wheres and all(n.outputs[0].dtype != ir.DataType.BOOL for n in wheres)
+    for batch in (x, -x[:2]):
+        expected = np.asarray(model(batch))
+        assert expected.any() and not expected.all()
+        np.testing.assert_array_equal(graph.run(batch), expected)

@@ -408,3 +408,29 @@ def test_example_shapes_of_a_constant_and_of_a_computed_value():
     computed = Tensor(b.op("Concat", [x, x], {"axis": 1}), (None, None))
     shapes = example_shapes(b, [constant, computed], every=True)
     assert shapes == {id(constant): (5, 4, 2), id(computed): (3, 8)}
+
+
+def test_nested_functional_fed_a_dict_beside_keyword_options_matches_inputs_by_name():
+    """A dict passed to a nested Functional together with a keyword option (keras_hub's
+    Gemma3n CausalLM calls its backbone with ``mask=``) is matched to the inner inputs by
+    name, not flattened in sorted key order (that swapped 'token_ids' and 'padding_mask')."""
+    ids = keras.Input((5,), dtype="int32", name="token_ids")
+    mask = keras.Input((5,), dtype="bool", name="padding_mask")
+    table = keras.layers.Embedding(10, 3, name="embed")(ids)
+    keep = keras.ops.expand_dims(keras.ops.cast(mask, "float32"), -1)
+    inner = keras.Model([ids, mask], table * keep, name="inner")  # inputs not in key order
+    feeds = {
+        "token_ids": keras.Input((5,), dtype="int32", name="token_ids"),
+        "padding_mask": keras.Input((5,), dtype="bool", name="padding_mask"),
+    }
+    outer = keras.Model(feeds, inner(feeds, mask=None, training=False), name="outer")
+    rng = np.random.RandomState(0)
+    x = {
+        "token_ids": rng.randint(1, 10, (2, 5)).astype("int32"),
+        "padding_mask": rng.rand(2, 5) > 0.3,
+    }
+    graph = interop.trace(outer, x)
+    assert [v.name for v in graph.model.graph.inputs] == ["padding_mask", "token_ids"]
+    expected = np.asarray(outer(x))
+    assert np.abs(expected).max() > 0.01 and (expected == 0).any()  # the mask matters
+    np.testing.assert_allclose(graph.run(**x), expected, rtol=1e-6, atol=1e-6)

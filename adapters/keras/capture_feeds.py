@@ -17,8 +17,10 @@ from .capture_lowering import Builder, Tensor
 def functional_feeds(functional: Any, args: list, kwargs: dict) -> list[Any]:
     """The call's inputs in the order of the graph's inputs: a dict given to a model whose
     inputs are a list is matched by input name, as Keras does (a flattened dict is in
-    sorted key order)."""
-    if len(args) == 1 and not kwargs and isinstance(args[0], dict):
+    sorted key order). Keyword options (``training``, ``mask``) are not inputs: a dict
+    passed beside them is matched by name too (keras_hub's Gemma3n CausalLM calls its
+    backbone with ``mask=``; flattening would have swapped its two inputs)."""
+    if len(args) == 1 and isinstance(args[0], dict):
         names = []
         for spec in functional.inputs:
             history = getattr(spec, "_keras_history", None)

@@ -231,6 +231,9 @@ def import_cast(b: Builder, op: Any, x: Any) -> ir.Value:
 def import_where(b: Builder, op: Any, condition: Any, x: Any = None, y: Any = None) -> ir.Value:
     dtype = dtype_of(x, y)
     cond = b.op("Cast", [value(b, condition)], {"to": ir.DataType.BOOL})
+    if dtype == "bool":  # ONNX Runtime's CPU Where has no bool kernel: choose among uint8
+        picks = [b.op("Cast", [value(b, v, dtype)], {"to": ir.DataType.UINT8}) for v in (x, y)]
+        return b.op("Cast", [b.op("Where", [cond, *picks])], {"to": ir.DataType.BOOL})
     return b.op("Where", [cond, value(b, x, dtype), value(b, y, dtype)])
 
 
