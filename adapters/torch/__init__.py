@@ -37,6 +37,14 @@ def register_op(op_overload: Any, function: Any = None, *, replace: bool = False
     return decorator(function) if function is not None else decorator
 
 
+# module rewrites for layers torch.export cannot take (mixture-of-experts dispatch):
+# REWRITES and the decorator live beside the code that applies them (capture_rewrites.py,
+# which imports no framework); re-exported here beside register_op
+from .capture_rewrites import REWRITES as REWRITES  # noqa: E402
+from .capture_rewrites import register_rewrite as register_rewrite  # noqa: E402
+from .capture_rewrites import unregister_rewrite as unregister_rewrite  # noqa: E402
+
+
 def _is_torch_module(model: Any) -> bool:
     return any(
         cls.__module__ == "torch.nn.modules.module" and cls.__name__ == "Module"

@@ -16,7 +16,7 @@ instance (the class is not touched) and removed afterwards, so module paths, par
 names and hooks are those of the original model. Register your own the way op
 translations are registered:
 
->>> from interop.adapters.torch.capture_rewrites import register_rewrite  # doctest: +SKIP
+>>> from interop.adapters.torch import register_rewrite  # doctest: +SKIP
 >>> @register_rewrite("my-moe", matches=lambda m: type(m).__name__ == "MyMoE")  # doctest: +SKIP
 ... def dense_moe(module, hidden):       # every expert on every token, weighted by the router
 ...     weights = module.router(hidden).softmax(-1)
