@@ -30,6 +30,7 @@ from interop.progress import progress
 from interop.structure import flatten_outputs
 
 from . import CAPTURE_OPS, capture_dim_check
+from .capture_arguments import map_arguments
 from .capture_fallback import ModuleStack, fallback
 from .capture_provenance import (
     TORCH_DIR,
@@ -164,7 +165,7 @@ def trace_module(
             flat = module.forward
 
             def call(feeds: dict[str, Any]) -> Any:
-                mapped = _map_arguments(bound, signature, lambda n, v: feeds.get(n, v))
+                mapped = map_arguments(bound, signature, lambda n, v: feeds.get(n, v))
                 again = inspect.BoundArguments(signature, mapped)  # type: ignore[arg-type]
                 return flat(*again.args, **again.kwargs)
 
@@ -213,37 +214,12 @@ def _leaves(name: str, value: Any) -> Iterator[tuple[str, Any]]:
         yield name, value
 
 
-def _map_leaves(name: str, value: Any, fn: Any) -> Any:
-    """The same structure with every leaf replaced by ``fn(leaf name, leaf)``."""
-    if isinstance(value, Mapping):
-        return {key: _map_leaves(f"{name}_{key}", item, fn) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_map_leaves(f"{name}_{i}", item, fn) for i, item in enumerate(value))
-    return fn(name, value)
-
-
 def _tensor_leaves(
     bound: inspect.BoundArguments, signature: inspect.Signature
 ) -> Iterator[tuple[str, Any]]:
     """(input name, value) for every leaf, in the order torch.onnx names graph inputs."""
     for root, value in _roots(bound, signature):
         yield from _leaves(root, value)
-
-
-def _map_arguments(
-    bound: inspect.BoundArguments, signature: inspect.Signature, fn: Any
-) -> dict[str, Any]:
-    """Per argument, its structure with ``fn`` applied to the leaves (names as in _roots)."""
-    mapped: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        kind = signature.parameters[name].kind
-        if kind is inspect.Parameter.VAR_POSITIONAL:
-            mapped[name] = tuple(_map_leaves(f"{name}_{i}", v, fn) for i, v in enumerate(value))
-        elif kind is inspect.Parameter.VAR_KEYWORD:
-            mapped[name] = {k: _map_leaves(k, v, fn) for k, v in value.items()}
-        else:
-            mapped[name] = _map_leaves(name, value, fn)
-    return mapped
 
 
 def input_feeds(module: torch.nn.Module, example_inputs: Any) -> dict[str, np.ndarray]:
@@ -286,7 +262,7 @@ def _widen_unit_dims(bound, signature, dims) -> tuple[tuple[Any, ...], dict[str,
                 value = torch.cat([value, value], dim=axis)
         return value
 
-    bound.arguments.update(_map_arguments(bound, signature, widen))
+    bound.arguments.update(map_arguments(bound, signature, widen))
     return bound.args, bound.kwargs
 
 
@@ -301,7 +277,7 @@ def _dynamic_shapes(bound, signature, dims) -> dict[str, Any] | None:
         # (one batch symbol across inputs); we rename the symbols after export.
         return {axis: torch.export.Dim.DYNAMIC for axis in dims[name]}
 
-    return _map_arguments(bound, signature, spec)
+    return map_arguments(bound, signature, spec)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import inspect
 import os
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,8 @@ import torch
 from interop import dim_check
 from interop.errors import TraceError
 from interop.graph import Graph
+
+from .capture_arguments import map_arguments
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OURS = (os.sep + "interop" + os.sep, os.sep + os.path.join("adapters", "torch") + os.sep)
@@ -140,7 +142,7 @@ def checked(
             feeds[name] = value.detach().cpu().numpy()
         return value
 
-    _map_arguments(bound, signature, record)
+    map_arguments(bound, signature, record)
 
     def run_source(named: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
         def leaf(name: str, value: Any) -> Any:
@@ -148,7 +150,7 @@ def checked(
                 return torch.from_numpy(np.ascontiguousarray(named[name]))
             return value
 
-        call = inspect.BoundArguments(signature, _map_arguments(bound, signature, leaf))
+        call = inspect.BoundArguments(signature, map_arguments(bound, signature, leaf))
         modes = [(m, m.training) for m in module.modules()]
         module.eval()
         try:
@@ -160,31 +162,6 @@ def checked(
         return [(n, t.detach().cpu().numpy()) for n, t in flatten(outputs)]
 
     return dim_check.check_dims(graph, run_source, feeds, source=source, stacklevel=6)
-
-
-def _map_leaves(name: str, value: Any, fn: Callable[[str, Any], Any]) -> Any:
-    """The structure with each leaf replaced by ``fn(leaf name, leaf)``, leaves named as
-    torch.onnx names graph inputs (``batch_x``), as capture.py does."""
-    if isinstance(value, Mapping):
-        return {k: _map_leaves(f"{name}_{k}", v, fn) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_map_leaves(f"{name}_{i}", v, fn) for i, v in enumerate(value))
-    return fn(name, value)
-
-
-def _map_arguments(
-    bound: inspect.BoundArguments, signature: inspect.Signature, fn: Callable[[str, Any], Any]
-) -> dict[str, Any]:
-    mapped: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        kind = signature.parameters[name].kind
-        if kind is inspect.Parameter.VAR_POSITIONAL:
-            mapped[name] = tuple(_map_leaves(f"{name}_{i}", v, fn) for i, v in enumerate(value))
-        elif kind is inspect.Parameter.VAR_KEYWORD:
-            mapped[name] = {k: _map_leaves(k, v, fn) for k, v in value.items()}
-        else:
-            mapped[name] = _map_leaves(name, value, fn)
-    return mapped
 
 
 def _made_static(
