@@ -89,11 +89,17 @@ class DataDependent(nn.Module):
         return x
 
 
-def test_data_dependent_branch_is_a_trace_error_with_a_fix():
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_data_dependent_branch_is_a_trace_error_with_a_fix(sign):
+    """torch.export stops at the branch; the TorchScript fallback is refused: its tracer
+    turned a tensor into a Python bool, so inputs of the example's shape with other values
+    (negated among them) are checked too, and one takes the other branch."""
     with pytest.raises(TraceError) as info:
-        interop.trace(DataDependent(), (torch.randn(2, 3),))
+        interop.trace(DataDependent(), (sign * torch.ones(2, 3),))
     text = str(info.value)
     assert "DataDependent" in text and "torch.cond" in text
+    assert "TorchScript exporter: refused" in text and "does not reproduce" in text
+    assert "test_errors.py:87" in text  # the line of the branch
     assert info.value.__suppress_context__  # no torch traceback chained in the report
 
 
@@ -103,9 +109,16 @@ class FixedBatch(nn.Module):
 
 
 def test_specialised_dynamic_dim_is_explained():
+    """The batch torch.export fixes is declared static with a warning naming the line
+    (the declared-dim check); with the check off it is an error naming the fix."""
+    x = torch.randn(2, 3)
+    with pytest.warns(UserWarning, match=r"'batch'.*does not hold.*test_errors.py:\d+"):
+        graph = interop.trace(FixedBatch(), (x,))
+    assert graph.inputs[0].shape == (2, 3)
+    np.testing.assert_allclose(graph.run(x.numpy()), FixedBatch()(x).numpy(), rtol=1e-6)
     with pytest.raises(TraceError, match="dynamic_batch=False"):
-        interop.trace(FixedBatch(), (torch.randn(2, 3),))
-    graph = interop.trace(FixedBatch(), (torch.randn(2, 3),), dynamic_batch=False)
+        interop.trace(FixedBatch(), (x,), check_dims=False)
+    graph = interop.trace(FixedBatch(), (x,), dynamic_batch=False)
     assert graph.inputs[0].shape == (2, 3)
 
 

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from interop.adapters.torch.capture_fallback import second_leaves
 from interop.adapters.torch.capture_rewrites import (
     REWRITES,
     register_rewrite,
@@ -208,3 +209,25 @@ def test_torchscript_graph_refused_when_control_flow_depends_on_the_input():
     assert "the TorchScript exporter: refused" in text and "second input (x[3, 4])" in text
     assert info.value.module_path == "blocks.1"
     assert len(info.value.tried) == 2
+
+
+def test_torchscript_branch_on_values_is_checked_on_flipped_values():
+    """A branch on tensor values that the second input (fresh standard normals) does not
+    flip: the tracer's Python-bool conversion brings in inputs of the example's shape with
+    other values, and the negated example flips it, so the graph is refused."""
+
+    class Threshold(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(1000, 4)
+
+        def forward(self, x):
+            if x.sum() > -300:
+                return self.fc(x) * 2
+            return self.fc(x)
+
+    x = torch.rand(2, 1000) + 0.5  # sum about 2,000
+    second = second_leaves({"x": x}, {"x": {0: "batch"}})["x"]
+    assert float(second.sum()) > -300  # the second input alone takes the same branch
+    with pytest.raises(TraceError, match="TorchScript exporter: refused.*other values"):
+        interop.trace(Threshold(), (x,))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -156,11 +157,13 @@ def torchscript_model(
     call: Callable[[dict[str, Any]], Any],
     dims: Mapping[str, Mapping[int, str]],
     output_names: list[str],
-) -> ir.Model:
-    """Export through the TorchScript exporter; nodes carry torch.onnx's scope metadata."""
+) -> tuple[ir.Model, list[str]]:
+    """Export through the TorchScript exporter; nodes carry torch.onnx's scope metadata.
+    Also the source lines where its tracer turned a tensor into a Python value."""
     names = list(leaves)
     buffer = io.BytesIO()
-    with _positional_forward(module, names, call):
+    with _positional_forward(module, names, call), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", torch.jit.TracerWarning)
         torch.onnx.export(
             module,
             tuple(leaves[n] for n in names),
@@ -171,10 +174,37 @@ def torchscript_model(
             dynamic_axes={n: dict(axes) for n, axes in dims.items() if n in leaves} or None,
             do_constant_folding=False,  # folding renames transposed weights
         )
+    baked = []
+    for w in seen:
+        if not issubclass(w.category, torch.jit.TracerWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif "Python boolean" in str(w.message) or "Python float" in str(w.message):
+            baked.append(f"{w.filename}:{w.lineno}")  # a branch the example took, kept
     model = ir.from_proto(onnx.load_from_string(buffer.getvalue()))
     _split_merged_weights(model, module)
     _scopes_from_names(model, module)
-    return model
+    return model, sorted(set(baked))
+
+
+def value_variants(leaves: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Inputs of the example's shapes with other values, chosen to flip value branches
+    (``if x.sum() > 0``): negated, scaled, zero and fresh normal floats; reversed
+    integer tensors (token ids stay in range)."""
+    generator = torch.Generator().manual_seed(4321)
+
+    def fresh(t: torch.Tensor) -> torch.Tensor:
+        return torch.randn(t.shape, generator=generator).to(t.dtype)
+
+    changes = (torch.neg, lambda t: t * 4.0 + 1.0, torch.zeros_like, fresh)
+    variants = []
+    for change in changes:
+        variants.append(
+            {
+                n: change(t) if t.dtype.is_floating_point else torch.flip(t, [-1]) if t.ndim else t
+                for n, t in leaves.items()
+            }
+        )  # fmt: skip
+    return variants
 
 
 def _split_merged_weights(model: ir.Model, module: torch.nn.Module) -> None:
@@ -320,7 +350,7 @@ def _torchscript(
             return [t.detach().cpu().numpy() for t in call(feeds)]
 
     run_eager(leaves)  # names the outputs (output_names) before the export
-    model = torchscript_model(module, leaves, call, dims, output_names)
+    model, baked = torchscript_model(module, leaves, call, dims, output_names)
     session = ort.InferenceSession(
         ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"]
     )
@@ -329,7 +359,14 @@ def _torchscript(
     def run_graph(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return list(session.run(None, {k: v for k, v in feeds.items() if k in wanted}))
 
-    for feeds, label in ((leaves, "the example input"), (second_leaves(leaves, dims), None)):
+    tries: list[tuple[dict[str, torch.Tensor], str | None]] = [
+        (leaves, "the example input"),
+        (second_leaves(leaves, dims), None),
+    ]
+    if baked:  # the graph holds the branches the example took: inputs that may flip them
+        where = ", ".join(baked[:3])
+        tries += [(v, f"the example's shapes with other values (branch at {where})") for v in value_variants(leaves)]  # fmt: skip
+    for feeds, label in tries:
         problem = mismatch(run_graph, run_eager, feeds)
         if problem:
             label = label or f"a second input ({describe(feeds)})"
