@@ -70,10 +70,9 @@ class Graph:
         self._base_dir = str(base_dir) if base_dir else None
         self._tree: LayerTree | None = None
         self._sessions: dict[str, Any] = {}
-        # the runtime's optimized copy, what it did, and the structure both were built for
+        # the runtime's optimized copy and what it did (when stale: interop.runtime_cache)
         self._optimized: Any = None
         self._optimize_report: dict[str, Any] = {}
-        self._runtime_key: tuple[int, ...] | None = None
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- signature

@@ -76,12 +76,6 @@ def optimizing() -> bool:
     return os.environ.get("INTEROP_OPTIMIZE", "1").strip().lower() not in ("0", "false", "no")
 
 
-def _current(graph: Graph) -> None:
-    """Drop the cached sessions and optimized copy if the graph changed since they were built
-    (the rule: `interop.runtime_cache`)."""
-    current(graph)
-
-
 def session_for(graph: Graph, device: str, *, overrides: bool = False) -> Any:
     """The graph's ONNX Runtime session for `device`, created once.
 
@@ -89,7 +83,7 @@ def session_for(graph: Graph, device: str, *, overrides: bool = False) -> Any:
     graph as captured whose initializer-backed inputs can be fed (ONNX Runtime treats them
     as constants in an IR-version-3 file: that session reads the model as IR 4).
     """
-    _current(graph)
+    current(graph)  # drops a stale cache (the rule: interop.runtime_cache)
     key = device + ("+weights" if overrides else "")
     session = graph._sessions.get(key)
     if session is not None:
@@ -108,7 +102,7 @@ def optimized_model(graph: Graph) -> Any:
     Of the optimization stages (`interop.optimize`), the most optimized one whose session
     ONNX Runtime creates on the CPU; the graph as captured if none does.
     """
-    _current(graph)
+    current(graph)  # drops a stale cache (the rule: interop.runtime_cache)
     session_for(graph, "cpu")
     return graph._optimized.model if graph._optimized is not None else graph.model
 
