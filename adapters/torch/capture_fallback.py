@@ -35,6 +35,8 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from .capture_returns import submodule_hooks
+
 RTOL, ATOL = 1e-4, 1e-5
 
 
@@ -46,22 +48,9 @@ class ModuleStack:
         self.module = module
         self.stack: list[str] = []
 
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[None]:
-        handles = []
+    def recording(self) -> contextlib.AbstractContextManager[None]:
         self.stack.clear()
-        try:
-            for path, sub in self.module.named_modules():
-                if path:
-                    handles.append(sub.register_forward_pre_hook(self._push(path)))
-                    handles.append(sub.register_forward_hook(self._pop(path)))
-        except Exception:  # a module that refuses hooks: no path in the error
-            pass
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        return submodule_hooks(self.module, pre_hook=self._push, hook=self._pop)
 
     def _push(self, path: str) -> Callable[..., None]:
         def hook(module: Any, args: Any) -> None:

@@ -47,6 +47,32 @@ def returned_tensors(obj: Any, expand: Callable[[Any], Any], depth: int = 0) -> 
     return [t for item in items for t in returned_tensors(item, expand, depth + 1)]
 
 
+@contextlib.contextmanager
+def submodule_hooks(
+    module: torch.nn.Module,
+    pre_hook: Callable[[str], Callable[..., None]] | None = None,
+    hook: Callable[[str], Callable[..., None]] | None = None,
+) -> Iterator[None]:
+    """Installs ``pre_hook(path)`` / ``hook(path)`` as forward (pre-)hooks on every named
+    submodule for the duration of the block. A module that refuses hooks stops the
+    installation quietly: the hooks are diagnostics and must never fail a trace."""
+    handles = []
+    try:
+        for path, sub in module.named_modules():
+            if path:
+                if pre_hook is not None:
+                    handles.append(sub.register_forward_pre_hook(pre_hook(path)))
+                if hook is not None:
+                    handles.append(sub.register_forward_hook(hook(path)))
+    except Exception:
+        pass
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class ModuleReturns:
     """Records the FX nodes returned by every call of every submodule of `module`."""
 
@@ -55,20 +81,8 @@ class ModuleReturns:
         self.calls: dict[str, list[list[Any]]] = {}  # path -> per call, FX node or None per tensor
         self._tracer: Any = None
 
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[None]:
-        handles = []
-        try:
-            for path, sub in self.module.named_modules():
-                if path:
-                    handles.append(sub.register_forward_hook(self._hook(path)))
-        except Exception:  # a module that refuses hooks: record nothing
-            pass
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+    def recording(self) -> contextlib.AbstractContextManager[None]:
+        return submodule_hooks(self.module, hook=self._hook)
 
     def _hook(self, path: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
