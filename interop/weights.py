@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from .errors import WeightsError
+from .errors import WeightsError, close_matches
 
 __all__ = [
     "WeightSpec",
@@ -46,6 +46,10 @@ __all__ = [
     "host_array",
     "is_mapped",
     "dtype_name",
+    "Wanted",
+    "match_weights",
+    "placeholder",
+    "ir_dtype",
 ]
 
 # https://github.com/huggingface/safetensors (format: u64 header size, JSON header, data)
@@ -141,6 +145,89 @@ class WeightSource:
             shape=ir.Shape(spec.shape),
             name=name,
         )
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """A weight a model computes with, as the capture names it (for `match_weights`)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: ir.DataType
+    abstract: bool = True  # the model holds no value for it: the source must have it
+    aliases: tuple[str, ...] = ()  # other names a checkpoint may give it
+
+
+def match_weights(
+    source: WeightSource,
+    wanted: list[Wanted],
+    *,
+    model: str,
+    spelled: str,
+    dtype_fix: str,
+    convert: bool = False,
+) -> dict[str, str]:
+    """Check `source` against the weights a model wants; returns capture name -> source name.
+
+    Raises `WeightsError` naming the tensor and its file for a tensor the model does not
+    have (with the closest name it has), an abstract weight the source lacks, a shape or
+    a dtype mismatch (`convert`: floating dtypes may differ, converted when read). Only
+    the headers are looked at (the Flax and Keras captures; torch has its own check)."""
+    names = {w.name for w in wanted} | {a for w in wanted for a in w.aliases}
+    extra = sorted(set(source.specs) - names)
+    if extra:
+        spec = source.specs[extra[0]]
+        close = close_matches(extra[0], names, n=1)
+        raise WeightsError(
+            f"{len(extra)} tensor(s) of the weights are not weights of {model}: "
+            f"'{extra[0]}' in {spec.where}" + (f" ('{close[0]}' exists)" if close else ""),
+            f"names as {spelled}",
+            "load the checkpoint of this architecture, or rename its tensors (a mapping of "
+            "name -> array passed as weights=)",
+        )
+    found: dict[str, str] = {}
+    for want in wanted:
+        name = next((n for n in (want.name, *want.aliases) if n in source), None)
+        if name is None:
+            if want.abstract:
+                close = close_matches(want.name, source.specs, n=1)
+                raise WeightsError(
+                    f"The weights have no tensor '{want.name}' ({model} holds only its shape "
+                    f"and dtype); looked in {source.origin}"
+                    + (f" (it has '{close[0]}')" if close else ""),
+                    f"every weight of {model}, named as {spelled}",
+                    "pass the complete checkpoint (every shard and its index json)",
+                )
+            continue  # a value the model holds itself
+        spec = source.specs[name]
+        if spec.shape != want.shape:
+            raise WeightsError(
+                f"Tensor '{name}' in {spec.where} has shape {list(spec.shape)}, "
+                f"{model}.{want.name} has {list(want.shape)}",
+                "the checkpoint of this model's configuration",
+                "build the model from the checkpoint's config (hidden size, layers, vocab)",
+            )
+        floats = spec.dtype.is_floating_point() and want.dtype.is_floating_point()
+        if spec.dtype != want.dtype and not (convert and floats):
+            raise WeightsError(
+                f"Tensor '{name}' in {spec.where} is {dtype_name(spec.dtype)}, "
+                f"{model}.{want.name} is {dtype_name(want.dtype)}",
+                "the model built in the checkpoint's dtype",
+                dtype_fix.format(dtype=dtype_name(spec.dtype)),
+            )
+        found[want.name] = name
+    return found
+
+
+def placeholder(shape: tuple[int, ...], dtype: ir.DataType, name: str) -> ir.TensorProtocol:
+    """A tensor of zeros made only if read: the initializer of a weight while an abstract
+    model is traced (shapes are all the trace needs), replaced by the source's tensor."""
+    return ir.LazyTensor(
+        lambda: ir.Tensor(np.zeros(shape, dtype.numpy()), dtype=dtype),
+        dtype=dtype,
+        shape=ir.Shape(shape),
+        name=name,
+    )
 
 
 def open_weights(weights: Any) -> WeightSource:
@@ -291,6 +378,11 @@ def _from_mapping(weights: Mapping[str, Any]) -> WeightSource:
         count = int(np.prod(shape, dtype=np.int64))
         specs[str(name)] = WeightSpec(str(name), dtype, shape, None, 0, count * dtype.bitwidth // 8)
     return WeightSource(specs, weights, "the weights mapping")
+
+
+def ir_dtype(dtype: Any) -> ir.DataType | None:
+    """The ONNX dtype of a numpy / torch / JAX / Keras dtype (or its name); None if none."""
+    return _ir_dtype(dtype)
 
 
 def _ir_dtype(dtype: Any) -> ir.DataType | None:

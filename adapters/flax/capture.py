@@ -25,6 +25,7 @@ from interop import provenance
 from interop.errors import InteropError, TraceError
 from interop.graph import Graph
 from interop.structure import flatten_outputs
+from interop.weights import placeholder
 
 from . import (  # noqa: F401  (register the converters)
     capture_dim_check,
@@ -146,6 +147,8 @@ def trace_model(
     name: str | None = None,
     check: bool = True,
     check_dims: bool = True,
+    weights: Any = None,
+    compute_dtype: Any = None,
 ) -> Graph:
     """Trace a Flax/JAX model on `example_inputs` into a Graph (see `interop.trace`).
 
@@ -162,7 +165,17 @@ def trace_model(
     >>> g = interop.trace(nnx.Linear(4, 2, rngs=nnx.Rngs(0)), jnp.ones((3, 4)))
     >>> g.inputs[0].shape, g.count_params()
     (('batch', 4), 10)
+
+    ``weights=`` traces an abstract model (``nnx.eval_shape``, linen variables from
+    ``jax.eval_shape``) with its weights read lazily from a checkpoint (capture_weights.py).
     """
+    if weights is not None or compute_dtype is not None:
+        from .capture_weights import trace_with_weights
+
+        return trace_with_weights(
+            model, example_inputs, weights=weights, compute_dtype=compute_dtype,
+            dynamic_batch=dynamic_batch, dynamic_dims=dynamic_dims, name=name, check=check,
+        )  # fmt: skip
     cap = capture(model)
     args, kwargs = normalize_inputs(example_inputs)
     args = tuple(np.asarray(a) if not isinstance(a, jax.Array) else a for a in args)
@@ -255,7 +268,7 @@ def _build(
     initializers: list[ir.Value] = []
     kinds = dict(cap.kinds)
     for name, leaf in zip(cap.names, jax.tree_util.tree_leaves(cap.params), strict=False):
-        initializers.append(ir.Value(name=name, const_value=ir.tensor(np.asarray(leaf), name=name)))
+        initializers.append(ir.Value(name=name, const_value=_weight(leaf, name)))
     # The jaxpr's own constants: arrays the function closed over (named after the
     # closure variable when found) and large literals.
     named = closure_names(model) if not cap.names else {}
@@ -304,6 +317,15 @@ def _build(
     else:
         graph.meta[_ORIGINS] = low.origins
     return Graph(onnx_model)
+
+
+def _weight(leaf: Any, name: str) -> ir.TensorProtocol:
+    """A parameter's initializer; an abstract one (`jax.ShapeDtypeStruct`, traced with
+    ``weights=``) holds zeros made only if read, until capture_weights.py gives its tensor."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        dtype = ir.DataType.from_numpy(np.dtype(leaf.dtype))
+        return placeholder(tuple(int(d) for d in leaf.shape), dtype, name)
+    return ir.tensor(np.asarray(leaf), name=name)
 
 
 def _finalize_outputs(low, outs, inputs, outvars, names) -> list[ir.Value]:
