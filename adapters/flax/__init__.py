@@ -115,6 +115,10 @@ class FlaxAdapter:
         )
 
     def trace(self, model: Any, example_inputs: Any, **options: Any) -> Any:
+        if options.get("weights") is not None or options.get("compute_dtype") is not None:
+            from .capture_weights import trace_with_weights  # weights apart (issue 20)
+
+            return trace_with_weights(model, example_inputs, **options)
         from .capture import trace_model
 
         return trace_model(model, example_inputs, **options)

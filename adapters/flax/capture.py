@@ -147,8 +147,6 @@ def trace_model(
     name: str | None = None,
     check: bool = True,
     check_dims: bool = True,
-    weights: Any = None,
-    compute_dtype: Any = None,
 ) -> Graph:
     """Trace a Flax/JAX model on `example_inputs` into a Graph (see `interop.trace`).
 
@@ -166,16 +164,8 @@ def trace_model(
     >>> g.inputs[0].shape, g.count_params()
     (('batch', 4), 10)
 
-    ``weights=`` traces an abstract model (``nnx.eval_shape``, linen variables from
-    ``jax.eval_shape``) with its weights read lazily from a checkpoint (capture_weights.py).
+    An abstract model (``nnx.eval_shape``) is traced with ``weights=`` (capture_weights.py).
     """
-    if weights is not None or compute_dtype is not None:
-        from .capture_weights import trace_with_weights
-
-        return trace_with_weights(
-            model, example_inputs, weights=weights, compute_dtype=compute_dtype,
-            dynamic_batch=dynamic_batch, dynamic_dims=dynamic_dims, name=name, check=check,
-        )  # fmt: skip
     cap = capture(model)
     args, kwargs = normalize_inputs(example_inputs)
     args = tuple(np.asarray(a) if not isinstance(a, jax.Array) else a for a in args)

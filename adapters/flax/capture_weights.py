@@ -30,6 +30,7 @@ each weight is converted when read.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,7 +43,7 @@ from interop.graph import Graph
 from interop.weights import Wanted, ir_dtype, match_weights, open_weights
 
 from . import is_linen_module, is_nnx_module
-from .capture import _applied_linen, capture, trace_model
+from .capture import capture, trace_model
 from .capture_modules import leaf_names
 
 
@@ -50,7 +51,7 @@ def trace_with_weights(
     model: Any,
     example_inputs: Any,
     *,
-    weights: Any,
+    weights: Any = None,
     compute_dtype: Any = None,
     **options: Any,
 ) -> Graph:
@@ -133,9 +134,10 @@ def _prepared(model: Any, target: Any) -> Any:
 
 
 def _linen_parts(model: Any) -> tuple[Any, Any]:
-    applied = _applied_linen(model)
-    if applied is not None:
-        return applied
+    if isinstance(model, functools.partial) and len(model.args) == 1:  # partial(m.apply, v)
+        owner = getattr(model.func, "__self__", None)
+        if is_linen_module(owner) and isinstance(model.args[0], Mapping):
+            return owner, model.args[0]
     if isinstance(model, tuple) and len(model) == 2 and is_linen_module(model[0]):
         return model
     if is_linen_module(model) and getattr(model, "scope", None) is not None:

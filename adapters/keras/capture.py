@@ -84,6 +84,9 @@ def _call_structure(model: Any, example_inputs: Any) -> tuple[list[Any], dict[st
     return [example_inputs], {}
 
 
+call_structure = _call_structure  # public: capture_weights.py builds a model by it
+
+
 def _to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # torch tensors on the torch backend
         value = value.detach().cpu()
@@ -116,6 +119,7 @@ def trace_model(
     check_dynamic_dims: bool = True,
     verbose: bool = False,
     check_dims: bool = True,
+    builder: Builder | None = None,
 ) -> Graph:
     """Trace a Keras model or layer on `example_inputs` into a Graph (see `interop.trace`).
 
@@ -123,13 +127,15 @@ def trace_model(
     >>> g = interop.trace(model, np.zeros((1, 4), np.float32))                            # doctest: +SKIP
     >>> [layer.path for layer in g.layers], g.count_params() == model.count_params()      # doctest: +SKIP
     (['input_layer', 'fc'], True)
+
+    ``builder`` is the `Builder` to lower into (capture_weights.py's makes variables lazy).
     """
     del verbose  # nothing is printed either way
     args, kwargs = _call_structure(model, example_inputs)
     if not model.built:
         model(*args, **with_training(model, kwargs))
     seeds = capture_dim_check.seed_states(model)  # the noise the trace draws, for the check
-    b = Builder()
+    b = builder or Builder()
     b.lower_callable = lower_callable
     graph_inputs: list[ir.Value] = []
     flat_examples = tree.flatten((args, kwargs))
