@@ -324,6 +324,40 @@ def test_tensor_array_of_a_python_loop_is_lowered():
         np.testing.assert_allclose(graph.run(batch), np.asarray(model(batch)), rtol=1e-5)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow backend")
+def test_map_over_the_batch_writes_a_loop_with_scan_outputs():
+    """``ops.map`` over the batch (keras_hub D-FINE's query generator gathering each
+    sample's top-k rows) is a ``tf.while_loop`` writing a TensorArray: tf2onnx turns its
+    writes into the ``Loop``'s scan outputs. interop's own TensorList lowering (for Python
+    loops, above) must leave such lists to tf2onnx, or the loop body's ScatterND on the
+    list's int32 length stand-in makes a Loop ONNX Runtime refuses."""
+    import tensorflow as tf
+
+    class TopRows(layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = layers.Dense(4, name="proj")
+
+        def call(self, x):
+            h = self.dense(x)
+            top = tf.math.top_k(ops.max(h, axis=-1), k=2)[1]
+            return ops.map(lambda e: ops.take(e[0], e[1], axis=0), (h, top))
+
+        def compute_output_shape(self, shape):
+            return (shape[0], 2, 4)
+
+    inputs = keras.Input((6, 3))
+    model = keras.Model(inputs, TopRows(name="top")(inputs))
+    rng = np.random.RandomState(0)
+    x = rng.rand(2, 6, 3).astype("float32")
+    with pytest.warns(UserWarning, match="backend's tracer"):
+        graph = interop.trace(model, x)
+    assert "Loop" in [n.op_type for n in graph.model.graph]
+    assert graph.count_params() == model.count_params()
+    for batch in (x, rng.rand(3, 6, 3).astype("float32")):
+        np.testing.assert_allclose(graph.run(batch), np.asarray(model(batch)), rtol=1e-6)
+
+
 def test_flattened_rows_are_not_named_batch():
     """A reshape to ``(-1, hidden)`` inside a layer (keras_hub Qwen3.5-MoE's router) has
     batch * length rows: its unknown first axis must not be named the batch, or making the
@@ -434,3 +468,27 @@ def test_nested_functional_fed_a_dict_beside_keyword_options_matches_inputs_by_n
     expected = np.asarray(outer(x))
     assert np.abs(expected).max() > 0.01 and (expected == 0).any()  # the mask matters
     np.testing.assert_allclose(graph.run(**x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_scatter_update_is_converted_without_the_tracer():
+    """``ops.scatter_update`` (keras_hub Gemma4's centroid logits) has a converter: the
+    layer opens symbolically, with no backend tracer."""
+
+    class Scatter(layers.Layer):
+        def call(self, x, idx):
+            rows = ops.reshape(ops.arange(ops.shape(x)[0], dtype="int32"), (-1, 1))
+            coords = ops.concatenate([rows, idx], axis=1)
+            return ops.scatter_update(ops.zeros_like(x), coords, ops.sum(x, axis=1))
+
+    x_in, i_in = keras.Input((5,)), keras.Input((1,), dtype="int32")
+    model = keras.Model([x_in, i_in], Scatter(name="scatter")(x_in, i_in))
+    rng = np.random.RandomState(0)
+    x, idx = rng.rand(3, 5).astype("float32"), np.array([[4], [0], [2]], "int32")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = interop.trace(model, [x, idx])
+    assert not any("backend's tracer" in str(w.message) for w in caught)
+    assert "ScatterND" in [n.op_type for n in graph.model.graph]
+    np.testing.assert_allclose(graph.run(x, idx), np.asarray(model([x, idx])), rtol=1e-6)

@@ -1,5 +1,5 @@
 """``keras.ops`` array converters: shapes (broadcast, tile, repeat, axes moves, flips,
-triangles, unstack, pad), indexing (one_hot, take, take_along_axis) and construction
+triangles, unstack, pad), indexing (one_hot, take, take_along_axis, scatter_update) and construction
 (arange, convert_to_tensor).
 
 Same conventions as `capture_ops.py`: each converter receives the recorded Operation
@@ -171,6 +171,16 @@ def import_take_along_axis(b: Builder, op: Any, x: Any, indices: Any) -> ir.Valu
     size = b.op("Gather", [vs, b.ints([axis])])
     idx = b.op("Where", [b.op("Less", [idx, b.const(np.int64(0))]), b.op("Add", [idx, size]), idx])
     return b.op("GatherElements", [v, idx], {"axis": axis})
+
+
+@register_op("ScatterUpdate")
+def import_scatter_update(b: Builder, op: Any, x: Any, indices: Any, updates: Any) -> ir.Value:
+    """ops.scatter_update: ``x`` with the ``(n, k)`` index rows replaced by ``updates``
+    (keras_hub Gemma4's centroid logits)."""
+    idx = b.op("Cast", [value(b, indices, "int64")], {"to": ir.DataType.INT64})
+    v = value(b, x)
+    new = b.op("CastLike", [value(b, updates), v])
+    return b.op("ScatterND", [v, idx, new])
 
 
 @register_op("Arange")

@@ -332,6 +332,8 @@ def trace_tensorflow(
 
     traced = tf.function(flat, input_signature=signature, autograph=False)
     traced.get_concrete_function()  # the layer's own failure, before tf2onnx's
+    _RESERVED.clear()
+    _WRITTEN.clear()
     with _quiet_tf2onnx():
         model, _ = tf2onnx.convert.from_function(
             traced, input_signature=signature, opset=OPSET, custom_op_handlers=_TF_OPS
@@ -360,6 +362,8 @@ def _tensor_list_reserve(ctx: Any, node: Any, name: str, args: Any) -> None:
     (which knows the item's shape); the reserve itself stands for its length."""
     from onnx import TensorProto
 
+    if any(c.is_while() for c in ctx.find_output_consumers(node.output[0])):
+        return  # a while loop's list (``ops.map``): tf2onnx makes it a Loop's scan output
     _RESERVED[node.output[0]] = node.input[1]
     node.type = "Identity"
     ctx.replace_inputs(node, [node.input[1]])
@@ -373,7 +377,13 @@ def _tensor_list_set_item(ctx: Any, node: Any, name: str, args: Any) -> None:
 
     handle, index, item = node.input[:3]
     dtype = ctx.get_dtype(item)
-    if handle in _RESERVED or ctx.get_node_by_output(handle).type == "TensorListReserve":
+    producer = ctx.get_node_by_output(handle)
+    if handle not in _RESERVED and handle not in _WRITTEN and producer.type != "TensorListReserve":
+        # a list carried by a while loop (the body's input): tf2onnx's While conversion
+        # makes the write a scan output; a ScatterND here would write into the int32 length
+        # a reserve outside stands for (keras_hub D-FINE's ``ops.map``, refused by ORT)
+        return
+    if handle in _RESERVED or producer.type == "TensorListReserve":
         length = _RESERVED.get(handle) or ctx.get_node_by_output(handle).input[1]
         length = ctx.make_node("Cast", [length], attr={"to": TensorProto.INT64}).output[0]
         length = ctx.make_node("Reshape", [length, _int64s(ctx, [1])]).output[0]
@@ -386,6 +396,7 @@ def _tensor_list_set_item(ctx: Any, node: Any, name: str, args: Any) -> None:
     position = ctx.make_node("Reshape", [position, _int64s(ctx, [1, 1])]).output[0]
     update = ctx.make_node("Unsqueeze", [item, _int64s(ctx, [0])]).output[0]
     node.type = "ScatterND"
+    _WRITTEN.add(node.output[0])
     ctx.replace_inputs(node, [handle, position, update])
     ctx.set_dtype(node.output[0], dtype)
 
@@ -403,6 +414,7 @@ def _int64s(ctx: Any, values: list[int]) -> str:
 
 
 _RESERVED: dict[str, str] = {}  # a reserve's output -> its length, during one conversion
+_WRITTEN: set[str] = set()  # the lists (ScatterND outputs) those writes made
 
 # TF ops tf2onnx leaves out, converted here: name -> (handler, extra arguments)
 _TF_OPS = {
