@@ -23,7 +23,9 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -391,7 +393,9 @@ def run(
     names = list(output_names) if output_names else [s.name for s in graph.outputs]
 
     def call(session: Any) -> list[Any]:
-        return run_bound(session, names, feeds) if device == "cuda" else session.run(names, feeds)
+        if device == "cuda":
+            return run_bound(session, names, feeds, device)
+        return session.run(names, feeds)
 
     try:
         try:
@@ -429,34 +433,102 @@ def _captured_fallback(graph: Graph, device: str, overrides: bool) -> Any:
     return graph._sessions[key]
 
 
-def run_bound(session: Any, names: Sequence[str], feeds: Mapping[str, Any]) -> list[np.ndarray]:
-    """One run through IO binding on CUDA: inputs bound where they live, outputs on the GPU.
+class _Bound:
+    """One thread's IO binding of one session, kept between runs.
 
-    Weights live on the GPU from the session's creation on; a numpy input is copied up
-    once, a torch CUDA tensor or a CUDA ``OrtValue`` is bound in place, and the outputs
-    are written to GPU memory and copied to the host once, at the end.
+    A numpy input is copied into an ``OrtValue`` on the device that stays bound (the next
+    run of the same shape and dtype writes into it: no rebinding, no new buffer); the
+    outputs ONNX Runtime allocated on the device in the first run are bound for the next
+    runs with the same input shapes, so they are written in place.
+    """
+
+    def __init__(self, session: Any, device: str, names: tuple[str, ...]) -> None:
+        self.binding = session.io_binding()
+        self.device = device
+        self.names = names
+        self.inputs: dict[str, tuple[Any, Any]] = {}  # numpy input -> (bound OrtValue, dtype)
+        self.shapes: dict[str, tuple[Any, ...]] | None = None  # input shapes of the last run
+        self.outputs: list[Any] = []  # the OrtValues bound as outputs
+
+
+_BINDINGS = threading.local()  # per thread: IO bindings are not thread-safe
+
+
+def bound(session: Any, device: str, names: Sequence[str]) -> _Bound:
+    """This thread's binding of `session` for `names` (created on first use)."""
+    table = getattr(_BINDINGS, "table", None)
+    if table is None:
+        table = _BINDINGS.table = weakref.WeakKeyDictionary()
+    state = table.get(session)
+    if state is None or state.device != device or state.names != tuple(names):
+        state = table[session] = _Bound(session, device, tuple(names))
+    return state
+
+
+def run_bound(
+    session: Any, names: Sequence[str], feeds: Mapping[str, Any], device: str = "cuda"
+) -> list[np.ndarray]:
+    """One run through IO binding: inputs bound where they live, outputs on `device`.
+
+    On CUDA, weights live on the GPU from the session's creation on; a numpy input is
+    copied up into the input buffer bound in the first run, a torch CUDA tensor or a CUDA
+    ``OrtValue`` is bound in place, and the outputs are written into the device buffers
+    of the previous run (same input shapes) and copied to the host once, at the end.
+    The same code runs with ``device="cpu"`` (tests/test_runtime_optimize.py).
+
+    >>> run_bound(graph._sessions["cuda"], ["y"], {"x": x})       # doctest: +SKIP
     """
     import onnxruntime as ort
 
-    binding = session.io_binding()
+    state = bound(session, device, names)
+    binding = state.binding
+    shapes: dict[str, tuple[Any, ...]] = {}
     torch_inputs = False
     for name, value in feeds.items():
         if isinstance(value, np.ndarray):
-            binding.bind_cpu_input(name, value)
+            held, dtype = state.inputs.get(name, (None, None))
+            if held is None or held.shape() != list(value.shape) or dtype != value.dtype:
+                held = ort.OrtValue.ortvalue_from_shape_and_type(
+                    value.shape, value.dtype, device, 0
+                )  # owned by us: never aliases the caller's array, even on the CPU
+                binding.bind_ortvalue_input(name, held)
+                state.inputs[name] = (held, value.dtype)
+            held.update_inplace(value)  # host to device, into the bound buffer
+            shapes[name] = value.shape
         elif isinstance(value, ort.OrtValue):
+            state.inputs.pop(name, None)
             binding.bind_ortvalue_input(name, value)
+            shapes[name] = tuple(value.shape())
         else:  # a torch CUDA tensor, contiguous (prepare_inputs)
+            state.inputs.pop(name, None)
             torch_inputs = True
             dtype = np.dtype(str(value.dtype).removeprefix("torch."))
             index = value.device.index or 0
             shape = tuple(value.shape)
             binding.bind_input(name, "cuda", index, dtype, shape, value.data_ptr())
-    for name in names:
-        binding.bind_output(name, "cuda")
+            shapes[name] = shape
+    reuse = state.shapes == shapes and len(state.outputs) == len(names)
+    if not reuse:
+        for name in names:
+            binding.bind_output(name, device)  # allocated by ONNX Runtime on the device
     if torch_inputs:  # torch's kernels writing the inputs run on torch's own stream
         sys.modules["torch"].cuda.synchronize()
-    session.run_with_iobinding(binding)
-    return binding.copy_outputs_to_cpu()
+    try:
+        session.run_with_iobinding(binding)
+    except Exception:
+        if not reuse:
+            raise
+        for name in names:  # an output whose shape depends on the values: allocate anew
+            binding.bind_output(name, device)
+        session.run_with_iobinding(binding)
+        reuse = False
+    if not reuse:
+        state.outputs = binding.get_outputs()
+        for name, value in zip(names, state.outputs):
+            binding.bind_ortvalue_output(name, value)  # the next run writes in place
+        state.shapes = shapes
+    # a CPU OrtValue's numpy() is a view of the bound buffer the next run overwrites
+    return [v.numpy().copy() if device == "cpu" else v.numpy() for v in state.outputs]
 
 
 def _first_lines(err: BaseException, limit: int = 600) -> str:
