@@ -61,6 +61,26 @@ class Program:
         self.inputs: list[tuple[str, int]] = []
         self.outputs: list[Any] = []
         self.slots = 0
+        self._drops: list[list[int]] | None = None
+
+    def drops(self) -> list[list[int]]:
+        """Per step, the slots no later step reads: dropped after it, so a forward holds only
+        the live activations (not every intermediate until it returns)."""
+        if self._drops is None or len(self._drops) != len(self.steps):
+            kept = {spec[1] for spec in self.outputs if spec is not None and spec[0] == SLOT}
+            last: dict[int, int] = {}
+            for index, (_, _, args, outs) in enumerate(self.steps):
+                for spec in args:
+                    if spec is not None and spec[0] == SLOT:
+                        last[spec[1]] = index
+                for slot in outs:
+                    if slot is not None:
+                        last.setdefault(slot, index)  # written and never read: dropped at once
+            self._drops = [[] for _ in self.steps]
+            for slot, index in last.items():
+                if slot not in kept:
+                    self._drops[index].append(slot)
+        return self._drops
 
     def run(self, module: Any, inputs: Sequence[Any], named: dict[str, Any]) -> Any:
         env: list[Any] = [None] * self.slots
@@ -78,7 +98,7 @@ class Program:
                 return payload
             return lookup(module, payload)[...]
 
-        for layer_path, function, args, outs in self.steps:
+        for (layer_path, function, args, outs), drops in zip(self.steps, self.drops()):
             values = [resolve(a) for a in args]
             if layer_path is None:
                 results = function(*values)
@@ -88,6 +108,9 @@ class Program:
             for slot, result in zip(outs, results):
                 if slot is not None:
                     env[slot] = result
+            del values, results
+            for slot in drops:
+                env[slot] = None
         outputs = [as_jax(resolve(spec)) for spec in self.outputs]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 

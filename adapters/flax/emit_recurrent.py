@@ -32,7 +32,7 @@ from flax import nnx
 from interop.emitter import Native, optional_weight, packed_sources
 
 from . import EMIT_LAYERS
-from .emit_layers import assemble
+from .emit_layers import assemble, floating
 
 # ONNX gate blocks in Flax's order: LSTM i,o,f,c -> i,f,c(g),o; GRU z,r,h -> r,z,h(n)
 _GATE_ORDER = {"LSTM": [0, 2, 3, 1], "GRU": [1, 0, 2], "RNN": [0]}
@@ -142,7 +142,7 @@ def recurrent_layer(emitter: Any, node: Any, args: list[Any]) -> Native | None:
     attrs = emitter.node_attributes(node)
     w, r = (emitter.weight(node.inputs[i]) for i in (1, 2))
     bias_value, bias, ok = optional_weight(emitter, node, 3)
-    if w is None or r is None or not ok or w.dtype.kind != "f" or w.ndim != 3:
+    if w is None or r is None or not ok or not floating(w.dtype) or w.ndim != 3:
         return None
     if not _expressible(emitter, node, attrs):
         return None

@@ -64,6 +64,17 @@ class _Weight:
         self.value, self.path = value, None
 
 
+class _Deferred:
+    """A node over a weight that a native layer may take over (a Transpose of a weight that a
+    MatMul holds as its kernel): recorded only if a generic op reads its output, so the
+    weight does not become a variable next to the layer's copy."""
+
+    __slots__ = ("node", "args", "slot")
+
+    def __init__(self, node: ir.Node, args: list[Any]):
+        self.node, self.args, self.slot = node, args, None
+
+
 def _call_layer(layer: Any, *inputs: Any) -> Any:
     return layer(*inputs)
 
@@ -73,6 +84,7 @@ class FlaxEmitter(Emitter):
 
     adapter = "flax"
     layers = EMIT_LAYERS
+    weights_through_transpose = True
 
     def __init__(self, source: Any, *, rngs: nnx.Rngs | None = None, normalized: bool = False):
         super().__init__(source, jax_backend, normalized=normalized)
@@ -109,6 +121,9 @@ class FlaxEmitter(Emitter):
         if node.op_type == "Identity" and node.domain in DEFAULT_DOMAINS:
             if args and isinstance(args[0], _Weight):
                 return [args[0]]
+        if node.op_type == "Transpose" and node.domain in DEFAULT_DOMAINS:
+            if args and isinstance(args[0], _Weight):
+                return [_Deferred(node, args)]
         return None
 
     def call_native(self, node: ir.Node, native: Native, args: list[Any]) -> Sequence[Any]:
@@ -140,6 +155,10 @@ class FlaxEmitter(Emitter):
             return (SLOT, handle.index)
         if isinstance(handle, _Static):
             return (STATIC, handle.array)
+        if isinstance(handle, _Deferred):
+            if handle.slot is None:  # a generic op reads it: the node is recorded now
+                handle.slot = self.call_op(handle.node, handle.args, [])[0]
+            return (SLOT, handle.slot.index)
         if handle.path is None:  # a weight read by a generic op: an nnx variable now
             handle.path = self.variable(handle.value)
         return (VARIABLE, handle.path)
