@@ -167,6 +167,22 @@ def test_sharded_checkpoint_is_referenced_not_read(checkpoint, traced, tmp_path)
     np.testing.assert_allclose(loaded.run(IDS.numpy()), _logits(eager), atol=1e-5)
 
 
+def test_fake_tensor_mode_model_traces_with_its_weights(checkpoint):
+    """A model built under torch's FakeTensorMode (parameters are FakeTensors that report
+    the CPU) is captured like a meta one: weights from the checkpoint, buffers rebuilt."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    eager, folder = checkpoint
+    with FakeTensorMode():
+        fake = transformers.LlamaForCausalLM(_config()).eval()
+    assert isinstance(fake.model.norm.weight, FakeTensor)
+    graph = interop.trace(fake, INPUTS, weights=folder)
+    inits = graph.model.graph.initializers
+    assert isinstance(inits["model.norm.weight"].const_value, ir.ExternalTensor)
+    assert graph.count_params() == sum(p.numel() for p in eager.parameters())
+    np.testing.assert_allclose(graph.run(IDS.numpy()), _logits(eager), atol=1e-5)
+
+
 class Counted:
     """An array-like that counts how often its data is read (shape and dtype are free)."""
 

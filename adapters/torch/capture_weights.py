@@ -33,6 +33,7 @@ from typing import Any
 
 import onnx_ir as ir
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from interop.errors import WeightsError, close_matches
 from interop.graph import Graph
@@ -67,8 +68,10 @@ def trace_with_weights(
     tensors = _named_tensors(module)
     _check(module, source, tensors, target)
     device = next((t.device for t in tensors.values()), torch.device("cpu"))
-    if device.type == "meta" and "check_dims" in inspect.signature(trace_module).parameters:
-        # the second-size check runs the source module eagerly, which a meta module cannot
+    abstract = any(_abstract(t) for t in tensors.values())
+    if abstract and "check_dims" in inspect.signature(trace_module).parameters:
+        # the second-size check runs the source module eagerly, which a module without
+        # weights cannot (see docs/guides/large-models.md, "Limits")
         options.setdefault("check_dims", False)
     with _cast(module, target):
         graph = trace_module(module, _to_device(example_inputs, device), **options)
@@ -143,10 +146,11 @@ def _check(
     for name, tensor in tensors.items():
         found = next((n for n in aliases.get(name, [name]) if n in source), None)
         if found is None:
-            if tensor.is_meta:
+            if _abstract(tensor):
                 raise WeightsError(
                     f"The weights have no tensor '{name}' ({model} holds it on the meta "
-                    f"device, so it has no value); looked in {source.origin}",
+                    f"device or as a fake tensor, so it has no value); looked in "
+                    f"{source.origin}",
                     f"every parameter and persistent buffer of {model}",
                     "pass the complete checkpoint (every shard and its index json)",
                 )
@@ -207,9 +211,15 @@ def _to_device(example_inputs: Any, device: torch.device) -> Any:
     return tuple(move(a) for a in args)
 
 
+def _abstract(tensor: torch.Tensor) -> bool:
+    """A tensor without data: on the meta device, or a fake tensor (a module built under
+    ``torch._subclasses.fake_tensor.FakeTensorMode``, which reports the device it fakes)."""
+    return tensor.is_meta or isinstance(tensor, FakeTensor)
+
+
 def _is_meta(tensor: Any) -> bool:
     raw = getattr(tensor, "raw", None)
-    return isinstance(raw, torch.Tensor) and raw.is_meta
+    return isinstance(raw, torch.Tensor) and _abstract(raw)
 
 
 def _rebuilt_buffer(module: torch.nn.Module, name: str, source: WeightSource) -> Any:
@@ -224,7 +234,7 @@ def _rebuilt_buffer(module: torch.nn.Module, name: str, source: WeightSource) ->
                 value = getattr(type(owner)(config), attr)
     except Exception:  # any failure means the buffer cannot be rebuilt: the error below
         value = None
-    if not isinstance(value, torch.Tensor) or value.is_meta:
+    if not isinstance(value, torch.Tensor) or _abstract(value):
         raise WeightsError(
             f"'{name}' is a buffer on the meta device that the checkpoint does not hold "
             f"(looked in {source.origin})",
