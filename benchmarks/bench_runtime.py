@@ -12,7 +12,10 @@ of each (ours: the optimization plus the session), and for the nnx transformer t
     python benchmarks/bench_runtime.py                 # quick sizes, a few minutes on 2 cores
     python benchmarks/bench_runtime.py --full --write  # ResNet-50 at 224, BERT-base / GPT-2
                                                        # at 12 layers and 128 tokens, ...
-    python benchmarks/bench_runtime.py --only bert gpt2 --rounds 15
+    python benchmarks/bench_runtime.py --only BERT-base GPT-2 --rounds 15
+
+Each model runs in a subprocess of its own (its memory, a 12-layer model and its
+exporter's conversion, is given back before the next starts).
 
 Weights are random (configs only); nothing is downloaded.
 """
@@ -74,13 +77,12 @@ def _torch_export(module: Any, make: Callable[[int], tuple]) -> Callable[[int], 
     return export
 
 
-def torch_cases(full: bool) -> Iterator[Case]:
+def torch_cases(full: bool, want: Callable[[str], bool]) -> Iterator[Case]:
     import torch
     import transformers
 
     torch.manual_seed(0)
     size = 224 if full else 64
-    resnet = transformers.ResNetModel(transformers.ResNetConfig()).eval()  # ResNet-50
 
     def image(batch: int) -> tuple:
         return (
@@ -89,17 +91,23 @@ def torch_cases(full: bool) -> Iterator[Case]:
             ),
         )
 
-    graph = interop.trace(resnet, image(2))
-    yield Case(f"ResNet-50 ({size}x{size})", "torch", "torch.onnx", graph,
-               _torch_export(resnet, image),
-               lambda b: {graph.inputs[0].name: image(b)[0].numpy()})  # fmt: skip
+    if want("ResNet-50"):
+        resnet = transformers.ResNetModel(transformers.ResNetConfig()).eval()  # ResNet-50
+        graph = interop.trace(resnet, image(2))
+        yield Case(f"ResNet-50 ({size}x{size})", "torch", "torch.onnx", graph,
+                   _torch_export(resnet, image),
+                   lambda b: {graph.inputs[0].name: image(b)[0].numpy()})  # fmt: skip
 
     seq, layers = (128, 12) if full else (64, 4)
-    for name, model in (
-        ("BERT-base", transformers.BertModel(transformers.BertConfig(num_hidden_layers=layers))),
-        ("GPT-2", transformers.GPT2Model(transformers.GPT2Config(n_layer=layers, use_cache=False))),
+    for name, config in (
+        ("BERT-base", lambda: transformers.BertConfig(num_hidden_layers=layers)),
+        ("GPT-2", lambda: transformers.GPT2Config(n_layer=layers, use_cache=False)),
     ):
-        model.eval()
+        if not want(name):
+            continue
+        torch.manual_seed(0)
+        factory = transformers.BertModel if name == "BERT-base" else transformers.GPT2Model
+        model = factory(config()).eval()
         graph = interop.trace(model, (torch.from_numpy(_ids(2, seq)),))
         yield Case(f"{name} ({layers} layers, seq {seq})", "torch", "torch.onnx", graph,
                    _torch_export(model, lambda b: (torch.from_numpy(_ids(b, seq)),)),
@@ -120,20 +128,23 @@ def _tf2onnx(model: Any, specs: list[Any]) -> Callable[[int], Any]:
     return convert
 
 
-def keras_cases(full: bool) -> Iterator[Case]:
+def keras_cases(full: bool, want: Callable[[str], bool]) -> Iterator[Case]:
     import keras
     import tensorflow as tf
 
     size = 224 if full else 64
-    resnet = keras.applications.ResNet50(weights=None, input_shape=(size, size, 3))
 
     def image(batch: int) -> np.ndarray:
         return np.random.default_rng(batch).random((batch, size, size, 3), "float32")
 
-    graph = interop.trace(resnet, image(2))
-    spec = [tf.TensorSpec((None, size, size, 3), tf.float32, name="input")]
-    yield Case(f"ResNet50 ({size}x{size})", "keras", "tf2onnx", graph, _tf2onnx(resnet, spec),
-               lambda b: {graph.inputs[0].name: image(b)})  # fmt: skip
+    if want("ResNet50"):
+        resnet = keras.applications.ResNet50(weights=None, input_shape=(size, size, 3))
+        graph = interop.trace(resnet, image(2))
+        spec = [tf.TensorSpec((None, size, size, 3), tf.float32, name="input")]
+        yield Case(f"ResNet50 ({size}x{size})", "keras", "tf2onnx", graph,
+                   _tf2onnx(resnet, spec), lambda b: {graph.inputs[0].name: image(b)})  # fmt: skip
+    if not want("keras_hub BERT"):
+        return
 
     import keras_hub
 
@@ -156,7 +167,7 @@ def keras_cases(full: bool) -> Iterator[Case]:
                graph, _tf2onnx(bert, [dict(zip(tokens(1), specs))]), tokens)  # fmt: skip
 
 
-def flax_cases(full: bool) -> Iterator[Case]:
+def flax_cases(full: bool, want: Callable[[str], bool]) -> Iterator[Case]:
     import jax
     import jax.numpy as jnp
     from bench_flax import CNN, Transformer
@@ -170,6 +181,8 @@ def flax_cases(full: bool) -> Iterator[Case]:
         ("nnx CNN (2 conv + BN)", cnn, (32, 32, 3)),
         ("nnx transformer (4 blocks, d64, seq 16)", Transformer(rngs), (16, 64)),
     ):
+        if not want(name):
+            continue
 
         def data(batch: int, shape: tuple = shape) -> np.ndarray:
             return np.random.default_rng(batch).standard_normal((batch, *shape)).astype("float32")
@@ -323,6 +336,67 @@ def key_cost(nodes: int = 2000, runs: int = 300) -> tuple[float, float, float]:
 
 
 FRAMEWORKS = {"torch": torch_cases, "keras": keras_cases, "flax": flax_cases}
+# every model, by the name its row starts with: what --only matches, one subprocess each
+MODELS = {
+    "torch": ["ResNet-50", "BERT-base", "GPT-2"],
+    "keras": ["ResNet50", "keras_hub BERT"],
+    "flax": ["nnx CNN", "nnx transformer"],
+}
+HEADERS = [
+    "model", "anchor", "batch", "anchor ms", "ours ms", "ours / anchor (IQR)",
+    "anchor session s", "ours optimize + session s", "nodes anchor / ours", "stage",
+    "max diff", "jax.jit (ours / jit)",
+]  # fmt: skip
+
+
+def selected(only: list[str]) -> list[tuple[str, str]]:
+    """(framework, model) pairs that --only names (a framework or a name substring)."""
+    names = [o for o in only if o not in FRAMEWORKS]
+    return [
+        (framework, model)
+        for framework, models in MODELS.items()
+        for model in models
+        if not only
+        or framework in only
+        or any(o.lower() in model.lower() or model.lower() in o.lower() for o in names)
+    ]
+
+
+def rows_of(framework: str, model: str, args: argparse.Namespace) -> list[list[str]]:
+    """Measure one model's rows in this process."""
+    rows = []
+    for case in FRAMEWORKS[framework](args.full, lambda name: name.startswith(model)):
+        for batch in args.batches:
+            r = measure(case, batch, args.rounds, args.threads)
+            lo, hi = r["iqr"]
+            jit = f"{r['ms']['jit']:.2f} ms ({r['jit_ratio']:.2f}x)" if "jit" in r["ms"] else ""
+            row = [
+                case.name, case.anchor_name, str(batch),
+                f"{r['ms']['anchor']:.2f}", f"{r['ms']['ours']:.2f}",
+                f"**{r['ratio']:.2f}** ({lo:.2f}-{hi:.2f})",
+                f"{r['anchor_session_s']:.2f}", f"{r['ours_setup_s']:.2f}",
+                f"{r['nodes'][0]} / {r['nodes'][1]}", r["stage"], f"{r['diff']:.1e}", jit,
+            ]  # fmt: skip
+            print(" | ".join(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def isolated(framework: str, model: str, argv: list[str]) -> list[list[str]]:
+    """Run one model in a subprocess of its own, so that its memory (a 12-layer model,
+    its exporter's conversion) is given back before the next model starts."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        command = [sys.executable, __file__, *argv, "--model", framework, model, "--rows", str(out)]
+        done = subprocess.run(command, check=False)
+        if done.returncode != 0 or not out.exists():
+            print(f"{model}: the subprocess failed (exit {done.returncode})", flush=True)
+            return []
+        return json.loads(out.read_text())
 
 
 def main() -> None:
@@ -334,7 +408,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--write", action="store_true", help="update docs/performance.md")
     parser.add_argument("--key-cost", action="store_true", help="only the cache key's cost")
+    parser.add_argument("--note", default="", help="a sentence added under the table")
+    parser.add_argument("--model", nargs=2, help=argparse.SUPPRESS)  # a child: one model
+    parser.add_argument("--rows", help=argparse.SUPPRESS)  # where a child writes its rows
     args = parser.parse_args()
+    if args.model:
+        import json
+
+        Path(args.rows).write_text(json.dumps(rows_of(*args.model, args)))
+        return
     key, run, walk = key_cost()
     key_line = (
         f"Cache key (`interop/runtime_cache.py`) on a 2,000-node graph: {key * 1e6:.2f} us per "
@@ -344,36 +426,11 @@ def main() -> None:
     print(key_line, flush=True)
     if args.key_cost:
         return
+    argv = ["--batches", *map(str, args.batches), "--rounds", str(args.rounds),
+            "--threads", str(args.threads)] + (["--full"] if args.full else [])  # fmt: skip
     rows = []
-    for framework, cases in FRAMEWORKS.items():
-        if (
-            args.only
-            and framework not in args.only
-            and not any(o not in FRAMEWORKS for o in args.only)
-        ):
-            continue
-        for case in cases(args.full):
-            wanted = [o for o in args.only if o not in FRAMEWORKS]
-            if wanted and not any(o.lower() in case.name.lower() for o in wanted):
-                continue
-            for batch in args.batches:
-                r = measure(case, batch, args.rounds, args.threads)
-                lo, hi = r["iqr"]
-                jit = f"{r['ms']['jit']:.2f} ms ({r['jit_ratio']:.2f}x)" if "jit" in r["ms"] else ""
-                row = [
-                    case.name, case.anchor_name, str(batch),
-                    f"{r['ms']['anchor']:.2f}", f"{r['ms']['ours']:.2f}",
-                    f"**{r['ratio']:.2f}** ({lo:.2f}-{hi:.2f})",
-                    f"{r['anchor_session_s']:.2f}", f"{r['ours_setup_s']:.2f}",
-                    f"{r['nodes'][0]} / {r['nodes'][1]}", r["stage"], f"{r['diff']:.1e}", jit,
-                ]  # fmt: skip
-                print(" | ".join(row), flush=True)
-                rows.append(row)
-    headers = [
-        "model", "anchor", "batch", "anchor ms", "ours ms", "ours / anchor (IQR)",
-        "anchor session s", "ours optimize + session s", "nodes anchor / ours", "stage",
-        "max diff", "jax.jit (ours / jit)",
-    ]  # fmt: skip
+    for framework, model in selected(args.only):
+        rows += isolated(framework, model, argv)
     sizes = "full sizes (--full)" if args.full else "quick sizes (default; --full for real sizes)"
     text = "\n".join(
         [
@@ -382,13 +439,14 @@ def main() -> None:
             else "#### At full size (bench_runtime.py --full)",
             "",
             f"{machine()}; onnxruntime {ort.__version__}, {args.threads} intra-op threads; "
-            f"{sizes}; {args.rounds} interleaved rounds, each the fastest of a few calls per "
-            "side (3 to 20 calls, about 0.3 s), medians; the ratio is the median of "
-            "per-round ratios with its 25-75% range. *stage*: the optimization stage ours ran "
-            "(interop/optimize.py). *max diff*: largest difference between the two graphs' "
-            "first outputs.",
+            f"{sizes}; each model in a subprocess of its own; {args.rounds} interleaved "
+            "rounds, each the fastest of a few calls per side (3 to 20 calls, about 0.3 s), "
+            "medians; the ratio is the median of per-round ratios with its 25-75% range. "
+            "*stage*: the optimization stage ours ran (interop/optimize.py). *max diff*: "
+            "largest difference between the two graphs' first outputs."
+            + (f" {args.note}" if args.note else ""),
             "",
-            table(headers, rows),
+            table(HEADERS, rows),
             "",
             key_line,
         ]
