@@ -15,7 +15,8 @@ mistake reads as a `ShapeError` naming the input instead of an ONNX Runtime trac
 ONNX Runtime's `InferenceSession.run` is thread-safe, so one session serves every thread.
 On CUDA, runs go through IO binding: weights stay on the GPU, inputs that already live
 there (torch CUDA tensors, ``OrtValue``s) are bound in place and outputs are written to
-GPU memory, then copied to the host once.
+GPU memory, then copied to the host once; the binding is kept per thread and session, so
+repeated runs write into the same input and output buffers (`run_bound`).
 """
 
 from __future__ import annotations
