@@ -25,6 +25,7 @@ host lets go of the array), a copy otherwise.
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import struct
@@ -49,6 +50,8 @@ __all__ = [
     "Wanted",
     "match_weights",
     "placeholder",
+    "Placeholder",
+    "serialize_without_placeholders",
     "ir_dtype",
 ]
 
@@ -219,15 +222,54 @@ def match_weights(
     return found
 
 
+class Placeholder(ir.LazyTensor):
+    """Zeros made only if read: a weight's initializer while an abstract model is traced
+    (shapes are all the trace needs), replaced by the source's tensor after it."""
+
+
 def placeholder(shape: tuple[int, ...], dtype: ir.DataType, name: str) -> ir.TensorProtocol:
-    """A tensor of zeros made only if read: the initializer of a weight while an abstract
-    model is traced (shapes are all the trace needs), replaced by the source's tensor."""
-    return ir.LazyTensor(
+    """A `Placeholder` of `shape` and `dtype`."""
+    return Placeholder(
         lambda: ir.Tensor(np.zeros(shape, dtype.numpy()), dtype=dtype),
         dtype=dtype,
         shape=ir.Shape(shape),
         name=name,
     )
+
+
+def serialize_without_placeholders(model: ir.Model) -> Any:
+    """The model as a proto whose `Placeholder` initializers are data-less graph inputs
+    (same names, types and shapes): for shape inference during a capture with weights
+    apart, which would otherwise write the whole model's zeros into the proto."""
+    graph = model.graph
+    held = {
+        name: value.const_value
+        for name, value in graph.initializers.items()
+        if isinstance(value.const_value, Placeholder)
+    }
+    if not held:
+        return ir.serde.serialize_model(model)
+    for name in held:
+        graph.initializers[name].const_value = None
+    logger = logging.getLogger(ir.serde.__name__)  # it warns about each data-less initializer
+    level = logger.level
+    try:
+        logger.setLevel(logging.ERROR)
+        proto = ir.serde.serialize_model(model)
+    finally:
+        logger.setLevel(level)
+        for name, tensor in held.items():
+            graph.initializers[name].const_value = tensor
+    for name in held:
+        value = graph.initializers[name]
+        proto.graph.input.append(ir.serde.serialize_value(value))
+    kept = [info for info in proto.graph.value_info if info.name not in held]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
+    kept_inits = [t for t in proto.graph.initializer if t.name not in held]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept_inits)
+    return proto
 
 
 def open_weights(weights: Any) -> WeightSource:

@@ -32,6 +32,7 @@ from interop import provenance
 from interop.errors import TraceError
 from interop.graph import Graph
 from interop.structure import flatten_outputs
+from interop.weights import serialize_without_placeholders
 
 from . import (  # noqa: F401  (register the converters)
     capture_attention,
@@ -320,7 +321,7 @@ def _correct_declared_shapes(model_ir: ir.Model) -> None:
 
     if weight_bytes(model_ir) >= PROTO_LIMIT:
         return
-    proto = ir.serde.serialize_model(model_ir)
+    proto = serialize_without_placeholders(model_ir)  # weights given apart: no zeros
     del proto.graph.value_info[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
