@@ -286,3 +286,21 @@ def test_bad_weights_name_the_tensor_and_file(cases, tmp_path):
     ):
         trace(_save(half, file))
     assert sorted(folder.iterdir()) == before
+
+
+def test_keras_hub_backbone_stays_without_storage(tmp_path):
+    """keras_hub's layers are opened by symbolic calls, whose output-spec inference leaves
+    a StatelessScope; the trace must not let that initialize the deferred variables."""
+    keras_hub = pytest.importorskip("keras_hub")
+    config = dict(vocabulary_size=64, num_layers=2, num_query_heads=4, num_key_value_heads=2,
+                  hidden_dim=16, intermediate_dim=32)  # fmt: skip
+    reference = keras_hub.models.LlamaBackbone(**config)
+    file = _save(_keras_weights(reference), tmp_path / "model.safetensors")
+    with keras.StatelessScope(initialize_variables=False):
+        abstract = keras_hub.models.LlamaBackbone(**config)
+    ids = (np.arange(8, dtype=np.int32) * 7 % 64).reshape(1, 8)
+    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    graph = interop.trace(abstract, inputs, weights=file)
+    assert all(var._value is None for var in abstract.weights)
+    expected = np.asarray(reference(inputs))
+    np.testing.assert_allclose(graph.run(inputs), expected, atol=1e-5)

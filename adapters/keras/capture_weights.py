@@ -31,6 +31,7 @@ half-precision weights, each converted when read.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import keras
@@ -111,7 +112,8 @@ def trace_with_weights(
         convert=convert,
     )
     options["check_dims"] = False  # it runs the model eagerly, whose values are not these
-    graph = trace_model(model, example_inputs, builder=LazyWeights(names), **options)
+    with _deferred(model):
+        graph = trace_model(model, example_inputs, builder=LazyWeights(names), **options)
     for value in graph.model.graph.initializers.values():
         name = str(value.name)
         if name in found:
@@ -147,6 +149,16 @@ def build_deferred(model: Any, example_inputs: Any) -> None:
     args, kwargs = tree.map_structure(symbolic, (list(args), dict(kwargs)))
     with keras.StatelessScope(initialize_variables=False):
         model(*args, **with_training(model, kwargs))
+
+
+def _deferred(model: Any) -> Any:
+    """Keras's own output-spec inference (a symbolic call) opens a `StatelessScope`, whose
+    exit initializes every deferred variable of the process: a model built without storage
+    would get all its weights allocated by the trace. Inside an outer scope that initializes
+    nothing, those exits do not (measured: +0.6 GiB for a 0.5 GiB Llama backbone, then 0)."""
+    if all(getattr(var, "_value", True) is not None for var in model.weights):
+        return contextlib.nullcontext()
+    return keras.StatelessScope(initialize_variables=False)
 
 
 def _floating(compute_dtype: Any) -> bool:
