@@ -13,6 +13,7 @@ safetensors file.
 - ``keras-eager``: the backbone built normally, traced as usual.
 
     python tools/scale_flax_keras.py            # prints a markdown table
+    python tools/scale_flax_keras.py --scale 2 --cases flax-abstract,keras-stateless
 
 Results are in docs/guides/large-models.md.
 """
@@ -29,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+SCALE = [1]  # layers x this (--scale)
 CASES = ["flax-abstract", "flax-eager", "keras-stateless", "keras-built", "keras-eager"]
 LLAMA = dict(
     vocabulary_size=32000,
@@ -61,7 +63,7 @@ def _flax_model(abstract: bool):
     class Net(nnx.Module):
         def __init__(self, rngs):
             self.embed = nnx.Embed(32000, 1024, rngs=rngs)
-            self.blocks = nnx.List([Block(1024, rngs) for _ in range(12)])
+            self.blocks = nnx.List([Block(1024, rngs) for _ in range(12 * SCALE[0])])
 
         def __call__(self, ids):
             x = self.embed(ids)
@@ -78,10 +80,11 @@ def _keras_model(stateless: bool):
     import keras
     import keras_hub
 
+    config = {**LLAMA, "num_layers": LLAMA["num_layers"] * SCALE[0]}
     if stateless:
         with keras.StatelessScope(initialize_variables=False):
-            return keras_hub.models.LlamaBackbone(**LLAMA)
-    return keras_hub.models.LlamaBackbone(**LLAMA)
+            return keras_hub.models.LlamaBackbone(**config)
+    return keras_hub.models.LlamaBackbone(**config)
 
 
 def _inputs(framework: str):
@@ -151,7 +154,10 @@ def main() -> None:
     parser.add_argument("--write", choices=["flax", "keras"])
     parser.add_argument("--file", type=Path)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--scale", type=int, default=1, help="layers times this")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated")
     args = parser.parse_args()
+    SCALE[0] = args.scale
     if args.write:
         write(args.write, args.file)
         return
@@ -165,12 +171,14 @@ def main() -> None:
         files = {fw: folder / f"{fw}.safetensors" for fw in ("flax", "keras")}
         for fw, file in files.items():
             command = [sys.executable, __file__, "--write", fw, "--file", str(file)]
+            command += ["--scale", str(args.scale)]
             subprocess.run(command, check=True, env=env)
-        for case in CASES:
+        for case in args.cases.split(","):
             out = folder / "out"
             out.mkdir(exist_ok=True)
             command = [sys.executable, __file__, "--case", case, "--file"]
             command += [str(files[case.split("-")[0]]), "--out", str(out)]
+            command += ["--scale", str(args.scale)]
             done = subprocess.run(command, check=True, env=env, capture_output=True, text=True)
             result = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append((case, result))
