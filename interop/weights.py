@@ -157,7 +157,7 @@ class Wanted:
     name: str
     shape: tuple[int, ...]
     dtype: ir.DataType
-    abstract: bool = True  # the model holds no value for it: the source must have it
+    abstract: bool = True  # the source must have it (False: else the model's own value)
     aliases: tuple[str, ...] = ()  # other names a checkpoint may give it
 
 
@@ -195,9 +195,8 @@ def match_weights(
             if want.abstract:
                 close = close_matches(want.name, source.specs, n=1)
                 raise WeightsError(
-                    f"The weights have no tensor '{want.name}' ({model} holds only its shape "
-                    f"and dtype); looked in {source.origin}"
-                    + (f" (it has '{close[0]}')" if close else ""),
+                    f"The weights have no tensor '{want.name}', a weight of {model}; looked "
+                    f"in {source.origin}" + (f" (it has '{close[0]}')" if close else ""),
                     f"every weight of {model}, named as {spelled}",
                     "pass the complete checkpoint (every shard and its index json)",
                 )

@@ -285,6 +285,10 @@ def test_bad_weights_name_the_tensor_and_file(cases, tmp_path):
         WeightsError, match=rf"'{name}' in '.*model.safetensors' is float16, .* is float32"
     ):
         trace(_save(half, file))
+    truncated = _save(weights, file).read_bytes()[:-16]
+    file.write_bytes(truncated)
+    with pytest.raises(WeightsError, match=r"shard '.*model.safetensors' is truncated: tensor"):
+        trace(file)
     assert sorted(folder.iterdir()) == before
 
 
