@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import DeviceError, InteropError, ModelLoadError, ShapeError
+from .ort_feeds import host_numpy, run_session
 from .runtime_cache import current, rekey
 from .runtime_cache import refresh as refresh  # public: interop.runtime.refresh(g)
 
@@ -262,7 +263,7 @@ def to_numpy(value: Any) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor without importing torch
-        return value.detach().cpu().numpy()
+        return host_numpy(value)  # bfloat16 included (ort_feeds)
     if type(value).__name__ == "OrtValue":  # an ONNX Runtime value, on the host or a device
         return value.numpy()
     return np.asarray(value)
@@ -396,7 +397,7 @@ def run(
     def call(session: Any) -> list[Any]:
         if device == "cuda":
             return run_bound(session, names, feeds, device)
-        return session.run(names, feeds)
+        return run_session(session, names, feeds)  # bfloat16 through OrtValues (ort_feeds)
 
     try:
         try:

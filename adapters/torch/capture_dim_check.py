@@ -27,6 +27,7 @@ import torch
 from interop import dim_check
 from interop.errors import TraceError
 from interop.graph import Graph
+from interop.ort_feeds import host_numpy
 
 from .capture_arguments import map_arguments
 
@@ -139,7 +140,7 @@ def checked(
 
     def record(name: str, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            feeds[name] = value.detach().cpu().numpy()
+            feeds[name] = host_numpy(value)  # bfloat16 included
         return value
 
     map_arguments(bound, signature, record)
