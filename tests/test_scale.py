@@ -121,10 +121,20 @@ def test_emitted_flax_module_matches(checkpoint, traced):
 
 
 @pytest.mark.slow
-def test_emitted_keras_model_matches(checkpoint, traced):
+def test_emitted_keras_model_matches(checkpoint, traced, tmp_path):
     eager, _ = checkpoint
     model = interop.to_keras(traced)
     np.testing.assert_allclose(np.asarray(model(IDS.numpy())), _logits(eager), atol=1e-5)
+    # from a saved graph: its variables take the mapped bytes (TensorFlow through DLPack);
+    # assigning them writes private pages, never the data file
+    path = traced.save(tmp_path / "llama.onnx", external_data=True)
+    data = (tmp_path / "llama.onnx.data").read_bytes()
+    model = interop.to_keras(interop.load(path))
+    np.testing.assert_allclose(np.asarray(model(IDS.numpy())), _logits(eager), atol=1e-5)
+    for variable in model.weights:
+        variable.assign(np.zeros(variable.shape, variable.dtype))
+    assert not np.asarray(model(IDS.numpy())).any()
+    assert (tmp_path / "llama.onnx.data").read_bytes() == data
 
 
 def test_run_reads_weights_from_the_checkpoint_folder(checkpoint, traced, monkeypatch):

@@ -11,6 +11,7 @@ not as in the source), so gradients and ``fit`` work as for the functional model
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -18,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 from keras import ops
 
-from interop.interpret import Interpreter
+from interop.interpret import Interpreter, node_free_values
 
 from .backend import emulated, from_carrier, keras_backend, to_carrier
 from .emit_generic import interop_errors_as_raised
@@ -39,6 +40,29 @@ class _Runner(Interpreter):
         source = emitter.model if emitter.model is not None else emitter.graph
         super().__init__(source, keras_backend, normalized=True, version=emitter.version)
         self.weights = variables
+
+        # value -> the last node of the graph reading it (its sub-graphs' reads included):
+        # dropped after that node, so a call holds the live values, not every intermediate
+        # (each weight's Transpose, say) until it returns
+        self.last_reads: dict[ir.Node, list[ir.Value]] = {}
+        last: dict[ir.Value, ir.Node] = {}
+        for node in self.graph:
+            for value in [*node.inputs, *node_free_values(node)]:
+                if value is not None:
+                    last[value] = node
+        outputs = set(self.graph.outputs)
+        for value, node in last.items():
+            if value not in outputs:
+                self.last_reads.setdefault(node, []).append(value)
+
+    def run_node(
+        self, node: ir.Node, args: list[Any], env: Any, caller: Any = None
+    ) -> Sequence[Any]:
+        results = super().run_node(node, args, env, caller)
+        if caller is None:
+            for value in self.last_reads.get(node, ()):
+                env.pop(value, None)
+        return results
 
     def input(self, value: ir.Value, given: Any) -> Any:
         dtype = None if value.dtype is None else value.dtype.numpy()
@@ -81,7 +105,9 @@ class GraphModel(keras.Model):
         for value in emitter.graph.initializers.values():
             kind = emitter.kind_of(value)
             if kind is not None and value.const_value is not None:
-                weights[value.name] = emitter.variable(value, value.const_value.numpy(), kind)
+                # weight_array: a map of this tensor alone, released once copied (the
+                # tensor's own numpy() keeps its pages for as long as the graph lives)
+                weights[value.name] = emitter.variable(value, emitter.weight_array(value), kind)
         # a list attribute: Keras tracks the variables as the model's weights
         self.graph_weights = list(weights.values())
         self.runner = _Runner(emitter, weights)

@@ -28,6 +28,7 @@ from interop.emitter import (
     onnx_pads,
     optional_weight,
 )
+from interop.weights import is_mapped
 
 from . import EMIT_LAYERS
 
@@ -72,7 +73,51 @@ class _Given(keras.initializers.Initializer):
         self.array = np.asarray(array)
 
     def __call__(self, shape, dtype=None):
-        return ops.convert_to_tensor(self.array.reshape(shape), dtype=dtype)
+        array = self.array.reshape(shape)
+        if dtype is None or keras.backend.standardize_dtype(dtype) == str(array.dtype):
+            return host_tensor(array)
+        return ops.convert_to_tensor(array, dtype=dtype)
+
+
+_ALIGN = 64  # TensorFlow's tensors must be 64-byte aligned (it aborts on others)
+_BITS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def host_tensor(array: np.ndarray) -> Any:
+    """A weight mapped from disk (`interop.weights.host_array`) as the initial value of a
+    Keras variable, without the copies of ``convert_to_tensor``.
+
+    On TensorFlow, ``convert_to_tensor`` of a numpy array held 3x the tensor at once (the
+    mapped pages and two copies). Here TensorFlow takes the bytes through DLPack, and the
+    variable keeps that buffer: an aligned, contiguous map is the variable's storage (clean
+    file pages, as torch's parameters; writes go to private pages, never to the file), any
+    other weight is copied once into an aligned buffer first. Other backends and arrays:
+    the array itself.
+    """
+    if keras.backend.backend() != "tensorflow" or not is_mapped(array):
+        return array
+    bits = _BITS.get(array.dtype.itemsize)
+    if bits is None or not _floating(array.dtype):
+        return array
+    import tensorflow as tf
+
+    try:
+        dtype = tf.as_dtype(array.dtype)
+    except TypeError:
+        return array
+    if not array.flags.c_contiguous or array.ctypes.data % _ALIGN:
+        raw = np.empty(array.nbytes + _ALIGN, np.uint8)
+        start = -raw.ctypes.data % _ALIGN
+        copy = raw[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
+        np.copyto(copy, array)
+        array = copy
+    tensor = tf.experimental.dlpack.from_dlpack(array.view(bits).__dlpack__())
+    return tf.bitcast(tensor, dtype)
+
+
+def _floating(dtype: Any) -> bool:
+    """A float dtype, bfloat16 included (numpy gives ml_dtypes' bfloat16 the kind 'V')."""
+    return np.dtype(dtype).kind == "f" or np.dtype(dtype).name in ("bfloat16",)
 
 
 def forget_initializers(layer) -> None:

@@ -52,7 +52,7 @@ from .emit_generic import (
     sequence_function,
 )
 from .emit_interpreted import graph_model, needs_graph_model
-from .emit_layers import forget_initializers
+from .emit_layers import forget_initializers, host_tensor
 from .emit_sequences import SEQUENCE_MAKERS, sequence_step
 
 # ops applied elementwise: they commute with a permutation of their (same-layout) inputs
@@ -153,7 +153,10 @@ class KerasEmitter(Emitter):
         if value not in self.variables:
             name = _variable_name(value.name or "constant")
             self.variables[value] = variable = keras.Variable(
-                array, name=name, trainable=kind == provenance.TRAINABLE, autocast=False
+                host_tensor(array),
+                name=name,
+                trainable=kind == provenance.TRAINABLE,
+                autocast=False,
             )
             self.source_names[variable.path] = value.name
         return self.variables[value]
