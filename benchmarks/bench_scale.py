@@ -6,7 +6,7 @@ its peak resident memory (ru_maxrss, mapped weight pages included) is its own:
 
 - trace + save: the model built on the meta device, ``interop.trace(..., weights=folder)``,
   ``save`` into another folder (the weights copied file to file into external data);
-- load + to_torch + forward of 16 tokens; load + to_flax + forward of 16 tokens;
+- load + to_torch / to_flax / to_keras + forward of 16 tokens (each its own process);
 - a float32 model: the same trace + save next to a bare ``torch.onnx.export`` of the
   materialized model (which holds the weights, and more).
 
@@ -92,6 +92,19 @@ STAGES = {
         built = time.perf_counter() - start
         y = np.asarray(module(IDS)).astype(np.float32)
         np.save(work + "/flax.npy", y)
+        report(baseline=baseline, seconds=time.perf_counter() - start, build_seconds=built)
+    """,
+    "load + to_keras + forward (16 tokens)": """
+        import os
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+        import interop, keras
+        baseline = peak()
+        start = time.perf_counter()
+        model = interop.to_keras(interop.load(work + "/out/model.onnx"))
+        built = time.perf_counter() - start
+        y = np.asarray(model(IDS)).astype(np.float32)
+        np.save(work + "/keras.npy", y)
         report(baseline=baseline, seconds=time.perf_counter() - start, build_seconds=built)
     """,
     "bare torch.onnx.export (materialized model)": """
@@ -222,11 +235,13 @@ def measure(preset: str, dtype: str, stages: list[str], keep: str | None) -> tup
                     ]
                 )
             print(rows[-1], flush=True)
-        outputs = [work / f"{w}.npy" for w in ("torch", "flax")]
-        if all(p.exists() for p in outputs):
-            a, b = (np.load(p) for p in outputs)
-            extra["torch_vs_flax"] = float(np.abs(a - b).max())
-            extra["logit_scale"] = float(np.abs(a).max())
+        if (work / "torch.npy").exists():
+            reference = np.load(work / "torch.npy")
+            extra["logit_scale"] = float(np.abs(reference).max())
+            for host in ("flax", "keras"):
+                if (work / f"{host}.npy").exists():
+                    other = np.load(work / f"{host}.npy")
+                    extra[f"torch_vs_{host}"] = float(np.abs(reference - other).max())
         shutil.rmtree(work / "ckpt", ignore_errors=True)
     return rows, extra
 
@@ -238,13 +253,18 @@ def main() -> None:
     parser.add_argument("--keep", help="work folder (default: the system's temp folder)")
     parser.add_argument(
         "--stages",
-        default="trace,torch,flax",
-        help="of the main preset: trace, torch, flax (to_flax holds ~2x the weights: leave it "
-        "out where that does not fit)",
+        default="trace,torch,flax,keras",
+        help="of the main preset: trace, torch, flax, keras (torch, flax and keras read the "
+        "model trace saved: keep trace in the list)",
     )
     parser.add_argument("--no-write", action="store_true", help="print, do not write the doc")
     args = parser.parse_args()
-    keys = {"trace": "trace + save", "torch": "load + to_torch", "flax": "load + to_flax"}
+    keys = {
+        "trace": "trace + save",
+        "torch": "load + to_torch",
+        "flax": "load + to_flax",
+        "keras": "load + to_keras",
+    }
     wanted = [keys[k.strip()] for k in args.stages.split(",")]
     stages = [s for s in STAGES if any(s.startswith(w) for w in wanted)]
     rows, extra = measure(args.preset, "bfloat16", stages, args.keep)
@@ -253,11 +273,12 @@ def main() -> None:
         f"({extra['weights'] / 2 / 1e9:.2f}B parameters), shards written in "
         f"{extra['write_seconds']:.0f} s"
     ]
-    if "torch_vs_flax" in extra:
-        notes.append(
-            f"largest |torch - flax| logit difference {extra['torch_vs_flax']:.3g} "
-            f"(logits up to {extra['logit_scale']:.3g}; both compute in bfloat16)"
-        )
+    for host in ("flax", "keras"):
+        if f"torch_vs_{host}" in extra:
+            notes.append(
+                f"largest |torch - {host}| logit difference {extra[f'torch_vs_{host}']:.3g} "
+                f"(logits up to {extra['logit_scale']:.3g}; both compute in bfloat16)"
+            )
     if args.f32_preset:
         pair = ["trace + save", "bare torch.onnx.export (materialized model)"]
         f32_rows, f32 = measure(args.f32_preset, "float32", pair, args.keep)
