@@ -24,6 +24,7 @@ host lets go of the array), a copy otherwise.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import mmap
@@ -51,6 +52,7 @@ __all__ = [
     "match_weights",
     "placeholder",
     "Placeholder",
+    "WEIGHTS_APART",
     "serialize_without_placeholders",
     "ir_dtype",
 ]
@@ -219,6 +221,13 @@ def match_weights(
             )
         found[want.name] = name
     return found
+
+
+# set while a capture traces an abstract model whose weights a source gives (the Flax and
+# Keras capture_weights.py); an abstract weight met without it is an error, not zeros
+WEIGHTS_APART: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "interop_weights_apart", default=False
+)
 
 
 class Placeholder(ir.LazyTensor):

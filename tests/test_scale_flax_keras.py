@@ -308,3 +308,15 @@ def test_keras_hub_backbone_stays_without_storage(tmp_path):
     assert all(var._value is None for var in abstract.weights)
     expected = np.asarray(reference(inputs))
     np.testing.assert_allclose(graph.run(inputs), expected, atol=1e-5)
+
+
+def test_abstract_model_without_weights_is_an_error():
+    """Not a graph of zeros or of random initial values: a TraceError saying to pass weights=."""
+    flax_message = r"'blocks\.0\.down\.bias' has no value(?s:.*)pass weights="
+    with pytest.raises(interop.errors.TraceError, match=flax_message):
+        interop.trace(_abstract_nnx(), X)
+    with keras.StatelessScope(initialize_variables=False):
+        abstract = _keras()
+    keras_message = r"have no value, e\.g\. 'fc1/kernel'(?s:.*)pass weights="
+    with pytest.raises(interop.errors.TraceError, match=keras_message):
+        interop.trace(abstract, X)

@@ -25,7 +25,7 @@ from interop import provenance
 from interop.errors import InteropError, TraceError
 from interop.graph import Graph
 from interop.structure import flatten_outputs
-from interop.weights import placeholder
+from interop.weights import WEIGHTS_APART, placeholder
 
 from . import (  # noqa: F401  (register the converters)
     capture_dim_check,
@@ -313,6 +313,14 @@ def _weight(leaf: Any, name: str) -> ir.TensorProtocol:
     """A parameter's initializer; an abstract one (`jax.ShapeDtypeStruct`, traced with
     ``weights=``) holds zeros made only if read, until capture_weights.py gives its tensor."""
     if isinstance(leaf, jax.ShapeDtypeStruct):
+        if not WEIGHTS_APART.get():
+            raise TraceError(
+                f"Parameter '{name}' has no value (a jax.ShapeDtypeStruct: the model was "
+                "built by nnx.eval_shape or jax.eval_shape)",
+                "a model with values, or its weights given apart",
+                "pass weights= (a safetensors file, a folder of shards, or a mapping of "
+                "name -> array); see docs/guides/large-models.md",
+            )
         dtype = ir.DataType.from_numpy(np.dtype(leaf.dtype))
         return placeholder(tuple(int(d) for d in leaf.shape), dtype, name)
     return ir.tensor(np.asarray(leaf), name=name)

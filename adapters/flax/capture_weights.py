@@ -40,7 +40,7 @@ import numpy as np
 
 from interop.errors import WeightsError
 from interop.graph import Graph
-from interop.weights import Wanted, ir_dtype, match_weights, open_weights
+from interop.weights import WEIGHTS_APART, Wanted, ir_dtype, match_weights, open_weights
 
 from . import is_linen_module, is_nnx_module
 from .capture import capture, trace_model
@@ -91,7 +91,11 @@ def trace_with_weights(
         convert=target is not None,
     )
     options["check_dims"] = False  # it runs the model eagerly, which has no values
-    graph = trace_model(model, example_inputs, **options)
+    allowed = WEIGHTS_APART.set(True)
+    try:
+        graph = trace_model(model, example_inputs, **options)
+    finally:
+        WEIGHTS_APART.reset(allowed)
     for value in graph.model.graph.initializers.values():
         name = str(value.name)
         if name in found:

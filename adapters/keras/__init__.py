@@ -68,6 +68,9 @@ class KerasAdapter:
 
             return trace_with_weights(model, example_inputs, **options)
         from .capture import trace_model
+        from .capture_weights import refuse_deferred
+
+        refuse_deferred(model)
 
         return trace_model(model, example_inputs, **options)
 

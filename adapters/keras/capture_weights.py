@@ -40,7 +40,7 @@ import onnx_ir as ir
 from keras import tree
 
 from interop import provenance
-from interop.errors import WeightsError
+from interop.errors import TraceError, WeightsError
 from interop.graph import Graph
 from interop.weights import Wanted, match_weights, open_weights, placeholder
 
@@ -119,6 +119,22 @@ def trace_with_weights(
         if name in found:
             value.const_value = source.tensor(found[name], value.dtype if convert else None)
     return graph
+
+
+def refuse_deferred(model: Any) -> None:
+    """A trace without ``weights=`` of a model whose variables have no values (built under
+    ``StatelessScope(initialize_variables=False)``) would bake their initializers' random
+    values into the graph: an error instead."""
+    deferred = [v.path for v in getattr(model, "weights", []) if getattr(v, "_value", 0) is None]
+    if deferred:
+        raise TraceError(
+            f"{len(deferred)} variable(s) of {type(model).__name__} have no value, e.g. "
+            f"'{deferred[0]}' (the model was built under "
+            "keras.StatelessScope(initialize_variables=False))",
+            "a model with values, or its weights given apart",
+            "pass weights= (a safetensors file, a folder of shards, or a mapping of Keras "
+            "variable path -> array); see docs/guides/large-models.md",
+        )
 
 
 def variable_names(model: Any) -> dict[int, str]:
