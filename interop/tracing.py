@@ -78,8 +78,10 @@ def trace(model: Any, example_inputs: Any = None, **options: Any) -> Graph:
     naming the layer or source line; ``check_dims=False`` skips the check (about one
     extra model call and one ONNX Runtime run per trace).
 
-    ``weights=`` traces a model built without its weights (torch's meta device) and reads
-    them lazily from a safetensors file, a folder of shards with its index json, or a
+    ``weights=`` traces a model built without its weights (torch's meta device or
+    ``FakeTensorMode``, an ``nnx.eval_shape`` module or linen ``(module, jax.eval_shape(
+    module.init, ...))``, a Keras model built under ``StatelessScope(initialize_variables=
+    False)``) and reads them lazily from a safetensors file, a folder of shards with its index json, or a
     mapping of names to arrays: nothing is read until the graph is saved, run or emitted
     (``compute_dtype="float32"`` computes in float32 from half-precision files; the
     second-size dim check is skipped, a meta model cannot run). See
