@@ -193,6 +193,60 @@ def test_fake_tensor_mode_model_traces_with_its_weights(checkpoint):
     np.testing.assert_allclose(graph.run(IDS.numpy()), _logits(eager), atol=1e-5)
 
 
+class _Baked(torch.nn.Module):
+    """Reshapes to a batch size held as a Python int: torch.export fixes the dim."""
+
+    def __init__(self, batch=2):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+        self.batch = batch
+
+    def forward(self, x):
+        return self.fc(x).reshape(self.batch, -1) * torch.ones(self.batch, 1, device=x.device)
+
+
+class _Holds(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x).reshape(x.shape[0], 2, 2)
+
+
+def test_dim_check_without_weights_reads_none():
+    """check_dims on a meta model: torch.export's specializations and shape inference's
+    proofs make dims static; nothing runs the module or reads a weight."""
+    from adapters.torch.capture_weights import _proven_static
+
+    torch.manual_seed(0)
+    eager = _Baked().eval()
+    weights = {name: Counted(t) for name, t in _state(eager).items()}
+    Counted.reads = 0
+    with torch.device("meta"):
+        meta = _Baked().eval()
+    x = torch.randn(2, 8)
+    with pytest.warns(UserWarning, match="'batch'.*does not hold: torch.export fixed it"):
+        graph = interop.trace(meta, (x,), weights=weights)
+    assert graph.inputs[0].shape == (2, 8) and Counted.reads == 0
+    np.testing.assert_allclose(graph.run(x.numpy()), eager(x).detach().numpy(), atol=1e-6)
+    # a dim that holds stays dynamic; a Reshape whose target a converter baked is proven
+    with torch.device("meta"):
+        holds = _Holds().eval()
+    weights = {name: Counted(t) for name, t in _state(_Holds()).items()}
+    Counted.reads = 0
+    graph = interop.trace(holds, (x,), weights=weights)
+    assert graph.inputs[0].shape[0] == "batch"
+    reshape = [n for n in graph.model.graph if n.op_type == "Reshape"][-1]  # of the data
+    baked = ir.Value(name="baked_target", const_value=ir.tensor(np.array([2, 2, 2], np.int64)))
+    graph.model.graph.initializers.add(baked)
+    reshape.replace_input_with(1, baked)
+    initializers = [graph.model.graph.initializers[n] for n in weights]
+    with pytest.warns(UserWarning, match=r"'batch' does not hold \(shape inference: Reshape"):
+        fixed = _proven_static(graph, holds, (x.to("meta"),), initializers)
+    assert fixed.inputs[0].shape == (2, 8) and Counted.reads == 0
+
+
 class Counted:
     """An array-like that counts how often its data is read (shape and dtype are free)."""
 

@@ -139,7 +139,7 @@ def checked(
     feeds: dict[str, np.ndarray] = {}
 
     def record(name: str, value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and not value.is_meta:  # meta: nothing to run
             feeds[name] = host_numpy(value)  # bfloat16 included
         return value
 
@@ -160,7 +160,7 @@ def checked(
         finally:
             for m, training in modes:
                 m.training = training
-        return [(n, t.detach().cpu().numpy()) for n, t in flatten(outputs)]
+        return [(n, host_numpy(t)) for n, t in flatten(outputs)]
 
     return dim_check.check_dims(graph, run_source, feeds, source=source, stacklevel=6)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -69,22 +70,87 @@ def trace_with_weights(
     _check(module, source, tensors, target)
     device = next((t.device for t in tensors.values()), torch.device("cpu"))
     abstract = any(_abstract(t) for t in tensors.values())
-    if abstract and "check_dims" in inspect.signature(trace_module).parameters:
-        # the second-size check runs the source module eagerly, which a module without
-        # weights cannot (see docs/guides/large-models.md, "Limits")
-        options.setdefault("check_dims", False)
+    inputs = _to_device(example_inputs, device)
     with _cast(module, target):
-        graph = trace_module(module, _to_device(example_inputs, device), **options)
+        # check_dims stays on: torch.export's own specializations make dims static (a
+        # re-export), and the run half finds that the module cannot run (no weights), so
+        # it neither runs the graph nor decides; the shape-inference half runs below
+        graph = trace_module(module, inputs, **options)
     aliases = _aliases(module)
+    weights_of: list[ir.Value] = []  # the initializers read from `weights`
     for value in graph.model.graph.initializers.values():
         name = str(value.name)
         found = next((n for n in aliases.get(name, [name]) if n in source), None)
         dtype = value.dtype if target is not None else None
         if found is not None:
             value.const_value = source.tensor(found, dtype)
+            weights_of.append(value)
         elif _is_meta(value.const_value):
             value.const_value = _rebuilt_buffer(module, name, source)
+    if abstract and options.get("check_dims", True):
+        graph = _proven_static(graph, module, inputs, weights_of)
     return graph
+
+
+class _Unread(ir.ExternalTensor):
+    """A weight's type and shape for shape inference: serialized as a reference, never
+    read, and counted as no bytes (so a 7B graph is not 'over one protobuf' for it)."""
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+
+def _proven_static(
+    graph: Graph, module: torch.nn.Module, inputs: Any, weights: list[ir.Value]
+) -> Graph:
+    """The dims shape inference proves fixed (`interop.dim_check.symbolic_findings`), static
+    with a warning each: the half of the dim check that needs no weights. (The other half
+    runs the graph and the module at a second size: it needs the weights in memory, once
+    in ONNX Runtime and once in the module, which a model larger than memory has not.)"""
+    from interop import dim_check
+
+    args, kwargs = normalize_inputs(inputs)
+    try:
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return graph
+    sizes: dict[str, int] = {}
+    for name, where in dim_check.dynamic_axes(graph.model.graph).items():
+        for input_name, axis in where:
+            value = bound.get(input_name)
+            if isinstance(value, torch.Tensor) and axis < value.dim():
+                sizes[name] = int(value.shape[axis])
+                break
+    if not sizes:
+        return graph
+    kept = {}
+    for value in weights:  # the graph's own constants (shape targets) keep their data
+        tensor = value.const_value
+        if tensor is not None:
+            kept[value] = tensor
+            value.const_value = _Unread(
+                "interop-unread", 0, 0, tensor.dtype, shape=ir.Shape(tensor.shape.numpy()),
+                name=str(value.name), base_dir="",
+            )  # fmt: skip
+    try:
+        findings = dim_check.symbolic_findings(graph.model, sizes)
+    finally:
+        for value, tensor in kept.items():
+            value.const_value = tensor
+    source = f"torch module {type(module).__name__}"
+    static = {}
+    for name, found in findings.items():
+        proofs = [f.text for f in found if f.definite]
+        if proofs:
+            static[name] = sizes[name]
+            warnings.warn(
+                f"interop: {source}: the dynamic dimension '{name}' does not hold (shape "
+                f"inference: {'; '.join(proofs[:2])}); the graph declares it static, of size "
+                f"{sizes[name]}",
+                stacklevel=4,
+            )
+    return dim_check.made_static(graph, static)
 
 
 def _torch_dtype(compute_dtype: Any) -> torch.dtype | None:
