@@ -10,7 +10,7 @@ more, this time by the backend that runs it, on concrete tensors:
   named, trainable parameter rather than a frozen constant);
 - the backend traces it, first with the run-time dims the walk knows (``None`` for the
   batch), then at the example's concrete shapes:
-  TensorFlow through a concrete ``tf.function`` graph converted by tf2onnx (measured: a
+  TensorFlow through a concrete ``tf.function`` converted by tf2onnx (capture_tf2onnx.py; a
   transformer attention layer in 1-5 s; writing our own lowering of TF's ~1,500 raw ops
   would duplicate tf2onnx), JAX through ``jax.make_jaxpr`` and interop's own jaxpr lowering
   (the Flax adapter), torch through ``torch.export`` and interop's torch capture;
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -42,6 +41,7 @@ from interop import provenance
 
 from .capture_concrete import example_shapes
 from .capture_lowering import OPSET, Builder, Tensor
+from .capture_tf2onnx import Deferred, trace_tensorflow
 
 # backend name -> (function, weight arrays, input specs, layer) -> ONNX ModelProto / ir.Model
 Tracer = Callable[[Callable[..., list[Any]], list[np.ndarray], list[tuple], Any], Any]
@@ -125,19 +125,28 @@ def _first_traced(
                 break
             continue
         if specs is not run_time:
-            return (model, False) if model is not None and _has_branches(traced) else (traced, True)
+            if model is not None and _has_branches(traced):
+                return _converted(model), False
+            return _converted(traced), True
         if not _has_branches(traced):
             return traced, False
         model = traced
     if model is None:
         assert error is not None
         raise error
-    return model, False
+    return _converted(model), False
+
+
+def _converted(traced: tuple[Any, Any]) -> tuple[Any, Any]:
+    model, outputs = traced
+    return (model.convert() if isinstance(model, Deferred) else model), outputs
 
 
 def _has_branches(model: Any) -> bool:
     """Whether a traced (graph, outputs)'s graph (ModelProto or ir.Model) has a top-level
-    ``If``."""
+    ``If`` (a `Deferred` one has)."""
+    if isinstance(model[0], Deferred):
+        return True
     graph = model[0].graph
     nodes = graph if isinstance(graph, ir.Graph) else graph.node
     return any(node.op_type == "If" for node in nodes)
@@ -313,132 +322,6 @@ def _scopes(layer: Any) -> Callable[[str], str]:
 
 
 # ---------------------------------------------------------------------------- tracers
-def trace_tensorflow(
-    function: Callable, weights: list[np.ndarray], specs: list[tuple], layer: Any
-) -> Any:
-    """A concrete ``tf.function`` of the call, converted by tf2onnx."""
-    import tensorflow as tf
-    import tf2onnx
-
-    signature = [tf.TensorSpec(w.shape, w.dtype, name=f"w{i}") for i, w in enumerate(weights)]
-    signature += [
-        tf.TensorSpec([d if isinstance(d, int) else None for d in shape], dtype, name=f"x{i}")
-        for i, (shape, dtype) in enumerate(specs)
-    ]
-    count = len(weights)
-
-    def flat(*values: Any) -> list[Any]:
-        return function(list(values[:count]), list(values[count:]))
-
-    traced = tf.function(flat, input_signature=signature, autograph=False)
-    traced.get_concrete_function()  # the layer's own failure, before tf2onnx's
-    _RESERVED.clear()
-    _WRITTEN.clear()
-    with _quiet_tf2onnx():
-        model, _ = tf2onnx.convert.from_function(
-            traced, input_signature=signature, opset=OPSET, custom_op_handlers=_TF_OPS
-        )
-    unconverted = sorted(_unknown_ops(model.graph))
-    if unconverted:  # tf2onnx leaves TF ops it cannot convert in the graph
-        raise ValueError(f"tf2onnx cannot convert the TF ops {', '.join(unconverted)}")
-    return model
-
-
-def _erfc(ctx: Any, node: Any, name: str, args: Any) -> None:
-    """TF's Erfc (Keras's exact GELU on TensorFlow), which tf2onnx does not convert, as
-    1 - Erf(x)."""
-    from tf2onnx import utils
-
-    x = node.input[0]
-    one = np.array(1, dtype=utils.map_onnx_to_numpy_type(ctx.get_dtype(x)))
-    erf = ctx.make_node("Erf", [x]).output[0]
-    node.type = "Sub"
-    ctx.replace_inputs(node, [ctx.make_const(utils.make_name("one"), one).output[0], erf])
-
-
-def _tensor_list_reserve(ctx: Any, node: Any, name: str, args: Any) -> None:
-    """A TensorArray of a Python loop (keras_hub RWKV7's recurrence, unrolled over the
-    example's length): the list is a tensor ``(length, *item)``, made by its first write
-    (which knows the item's shape); the reserve itself stands for its length."""
-    from onnx import TensorProto
-
-    if any(c.is_while() for c in ctx.find_output_consumers(node.output[0])):
-        return  # a while loop's list (``ops.map``): tf2onnx makes it a Loop's scan output
-    _RESERVED[node.output[0]] = node.input[1]
-    node.type = "Identity"
-    ctx.replace_inputs(node, [node.input[1]])
-    ctx.set_dtype(node.output[0], TensorProto.INT32)
-    ctx.set_shape(node.output[0], [])
-
-
-def _tensor_list_set_item(ctx: Any, node: Any, name: str, args: Any) -> None:
-    """``list[index] = item`` as ScatterND on the list's tensor."""
-    from onnx import TensorProto
-
-    handle, index, item = node.input[:3]
-    dtype = ctx.get_dtype(item)
-    producer = ctx.get_node_by_output(handle)
-    if handle not in _RESERVED and handle not in _WRITTEN and producer.type != "TensorListReserve":
-        # a list carried by a while loop (the body's input): tf2onnx's While conversion
-        # makes the write a scan output; a ScatterND here would write into the int32 length
-        # a reserve outside stands for (keras_hub D-FINE's ``ops.map``, refused by ORT)
-        return
-    if handle in _RESERVED or producer.type == "TensorListReserve":
-        length = _RESERVED.get(handle) or ctx.get_node_by_output(handle).input[1]
-        length = ctx.make_node("Cast", [length], attr={"to": TensorProto.INT64}).output[0]
-        length = ctx.make_node("Reshape", [length, _int64s(ctx, [1])]).output[0]
-        shape = ctx.make_node("Shape", [item]).output[0]
-        shape = ctx.make_node("Concat", [length, shape], attr={"axis": 0}).output[0]
-        zero = ctx.make_node("Cast", [_int64s(ctx, [0])], attr={"to": dtype}).output[0]
-        handle = ctx.make_node("Expand", [ctx.make_node("Squeeze", [zero]).output[0], shape])
-        handle = handle.output[0]
-    position = ctx.make_node("Cast", [index], attr={"to": TensorProto.INT64}).output[0]
-    position = ctx.make_node("Reshape", [position, _int64s(ctx, [1, 1])]).output[0]
-    update = ctx.make_node("Unsqueeze", [item, _int64s(ctx, [0])]).output[0]
-    node.type = "ScatterND"
-    _WRITTEN.add(node.output[0])
-    ctx.replace_inputs(node, [handle, position, update])
-    ctx.set_dtype(node.output[0], dtype)
-
-
-def _tensor_list_stack(ctx: Any, node: Any, name: str, args: Any) -> None:
-    """The list's tensor as it is."""
-    node.type = "Identity"
-    ctx.replace_inputs(node, [node.input[0]])
-
-
-def _int64s(ctx: Any, values: list[int]) -> str:
-    from tf2onnx import utils
-
-    return ctx.make_const(utils.make_name("ints"), np.array(values, np.int64)).output[0]
-
-
-_RESERVED: dict[str, str] = {}  # a reserve's output -> its length, during one conversion
-_WRITTEN: set[str] = set()  # the lists (ScatterND outputs) those writes made
-
-# TF ops tf2onnx leaves out, converted here: name -> (handler, extra arguments)
-_TF_OPS = {
-    "Erfc": (_erfc, []),
-    "TensorListReserve": (_tensor_list_reserve, []),
-    "TensorListSetItem": (_tensor_list_set_item, []),
-    "TensorListStack": (_tensor_list_stack, []),
-}
-
-
-def _unknown_ops(graph: Any) -> set[str]:
-    """Op types in an ONNX GraphProto (and its subgraphs) that no ONNX schema defines."""
-    import onnx
-
-    found = set()
-    for node in graph.node:
-        if not onnx.defs.has(node.op_type, node.domain):
-            found.add(node.op_type)
-        for attr in node.attribute:
-            for sub in [attr.g, *attr.graphs] if attr.g.node or attr.graphs else []:
-                found |= _unknown_ops(sub)
-    return found
-
-
 def trace_jax(function: Callable, weights: list[np.ndarray], specs: list[tuple], layer: Any) -> Any:
     """``jax.make_jaxpr`` of the call, lowered by the Flax adapter; run-time dims become
     `jax.export` symbolic dims (``batch`` for the first axis, one symbol per other one)."""
@@ -526,17 +409,6 @@ TRACERS: dict[str, Tracer] = {
     "jax": trace_jax,
     "torch": trace_torch,
 }
-
-
-@contextlib.contextmanager
-def _quiet_tf2onnx() -> Iterator[None]:
-    logger = logging.getLogger("tf2onnx")
-    saved = logger.level
-    logger.setLevel(logging.CRITICAL)  # its unsupported-op report: ours says it
-    try:
-        yield
-    finally:
-        logger.setLevel(saved)
 
 
 # ---------------------------------------------------------------------------- retry mode
