@@ -953,7 +953,104 @@ def _task_entries():
     return entries
 
 
+def _gemma4_assistant():
+    """The MTP draft model's one step (``call_with_cache``; its ``call`` refuses to run
+    standalone) on the KV cache and hidden state of a tiny Gemma4 target: the step
+    ``Gemma4CausalLM.generate(..., assistant_model=...)`` runs, wrapped in a Keras Model.
+    Its centroid head routes to ``num_centroids=8`` groups of the 64 tokens in a random
+    order (``token_ordering``, loaded from a preset in real use)."""
+    import keras
+    import numpy as np
+
+    kh, rng = _kh(), _rng()
+    text = dict(GQA, image_size=None, head_dim=8, sliding_window_size=4, sliding_window_pattern=2)
+    target = kh.models.Gemma4CausalLM(backbone=_m("Gemma4Backbone")(**text), preprocessor=None)
+    ids = rng.integers(1, VOCAB, (BATCH, SEQ)).astype("int32")
+    hidden, cache = target._build_cache(ids, None, None, np.ones_like(ids), None)
+    assistant = _m("Gemma4AssistantCausalLM")(
+        backbone=_m("Gemma4Backbone")(**text, num_kv_shared_layers=2),
+        backbone_hidden_size=target.backbone.hidden_dim,
+        num_centroids=8,
+        centroid_intermediate_top_k=2,
+        use_ordered_embeddings=True,
+        preprocessor=None,
+    )
+    assistant.token_ordering.assign(rng.permutation(VOCAB).astype("float32"))
+
+    class DraftStep(keras.Model):
+        def __init__(self, assistant, index, **kw):
+            super().__init__(**kw)
+            self.assistant, self.index = assistant, index
+
+        def call(self, inputs):
+            return self.assistant.call_with_cache(
+                inputs["last_token_embedding"],
+                inputs["last_hidden_state"],
+                inputs["target_cache"],
+                self.index,
+            )
+
+    scale = np.sqrt(target.backbone.hidden_dim).astype("float32")  # as the target's generate
+    x = {
+        "last_token_embedding": np.asarray(target.backbone.token_embedding(ids[:, -1:])) * scale,
+        "last_hidden_state": np.asarray(hidden[:, -1:]),
+        "target_cache": np.asarray(cache),
+    }
+    step = DraftStep(assistant, SEQ - 1, name="gemma4_assistant_step")
+    step(x)  # builds it (a subclassed Model)
+    return step, x
+
+
+def _blip2_seq2seq():
+    """BLIP2Seq2SeqLM needs the Flan-T5 language model (the backbone's default is OPT)."""
+    bb, _ = _blip2()
+    lm = _m("BLIP2FlanT5")(
+        vocabulary_size=VOCAB,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        num_query_tokens=4,
+        qformer_hidden_dim=16,
+        dropout=0.0,
+    )
+    blip2 = _m("BLIP2Backbone")(
+        vision_encoder=bb.vision_encoder, qformer=bb.qformer, language_model=lm
+    )
+    model = _m("BLIP2Seq2SeqLM")(backbone=blip2, preprocessor=None)
+    return model, _fix_ids(auto_inputs(model), VOCAB)
+
+
+def _parseq_causal_lm():
+    """PARSeqCausalLM compiles with its tokenizer's pad id, so it gets a preprocessor: a
+    tokenizer on a generated 61-character vocabulary (61 + [E], [B], [P] = the backbone's
+    64 ids), no download. keras_hub's tokenizers need tensorflow-text, which keras-hub's
+    --no-deps install leaves out (it pulls the full TensorFlow):
+    ``pip install --no-deps tensorflow-text==2.21.1`` (or a ``--target`` on PYTHONPATH)."""
+    import importlib.util
+    import string
+
+    if importlib.util.find_spec("tensorflow_text") is None:
+        raise Unbuildable(
+            "its tokenizer (read by compile) needs tensorflow-text: "
+            "pip install --no-deps tensorflow-text"
+        )
+    bb, x = CONFIGS["PARSeqBackbone"]()
+    chars = (string.digits + string.ascii_letters)[: VOCAB - 3]
+    tokenizer = _m("PARSeqTokenizer")(vocabulary=list(chars), max_label_length=SEQ)
+    preprocessor = _m("PARSeqCausalLMPreprocessor")(tokenizer=tokenizer, sequence_length=SEQ)
+    return _m("PARSeqCausalLM")(backbone=bb, preprocessor=preprocessor), x
+
+
 TASKS = _task_entries()
+# tasks the generic recipe (``preprocessor=None`` on the family's tiny backbone) cannot build
+TASKS.update(
+    {
+        "Gemma4AssistantCausalLM": _gemma4_assistant,
+        "BLIP2Seq2SeqLM": _blip2_seq2seq,
+        "PARSeqCausalLM": _parseq_causal_lm,
+    }
+)
 CONFIGS.update(TASKS)
 
 
