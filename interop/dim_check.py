@@ -21,9 +21,10 @@ position table) are not held against the graph.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,22 +79,11 @@ def _inferred_shapes(model: ir.Model) -> dict[str, list[int | str | None]] | Non
 
     if weight_bytes(model) >= PROTO_LIMIT:
         return None
-    kept: dict[ir.Value, Any] = {}
     try:
-        for value in model.graph.initializers.values():
-            tensor = value.const_value
-            if tensor is not None and tensor.size > _ELIDED:
-                kept[value] = tensor
-                value.const_value = ir.ExternalTensor(
-                    "interop-dim-check-unread", 0, tensor.nbytes, tensor.dtype,
-                    shape=ir.Shape(tensor.shape.numpy()), name=str(value.name), base_dir="",
-                )  # fmt: skip
-        proto = ir.serde.serialize_model(model)
+        with data_elided(model):
+            proto = ir.serde.serialize_model(model)
     except Exception:
         return None
-    finally:
-        for value, tensor in kept.items():
-            value.const_value = tensor
     del proto.graph.value_info[:]
     for output in proto.graph.output:
         if output.type.HasField("tensor_type"):
@@ -112,6 +102,39 @@ def _inferred_shapes(model: ir.Model) -> dict[str, list[int | str | None]] | Non
                 for d in info.type.tensor_type.shape.dim
             ]
     return shapes
+
+
+@contextlib.contextmanager
+def data_elided(model: ir.Model) -> Iterator[None]:
+    """While inside, `model`'s initializers over `_ELIDED` elements are external references
+    that nothing reads: a proto serialized then carries their types and shapes only, what
+    ONNX shape inference needs (a copy of the weights would cost more than the inference:
+    +2 GB for a 0.5 GB Llama backbone, the proto and inference's own copy of it). Small
+    ones (shape constants that data propagation reads) keep their values.
+
+    >>> import numpy as np
+    >>> w = ir.Value(name="w", const_value=ir.tensor(np.ones((64, 64), np.float32), name="w"))
+    >>> model = ir.Model(ir.Graph([], [w], nodes=[], initializers=[w]), ir_version=10)
+    >>> with data_elided(model):
+    ...     len(ir.serde.serialize_model(model).graph.initializer[0].raw_data)
+    0
+    >>> float(w.const_value.numpy().sum())
+    4096.0
+    """
+    kept: dict[ir.Value, Any] = {}
+    try:
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is not None and tensor.size > _ELIDED:
+                kept[value] = tensor
+                value.const_value = ir.ExternalTensor(
+                    "interop-dim-check-unread", 0, tensor.nbytes, tensor.dtype,
+                    shape=ir.Shape(tensor.shape.numpy()), name=str(value.name), base_dir="",
+                )  # fmt: skip
+        yield
+    finally:
+        for value, tensor in kept.items():
+            value.const_value = tensor
 
 
 def _unsqueezed(model: ir.Model, proto: Any) -> None:

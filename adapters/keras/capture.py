@@ -28,7 +28,7 @@ import onnx
 import onnx_ir as ir
 from keras import tree
 
-from interop import provenance
+from interop import dim_check, provenance
 from interop.errors import TraceError
 from interop.graph import Graph
 from interop.structure import flatten_outputs
@@ -315,13 +315,15 @@ def _correct_declared_shapes(model_ir: ir.Model) -> None:
     """Replace the output shapes and types Keras declared where ONNX shape inference proves
     them wrong: a layer's ``compute_output_shape`` may lie (keras_hub's SigLIP embedding
     declares one patch more than it makes), and ONNX Runtime refuses a graph whose
-    annotations contradict its nodes. Skipped for graphs whose weights exceed one protobuf
-    (the serialized copy and ONNX's inference could not hold them)."""
+    annotations contradict its nodes. Inference sees the weights' types and shapes only
+    (`dim_check.data_elided`: serialized, a 0.5 GB Llama backbone's weights cost +2 GB
+    here). Skipped for graphs whose weights exceed one protobuf."""
     from interop.serialization import PROTO_LIMIT, weight_bytes
 
     if weight_bytes(model_ir) >= PROTO_LIMIT:
         return
-    proto = serialize_without_placeholders(model_ir)  # weights given apart: no zeros
+    with dim_check.data_elided(model_ir):
+        proto = serialize_without_placeholders(model_ir)  # weights given apart: no zeros
     del proto.graph.value_info[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
