@@ -84,6 +84,9 @@ class FlaxEmitter(Emitter):
 
     adapter = "flax"
     layers = EMIT_LAYERS
+    # torch's Linear is MatMul(x, Transpose(W)): the nnx.Linear holds W^T as its [in, out]
+    # kernel (as for Gemm with transB), and the Transpose is recorded only if a generic op
+    # reads it (`_Deferred`): one copy of the weight, no transposed copy per call
     weights_through_transpose = True
 
     def __init__(self, source: Any, *, rngs: nnx.Rngs | None = None, normalized: bool = False):
