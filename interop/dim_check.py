@@ -21,17 +21,16 @@ position table) are not held against the graph.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from interop import provenance
+from interop import provenance, weightless
 from interop.graph import Graph
 
 # ``run_source(feeds) -> [(output name, array)]``: the source model on inputs named as
@@ -43,7 +42,6 @@ _SIZE_OPS = {"Reshape", "Expand", "Tile", "ConstantOfShape", "Slice", "Range", "
 _ARITHMETIC = re.compile(r"^[\d\s+\-*/()]+$")
 _SESSIONS: dict[int, tuple[Any, Any]] = {}  # id(model) -> (model, session), during one check
 _UNDECIDED = "the source runs at no second size"  # by identity: neither holds nor fails
-_ELIDED = 1024  # initializers over this many elements go to inference without their data
 
 
 def dynamic_axes(graph: ir.Graph) -> dict[str, list[tuple[str, int]]]:
@@ -80,7 +78,7 @@ def _inferred_shapes(model: ir.Model) -> dict[str, list[int | str | None]] | Non
     if weight_bytes(model) >= PROTO_LIMIT:
         return None
     try:
-        with data_elided(model):
+        with weightless.data_elided(model):
             proto = ir.serde.serialize_model(model)
     except Exception:
         return None
@@ -102,39 +100,6 @@ def _inferred_shapes(model: ir.Model) -> dict[str, list[int | str | None]] | Non
                 for d in info.type.tensor_type.shape.dim
             ]
     return shapes
-
-
-@contextlib.contextmanager
-def data_elided(model: ir.Model) -> Iterator[None]:
-    """While inside, `model`'s initializers over `_ELIDED` elements are external references
-    that nothing reads: a proto serialized then carries their types and shapes only, what
-    ONNX shape inference needs (a copy of the weights would cost more than the inference:
-    +2 GB for a 0.5 GB Llama backbone, the proto and inference's own copy of it). Small
-    ones (shape constants that data propagation reads) keep their values.
-
-    >>> import numpy as np
-    >>> w = ir.Value(name="w", const_value=ir.tensor(np.ones((64, 64), np.float32), name="w"))
-    >>> model = ir.Model(ir.Graph([], [w], nodes=[], initializers=[w]), ir_version=10)
-    >>> with data_elided(model):
-    ...     len(ir.serde.serialize_model(model).graph.initializer[0].raw_data)
-    0
-    >>> float(w.const_value.numpy().sum())
-    4096.0
-    """
-    kept: dict[ir.Value, Any] = {}
-    try:
-        for value in model.graph.initializers.values():
-            tensor = value.const_value
-            if tensor is not None and tensor.size > _ELIDED:
-                kept[value] = tensor
-                value.const_value = ir.ExternalTensor(
-                    "interop-dim-check-unread", 0, tensor.nbytes, tensor.dtype,
-                    shape=ir.Shape(tensor.shape.numpy()), name=str(value.name), base_dir="",
-                )  # fmt: skip
-        yield
-    finally:
-        for value, tensor in kept.items():
-            value.const_value = tensor
 
 
 def _unsqueezed(model: ir.Model, proto: Any) -> None:
@@ -419,17 +384,7 @@ def _run(graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
     session = _SESSIONS.get(id(graph.model))
     if session is None or session[0] is not graph.model:
         try:
-            import onnxruntime as ort
-
-            from .serialization import PROTO_LIMIT, weight_bytes
-
-            if weight_bytes(graph.model) >= PROTO_LIMIT:
-                raise ValueError("over one protobuf")
-            options = ort.SessionOptions()
-            options.log_severity_level = 4  # a failing size is reported by the check
-            ort_session = ort.InferenceSession(
-                graph.to_bytes(), options, providers=["CPUExecutionProvider"]
-            )
+            ort_session = weightless.session(graph)
         except ValueError:  # weights over 2 GB: graph.run knows how to load those
             return graph.run(*(feeds[spec.name] for spec in graph.inputs), as_dict=True)
         session = _SESSIONS[id(graph.model)] = (graph.model, ort_session)

@@ -10,10 +10,13 @@ safetensors file.
 - ``keras-stateless``: keras_hub LlamaBackbone built under
   ``keras.StatelessScope(initialize_variables=False)``, traced with ``weights=``;
 - ``keras-built``: the backbone built normally (its own random values), ``weights=``;
-- ``keras-eager``: the backbone built normally, traced as usual.
+- ``keras-eager``: the backbone built normally, traced as usual;
+- ``keras-resnet50`` (not in the default table): ``keras.applications.ResNet50(weights=None)``
+  traced as usual on one 224x224 image (its weights stand for themselves: no file).
 
     python tools/scale_flax_keras.py            # prints a markdown table
     python tools/scale_flax_keras.py --scale 2 --cases flax-abstract,keras-stateless
+    python tools/scale_flax_keras.py --cases keras-eager --check-dims   # interop.trace as is
 
 Results are in docs/guides/large-models.md.
 """
@@ -31,7 +34,9 @@ import time
 from pathlib import Path
 
 SCALE = [1]  # layers x this (--scale)
+CHECK_DIMS = [False]  # the eager cases run the dynamic-dim check too (--check-dims)
 CASES = ["flax-abstract", "flax-eager", "keras-stateless", "keras-built", "keras-eager"]
+EXTRA = ["keras-resnet50"]
 LLAMA = dict(
     vocabulary_size=32000,
     num_layers=6,
@@ -132,32 +137,47 @@ def run(case: str, file: Path, out: Path) -> dict[str, float]:
     base = _peak_mib()
     result: dict[str, float] = {}
     start = time.perf_counter()
+    inputs = _inputs(framework)
     if framework == "flax":
         model = _flax_model(abstract=mode == "abstract")
+    elif mode == "resnet50":
+        import keras
+        import numpy as np
+
+        model = keras.applications.ResNet50(weights=None)
+        inputs = np.random.default_rng(0).random((1, 224, 224, 3), np.float32)
     else:
         model = _keras_model(stateless=mode == "stateless")
     result["build_s"], result["build_mib"] = time.perf_counter() - start, _peak_mib() - base
     start = time.perf_counter()
-    options = {"check_dims": False} if mode == "eager" else {"weights": file}
-    graph = interop.trace(model, _inputs(framework), **options)
+    usual = mode in ("eager", "resnet50")
+    options = {"check_dims": CHECK_DIMS[0]} if usual else {"weights": file}
+    graph = interop.trace(model, inputs, **options)
     result["trace_s"], result["trace_mib"] = time.perf_counter() - start, _peak_mib() - base
     start = time.perf_counter()
     graph.save(out / f"{case}.onnx", external_data=True)
     result["save_s"], result["save_mib"] = time.perf_counter() - start, _peak_mib() - base
-    result["weights_mib"] = os.path.getsize(file) / 2**20
+    if mode == "resnet50":
+        result["weights_mib"] = sum(int(np.prod(v.shape)) * 4 for v in model.weights) / 2**20
+    else:
+        result["weights_mib"] = os.path.getsize(file) / 2**20
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--case", choices=CASES)
+    parser.add_argument("--case", choices=CASES + EXTRA)
     parser.add_argument("--write", choices=["flax", "keras"])
     parser.add_argument("--file", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--scale", type=int, default=1, help="layers times this")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated")
+    parser.add_argument(
+        "--check-dims", action="store_true", help="the usual traces as interop.trace's default"
+    )
     args = parser.parse_args()
     SCALE[0] = args.scale
+    CHECK_DIMS[0] = args.check_dims
     if args.write:
         write(args.write, args.file)
         return
@@ -178,7 +198,7 @@ def main() -> None:
             out.mkdir(exist_ok=True)
             command = [sys.executable, __file__, "--case", case, "--file"]
             command += [str(files[case.split("-")[0]]), "--out", str(out)]
-            command += ["--scale", str(args.scale)]
+            command += ["--scale", str(args.scale)] + ["--check-dims"] * args.check_dims
             done = subprocess.run(command, check=True, env=env, capture_output=True, text=True)
             result = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append((case, result))

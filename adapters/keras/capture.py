@@ -28,7 +28,7 @@ import onnx
 import onnx_ir as ir
 from keras import tree
 
-from interop import dim_check, provenance
+from interop import provenance, weightless
 from interop.errors import TraceError
 from interop.graph import Graph
 from interop.structure import flatten_outputs
@@ -316,13 +316,13 @@ def _correct_declared_shapes(model_ir: ir.Model) -> None:
     them wrong: a layer's ``compute_output_shape`` may lie (keras_hub's SigLIP embedding
     declares one patch more than it makes), and ONNX Runtime refuses a graph whose
     annotations contradict its nodes. Inference sees the weights' types and shapes only
-    (`dim_check.data_elided`: serialized, a 0.5 GB Llama backbone's weights cost +2 GB
+    (`weightless.data_elided`: serialized, a 0.5 GB Llama backbone's weights cost +2 GB
     here). Skipped for graphs whose weights exceed one protobuf."""
     from interop.serialization import PROTO_LIMIT, weight_bytes
 
     if weight_bytes(model_ir) >= PROTO_LIMIT:
         return
-    with dim_check.data_elided(model_ir):
+    with weightless.data_elided(model_ir):
         proto = serialize_without_placeholders(model_ir)  # weights given apart: no zeros
     del proto.graph.value_info[:]
     try:
