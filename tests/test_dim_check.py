@@ -291,3 +291,46 @@ def test_keras_functional_model_inference_finds_nothing(recwarn):
     assert g.inputs[0].shape[0] == "batch"
     assert not [w for w in recwarn if "does not hold" in str(w.message)]
     _assert_no_findings(g, {str(g.model.graph.inputs[0].name): x})
+
+
+def _independent_leading_sizes(graph: Graph, run_source) -> None:
+    """x (4, 16) beside a vector of 8: one "batch" name would claim the two sizes equal."""
+    (x_spec, s_spec) = graph.inputs
+    assert x_spec.shape == ("batch", 16)
+    assert s_spec.shape == ("batch_scale",)
+    x, s = RS.rand(3, 16).astype("float32"), RS.rand(5).astype("float32")
+    np.testing.assert_allclose(graph.run(x, s), run_source(x, s), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_inputs_of_unequal_leading_sizes_get_their_own_dims(recwarn):
+    import torch
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 16)
+
+        def forward(self, x, scale):
+            return self.fc(x) * scale.sum()
+
+    module = Scaled()
+    graph = interop.trace(module, (torch.randn(4, 16), torch.randn(8)))
+    with torch.no_grad():
+        _independent_leading_sizes(
+            graph, lambda x, s: module(torch.from_numpy(x), torch.from_numpy(s)).numpy()
+        )
+
+
+def test_nnx_inputs_of_unequal_leading_sizes_get_their_own_dims(recwarn):
+    from flax import nnx
+
+    class Scaled(nnx.Module):
+        def __init__(self):
+            self.fc = nnx.Linear(16, 16, rngs=nnx.Rngs(0))
+
+        def __call__(self, x, scale):
+            return self.fc(x) * scale.sum()
+
+    module = Scaled()
+    graph = interop.trace(module, (RS.rand(4, 16).astype("float32"), RS.rand(8).astype("float32")))
+    _independent_leading_sizes(graph, lambda x, s: np.asarray(module(x, s)))

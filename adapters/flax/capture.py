@@ -127,10 +127,14 @@ def _specs(arrays, names, dynamic_batch, dynamic_dims) -> list[Any]:
         )
     scope = jax.export.SymbolicScope()
     specs = []
+    batch_size = None
     for name, array in zip(names, arrays, strict=False):
         dims: list[str] = [str(d) for d in array.shape]
         if dynamic_batch and array.ndim > 0:
-            dims[0] = "batch"
+            batch_size = array.shape[0] if batch_size is None else batch_size
+            # one symbol claims the sizes equal: an input whose leading size differs from
+            # the first input's (a batch of 4 beside a vector of 8) gets a symbol of its own
+            dims[0] = "batch" if array.shape[0] == batch_size else f"batch_{name}"
         for axis, dim_name in dynamic_dims.get(name, {}).items():
             dims[int(axis) % max(array.ndim, 1)] = re.sub(r"\W", "_", str(dim_name))
         shape = jax.export.symbolic_shape(", ".join(dims), scope=scope) if dims else ()

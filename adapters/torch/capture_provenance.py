@@ -129,7 +129,11 @@ def rename_dims(model: ir.Model, dims: dict[str, dict[int, str]]) -> None:
     for value in model.graph.inputs:
         for axis, name in dims.get(value.name or "", {}).items():
             dim = value.shape[axis] if value.shape is not None else None
-            if isinstance(dim, ir.SymbolicDim) and dim.value:
+            if isinstance(dim, ir.SymbolicDim) and dim.value and dim.value not in mapping:
+                if name in mapping.values():
+                    # torch.export proved this dim independent of the one already named so
+                    # (a batch of 4 beside a vector of 8): one name would claim they are equal
+                    name = f"{name}_{value.name}"
                 mapping[dim.value] = name
     if not mapping:
         return
