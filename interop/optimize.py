@@ -250,7 +250,12 @@ def _tidy_rules() -> Any:
     # match, and running all 46 again cost BERT-base 0.5-1 s per stage
     from onnxscript.rewriter.rules.common import _basic_rules as basic
 
-    return [basic.reshape_reshape_rule, basic.no_op_cast_rule, basic.no_op_expand_rule]
+    return [
+        basic.reshape_reshape_rule,
+        basic.no_op_cast_rule,
+        basic.no_op_expand_rule,
+        basic.transpose_transpose_rule,  # a regrouped transpose meets the one before it
+    ]
 
 
 def _tidy(model: ir.Model) -> dict[str, int]:
@@ -260,6 +265,7 @@ def _tidy(model: ir.Model) -> dict[str, int]:
     counts = {
         "scale before reshape": rewrites.scale_before_reshape().apply_to_model(model),
         "bias before split": rewrites.bias_before_split().apply_to_model(model),
+        "regrouped transpose": optimize_rules.regrouped_transpose(model),
     }
     if any(counts.values()):
         rewrite(model, _tidy_rules())  # Reshape chains merge, dead nodes go

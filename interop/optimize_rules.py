@@ -101,8 +101,17 @@ def _static_axis(value: Any, axis: int) -> bool:
     return shape is not None and -len(shape) <= axis < len(shape) and isinstance(shape[axis], int)
 
 
-def _ints(value: ir.Value | None) -> list[int] | None:
+def _tensor(value: ir.Value | None) -> Any:
     tensor = None if value is None else value.const_value
+    producer = None if value is None else value.producer()
+    if tensor is None and producer is not None and producer.op_type == "Constant":
+        attr = producer.attributes.get("value")  # not lifted to an initializer yet
+        tensor = None if attr is None else attr.value
+    return tensor
+
+
+def _ints(value: ir.Value | None) -> list[int] | None:
+    tensor = _tensor(value)
     return None if tensor is None else [int(v) for v in np.asarray(tensor.numpy()).reshape(-1)]
 
 
@@ -433,6 +442,107 @@ def _add(
     node.outputs[0].dtype = like.dtype  # the value moved, not converted
     nodes.append(node)
     return node.outputs[0]
+
+
+def regrouped_transpose(model: ir.Model) -> int:
+    """``Reshape(Transpose(Reshape(x)))`` that merges axes, transposes the groups and splits
+    them back becomes one ``Transpose(x)`` (a scalar Mul on the way stays, after it).
+
+    GPT-2's K (torch's ``k.transpose(-1, -2)`` on ``[batch * heads, seq, d]``, then back to
+    4-D): with the Transpose before it, the optimizer merges the two into one; ONNX
+    Runtime does that itself only at static shapes (torch.onnx's export), and then takes
+    the scale into its FusedMatMul. Returns the number of chains rewritten.
+    """
+    count = 0
+    for node in list(model.graph):
+        if node.op_type == "Transpose" and node.domain in ("", "ai.onnx"):
+            count += _regroup(model.graph, node)
+    return count
+
+
+def _groups(dims: Sequence[Any], target: list[int]) -> list[list[int]] | None:
+    """Which consecutive axes of `dims` each entry of a Reshape's `target` merges (one -1
+    at most, taking what the static entries around it leave); None if it does not."""
+    if target.count(-1) > 1 or any(v == 0 or v < -1 for v in target):
+        return None
+
+    def take(axes: Iterable[int], want: int) -> list[int] | None:
+        group, size = [], 1
+        for axis in axes:
+            if size >= want or not isinstance(dims[axis], int):
+                break
+            group.append(axis)
+            size *= dims[axis]
+        return group if group and size == want else None
+
+    split = target.index(-1) if -1 in target else len(target)
+    groups: list[list[int]] = []
+    start = 0
+    for want in target[:split]:
+        group = take(range(start, len(dims)), want)
+        if group is None:
+            return None
+        groups.append(group)
+        start = group[-1] + 1
+    tail: list[list[int]] = []
+    stop = len(dims)
+    for want in reversed(target[split + 1 :]):
+        group = take(range(stop - 1, start - 1, -1), want)
+        if group is None:
+            return None
+        tail.insert(0, sorted(group))
+        stop = min(group)
+    if split < len(target):
+        if stop <= start:
+            return None
+        groups.append(list(range(start, stop)))
+    elif stop != start:
+        return None
+    return groups + tail
+
+
+def _regroup(graph: ir.Graph, transpose: Any) -> int:
+    merge = transpose.inputs[0].producer() if transpose.inputs[0] is not None else None
+    if merge is None or merge.op_type != "Reshape" or len(transpose.inputs[0].uses()) != 1:
+        return 0
+    x, target = merge.inputs[0], _ints(merge.inputs[1])
+    if x is None or x.shape is None or target is None:
+        return 0
+    groups = _groups(list(x.shape), target)
+    perm_attr = transpose.attributes.get("perm")
+    if groups is None or perm_attr is None:
+        return 0
+    perm = [axis for group_index in perm_attr.value for axis in groups[group_index]]
+    value, scale = transpose.outputs[0], None
+    consumer = _only_consumer(value)
+    if consumer is not None and consumer.op_type == "Mul":
+        other = consumer.inputs[1] if consumer.inputs[0] is value else consumer.inputs[0]
+        if _tensor(other) is not None and _tensor(other).size == 1:
+            scale, value = other, consumer.outputs[0]
+            consumer = _only_consumer(value)
+    if consumer is None or consumer.op_type != "Reshape" or consumer.inputs[0] is not value:
+        return 0
+    out = consumer.outputs[0]
+    expected = [x.shape[axis] for axis in perm]
+    if out.shape is None or out.is_graph_output() or not _same_dims(list(out.shape), expected):
+        return 0
+    nodes: list[ir.Node] = []
+    result = _add(nodes, "Transpose", [x], {"perm": perm}, expected, x)
+    if scale is not None:
+        result = _add(nodes, "Mul", [result, scale], {}, expected, x)
+    graph.insert_before(consumer, nodes)
+    out.replace_all_uses_with(result)
+    # the old chain goes now: a rule matching the Transpose before it needs its only use
+    chain = [consumer, value.producer(), transpose, merge]
+    for node in dict.fromkeys(chain):  # the Mul when there is one, in order
+        if all(not o.uses() for o in node.outputs):
+            graph.remove(node, safe=True)
+    return 1
+
+
+def _only_consumer(value: Any) -> Any:
+    uses = list(value.uses())
+    return uses[0][0] if len(uses) == 1 and not value.is_graph_output() else None
 
 
 def _labels(dims: Iterable[object]) -> list[int | None]:

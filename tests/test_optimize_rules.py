@@ -132,3 +132,52 @@ def test_transposed_matmul_drops_a_transpose():
     for b, f in feeds.items():
         np.testing.assert_allclose(_run(model, f)[0], want[b], rtol=1e-6, atol=1e-6)
     assert optimize_rules.transposed_matmul(model) == 0  # no further gain: left alone
+
+
+def _regrouped_k():
+    """torch's k.transpose(-1, -2) on merged batch and heads, scaled, split back (GPT-2)."""
+    _const.nodes = []
+    x = ir.val("x", ir.DataType.FLOAT, [B, 6, 4, 3])  # [batch, seq, heads, d]
+    heads = ir.node("Transpose", [x], {"perm": [0, 2, 1, 3]})  # [batch, heads, seq, d]
+    merged = ir.node("Reshape", [heads.outputs[0], _const([-1, 6, 3])])
+    swapped = ir.node("Transpose", [merged.outputs[0]], {"perm": [0, 2, 1]})
+    scaled = ir.node("Mul", [swapped.outputs[0], _const(0.5, np.float32)])
+    shape = ir.node("Shape", [x], {"start": 0, "end": 1})
+    back = ir.node("Concat", [shape.outputs[0], _const([4, 3, 6])], {"axis": 0})
+    split = ir.node("Reshape", [scaled.outputs[0], back.outputs[0]])
+    out = ir.node("Neg", [split.outputs[0]])
+    out.outputs[0].name = "y"
+    nodes = [*_const.nodes, heads, merged, swapped, scaled, shape, back, split, out]
+    return _model([x], [out.outputs[0]], nodes)
+
+
+def test_regrouped_transpose_is_one_transpose():
+    model = _regrouped_k()
+    feeds = {
+        b: {"x": np.random.default_rng(b).standard_normal((b, 6, 4, 3)).astype(np.float32)}
+        for b in (1, 3)
+    }
+    want = {b: _run(model, f)[0] for b, f in feeds.items()}
+    _prepare(model)
+    assert optimize_rules.regrouped_transpose(model) == 1
+    from onnxscript.rewriter import rewrite
+
+    from interop.optimize import _tidy_rules
+
+    rewrite(model, _tidy_rules())  # the two transposes left merge into one
+    ops = _ops(model)
+    assert ops["Transpose"] == 1 and ops["Reshape"] == 0, ops
+    assert [n.attributes["perm"].value for n in model.graph if n.op_type == "Transpose"] == [
+        (0, 2, 3, 1)
+    ]
+    for b, f in feeds.items():
+        np.testing.assert_allclose(_run(model, f)[0], want[b], rtol=1e-6, atol=1e-6)
+
+
+def test_groups_of_a_reshape():
+    groups = optimize_rules._groups
+    assert groups([B, 12, 64, 64], [-1, 64, 64]) == [[0, 1], [2], [3]]
+    assert groups([B, 64, 12, 64], [-1, 64, 768]) == [[0], [1], [2, 3]]
+    assert groups([2, 3, 4], [6, 4]) == [[0, 1], [2]]
+    assert groups([B, 12, 64], [-1, 32, 2]) is None  # splits an axis: not a grouping
+    assert groups([B, 4], [-1, -1]) is None

@@ -217,6 +217,9 @@ def test_gpt2_gemm_rows_become_matmul_and_gelu_fuses():
     # the causal mask depends on the batch size only, the same for every row: computed at
     # batch 1 and folded to a constant, as in torch.onnx's static-batch export
     assert optimized["GatherND"] == optimized["Range"] == optimized["CumSum"] == 0, optimized
+    # K^T on merged batch and heads, split back: one Transpose with the heads' (torch.onnx's
+    # static-batch graph gets that from ONNX Runtime): Q, K^T, V and the result per block
+    assert optimized["Transpose"] == 4 * 2, optimized
     check(graph, _ids(1, 16, seed=3))
     with torch.no_grad():
         expected = model(torch.from_numpy(_ids(3, 16, seed=1))).last_hidden_state.numpy()
