@@ -12,6 +12,9 @@ exact (the same values up to float rounding) and checks what makes it so:
   only add or drop size-1 axes becomes ``MatMul(B^T, A^T)`` with the swap folded into
   those chains, when that leaves fewer Transposes (the Flax capture writes ``P @ V`` as
   ``(V^T P^T)^T``, JAX's dot_general output order).
+- `regrouped_transpose`: a Transpose between a Reshape that merges axes and one that
+  splits them back is one Transpose of the original axes (GPT-2's ``K^T`` on merged
+  batch and heads; ONNX Runtime does this itself only at static shapes).
 
 >>> import interop, torch                                   # doctest: +SKIP
 >>> g = interop.trace(transformers.GPT2Model(config), (ids,))
