@@ -197,29 +197,31 @@ class Builder:
 
 
 def variable_array(var: Any) -> np.ndarray:
-    """A variable's value for its initializer: read-only, and sharing the variable's storage
-    where that storage never changes under the array. TensorFlow copies a variable's buffer
-    on write while a read of it is alive (assign, assign_add and scatter leave the read as
-    it was) and JAX arrays are immutable: the graph holds no second copy of the weights
-    (it did, for a 0.5 GB Llama backbone +0.5 GB, and two at once per variable). On the
-    torch backend, whose parameters change in place, a copy.
+    """A variable's value for its initializer, read-only (nothing writes into the model
+    through the graph). On TensorFlow it shares the variable's buffer: TensorFlow copies a
+    variable's buffer on write while a read of it is alive (assign, assign_add, scatter and
+    a training step leave the read as it was), so the graph holds no second copy of the
+    weights (it did, for a 0.5 GB Llama backbone +0.5 GB, two copies at once per variable).
+    Elsewhere a copy: torch parameters change in place, and Keras's JAX trainer donates the
+    variables' buffers.
     """
     import keras
 
-    backend = keras.backend.backend()
-    if backend not in ("tensorflow", "jax"):
-        return np.array(to_numpy(var))
     value = var.value if hasattr(var, "value") and hasattr(var, "path") else var
-    if backend == "tensorflow":
+    array = None
+    if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         if isinstance(value, tf.Variable):  # not in a StatelessScope, nor autocast
             value = value.read_value()  # the variable's buffer, on the CPU
-        array = np.asarray(value) if isinstance(value, tf.Tensor) else to_numpy(value)
-    else:
+        if isinstance(value, tf.Tensor):
+            array = np.asarray(value)
+    if array is None:
         array = to_numpy(value)
+        if not array.flags.owndata:  # a view of the backend's storage (a torch parameter's)
+            array = np.array(array)
     view = array.view()
-    view.flags.writeable = False  # the model's storage: never written through the graph
+    view.flags.writeable = False
     return view
 
 
