@@ -945,6 +945,11 @@ def _task_entries():
         if bb_entry is None:
             bb_cls = getattr(getattr(cls, "backbone_cls", None), "__name__", None)
             bb_entry = bb_cls if bb_cls in CONFIGS else None
+        if bb_entry is None and getattr(cls, "backbone_cls", None) is None:
+            subs = ", ".join(sorted(c.__name__ for c in cls.__subclasses__()))
+            reason = f"an abstract base class (no backbone_cls); its subclasses are swept: {subs}"
+            entries[name] = lambda reason=reason: (_ for _ in ()).throw(Unbuildable(reason))
+            continue
         if bb_entry is None:
             reason = f"no tiny {prefix}Backbone in this sweep (a base class or another backbone)"
             entries[name] = lambda reason=reason: (_ for _ in ()).throw(Unbuildable(reason))
