@@ -175,7 +175,8 @@ def trace_module(
     next(steps, None)
     record_provenance(model, module)
     provenance.write_source(model, {**provenance.read_source(model), "capture": how})
-    rename_dims(model, dims)
+    sizes = {n: tuple(v.shape) for n, v in _tensor_leaves(bound, signature) if _is_tensor(v)}
+    rename_dims(model, dims, sizes)
     name_outputs(model, output_names)
     restore_dropout(model, module)
     # names are final now: each module's return values, recorded during the export

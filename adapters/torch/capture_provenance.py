@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -123,16 +124,24 @@ def record_provenance(model: ir.Model, module: torch.nn.Module) -> None:
     )
 
 
-def rename_dims(model: ir.Model, dims: dict[str, dict[int, str]]) -> None:
-    """Give symbolic dims the names asked for ("batch") instead of torch's ("s77")."""
+def rename_dims(
+    model: ir.Model,
+    dims: dict[str, dict[int, str]],
+    sizes: Mapping[str, tuple[int, ...]] | None = None,
+) -> None:
+    """Give symbolic dims the names asked for ("batch") instead of torch's ("s77").
+
+    `sizes` holds each input's example shape: a name asked for on dims whose example sizes
+    differ (a batch of 4 beside a vector of 8) would claim them equal, so such a dim is
+    named ``<name>_<input>`` instead."""
     mapping: dict[str, str] = {}
+    named_size: dict[str, int] = {}
     for value in model.graph.inputs:
         for axis, name in dims.get(value.name or "", {}).items():
             dim = value.shape[axis] if value.shape is not None else None
             if isinstance(dim, ir.SymbolicDim) and dim.value and dim.value not in mapping:
-                if name in mapping.values():
-                    # torch.export proved this dim independent of the one already named so
-                    # (a batch of 4 beside a vector of 8): one name would claim they are equal
+                size = (sizes or {}).get(value.name or "", ())[axis : axis + 1]
+                if size and named_size.setdefault(name, size[0]) != size[0]:
                     name = f"{name}_{value.name}"
                 mapping[dim.value] = name
     if not mapping:
