@@ -283,6 +283,12 @@ def serialize_without_placeholders(model: ir.Model) -> Any:
 def open_weights(weights: Any) -> WeightSource:
     """A `WeightSource` for a safetensors file, a folder of shards or an index json, or a
     mapping name -> array-like; reads headers only and checks every shard is complete."""
+    if weights is None:  # an adapter's trace came here for compute_dtype= alone
+        raise WeightsError(
+            "compute_dtype= was given without weights=",
+            "compute_dtype only with weights apart from the model",
+            "pass weights= (a safetensors file or folder, or a mapping), or drop compute_dtype",
+        )
     if isinstance(weights, WeightSource):
         return weights
     if isinstance(weights, Mapping):

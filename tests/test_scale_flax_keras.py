@@ -320,3 +320,11 @@ def test_abstract_model_without_weights_is_an_error():
     keras_message = r"have no value, e\.g\. 'fc1/kernel'(?s:.*)pass weights="
     with pytest.raises(interop.errors.TraceError, match=keras_message):
         interop.trace(abstract, X)
+
+
+def test_compute_dtype_without_weights_is_an_error():
+    model, _ = _nnx()
+    with pytest.raises(WeightsError, match="compute_dtype= was given without weights="):
+        interop.trace(model, X, compute_dtype="float32")
+    with pytest.raises(WeightsError, match="compute_dtype= was given without weights="):
+        interop.trace(_keras(), X, compute_dtype="float32")

@@ -61,12 +61,6 @@ def trace_with_weights(
     >>> g = interop.trace(model, ids, weights="checkpoint/")               # doctest: +SKIP
     >>> g.save("llama.onnx")                    # the weights streamed here   # doctest: +SKIP
     """
-    if weights is None:
-        raise WeightsError(
-            "compute_dtype= was given without weights=",
-            "compute_dtype only with weights apart from the model",
-            "pass weights= (a safetensors file or folder, or a mapping), or drop compute_dtype",
-        )
     source = open_weights(weights)
     target = _float_dtype(compute_dtype)
     model = _prepared(model, target)

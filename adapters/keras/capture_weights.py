@@ -86,12 +86,6 @@ def trace_with_weights(
     ...     backbone = keras_hub.models.GemmaBackbone(**config)
     >>> g = interop.trace(backbone, inputs, weights="checkpoint/")    # doctest: +SKIP
     """
-    if weights is None:
-        raise WeightsError(
-            "compute_dtype= was given without weights=",
-            "compute_dtype only with weights apart from the model",
-            "pass weights= (a safetensors file or folder, or a mapping), or drop compute_dtype",
-        )
     source = open_weights(weights)
     convert = _floating(compute_dtype)
     if not model.built:
