@@ -70,7 +70,9 @@ def trace(model: Any, example_inputs: Any = None, **options: Any) -> Graph:
     """Trace a model of any supported framework into an `interop.Graph`.
 
     `example_inputs` is one tensor/array, a tuple of them, or a dict of named inputs.
-    The batch dimension is dynamic by default (``dynamic_batch=False`` turns it off);
+    The batch dimension is dynamic by default (``dynamic_batch=False`` turns it off; an
+    input whose leading size differs from the first input's gets a dim of its own,
+    ``batch_<input>``, since one name would claim the sizes equal);
     ``dynamic_dims={"input_ids": {1: "seq"}}`` makes other dims dynamic. Each declared
     dynamic dim is checked before `trace` returns (`interop.dim_check`): the graph runs at
     a second size of it against the model, and a dim the model fixes (a reshape to the
