@@ -223,6 +223,17 @@ def match_weights(
     return found
 
 
+def attach_weights(
+    model: ir.Model, source: WeightSource, found: Mapping[str, str], convert: bool
+) -> None:
+    """Each initializer `match_weights` found becomes a lazy tensor of `source` (read when
+    saved, run or emitted; `convert`: read into the initializer's own dtype)."""
+    for value in model.graph.initializers.values():
+        name = str(value.name)
+        if name in found:
+            value.const_value = source.tensor(found[name], value.dtype if convert else None)
+
+
 # set while a capture traces an abstract model whose weights a source gives (the Flax and
 # Keras capture_weights.py); an abstract weight met without it is an error, not zeros
 WEIGHTS_APART: contextvars.ContextVar[bool] = contextvars.ContextVar(

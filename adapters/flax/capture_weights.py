@@ -40,7 +40,14 @@ import numpy as np
 
 from interop.errors import WeightsError
 from interop.graph import Graph
-from interop.weights import WEIGHTS_APART, Wanted, ir_dtype, match_weights, open_weights
+from interop.weights import (
+    WEIGHTS_APART,
+    Wanted,
+    attach_weights,
+    ir_dtype,
+    match_weights,
+    open_weights,
+)
 
 from . import is_linen_module, is_nnx_module
 from .capture import capture, trace_model
@@ -90,10 +97,7 @@ def trace_with_weights(
         graph = trace_model(model, example_inputs, **options)
     finally:
         WEIGHTS_APART.reset(allowed)
-    for value in graph.model.graph.initializers.values():
-        name = str(value.name)
-        if name in found:
-            value.const_value = source.tensor(found[name], value.dtype if target else None)
+    attach_weights(graph.model, source, found, convert=target is not None)
     return graph
 
 

@@ -42,7 +42,7 @@ from keras import tree
 from interop import provenance
 from interop.errors import TraceError, WeightsError
 from interop.graph import Graph
-from interop.weights import Wanted, match_weights, open_weights, placeholder
+from interop.weights import Wanted, attach_weights, match_weights, open_weights, placeholder
 
 from .capture import call_structure, trace_model
 from .capture_lowering import Builder, onnx_dtype
@@ -108,10 +108,7 @@ def trace_with_weights(
     options["check_dims"] = False  # it runs the model eagerly, whose values are not these
     with _deferred(model):
         graph = trace_model(model, example_inputs, builder=LazyWeights(names), **options)
-    for value in graph.model.graph.initializers.values():
-        name = str(value.name)
-        if name in found:
-            value.const_value = source.tensor(found[name], value.dtype if convert else None)
+    attach_weights(graph.model, source, found, convert=convert)
     return graph
 
 
