@@ -789,7 +789,11 @@ def _preload(names):
             getattr(T, config_cls)
 
 
-def _forked(name, timeout):
+def _forked(name, timeout, run=None, family=None):
+    """`run(name)` (default `run_one`) in a forked child killed at `timeout`; its result dict.
+    `run` and `family` let other sweeps (tools/sweep_optimize.py) reuse the fork."""
+    run = run or run_one
+    family = family or CASES[name][0]
     import signal
     import tempfile
 
@@ -798,9 +802,9 @@ def _forked(name, timeout):
     pid = os.fork()
     if pid == 0:  # the child: one model, its result in a file
         try:
-            result = run_one(name)
+            result = run(name)
         except BaseException as err:
-            result = {"name": name, "family": CASES[name][0], "capture": False,
+            result = {"name": name, "family": family, "capture": False,
                       "capture_error": "build: " + _short(err)}  # fmt: skip
         with open(path, "w") as f:
             json.dump(result, f)
@@ -816,13 +820,13 @@ def _forked(name, timeout):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.unlink(path)
-        return {"name": name, "family": CASES[name][0], "capture": False,
+        return {"name": name, "family": family, "capture": False,
                 "capture_error": f"timeout after {timeout} s"}  # fmt: skip
     try:
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError):
-        return {"name": name, "family": CASES[name][0], "capture": False,
+        return {"name": name, "family": family, "capture": False,
                 "capture_error": f"the child process died (status {status})"}  # fmt: skip
     finally:
         os.unlink(path)
