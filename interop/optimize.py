@@ -46,7 +46,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from . import optimize_rules, rewrites
+from . import optimize_batch, optimize_rules, rewrites
 
 # onnxscript logs every pattern it tries to fold and cannot (e.g. a Reshape of a symbolic
 # dim) at WARNING/ERROR; those are expected misses, not problems of the user's graph.
@@ -174,7 +174,7 @@ def _fold(model: ir.Model) -> dict[str, int]:
     }
     counts["softmax"] = rewrites.softmax().apply_to_model(model)
     common_passes.ShapeInferencePass()(model)  # the two graph rules read every shape
-    counts["batch-1 values"] = optimize_rules.batch_free(model)
+    counts["batch-1 values"] = optimize_batch.batch_free(model)
     counts["transposed matmul"] = optimize_rules.transposed_matmul(model)
     if any(counts.values()):
         _optimize(model)  # drop what the rewrites left dead, merge Reshapes

@@ -3,11 +3,6 @@
 `interop.optimize` runs these beside the pattern rules of `interop.rewrites`; each is
 exact (the same values up to float rounding) and checks what makes it so:
 
-- `batch_free`: a tensor the graph computes from the batch size alone, whose every
-  batch row is the same (GPT-2's causal mask: positions expanded over the batch, then
-  indexed with ``arange(batch)``), is computed once at batch 1 and broadcast by the
-  consumer that meets the batch. With a static batch (torch.onnx's default export) it
-  is a constant; in our symbolic-batch graph it was computed on every run, for every row.
 - `transposed_matmul`: ``MatMul(A, B)`` between chains of Transposes and Reshapes that
   only add or drop size-1 axes becomes ``MatMul(B^T, A^T)`` with the swap folded into
   those chains, when that leaves fewer Transposes (the Flax capture writes ``P @ V`` as
@@ -16,10 +11,12 @@ exact (the same values up to float rounding) and checks what makes it so:
   splits them back is one Transpose of the original axes (GPT-2's ``K^T`` on merged
   batch and heads; ONNX Runtime does this itself only at static shapes).
 
+The batch-1 values (GPT-2's causal mask) are in `interop.optimize_batch`.
+
 >>> import interop, torch                                   # doctest: +SKIP
 >>> g = interop.trace(transformers.GPT2Model(config), (ids,))
->>> batch_free(g.model.clone())   # the causal mask: one value now computed at batch 1
-1
+>>> regrouped_transpose(g.model.clone())   # K^T: one Transpose per block
+2
 """
 
 from __future__ import annotations
@@ -30,78 +27,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-# ops whose output element is a function of the same (broadcast) element of each input
-_ELEMENTWISE = frozenset(
-    "Add Sub Mul Div Pow Mod Max Min Equal Less LessOrEqual Greater GreaterOrEqual And Or "
-    "Xor Not Neg Abs Sqrt Exp Log Cast Where IsNaN IsInf Identity Sign Floor Ceil Relu "
-    "BitwiseAnd BitwiseOr BitwiseNot Reciprocal".split()
-)
-# ops that compute shapes from shapes (their inputs and outputs are small int tensors)
-_SHAPE_OPS = _ELEMENTWISE | {"Concat", "Gather", "Squeeze", "Unsqueeze", "Slice", "Reshape"}
-# consumers that broadcast an input: a batch-1 value may replace a batch-B one
-_BROADCASTING = _ELEMENTWISE - {"Identity", "Cast", "Not", "Neg", "Abs", "Sqrt", "Exp", "Log"}
 
-_UNIFORM, _INDEX, _SHAPE, _DATA, _CONST = "uniform", "index", "shape", "data", "const"
-
-
-def batch_free(model: ir.Model) -> int:
-    """Compute batch-uniform tensors at batch 1; the number of consumers rewired.
-
-    A value is *uniform* when its shape is static but for the batch (the symbolic dim on
-    axis 0 of the graph inputs) and it equals the broadcast of what the graph computes
-    at batch 1: it depends on the inputs only through their shapes, and every op on the
-    way keeps that (elementwise ops, Expand, Slice / Concat / CumSum / Gather along
-    static axes, and GatherND that indexes the batch axis with ``arange(batch)`` into a
-    uniform tensor, where each row reads the same). Each uniform value that meets a
-    batch-dependent tensor in a broadcasting op is replaced there by its batch-1 copy:
-    the same nodes, with every ``Shape`` of a batch-B tensor replaced by the batch-1
-    shape, which constant folding then folds when the other dims are static. Needs the
-    shapes ONNX's inference gives (with data propagation: the optimizer leaves an Expand
-    to a computed shape unshaped).
-    """
-    graph = model.graph
-    batch = {
-        dim.value
-        for value in graph.inputs
-        if value.shape is not None and len(value.shape) > 0
-        for dim in value.shape[:1]
-        if isinstance(dim, ir.SymbolicDim) and dim.value
-    }
-    if not batch or any(_has_subgraph(node) for node in graph):
-        return 0
-    state = _states(graph, batch)
-    targets: list[tuple[ir.Node, int, ir.Value]] = []
-    for node in graph:
-        if state.get(node.outputs[0]) == _UNIFORM or node.op_type not in _BROADCASTING:
-            continue
-        for index, value in enumerate(node.inputs):
-            if value is not None and state.get(value) == _UNIFORM and _covered(node, index):
-                targets.append((node, index, value))
-    if not targets:
-        return 0
-    copies = _batch_one_copy(graph, [value for _, _, value in targets], batch)
-    if copies is None:
-        return 0
-    for node, index, value in targets:
-        node.replace_input_with(index, copies[value])
-    return len(targets)
-
-
-def _has_subgraph(node: ir.Node) -> bool:
+def has_subgraph(node: ir.Node) -> bool:
     return any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
                for attr in node.attributes.values())  # fmt: skip
-
-
-def _static_but_batch(value: Any, batch: set[str]) -> bool:
-    shape = value.shape
-    return shape is not None and all(
-        isinstance(d, int) or (isinstance(d, ir.SymbolicDim) and d.value in batch) for d in shape
-    )
-
-
-def _static_axis(value: Any, axis: int) -> bool:
-    shape = value.shape
-    return shape is not None and -len(shape) <= axis < len(shape) and isinstance(shape[axis], int)
 
 
 def _tensor(value: ir.Value | None) -> Any:
@@ -113,179 +42,9 @@ def _tensor(value: ir.Value | None) -> Any:
     return tensor
 
 
-def _ints(value: ir.Value | None) -> list[int] | None:
+def const_ints(value: ir.Value | None) -> list[int] | None:
     tensor = _tensor(value)
     return None if tensor is None else [int(v) for v in np.asarray(tensor.numpy()).reshape(-1)]
-
-
-def _states(graph: ir.Graph, batch: set[str]) -> dict[ir.Value, str]:
-    """Each value's kind: uniform over the batch, the batch index, a shape, data or constant."""
-    state: dict[ir.Value, str] = {v: _DATA for v in graph.inputs}
-    for value in graph.initializers.values():
-        state[value] = _CONST
-    for node in graph:
-        kind = _kind(node, state, batch)
-        for output in node.outputs:
-            state[output] = kind
-    return state
-
-
-def _kind(node: Any, state: dict[Any, str], batch: set[str]) -> str:  # noqa: PLR0911
-    op, out = node.op_type, node.outputs[0]
-    kinds = [state.get(v, _DATA) if v is not None else _CONST for v in node.inputs]
-    if node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
-        return _DATA
-    if op == "Constant":
-        return _CONST
-    if op == "Shape":
-        return _SHAPE
-    if kinds and all(k in (_SHAPE, _CONST) for k in kinds) and op in _SHAPE_OPS:
-        return _CONST if all(k == _CONST for k in kinds) else _SHAPE
-    if not _static_but_batch(out, batch):
-        return _DATA
-    first, rest = (kinds[0], kinds[1:]) if kinds else (_DATA, [])
-    uniform = (_UNIFORM, _CONST)
-    if op == "ConstantOfShape" and first in (_SHAPE, _CONST):
-        return _UNIFORM
-    if op in _ELEMENTWISE and all(k in uniform for k in kinds):
-        return _UNIFORM
-    if op == "Expand" and first in uniform and rest[0] in (_SHAPE, _CONST):
-        return _UNIFORM
-    if op == "Expand" and first == _INDEX and rest[0] in (_SHAPE, _CONST):
-        same_rank = len(node.inputs[0].shape or ()) == len(out.shape or ())
-        return _INDEX if same_rank and _batch_dim0(out, batch) else _DATA
-    if op == "Range" and _ints(node.inputs[0]) == [0] and _ints(node.inputs[2]) == [1]:
-        return _INDEX if len(out.shape or ()) == 1 and _batch_dim0(out, batch) else _DATA
-    if op == "Unsqueeze" and first == _INDEX and 0 not in (_ints(node.inputs[1]) or [0]):
-        return _INDEX
-    if op == "Concat" and all(k in uniform for k in kinds):
-        return _UNIFORM if _keeps_uniform(node) else _DATA
-    if first not in uniform or any(k != _CONST for k in rest):
-        return _gather_nd(node, state, batch) if op == "GatherND" else _DATA
-    return _UNIFORM if _keeps_uniform(node) else _DATA
-
-
-def _batch_dim0(value: Any, batch: set[str]) -> bool:
-    shape = value.shape
-    return bool(shape) and isinstance(shape[0], ir.SymbolicDim) and shape[0].value in batch
-
-
-def _keeps_uniform(node: Any) -> bool:
-    """Whether an op on one uniform input (the others constant) gives a uniform output."""
-    op, x = node.op_type, node.inputs[0]
-    attrs = {name: attr.value for name, attr in node.attributes.items()}
-    if op in ("Transpose", "Identity"):
-        return True
-    if op in ("Unsqueeze", "Squeeze"):  # Squeeze of static size-1 axes only
-        axes = _ints(node.inputs[1]) if len(node.inputs) > 1 else None
-        return op == "Unsqueeze" or (axes is not None and all(_static_axis(x, a) for a in axes))
-    if op == "Slice":
-        axes = _ints(node.inputs[3]) if len(node.inputs) > 3 else None
-        return axes is not None and all(_static_axis(x, a) for a in axes)
-    if op in ("Concat", "Softmax", "LogSoftmax", "CumSum"):
-        cumsum_axis: list[Any] = _ints(node.inputs[1]) or [None]
-        axis = attrs.get("axis", -1) if op != "CumSum" else cumsum_axis[0]
-        return isinstance(axis, int) and _static_axis(x, axis)
-    if op == "Gather":
-        return _static_axis(x, attrs.get("axis", 0))
-    if op.startswith("Reduce"):
-        axes = _ints(node.inputs[1]) if len(node.inputs) > 1 else None
-        return axes is not None and all(_static_axis(x, a) for a in axes)
-    return False
-
-
-def _gather_nd(node: Any, state: dict[Any, str], batch: set[str]) -> str:
-    """GatherND(data, indices) where data is uniform and indices' first column is the
-    batch index (``data[arange(B)[:, ...], rest]``): every row reads row 0's values."""
-    data, indices = node.inputs
-    attrs = {name: attr.value for name, attr in node.attributes.items()}
-    if attrs.get("batch_dims", 0) or state.get(data) != _UNIFORM or not _batch_dim0(data, batch):
-        return _DATA
-    concat = indices.producer() if indices is not None else None
-    if concat is None or concat.op_type != "Concat":
-        return _DATA
-    parts = list(concat.inputs)
-    axis = concat.attributes["axis"].value
-    rank = len(indices.shape or ())
-    if axis not in (-1, rank - 1) or not parts or parts[0] is None or parts[0].shape is None:
-        return _DATA
-    if parts[0].shape[-1] != 1:  # the first part is the first index column
-        return _DATA
-    rest = [state.get(p) if p is not None else None for p in parts[1:]]
-    if state.get(parts[0]) == _INDEX and all(k in (_UNIFORM, _CONST) for k in rest):
-        return _UNIFORM
-    return _DATA
-
-
-def _covered(node: ir.Node, index: int) -> bool:
-    """Whether `node`'s other inputs alone give its output shape (so input `index` may
-    shrink to batch 1 and be broadcast)."""
-    out = node.outputs[0].shape
-    others = [v.shape for i, v in enumerate(node.inputs) if i != index and v is not None]
-    if out is None or any(s is None for s in others):
-        return False
-    for axis in range(1, len(out) + 1):
-        dims = [s[-axis] for s in others if s is not None and len(s) >= axis]
-        if out[-axis] not in dims:
-            return False
-    return True
-
-
-def _batch_one_copy(
-    graph: ir.Graph, values: Sequence[ir.Value], batch: set[str]
-) -> dict[ir.Value, ir.Value] | None:
-    """Copies of the nodes computing `values`, at batch 1: each ``Shape`` of a batch-B
-    tensor becomes the batch-1 shape (a constant when the other dims are static)."""
-    cone: set[ir.Node] = set()
-    stack = [v.producer() for v in values]
-    while stack:
-        node = stack.pop()
-        if node is None or node in cone:
-            continue
-        cone.add(node)
-        if node.op_type != "Shape":
-            stack.extend(v.producer() for v in node.inputs if v is not None)
-    mapping: dict[ir.Value, ir.Value] = {}
-    new_nodes: list[ir.Node] = []
-    for node in graph:
-        if node not in cone:
-            continue
-        if node.op_type == "Shape":
-            shape = _shape_at_one(node, batch)
-            if shape is None:
-                return None
-            constant = ir.node("Constant", [], {"value": ir.tensor(shape, name=None)})
-            new_nodes.append(constant)
-            mapping[node.outputs[0]] = constant.outputs[0]
-            continue
-        copy = ir.Node(
-            node.domain,
-            node.op_type,
-            [mapping.get(v, v) if v is not None else None for v in node.inputs],
-            [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()],
-            num_outputs=len(node.outputs),
-            version=node.version,
-        )
-        for old, new in zip(node.outputs, copy.outputs):
-            if old.dtype is not None:
-                new.dtype = old.dtype
-            mapping[old] = new
-        new_nodes.append(copy)
-    first = next(iter(graph))
-    graph.insert_before(first, new_nodes)
-    return {v: mapping[v] for v in values}
-
-
-def _shape_at_one(node: Any, batch: set[str]) -> np.ndarray | None:
-    """The value `node` (a Shape) has at batch 1, when its input's dims are static but
-    for the batch."""
-    x = node.inputs[0]
-    if x is None or not _static_but_batch(x, batch):
-        return None
-    dims = [d if isinstance(d, int) else 1 for d in x.shape]
-    attrs = {name: attr.value for name, attr in node.attributes.items()}
-    start, end = attrs.get("start", 0), attrs.get("end", len(dims))
-    return np.array(dims[slice(start, end)], dtype=np.int64)
 
 
 def transposed_matmul(model: ir.Model) -> int:
@@ -463,13 +222,18 @@ def regrouped_transpose(model: ir.Model) -> int:
     return count
 
 
-def _groups(dims: Sequence[Any], target: list[int]) -> list[list[int]] | None:
+def _groups(dims: Sequence[Any], target: Sequence[Any]) -> list[list[int]] | None:
     """Which consecutive axes of `dims` each entry of a Reshape's `target` merges (one -1
-    at most, taking what the static entries around it leave); None if it does not."""
-    if target.count(-1) > 1 or any(v == 0 or v < -1 for v in target):
+    at most, taking what the other entries around it leave; a symbolic entry is the one
+    axis of that symbol); None if it does not."""
+    ints = [v for v in target if isinstance(v, int)]
+    if ints.count(-1) > 1 or any(v == 0 or v < -1 for v in ints):
         return None
 
-    def take(axes: Iterable[int], want: int) -> list[int] | None:
+    def take(axes: Iterable[int], want: Any) -> list[int] | None:
+        if not isinstance(want, int):
+            axis = next(iter(axes), None)
+            return [axis] if axis is not None and _same_dims([dims[axis]], [want]) else None
         group, size = [], 1
         for axis in axes:
             if size >= want or not isinstance(dims[axis], int):
@@ -508,7 +272,7 @@ def _regroup(graph: ir.Graph, transpose: Any) -> int:
     merge = transpose.inputs[0].producer() if transpose.inputs[0] is not None else None
     if merge is None or merge.op_type != "Reshape" or len(transpose.inputs[0].uses()) != 1:
         return 0
-    x, target = merge.inputs[0], _ints(merge.inputs[1])
+    x, target = merge.inputs[0], _reshape_target(merge)
     if x is None or x.shape is None or target is None:
         return 0
     groups = _groups(list(x.shape), target)
@@ -541,6 +305,18 @@ def _regroup(graph: ir.Graph, transpose: Any) -> int:
         if all(not o.uses() for o in node.outputs):
             graph.remove(node, safe=True)
     return 1
+
+
+def _reshape_target(reshape: Any) -> list[Any] | None:
+    """A Reshape's target: its constant, or, computed at run time (a dynamic sequence),
+    the shape inference gives its output, where a dim not among the input's (a merged
+    ``batch * heads``, or unnamed) is -1 (one at most, else `_groups` refuses it)."""
+    target = const_ints(reshape.inputs[1])
+    x, out = reshape.inputs[0], reshape.outputs[0].shape
+    if target is not None or out is None or x is None or x.shape is None:
+        return target
+    names = {d.value for d in x.shape if isinstance(d, ir.SymbolicDim) and d.value}
+    return [d if isinstance(d, int) or d.value in names else -1 for d in out]
 
 
 def _only_consumer(value: Any) -> Any:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from interop import optimize_rules
+from interop import optimize_batch, optimize_rules
 from interop.optimize import _optimize
 
 B = ir.SymbolicDim("batch")
@@ -78,7 +78,7 @@ def test_batch_free_computes_the_mask_at_batch_one():
     }
     want = {b: _run(model, f)[0] for b, f in feeds.items()}
     _prepare(model)
-    assert optimize_rules.batch_free(model) == 1  # the mask; the batch index is data
+    assert optimize_batch.batch_free(model) == 1  # the mask; the batch index is data
     _optimize(model)
     ops = _ops(model)
     assert ops["Expand"] == 0 and ops["Where"] == 0, ops  # folded: a [1, 1, 8, 8] constant
@@ -87,13 +87,65 @@ def test_batch_free_computes_the_mask_at_batch_one():
         np.testing.assert_allclose(_run(model, f)[0], want[b], rtol=1e-6, atol=1e-6)
 
 
+def _dynamic_sequence_mask():
+    """scores [B, 2, S, S] + a causal mask built from arange(S), expanded to [B, 1, S, S];
+    plus arange(B) used as data, which depends on the batch size."""
+    _const.nodes = []
+    s = ir.SymbolicDim("seq")
+    x = ir.val("x", ir.DataType.FLOAT, [B, 2, s, s])
+    size = ir.node("Shape", [x], {"start": 2, "end": 3})
+    limit = ir.node("Squeeze", [size.outputs[0], _const([0])])
+    arange = ir.node("Range", [_const(0), limit.outputs[0], _const(1)])
+    rows = ir.node("Unsqueeze", [arange.outputs[0], _const([1])])
+    causal = ir.node("Less", [rows.outputs[0], arange.outputs[0]])  # [S, S]: above the diagonal
+    batch = ir.node("Shape", [x], {"start": 0, "end": 1})
+    target = ir.node("Concat", [batch.outputs[0], _const([1]), size.outputs[0], size.outputs[0]],
+                     {"axis": 0})  # fmt: skip
+    expand = ir.node("Expand", [causal.outputs[0], target.outputs[0]])
+    where = ir.node("Where", [expand.outputs[0], _const(-1e9, np.float32), _const(0.0, np.float32)])
+    add = ir.node("Add", [x, where.outputs[0]])
+    index = ir.node(
+        "Range", [_const(0), ir.node("Squeeze", [batch.outputs[0]]).outputs[0], _const(1)]
+    )
+    as_float = ir.node("Cast", [index.outputs[0]], {"to": ir.DataType.FLOAT})
+    column = ir.node("Unsqueeze", [as_float.outputs[0], _const([1, 2, 3])])
+    out = ir.node("Add", [add.outputs[0], column.outputs[0]])
+    out.outputs[0].name = "y"
+    nodes = [*_const.nodes, size, limit, arange, rows, causal, batch, target, expand, where, add]
+    squeeze = index.inputs[1].producer()
+    model = _model([x], [out.outputs[0]], [*nodes, squeeze, index, as_float, column, out])
+    _prepare(model)
+    # the shapes a capture names (ONNX's inference leaves Range's length unnamed)
+    for node, shape in ((arange, [s]), (rows, [s, 1]), (causal, [s, s]), (expand, [B, 1, s, s]),
+                        (where, [B, 1, s, s]), (add, [B, 2, s, s]), (index, [B]),
+                        (as_float, [B]), (column, [B, 1, 1, 1]), (out, [B, 2, s, s])):  # fmt: skip
+        node.outputs[0].shape = ir.Shape(shape)
+    return model
+
+
+def test_batch_free_with_a_dynamic_sequence_computes_the_mask_at_batch_one():
+    model = _dynamic_sequence_mask()
+    rng = np.random.default_rng(0)
+    sizes = [(1, 3), (3, 5), (8, 8), (2, 1)]
+    feeds = {bs: {"x": rng.standard_normal((bs[0], 2, bs[1], bs[1])).astype(np.float32)}
+             for bs in sizes}  # fmt: skip
+    want = {bs: _run(model, f)[0] for bs, f in feeds.items()}
+    assert optimize_batch.batch_free(model) == 1  # the mask, not the batch index
+    _optimize(model)
+    expand = [node for node in model.graph if node.op_type == "Expand"]
+    assert not expand or all(str(n.outputs[0].shape[0]) != "batch" for n in expand), expand
+    assert _ops(model)["Range"] == 2, _ops(model)  # arange(S) per run, arange(B) as data
+    for bs, f in feeds.items():
+        np.testing.assert_allclose(_run(model, f)[0], want[bs], rtol=1e-6, atol=1e-6)
+
+
 def test_batch_free_leaves_graphs_without_a_batch_alone():
     _const.nodes = []
     x = ir.val("x", ir.DataType.FLOAT, [2, 8])
     y = ir.node("Add", [x, _const(np.ones((2, 8)), np.float32)])
     y.outputs[0].name = "y"
     model = _model([x], [y.outputs[0]], [*_const.nodes, y])
-    assert optimize_rules.batch_free(model) == 0
+    assert optimize_batch.batch_free(model) == 0
 
 
 def _flax_attention():

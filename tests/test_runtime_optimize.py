@@ -226,6 +226,39 @@ def test_gpt2_gemm_rows_become_matmul_and_gelu_fuses():
     np.testing.assert_allclose(graph.run(_ids(3, 16, seed=1)), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_gpt2_with_a_dynamic_sequence_computes_its_mask_at_batch_one():
+    """With the sequence dynamic too, the mask cannot fold to a constant: it is computed
+    on every run, at batch 1 (``[1, 1, seq, seq]``), and K^T is still one Transpose."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, use_cache=False
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(config).eval()
+    graph = interop.trace(
+        model, (torch.from_numpy(_ids(2, 16)),), dynamic_dims={"input_ids": {1: "seq"}}
+    )
+    optimized = optimized_model(graph)
+    batch_sized = [
+        node.op_type
+        for node in optimized.graph
+        if node.op_type in ("GatherND", "CumSum", "Equal", "LessOrEqual", "And")
+        and any(
+            str(d) == "batch" for out in node.outputs if out.shape is not None for d in out.shape
+        )
+    ]
+    assert not batch_sized, batch_sized  # no part of the mask is computed per batch row
+    counts = ops(optimized)
+    assert counts["GatherND"] > 0, counts  # computed on every run (the sequence is dynamic)
+    assert counts["Transpose"] == 4 * 2, counts
+    for batch, seq, seed in ((3, 16, 1), (1, 7, 2), (5, 29, 3)):
+        check(graph, _ids(batch, seq, seed=seed))
+        with torch.no_grad():
+            want = model(torch.from_numpy(_ids(batch, seq, seed=seed))).last_hidden_state
+        got = graph.run(_ids(batch, seq, seed=seed))
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_bert_gets_attention_fusion():
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
