@@ -278,7 +278,20 @@ def _finish(model: ir.Model) -> None:
     from onnxscript.rewriter.ort_fusions._core import ORT_PATTERN_REWRITE_RULES
 
     _optimize(model)
-    rewrite(model, ORT_PATTERN_REWRITE_RULES)
+    rewrite(model, _ORT_RULES or _ort_rules(ORT_PATTERN_REWRITE_RULES))
+
+
+_ORT_RULES: list[Any] = []
+
+
+def _ort_rules(rules: list[Any]) -> list[Any]:
+    """onnxscript's ORT rules less the six that move a Transpose into FusedMatMul's
+    transBatch: they do not check that both inputs have the same rank, and ONNX Runtime
+    then refuses to run the graph (a batch-first input transposed to seq-first times a
+    2-D weight, SigLIP's attention-pooling head; found by tools/sweep_optimize.py).
+    ONNX Runtime's own MatMul-transpose fusion still runs in the session."""
+    _ORT_RULES.extend(r for r in rules if "Batch" not in (getattr(r, "name", None) or ""))
+    return _ORT_RULES
 
 
 class _quiet:

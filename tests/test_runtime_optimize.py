@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
@@ -257,6 +258,33 @@ def test_gpt2_with_a_dynamic_sequence_computes_its_mask_at_batch_one():
             want = model(torch.from_numpy(_ids(batch, seq, seed=seed))).last_hidden_state
         got = graph.run(_ids(batch, seq, seed=seed))
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_seq_first_transpose_times_a_matrix_still_runs_after_the_ort_rules():
+    """``x.transpose(0, 1) @ w.t()`` (SigLIP's attention-pooling head): onnxscript's
+    transBatch rules, which the fuse and attention stages end with, made a FusedMatMul of
+    a 3-D and a 2-D input that ONNX Runtime refuses to run (Graph.run then fell back to
+    the graph as captured)."""
+    from interop import optimize
+
+    class SeqFirst(torch.nn.Module):
+        def forward(self, x, w):
+            return x.transpose(0, 1) @ w.t()
+
+    graph = interop.trace(
+        SeqFirst(), (torch.randn(2, 5, 8), torch.randn(8, 8)), dynamic_dims={"x": {1: "seq"}}
+    )
+    rng = np.random.default_rng(0)
+    feeds = {graph.inputs[0].name: rng.standard_normal((3, 4, 8)).astype(np.float32),
+             graph.inputs[1].name: rng.standard_normal((8, 8)).astype(np.float32)}  # fmt: skip
+    model = optimize.optimized_copy(graph.model, last="fold")[0].model.clone()
+    with optimize._quiet():
+        optimize._finish(model)  # what the fuse and attention stages end with
+    assert ops(model)["FusedMatMul"] == 1, ops(model)  # the transpose of w still fuses
+    session = ort.InferenceSession(
+        ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    np.testing.assert_allclose(session.run(None, feeds)[0], faithful(graph, feeds)[0], **TOL)
 
 
 def test_bert_gets_attention_fusion():
