@@ -49,6 +49,11 @@ FUSED = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "SkipLayerNor
          "LayerNormalization", "FastGelu", "Gelu", "BiasGelu", "RotaryEmbedding",
          "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization",
          "FusedMatMul", "Conv", "BatchNormalization")  # fmt: skip
+GROUPS = {"Attention / MHA / GQA": ("Attention", "MultiHeadAttention", "GroupQueryAttention"),
+          "SkipLN / SkipRMS": ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"),
+          "RMSNorm": ("SimplifiedLayerNormalization", "RMSNormalization"),
+          "Gelu / FastGelu / BiasGelu": ("Gelu", "FastGelu", "BiasGelu"),
+          "RotaryEmbedding": ("RotaryEmbedding",), "FusedMatMul": ("FusedMatMul",)}  # fmt: skip
 SHORT = {"MultiHeadAttention": "MHA", "GroupQueryAttention": "GQA", "Attention": "Attn",
          "SkipLayerNormalization": "SkipLN", "LayerNormalization": "LN",
          "SimplifiedLayerNormalization": "RMSNorm*", "SkipSimplifiedLayerNormalization": "SkipRMS",
@@ -384,12 +389,30 @@ def table(results: list[dict]) -> str:
         group = [r for r in results if family in ("all", r["family"])]
         traced = [r for r in group if r.get("capture")]
         ok = sum(1 for r in traced if r.get("ok"))
-        stages = Counter(r.get("stage") for r in traced)
+        stages = Counter(str(r.get("stage")).split(" (")[0] for r in traced)
         label = f"**{family}**" if family == "all" else family
         rows.append(
             f"| {label} | {len(group)} | {len(traced)} | {ok} | {len(traced) - ok} | "
             + " / ".join(str(stages[s]) for s in ("attention", "fuse", "fold", "as captured"))
             + " |"
+        )
+    rows += ["", "Models whose optimized copy holds each fusion (BN folded: the capture has "
+             "BatchNormalization, the copy none):", "",
+             "| family | " + " | ".join(GROUPS) + " | BN folded | nodes faithful -> copy (sum) |",
+             "|---|" + "---|" * (len(GROUPS) + 2)]  # fmt: skip
+    for family in [*families, "all"]:
+        group = [
+            r for r in results if family in ("all", r["family"]) and r.get("fused") is not None
+        ]
+        has = [sum(1 for r in group if set(r["fused"]) & set(ops)) for ops in GROUPS.values()]
+        folded = sum(
+            1 for r in group if r["faithful_bn"] and not r["fused"].get("BatchNormalization")
+        )
+        before = sum(r["nodes_faithful"] for r in group)
+        after = sum(r["nodes_optimized"] for r in group)
+        label = f"**{family}**" if family == "all" else family
+        rows.append(
+            f"| {label} | " + " | ".join(map(str, has)) + f" | {folded} | {before} -> {after} |"
         )
     rows += ["", "| model | family | stage | nodes faithful -> copy | max abs diff (input 1 / 2) "
              "| within 1e-5 | fused ops in the copy | note |",
