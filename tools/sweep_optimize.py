@@ -379,20 +379,27 @@ def _note(r: dict) -> str:
     return " ".join("; ".join(notes).split())[:300].replace("|", "/")
 
 
+def _failed(r: dict) -> bool:
+    """The copy disagreed with the faithful graph or failed where it runs."""
+    return "copy_error" in r or any(e.get("ok") is False for e in r.get("inputs", []))
+
+
 def table(results: list[dict]) -> str:
     """Per-family summary, then one row per model (markdown); a later line for a model wins."""
     results = list({r["name"]: r for r in results}.values())
     families = list(dict.fromkeys(r["family"] for r in results))
-    rows = ["| family | models | traced | within 1e-5 on both inputs | failures | "
-            "stage: attention / fuse / fold / as captured |", "|---|---|---|---|---|---|"]  # fmt: skip
+    rows = ["| family | models | traced | within 1e-5 on both inputs | copy disagrees or fails "
+            "| example only (the capture refuses the second input) "
+            "| stage: attention / fuse / fold / as captured |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for family in [*families, "all"]:
         group = [r for r in results if family in ("all", r["family"])]
         traced = [r for r in group if r.get("capture")]
         ok = sum(1 for r in traced if r.get("ok"))
+        bad = sum(1 for r in traced if _failed(r))
         stages = Counter(str(r.get("stage")).split(" (")[0] for r in traced)
         label = f"**{family}**" if family == "all" else family
         rows.append(
-            f"| {label} | {len(group)} | {len(traced)} | {ok} | {len(traced) - ok} | "
+            f"| {label} | {len(group)} | {len(traced)} | {ok} | {bad} | {len(traced) - ok - bad} | "
             + " / ".join(str(stages[s]) for s in ("attention", "fuse", "fold", "as captured"))
             + " |"
         )
