@@ -75,6 +75,8 @@ class Stage:
             start = time.perf_counter()
             with _quiet():
                 self.counts.update(_tidy(self.raw))
+                _adopt_constants(self.raw)
+                self.raw.graph.sort()
             self.seconds += time.perf_counter() - start
             self.tidied = True
         return self.raw
@@ -111,7 +113,31 @@ def optimized_copy(model: ir.Model, *, last: str = "attention") -> list[Stage]:
 def _timed(name: str, model: ir.Model, step: Callable[[ir.Model], dict[str, int]]) -> Stage:
     start = time.perf_counter()
     counts = step(model)
+    _adopt_constants(model)
+    model.graph.sort()
     return Stage(name, model, counts, time.perf_counter() - start)
+
+
+def _adopt_constants(model: ir.Model) -> None:
+    """Register constants that nodes read but the graph lost as initializers.
+
+    onnxscript's ReshapeReshape rule can leave a Reshape reading a shape constant that
+    is no longer among the initializers (keras_hub's Swin and SAM, XLNet); the graph
+    then fails to clone or serialize, and the runtime fell back to the graph as
+    captured. The value is the same: it only needs registering.
+    """
+    graph = model.graph
+    known = set(graph.initializers.values()) | set(graph.inputs)
+    for node in graph:
+        for value in node.inputs:
+            if value is None or value in known or value.producer() is not None:
+                continue
+            if value.const_value is None:
+                continue  # not ours to guess: cloning reports it
+            if value.name is None or value.name in graph.initializers:
+                value.name = f"{value.name or 'constant'}_{len(graph.initializers)}"
+            graph.register_initializer(value)
+            known.add(value)
 
 
 def _optimize(model: ir.Model) -> None:
@@ -149,6 +175,9 @@ def _optimize(model: ir.Model) -> None:
         common_passes.OutputFixPass(),
         common_passes.NameFixPass(),
     )(model)
+    # a rewrite can leave a node before what it reads (keras_hub's XLNet and SAM), which
+    # cloning refuses and the rules here read in order
+    model.graph.sort()
 
 
 def _fold(model: ir.Model) -> dict[str, int]:
