@@ -233,11 +233,11 @@ def gelu_tanh(model: ir.Model) -> int:
         output = fused.outputs[0]
         output.shape, output.type = last.outputs[0].shape, last.outputs[0].type
         model.graph.insert_before(last, fused)
-        ir.convenience.replace_all_uses_with(last.outputs[0], output)
-        if last.outputs[0].is_graph_output():
+        if last.outputs[0].is_graph_output():  # first: onnx_ir refuses to rewire an output
             index = model.graph.outputs.index(last.outputs[0])
             output.name, last.outputs[0].name = last.outputs[0].name, None
             model.graph.outputs[index] = output
+        ir.convenience.replace_all_uses_with(last.outputs[0], output)
         if "com.microsoft" not in model.opset_imports:
             model.opset_imports["com.microsoft"] = 1
         count += 1

@@ -342,6 +342,19 @@ def test_keras_hub_bert():
     assert optimized["FastGelu"] == 2, optimized
 
 
+def test_tanh_gelu_that_is_the_graph_output_fuses():
+    """A model ending in ``gelu(approximate=True)``: the FastGelu rewrite rewired the
+    graph output in the wrong order, onnx_ir refused, and the copy was lost."""
+    keras = pytest.importorskip("keras")
+    x = keras.Input((16,))
+    model = keras.Model(x, keras.activations.gelu(keras.layers.Dense(32)(x), approximate=True))
+    rng = np.random.default_rng(0)
+    graph = interop.trace(model, rng.standard_normal((2, 16)).astype(np.float32))
+    optimized = check(graph, 3 * rng.standard_normal((64, 16)))
+    assert optimized["FastGelu"] == 1 and optimized["Tanh"] == 0, optimized
+    assert [o.name for o in optimized_model(graph).graph.outputs] == [graph.outputs[0].name]
+
+
 def test_keras_hub_swin_and_xlnet_keep_the_optimized_copy():
     """onnxscript's rules left Swin's graph reading a shape constant that was no longer
     an initializer, and XLNet's with a node before what it reads: the copy failed to
