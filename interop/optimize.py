@@ -244,8 +244,23 @@ def _pre_fuse(model: ir.Model) -> None:
     from onnxscript.rewriter.ort_fusions import shape_optimization
 
     common_passes.ShapeInferencePass()(model)
-    if shape_optimization.rules.apply_to_model(model):
-        _optimize(model)
+    trial = model.clone()
+    if shape_optimization.rules.apply_to_model(trial):
+        _optimize(trial)  # a bad target shows once folded
+        if _reshapes_valid(trial):
+            shape_optimization.rules.apply_to_model(model)  # the same rewrite, now kept
+            _optimize(model)
+
+
+def _reshapes_valid(model: ir.Model) -> bool:
+    """No Reshape to a constant target with two -1s: onnxscript's shape rules wrote one
+    into Whisper's decoder, and ONNX Runtime refused the whole stage."""
+    for node in model.graph:
+        if node.op_type == "Reshape" and len(node.inputs) > 1 and node.inputs[1] is not None:
+            target = node.inputs[1].const_value
+            if target is not None and int((target.numpy() == -1).sum()) > 1:
+                return False
+    return True
 
 
 def _fuse_attention(model: ir.Model) -> dict[str, int]:
