@@ -38,6 +38,7 @@ the three rules that can match after them, and only to the stage the runtime tak
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -319,23 +320,21 @@ def _tidy(model: ir.Model) -> dict[str, int]:
 def _finish(model: ir.Model) -> None:
     """Inline what a fusion left as a function, drop dead nodes, apply ORT's own rules."""
     from onnxscript.rewriter import rewrite
-    from onnxscript.rewriter.ort_fusions._core import ORT_PATTERN_REWRITE_RULES
 
     _optimize(model)
-    rewrite(model, _ORT_RULES or _ort_rules(ORT_PATTERN_REWRITE_RULES))
+    rewrite(model, _ort_rules())
 
 
-_ORT_RULES: list[Any] = []
-
-
-def _ort_rules(rules: list[Any]) -> list[Any]:
+@functools.cache
+def _ort_rules() -> list[Any]:
     """onnxscript's ORT rules less the six that move a Transpose into FusedMatMul's
     transBatch: they do not check that both inputs have the same rank, and ONNX Runtime
     then refuses to run the graph (a batch-first input transposed to seq-first times a
     2-D weight, SigLIP's attention-pooling head; found by tools/sweep_optimize.py).
     ONNX Runtime's own MatMul-transpose fusion still runs in the session."""
-    _ORT_RULES.extend(r for r in rules if "Batch" not in (getattr(r, "name", None) or ""))
-    return _ORT_RULES
+    from onnxscript.rewriter.ort_fusions._core import ORT_PATTERN_REWRITE_RULES
+
+    return [r for r in ORT_PATTERN_REWRITE_RULES if "Batch" not in (getattr(r, "name", "") or "")]
 
 
 class _quiet:

@@ -212,9 +212,7 @@ def _keeps_uniform(node: Any, dims: _Dims) -> bool:
         return True
     if op in ("Unsqueeze", "Squeeze"):  # Squeeze of static size-1 axes only
         axes = const_ints(node.inputs[1]) if len(node.inputs) > 1 else None
-        return op == "Unsqueeze" or (
-            axes is not None and all(isinstance((x.shape or [None])[a], int) for a in axes)
-        )
+        return op == "Unsqueeze" or (axes is not None and all(_static(x, a) for a in axes))
     if op == "Slice":
         axes = const_ints(node.inputs[3]) if len(node.inputs) > 3 else None
         return axes is not None and all(dims.non_batch_axis(x, a) for a in axes)
@@ -228,6 +226,11 @@ def _keeps_uniform(node: Any, dims: _Dims) -> bool:
         axes = const_ints(node.inputs[1]) if len(node.inputs) > 1 else None
         return axes is not None and all(dims.non_batch_axis(x, a) for a in axes)
     return False
+
+
+def _static(value: Any, axis: int) -> bool:
+    shape = value.shape
+    return shape is not None and -len(shape) <= axis < len(shape) and isinstance(shape[axis], int)
 
 
 def _gather_nd(node: Any, state: dict[Any, str], dims: _Dims) -> str:
